@@ -1,0 +1,1 @@
+"""batchpunk: fast, lossless asyncio batch processing."""

@@ -1,0 +1,119 @@
+"""The batchpunk exception tree.
+
+Every exception batchpunk raises on purpose derives from :class:`BatchpunkError`, and where a
+builtin fits it derives from that too, so callers can catch either::
+
+    BatchpunkError
+    ├── BufferFull                      the buffer is at max_pending and the policy refuses to wait
+    ├── ProcessorClosed                 the processor is stopping or stopped (or not started)
+    ├── BatchTimeout (TimeoutError)     one processor call ran past batch_timeout
+    ├── ResultMismatch (ValueError)     a processor returned the wrong number of results
+    ├── PartialFailure                  raised by a processor: only some messages of a batch failed
+    ├── DeadLetterError                 a dead-letter sink could not take letters (retried)
+    ├── FrameError (ValueError)         bytes that are not a valid batchpunk frame
+    ├── ConfigError (ValueError)        a pipeline file or connector setting is wrong
+    └── MissingDependency (ImportError) an optional extra is not installed
+
+Error messages name the field or input at fault and what was expected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+__all__ = [
+    "BatchpunkError",
+    "BatchTimeout",
+    "BufferFull",
+    "ConfigError",
+    "DeadLetterError",
+    "FrameError",
+    "MissingDependency",
+    "PartialFailure",
+    "ProcessorClosed",
+    "ResultMismatch",
+]
+
+
+class BatchpunkError(Exception):
+    """Root of every batchpunk exception: catch this to catch them all."""
+
+
+class BufferFull(BatchpunkError):
+    """The processor holds ``max_pending`` unfinished messages and the overflow policy refuses.
+
+    Raised by ``add_message_nowait`` under BLOCK and by both add methods under RAISE; under the
+    drop policies it is the error recorded on the dropped message's dead letter.
+    """
+
+
+class ProcessorClosed(BatchpunkError):
+    """The processor is not accepting messages: it was not started, or ``stop()`` has begun."""
+
+
+class BatchTimeout(BatchpunkError, TimeoutError):
+    """A processor call ran longer than ``batch_timeout``; it counts as a retryable failure."""
+
+
+class ResultMismatch(BatchpunkError, ValueError):
+    """A processor returned a result sequence whose length differs from the batch's."""
+
+
+class PartialFailure(BatchpunkError):
+    """Raised by a processor to say that only some messages of its batch failed.
+
+    Attributes:
+        failures: index in the batch -> the exception that failed that message.
+        results: when given, one result per message of the batch (any value at failed indices);
+            the messages that did not fail complete at once with these results.
+
+    Only the failed messages go on to retries, splitting and dead-lettering. Each carries its own
+    exception, not this one.
+    """
+
+    def __init__(
+        self,
+        failures: Mapping[int, BaseException],
+        results: Sequence[Any] | None = None,
+    ) -> None:
+        if not failures:
+            raise ValueError("PartialFailure.failures: expected at least one failed index")
+        for index, error in failures.items():
+            if not isinstance(index, int) or isinstance(index, bool):
+                raise ValueError(f"PartialFailure.failures: index {index!r} is not an int")
+            if not isinstance(error, BaseException):
+                raise ValueError(
+                    f"PartialFailure.failures[{index}]: expected an exception, got {error!r}"
+                )
+        self.failures: dict[int, BaseException] = dict(failures)
+        self.results: Sequence[Any] | None = results
+        super().__init__(f"{len(self.failures)} message(s) of the batch failed")
+
+
+class DeadLetterError(BatchpunkError):
+    """A dead-letter sink failed to store letters; batchpunk keeps them and retries."""
+
+
+class FrameError(BatchpunkError, ValueError):
+    """Bytes that cannot be read as a batchpunk frame; the message says exactly why."""
+
+
+class ConfigError(BatchpunkError, ValueError):
+    """A pipeline file, section or connector setting is wrong; the message names where."""
+
+
+class MissingDependency(BatchpunkError, ImportError):
+    """An optional extra is not installed; the message gives the pip command that installs it."""
+
+
+def require(module: str, extra: str, feature: str) -> Any:
+    """Import an optional dependency, or fail with the exact pip command that provides it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingDependency(
+            f"{feature} needs the '{module}' package: pip install 'batchpunk[{extra}]'"
+        ) from exc
