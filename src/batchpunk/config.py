@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
-from enum import Enum
+from enum import Enum, StrEnum
 from typing import Any
 
 __all__ = ["BatchConfig", "BatchTrigger", "OverflowPolicy", "RetryOn"]
@@ -21,7 +21,7 @@ SERIALIZERS = ("json", "msgpack", "pickle")
 COMPRESSIONS = ("none", "zlib", "gzip", "zstd", "lz4")
 
 
-class BatchTrigger(str, Enum):
+class BatchTrigger(StrEnum):
     """When a lane of waiting messages becomes a batch.
 
     SIZE: when it holds ``max_size`` messages (or ``max_bytes`` bytes). Choose it for pure bulk
@@ -40,7 +40,7 @@ class BatchTrigger(str, Enum):
     ALL = "all"
 
 
-class OverflowPolicy(str, Enum):
+class OverflowPolicy(StrEnum):
     """What happens to a new message when ``max_pending`` messages are unfinished.
 
     BLOCK: ``add_message`` waits for room; ``add_message_nowait`` raises BufferFull.
@@ -61,7 +61,7 @@ class BatchConfig:
     """How a BatchProcessor batches, schedules, retries and encodes.
 
     Attributes:
-        max_size: messages per batch that trigger a flush (SIZE, BOTH, ALL) and cap a batch (TIMEOUT).
+        max_size: messages that trigger a flush (SIZE, BOTH, ALL) and cap a batch (TIMEOUT).
         max_wait: seconds the oldest message of a lane may wait (TIMEOUT, BOTH, ALL).
         trigger: which of the two conditions cut a batch; see BatchTrigger.
         retry_failed: retry a failed batch at all.
@@ -70,7 +70,7 @@ class BatchConfig:
         enable_partial_batches: split a batch that exhausted its retries to isolate poison messages.
         enable_parallel_processing: when False, one processor call at a time.
         max_concurrent_batches: processor calls running at once.
-        compression_threshold: payloads larger than this many bytes are compressed by Batch.encode().
+        compression_threshold: Batch.encode() compresses payloads larger than this (bytes).
         max_bytes: byte size of a batch that triggers a flush; sizes come from ``sizer``.
         sizer: size of one message in bytes; default len() of bytes or str messages.
         max_pending: unfinished messages (buffered, running or awaiting their dead letter) before
@@ -78,7 +78,7 @@ class BatchConfig:
         overflow: see OverflowPolicy.
         preserve_order: batches of one key never run at once and finish in the order they were cut.
         batch_timeout: seconds one processor call may run; a longer one is a retryable failure.
-        drain_timeout: seconds stop() waits for batches (and again for dead letters) before giving up.
+        drain_timeout: seconds stop() waits for batches (then again for dead letters).
         retry_max_delay: cap on one backoff sleep.
         retry_jitter: sleep a random time in [0, capped delay] (full jitter) instead of the delay.
         retry_on: exception types, or a predicate, that deserve a retry; others skip to splitting.
@@ -219,4 +219,6 @@ def _retry_on(value: Any) -> None:
             if not (isinstance(item, type) and issubclass(item, BaseException)):
                 raise ValueError(f"retry_on: expected exception types, got {item!r}")
     elif not callable(value):
-        raise ValueError(f"retry_on: expected a tuple of exception types or a predicate, got {value!r}")
+        raise ValueError(
+            f"retry_on: expected a tuple of exception types or a predicate, got {value!r}"
+        )

@@ -57,9 +57,7 @@ class DeadLetter:
         if self.error is not None:
             if not self.error_type:
                 kind = type(self.error)
-                self.error_type = f"{kind.__module__}.{kind.__qualname__}".removeprefix(
-                    "builtins."
-                )
+                self.error_type = f"{kind.__module__}.{kind.__qualname__}".removeprefix("builtins.")
             if not self.traceback and self.error.__traceback__ is not None:
                 self.traceback = "".join(_tb.format_exception(self.error))
 
@@ -90,5 +88,3 @@ class MemoryDeadLetters:
 
     def __repr__(self) -> str:
         return f"MemoryDeadLetters({len(self.letters)} letters)"
-
-
