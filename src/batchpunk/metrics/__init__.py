@@ -7,10 +7,12 @@ first used, and fail with the pip command to run when it is missing.
 
 from batchpunk.metrics._histogram import LogHistogram
 from batchpunk.metrics._observer import CIRCUIT_STATES, MetricsCollector, Observer
+from batchpunk.metrics._recording import RecordingCollector
 
 __all__ = [
     "MetricsCollector",
     "Observer",
+    "RecordingCollector",
     "LogHistogram",
     "CIRCUIT_STATES",
 ]

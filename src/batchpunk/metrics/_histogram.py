@@ -22,8 +22,9 @@ class LogHistogram:
     Choose it where a percentile must be cheap to record (one log and one dict update) and bounded
     in memory whatever the number of samples; choose exact sorting only for small offline samples.
     Values below ``min_value`` (including zero) share one bucket reported as ``min_value``; values
-    above ``max_value`` share the top bucket. Reported quantiles are clamped into the exact
-    observed ``[min, max]``, so a single sample, or a run of zeros, is reported exactly.
+    above ``max_value`` share the top bucket. The extremes (quantiles 0 and 1) are the exact
+    minimum and maximum, and other quantiles are clamped into them, so a single sample, or a run
+    of zeros, is reported exactly.
     """
 
     __slots__ = (
@@ -138,7 +139,12 @@ class LogHistogram:
             while cumulative < rank:
                 position += 1
                 cumulative += items[position][1]
-            out[slot] = self._value(items[position][0])
+            if rank == 1:
+                out[slot] = float(self._min)
+            elif rank == self._count:
+                out[slot] = float(self._max)
+            else:
+                out[slot] = self._value(items[position][0])
         return out
 
     def _value(self, index: int) -> float:
