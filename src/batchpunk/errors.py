@@ -7,6 +7,7 @@ builtin fits it derives from that too, so callers can catch either::
     ├── BufferFull                      the buffer is at max_pending and the policy refuses to wait
     ├── ProcessorClosed                 the processor is stopping or stopped (or not started)
     ├── BatchTimeout (TimeoutError)     one processor call ran past batch_timeout
+    ├── MessageExpired (TimeoutError)   a message waited past message_ttl before its first attempt
     ├── ResultMismatch (ValueError)     a processor returned the wrong number of results
     ├── PartialFailure                  raised by a processor: only some messages of a batch failed
     ├── DeadLetterError                 a dead-letter sink could not take letters (retried)
@@ -29,6 +30,7 @@ __all__ = [
     "ConfigError",
     "DeadLetterError",
     "FrameError",
+    "MessageExpired",
     "MissingDependency",
     "PartialFailure",
     "ProcessorClosed",
@@ -54,6 +56,10 @@ class ProcessorClosed(BatchpunkError):
 
 class BatchTimeout(BatchpunkError, TimeoutError):
     """A processor call ran longer than ``batch_timeout``; it counts as a retryable failure."""
+
+
+class MessageExpired(BatchpunkError, TimeoutError):
+    """A message waited longer than ``message_ttl`` before its first attempt (reason "expired")."""
 
 
 class ResultMismatch(BatchpunkError, ValueError):

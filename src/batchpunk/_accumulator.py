@@ -1,0 +1,304 @@
+"""Accumulating: messages wait in lanes, one per (key, priority), until a trigger cuts a batch.
+
+A lane holds its messages in a Batch that is handed over whole when cut, so cutting never copies.
+Time triggers are loop deadlines (``call_at``) armed when a lane receives its first message;
+a cut disarms them by bumping the lane's generation, so a stale timer does nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from batchpunk.batch import Batch
+from batchpunk.config import BatchConfig, BatchTrigger
+
+__all__ = ["Accumulator", "Job", "Lane", "Tracker"]
+
+#: A per-message completion handle: an asyncio.Future, or anything with the same three methods.
+Tracker = Any
+
+
+class Job:
+    """A cut batch on its way through the scheduler and the execution, with its bookkeeping."""
+
+    __slots__ = (
+        "batch",
+        "first_seen",
+        "first_wall",
+        "nbytes",
+        "running",
+        "seq",
+        "times",
+        "trackers",
+    )
+
+    def __init__(
+        self,
+        batch: Batch[Any],
+        trackers: list[Tracker] | None,
+        times: list[float] | None,
+        first_seen: float,
+        first_wall: float,
+        nbytes: int | None,
+        seq: int,
+    ) -> None:
+        self.batch = batch
+        self.trackers = trackers
+        self.times = times
+        self.first_seen = first_seen
+        self.first_wall = first_wall
+        self.nbytes = nbytes
+        self.seq = seq
+        self.running = False
+
+    def __repr__(self) -> str:
+        return f"Job(seq={self.seq}, {self.batch!r})"
+
+
+class Lane:
+    """Messages of one (key, priority) waiting to become a batch.
+
+    ``trackers`` stays None until a message with a tracker (submit, pipelines) arrives, so the
+    plain add path pays for nothing but the list slot. ``times`` is kept only with message_ttl.
+    """
+
+    __slots__ = (
+        "first_seen",
+        "first_wall",
+        "gen",
+        "items",
+        "key",
+        "nbytes",
+        "priority",
+        "timer",
+        "times",
+        "trackers",
+    )
+
+    def __init__(self, key: Any, priority: int, keep_times: bool) -> None:
+        self.key = key
+        self.priority = priority
+        self.items: Batch[Any] = Batch(key=key, priority=priority)
+        self.trackers: list[Tracker] | None = None
+        self.times: list[float] | None = [] if keep_times else None
+        self.nbytes = 0
+        self.first_seen = 0.0
+        self.first_wall = 0.0
+        self.gen = 0
+        self.timer: asyncio.TimerHandle | None = None
+
+
+class Accumulator:
+    """Owns the lanes and decides when each becomes one or more batches.
+
+    ``emit`` receives every cut Job, in cut order; the scheduler takes it from there.
+    """
+
+    def __init__(
+        self,
+        config: BatchConfig,
+        loop: asyncio.AbstractEventLoop,
+        emit: Callable[[Job], None],
+    ) -> None:
+        self.config = config
+        self.loop = loop
+        self.emit = emit
+        trigger = config.trigger
+        self.size_triggers = trigger in (BatchTrigger.SIZE, BatchTrigger.BOTH)
+        self.timed = trigger is not BatchTrigger.SIZE
+        self.all_mode = trigger is BatchTrigger.ALL
+        self.keep_times = config.message_ttl is not None
+        self.max_size = config.max_size
+        self.max_bytes = config.max_bytes
+        self.sizer: Callable[[Any], int] = config.sizer or _default_sizer
+        self.lanes: dict[tuple[Any, int], Lane] = {}
+        self.default = self.lane(None, 0)
+        self.seq = 0
+        self.flush_reasons: dict[str, int] = {}
+
+    # -- lanes -----------------------------------------------------------------------------
+    def lane(self, key: Any, priority: int) -> Lane:
+        """The lane for (key, priority), created on first use."""
+        ident = (key, priority)
+        lane = self.lanes.get(ident)
+        if lane is None:
+            lane = self.lanes[ident] = Lane(key, priority, self.keep_times)
+        return lane
+
+    def buffered(self) -> int:
+        """Messages waiting in lanes."""
+        return sum(len(lane.items) for lane in self.lanes.values())
+
+    def oldest(self) -> Lane | None:
+        """The non-empty lane whose first message has waited longest."""
+        best: Lane | None = None
+        for lane in self.lanes.values():
+            if lane.items and (best is None or lane.first_seen < best.first_seen):
+                best = lane
+        return best
+
+    # -- adding ----------------------------------------------------------------------------
+    def add(self, message: Any, key: Any, priority: int, tracker: Tracker | None) -> None:
+        """Put one message in its lane and cut the lane if a trigger fires (any path)."""
+        lane = self.lanes.get((key, priority)) or self.lane(key, priority)
+        if self.max_bytes is not None:
+            size = self.sizer(message)
+            if not isinstance(size, int) or size < 0:
+                raise ValueError(f"sizer: expected a byte count >= 0, got {size!r}")
+            if lane.items and self.size_triggers and lane.nbytes + size > self.max_bytes:
+                self.cut(lane, "bytes")
+            lane.nbytes += size
+        items = lane.items
+        if tracker is not None and lane.trackers is None:
+            lane.trackers = [None] * len(items)
+        items.append(message)
+        if lane.trackers is not None:
+            lane.trackers.append(tracker)
+        if lane.times is not None:
+            lane.times.append(self.loop.time())
+        if len(items) == 1:
+            self.arm(lane)
+        self.check(lane)
+
+    def check(self, lane: Lane) -> None:
+        """Cut the lane if its size or byte trigger fired."""
+        if self.size_triggers:
+            if len(lane.items) >= self.max_size:
+                self.cut(lane, "size")
+            elif self.max_bytes is not None and lane.nbytes >= self.max_bytes:
+                self.cut(lane, "bytes")
+        elif self.all_mode and lane.timer is None and self.full(lane):
+            # ALL: the deadline already passed while the lane was short; size completes it.
+            self.cut(lane, "size")
+
+    def full(self, lane: Lane) -> bool:
+        """Whether the lane meets the size condition (messages or bytes)."""
+        if len(lane.items) >= self.max_size:
+            return True
+        return self.max_bytes is not None and lane.nbytes >= self.max_bytes
+
+    def arm(self, lane: Lane) -> None:
+        """Start the lane's clock: its first message just arrived."""
+        lane.first_seen = now = self.loop.time()
+        lane.first_wall = time.time()
+        if self.timed:
+            lane.timer = self.loop.call_at(
+                now + self.config.max_wait, self._deadline, lane, lane.gen
+            )
+
+    def _deadline(self, lane: Lane, gen: int) -> None:
+        if lane.gen != gen or not lane.items:
+            return
+        lane.timer = None
+        if self.all_mode and not self.full(lane):
+            return  # ALL waits for size too; check() cuts when it arrives
+        self.cut(lane, "timeout")
+
+    # -- cutting ---------------------------------------------------------------------------
+    def cut(self, lane: Lane, reason: str) -> None:
+        """Turn the lane's messages into one batch (or chunks, under TIMEOUT/ALL) and emit them."""
+        items = lane.items
+        if not items:
+            return
+        trackers, times, nbytes = lane.trackers, lane.times, lane.nbytes
+        first_seen, first_wall = lane.first_seen, lane.first_wall
+        # Reset the lane before emitting: emit may run code that adds to this lane again.
+        lane.items = Batch(key=lane.key, priority=lane.priority)
+        lane.trackers = None
+        lane.times = [] if lane.times is not None else None
+        lane.nbytes = 0
+        lane.gen += 1
+        if lane.timer is not None:
+            lane.timer.cancel()
+            lane.timer = None
+        if lane is not self.default and lane.trackers is None:
+            # Keyed lanes come and go with traffic: forget empty ones so memory follows load.
+            self.lanes.pop((lane.key, lane.priority), None)
+        max_size = self.max_size
+        if len(items) <= max_size or self.size_triggers:
+            self._emit(items, trackers, times, first_seen, first_wall, nbytes, reason)
+            return
+        for start, stop in _chunks(len(items), max_size, merge_tail=self.all_mode):
+            self._emit(
+                items.derive(items[start:stop]),
+                trackers[start:stop] if trackers is not None else None,
+                times[start:stop] if times is not None else None,
+                times[start] if times is not None else first_seen,
+                first_wall,
+                None,
+                reason,
+            )
+
+    def _emit(
+        self,
+        batch: Batch[Any],
+        trackers: list[Tracker] | None,
+        times: list[float] | None,
+        first_seen: float,
+        first_wall: float,
+        nbytes: int | None,
+        reason: str,
+    ) -> None:
+        batch.flush_reason = reason
+        batch._config = self.config
+        self.seq += 1
+        self.flush_reasons[reason] = self.flush_reasons.get(reason, 0) + 1
+        nb = nbytes if self.max_bytes is not None else None
+        self.emit(Job(batch, trackers, times, first_seen, first_wall, nb, self.seq))
+
+    def cut_all(self, reason: str) -> None:
+        """Cut every non-empty lane (flush, shutdown)."""
+        for lane in list(self.lanes.values()):
+            self.cut(lane, reason)
+
+    def take_all(self) -> Iterator[Lane]:
+        """Yield each non-empty lane for the caller to empty (stop without drain)."""
+        for lane in list(self.lanes.values()):
+            if lane.items:
+                yield lane
+
+    def reset(self, lane: Lane) -> None:
+        """Empty a lane whose messages the caller took over."""
+        lane.items = Batch(key=lane.key, priority=lane.priority)
+        lane.trackers = None
+        lane.times = [] if lane.times is not None else None
+        lane.nbytes = 0
+        lane.gen += 1
+        if lane.timer is not None:
+            lane.timer.cancel()
+            lane.timer = None
+
+    def pop_oldest_message(self, lane: Lane) -> tuple[Any, Tracker | None]:
+        """Remove the first (oldest) message of a lane, for DROP_OLDEST."""
+        message = lane.items.pop(0)
+        tracker = lane.trackers.pop(0) if lane.trackers is not None else None
+        if lane.times is not None:
+            lane.times.pop(0)
+            if lane.times:
+                lane.first_seen = lane.times[0]
+        if self.max_bytes is not None:
+            lane.nbytes = max(0, lane.nbytes - self.sizer(message))
+        if not lane.items:
+            self.reset(lane)
+        return message, tracker
+
+
+def _chunks(total: int, size: int, *, merge_tail: bool) -> Iterator[tuple[int, int]]:
+    """Index ranges of ``size``; with ``merge_tail`` a short last chunk joins the one before."""
+    starts = list(range(0, total, size))
+    if merge_tail and len(starts) > 1 and total - starts[-1] < size:
+        starts.pop()
+    for i, start in enumerate(starts):
+        yield start, starts[i + 1] if i + 1 < len(starts) else total
+
+
+def _default_sizer(message: Any) -> int:
+    if isinstance(message, bytes | bytearray | memoryview | str):
+        return len(message)
+    raise ValueError(
+        f"sizer: max_bytes is set but a {type(message).__name__} message has no byte size; "
+        "pass BatchConfig(sizer=...) to measure it"
+    )

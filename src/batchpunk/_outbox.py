@@ -1,0 +1,146 @@
+"""Dead-letter delivery: letters wait here until their sink has stored them.
+
+A message whose letter is not yet stored is still unfinished: it counts as pending and holds its
+place under max_pending, so a sink that is down slows producers instead of losing letters.
+Failed writes are retried with capped exponential backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from batchpunk._accumulator import Tracker
+from batchpunk.deadletter import DeadLetter
+from batchpunk.retry import backoff_delay
+
+__all__ = ["Outbox", "as_put"]
+
+log = logging.getLogger("batchpunk")
+
+Entry = tuple[DeadLetter, Tracker | None]
+Put = Callable[[list[DeadLetter]], Awaitable[None]]
+
+#: Letters handed to the sink per write.
+CHUNK = 1000
+#: The shortest pause between two failed writes, so a zero retry_delay cannot spin.
+MIN_PAUSE = 0.01
+
+
+def as_put(target: Any) -> Put:
+    """Adapt a dead-letter target (``put`` method, or sync/async callable) to one async put."""
+    put = getattr(target, "put", None)
+    fn = put if callable(put) else target
+    if not callable(fn):
+        raise ValueError(
+            f"dead_letter: expected a callable or an object with async put(letters), got {target!r}"
+        )
+
+    async def call(letters: list[DeadLetter]) -> None:
+        result = fn(letters)
+        if inspect.isawaitable(result):
+            await result
+
+    return call
+
+
+class Outbox:
+    """Delivers dead letters to one sink in order, retrying until it accepts them.
+
+    ``delivered`` is called with each chunk once stored: that is when the engine counts the
+    messages as dead-lettered and fails their futures.
+    """
+
+    def __init__(
+        self,
+        put: Put,
+        delivered: Callable[[Sequence[Entry]], None],
+        *,
+        retry_delay: float,
+        retry_max_delay: float,
+    ) -> None:
+        self._put = put
+        self._delivered = delivered
+        self._retry_delay = retry_delay
+        self._retry_max_delay = retry_max_delay
+        self._queue: list[Entry] = []
+        self._wake: asyncio.Future[None] | None = None
+        self._idle: list[asyncio.Future[None]] = []
+        self._task: asyncio.Task[None] | None = None
+        self.failed_writes = 0
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="batchpunk-dlq")
+
+    def add(self, entries: Sequence[Entry]) -> None:
+        self._queue.extend(entries)
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
+
+    async def wait_idle(self) -> None:
+        """Return once every letter added so far has been stored."""
+        if self._queue:
+            future = asyncio.get_running_loop().create_future()
+            self._idle.append(future)
+            await future
+
+    async def close(self) -> list[Entry]:
+        """Stop delivering; return the letters that were never stored."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        left, self._queue = self._queue, []
+        for future in self._idle:
+            if not future.done():
+                future.set_result(None)
+        self._idle.clear()
+        return left
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        failures = 0
+        while True:
+            if not self._queue:
+                for future in self._idle:
+                    if not future.done():
+                        future.set_result(None)
+                self._idle.clear()
+                self._wake = loop.create_future()
+                await self._wake
+                continue
+            chunk = self._queue[:CHUNK]
+            try:
+                await self._put([letter for letter, _ in chunk])
+            except Exception as exc:
+                failures += 1
+                self.failed_writes += 1
+                delay = max(
+                    MIN_PAUSE,
+                    backoff_delay(
+                        failures,
+                        base=self._retry_delay,
+                        cap=self._retry_max_delay,
+                        jitter=False,
+                    ),
+                )
+                log.error(
+                    "dead-letter sink failed to store %d letters (%s: %s); retry %d in %.2fs",
+                    len(chunk),
+                    type(exc).__name__,
+                    exc,
+                    failures,
+                    delay,
+                    extra={"size": len(chunk), "attempt": failures},
+                )
+                await asyncio.sleep(delay)
+                continue
+            failures = 0
+            del self._queue[: len(chunk)]
+            self._delivered(chunk)

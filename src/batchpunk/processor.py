@@ -1,0 +1,630 @@
+"""BatchProcessor: the public face of the engine, and the owner of its life cycle.
+
+A message travels accept -> accumulate (``_accumulator``) -> schedule (``_scheduler``) ->
+execute (``_execution``) -> processed, or dead letter (``_outbox``). This module accepts
+messages, applies backpressure, keeps the counts, and starts and stops the rest.
+
+Conservation holds at every instant: received = processed + dead_lettered + pending + in_flight,
+and after ``stop()`` returns, pending = in_flight = 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+from collections import deque
+from collections.abc import AsyncIterable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from types import TracebackType
+from typing import Any, Generic, TypeVar
+
+from batchpunk._accumulator import Accumulator, Job, Lane, Tracker
+from batchpunk._execution import Execution
+from batchpunk._outbox import Entry, Outbox, as_put
+from batchpunk._scheduler import Scheduler
+from batchpunk.batch import Batch
+from batchpunk.config import BatchConfig, BatchTrigger, OverflowPolicy
+from batchpunk.deadletter import DeadLetter
+from batchpunk.errors import BatchpunkError, BufferFull, ProcessorClosed
+from batchpunk.metrics import Observer
+from batchpunk.retry import CircuitBreaker
+
+__all__ = ["BatchProcessor", "ReplayReport"]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+log = logging.getLogger("batchpunk")
+
+#: What a processor may be: sync or async, returning None or one result per message.
+ProcessorFn = Callable[[Batch[Any]], Any]
+
+
+class _State(Enum):
+    NEW = "new"
+    RUNNING = "running"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+@dataclass
+class ReplayReport:
+    """What became of replayed dead letters: each succeeded or failed again (with its error)."""
+
+    succeeded: list[DeadLetter] = field(default_factory=list)
+    failed: list[tuple[DeadLetter, BaseException]] = field(default_factory=list)
+
+
+class BatchProcessor(Generic[T, R]):
+    """Accumulates messages into batches and runs ``processor`` on them, losing none.
+
+    Args:
+        config: how to batch, flush, retry and encode; see BatchConfig.
+        processor: sync or async callable taking a Batch and returning None or one result per
+            message, in order. A sync one runs in a worker thread so the loop never blocks.
+        metrics_collector: optional object with increment/timing/gauge (sync or async).
+        dead_letter: where messages that end unprocessed go: a callable (sync or async) taking a
+            list of DeadLetter, or an object with ``async put(letters)``. Without one they are
+            kept in ``dead_letters`` and logged.
+
+    Use ``async with BatchProcessor(config, handler) as p:`` or ``await p.start()`` /
+    ``await p.stop()``.
+    """
+
+    def __init__(
+        self,
+        config: BatchConfig | None = None,
+        processor: ProcessorFn | None = None,
+        metrics_collector: object | None = None,
+        *,
+        dead_letter: object | None = None,
+    ) -> None:
+        if config is None:
+            config = BatchConfig()
+        if not isinstance(config, BatchConfig):
+            raise ValueError(f"config: expected a BatchConfig, got {config!r}")
+        if processor is None or not callable(processor):
+            raise ValueError(f"processor: expected a callable taking a Batch, got {processor!r}")
+        self.config = config
+        self.processor = processor
+        #: Dead letters kept in memory: all of them without a sink, else those never stored.
+        self.dead_letters: list[DeadLetter] = []
+        self._observer = Observer(metrics_collector)
+        self._put = as_put(dead_letter) if dead_letter is not None else None
+        self._state = _State.NEW
+        self._open = False
+        self._max_pending = config.max_pending if config.max_pending is not None else sys.maxsize
+        trig = config.trigger
+        # The inline add path handles the shared lane when nothing needs per-message work.
+        self._plain = (
+            config.max_bytes is None and config.message_ttl is None and trig is not BatchTrigger.ALL
+        )
+        size_cut = trig in (BatchTrigger.SIZE, BatchTrigger.BOTH)
+        self._cut_at = config.max_size if size_cut else sys.maxsize
+        # Counts of messages.
+        self._received = 0
+        self._finished = 0
+        self._processed = 0
+        self._in_flight = 0
+        self._dead_count = 0
+        self._dead_reasons: dict[str, int] = {}
+        # Jobs cut and not yet finished, and who waits for them.
+        self._unfinished_jobs = 0
+        self._job_waiters: list[list[Any]] = []  # [highest seq, jobs left, future]
+        self._room_waiters: deque[asyncio.Future[None]] = deque()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._acc: Accumulator | None = None
+        self._sched: Scheduler | None = None
+        self._exec: Execution | None = None
+        self._outbox: Outbox | None = None
+        self._breaker: CircuitBreaker | None = None
+        self._default: Lane | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"BatchProcessor(state={self._state.value}, received={self._received}, "
+            f"processed={self._processed}, dead_lettered={self._dead_count})"
+        )
+
+    # -- life cycle ------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Start accepting messages on the running event loop. Starting twice is a no-op."""
+        if self._state is _State.RUNNING:
+            return
+        if self._state is not _State.NEW:
+            raise ProcessorClosed("a stopped BatchProcessor cannot start again; create a new one")
+        cfg = self.config
+        self._loop = asyncio.get_running_loop()
+        if cfg.circuit_breaker_threshold is not None:
+            self._breaker = CircuitBreaker(
+                cfg.circuit_breaker_threshold, cfg.circuit_breaker_cooldown
+            )
+        self._acc = Accumulator(cfg, self._loop, self._emit)
+        self._default = self._acc.default
+        self._sched = Scheduler(cfg.concurrency, cfg.preserve_order, self._start_job)
+        self._exec = Execution(
+            cfg,
+            self.processor,
+            observer=self._observer,
+            breaker=self._breaker,
+            succeeded=self._succeeded,
+            dead=self._dead_in_flight,
+        )
+        if self._put is not None:
+            self._outbox = Outbox(
+                self._put,
+                self._delivered,
+                retry_delay=cfg.retry_delay,
+                retry_max_delay=cfg.retry_max_delay,
+            )
+            self._outbox.start()
+        self._state = _State.RUNNING
+        self._open = True
+
+    async def stop(self, drain: bool = True) -> None:
+        """Stop accepting, finish or dead-letter every accepted message, then return.
+
+        From the moment stop begins, every add and submit raises ProcessorClosed, including
+        producers waiting for room. With ``drain`` every lane is flushed (reason "shutdown") and
+        batches get up to ``drain_timeout`` seconds to finish; without it, messages not yet
+        running are dead-lettered at once and running batches get that long. Calls still running
+        then are cancelled and their messages dead-lettered with reason "shutdown". Dead letters
+        then get up to ``drain_timeout`` to reach their sink; any left are kept in
+        ``dead_letters``. Idempotent: a second call waits for the first.
+        """
+        if self._state is _State.NEW:
+            self._state = _State.CLOSED
+            return
+        if self._stopping is None:
+            self._stopping = asyncio.get_running_loop().create_task(self._shutdown(drain))
+        await asyncio.shield(self._stopping)
+
+    async def __aenter__(self) -> BatchProcessor[T, R]:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop(drain=True)
+
+    @property
+    def closed(self) -> bool:
+        """True once stop() has begun."""
+        return self._state in (_State.CLOSING, _State.CLOSED)
+
+    # -- accepting -------------------------------------------------------------------------
+    def add_message_nowait(self, message: T, *, key: Any = None, priority: int = 0) -> None:
+        """Accept a message without ever waiting.
+
+        Raises BufferFull when max_pending messages are unfinished under BLOCK or RAISE (the
+        drop policies dead-letter instead), ProcessorClosed once stop() has begun.
+        """
+        if self._open and self._received - self._finished < self._max_pending:
+            if key is None and priority == 0 and self._plain:
+                lane = self._default
+                assert lane is not None
+                items = lane.items
+                items.append(message)
+                self._received += 1
+                if lane.trackers is not None:
+                    lane.trackers.append(None)
+                size = len(items)
+                if size == 1:
+                    self._acc.arm(lane)  # type: ignore[union-attr]
+                if size >= self._cut_at:
+                    self._acc.cut(lane, "size")  # type: ignore[union-attr]
+                return
+            self._add(message, key, priority, None)
+            return
+        self._refuse(message, key, priority, None)
+
+    async def add_message(self, message: T, *, key: Any = None, priority: int = 0) -> None:
+        """Accept a message, waiting for room under the BLOCK policy.
+
+        Returns once the message is accepted, never after its batch ran: a producer waits for
+        a processor only through the backpressure it configured with max_pending.
+        """
+        if self._open and self._received - self._finished < self._max_pending:
+            self.add_message_nowait(message, key=key, priority=priority)
+            return
+        await self._accept(message, key, priority, None)
+
+    async def submit(self, message: T, *, key: Any = None, priority: int = 0) -> R:
+        """Accept a message and return its own result once its batch ran.
+
+        Raises the error that finally failed it (after its dead letter was stored).
+        """
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        await self._accept(message, key, priority, future)
+        return await future
+
+    async def replay(
+        self, letters: Iterable[DeadLetter] | AsyncIterable[DeadLetter]
+    ) -> ReplayReport:
+        """Submit dead letters' messages again, with their key and priority.
+
+        Returns which letters now succeeded and which failed again; a letter that fails again
+        is dead-lettered again like any message.
+        """
+        if isinstance(letters, AsyncIterable):
+            items = [letter async for letter in letters]
+        else:
+            items = list(letters)
+
+        async def one(letter: DeadLetter) -> BaseException | None:
+            try:
+                await self.submit(letter.message, key=letter.key, priority=letter.priority)
+            except BatchpunkError as exc:
+                if isinstance(exc, ProcessorClosed):
+                    raise
+                return exc
+            except Exception as exc:
+                return exc
+            return None
+
+        outcomes = await asyncio.gather(*(one(letter) for letter in items))
+        report = ReplayReport()
+        for letter, error in zip(items, outcomes, strict=True):
+            if error is None:
+                report.succeeded.append(letter)
+            else:
+                report.failed.append((letter, error))
+        return report
+
+    async def flush(self) -> None:
+        """Cut every lane now (reason "manual"); return when every batch cut so far finished.
+
+        Also waits until their dead letters are stored.
+        """
+        if self._state is _State.NEW:
+            return
+        assert self._acc is not None
+        self._acc.cut_all("manual")
+        await self._wait_jobs(None)
+        if self._outbox is not None:
+            await self._outbox.wait_idle()
+
+    async def _accept(self, message: Any, key: Any, priority: int, tracker: Tracker) -> None:
+        """Accept with a completion tracker, waiting for room under BLOCK (pipelines use it)."""
+        while True:
+            if not self._open:
+                raise self._closed_error()
+            if self._received - self._finished < self._max_pending:
+                self._add(message, key, priority, tracker)
+                return
+            if self.config.overflow is not OverflowPolicy.BLOCK:
+                self._refuse(message, key, priority, tracker)
+                return
+            self._relieve_pressure()
+            waiter = asyncio.get_running_loop().create_future()
+            self._room_waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                if not waiter.done():
+                    waiter.cancel()
+                    self._room_waiters.remove(waiter)
+
+    def _accept_nowait(self, message: Any, key: Any, priority: int, tracker: Tracker) -> None:
+        """add_message_nowait with a completion tracker (pipelines use it)."""
+        if self._open and self._received - self._finished < self._max_pending:
+            self._add(message, key, priority, tracker)
+        else:
+            self._refuse(message, key, priority, tracker)
+
+    def _add(self, message: Any, key: Any, priority: int, tracker: Tracker) -> None:
+        if type(priority) is not int:
+            raise ValueError(f"priority: expected an int, got {priority!r}")
+        try:
+            hash(key)
+        except TypeError:
+            raise ValueError(f"key: expected a hashable value, got {key!r}") from None
+        assert self._acc is not None
+        self._acc.add(message, key, priority, tracker)
+        self._received += 1
+
+    def _closed_error(self) -> ProcessorClosed:
+        if self._state is _State.NEW:
+            return ProcessorClosed("the processor is not running: await start() first")
+        return ProcessorClosed("the processor is stopping or stopped: no new messages")
+
+    def _refuse(self, message: Any, key: Any, priority: int, tracker: Tracker) -> None:
+        """The slow path: closed, or full under the overflow policy."""
+        if not self._open:
+            raise self._closed_error()
+        self._relieve_pressure()
+        policy = self.config.overflow
+        if policy is OverflowPolicy.BLOCK or policy is OverflowPolicy.RAISE:
+            raise BufferFull(
+                f"max_pending={self.config.max_pending} messages are unfinished "
+                f"(overflow={policy.value}); retry later or use await add_message()"
+            )
+        if policy is OverflowPolicy.DROP_OLDEST and self._drop_oldest():
+            self._add(message, key, priority, tracker)
+            return
+        self._received += 1
+        self._send_dead([(self._dropped_letter(message, key, priority), tracker)])
+
+    def _dropped_letter(self, message: Any, key: Any, priority: int) -> DeadLetter:
+        return DeadLetter(
+            message=message,
+            key=key,
+            priority=priority,
+            reason="dropped",
+            error=BufferFull(
+                f"dropped by overflow={self.config.overflow.value}: "
+                f"max_pending={self.config.max_pending} messages were unfinished"
+            ),
+        )
+
+    def _drop_oldest(self) -> bool:
+        """Dead-letter the oldest message not yet running; False when all are running."""
+        assert self._acc is not None and self._sched is not None
+        lane = self._acc.oldest()
+        job: Job | None = None
+        for waiting in self._sched.waiting():
+            if job is None or waiting.first_seen < job.first_seen:
+                job = waiting
+        if job is not None and (lane is None or job.first_seen <= lane.first_seen):
+            batch = job.batch
+            message, key, priority = batch.pop(0), batch.key, batch.priority
+            tracker = job.trackers.pop(0) if job.trackers is not None else None
+            if job.times is not None:
+                job.times.pop(0)
+            if not batch:
+                self._sched.remove(job)
+                self._job_done(job)
+        elif lane is not None:
+            key, priority = lane.key, lane.priority
+            message, tracker = self._acc.pop_oldest_message(lane)
+        else:
+            return False
+        self._send_dead([(self._dropped_letter(message, key, priority), tracker)])
+        return True
+
+    def _relieve_pressure(self) -> None:
+        """Full with nothing running or queued: cut the oldest lane, or nobody ever makes room."""
+        if self._unfinished_jobs == 0 and self._acc is not None:
+            lane = self._acc.oldest()
+            if lane is not None:
+                self._acc.cut(lane, "pressure")
+
+    # -- jobs ------------------------------------------------------------------------------
+    def _emit(self, job: Job) -> None:
+        self._unfinished_jobs += 1
+        size = len(job.batch)
+        self._observer.received(size)
+        self._observer.batch_cut(size, job.nbytes, job.batch.flush_reason)
+        assert self._sched is not None
+        self._sched.push(job)
+
+    def _start_job(self, job: Job) -> None:
+        task = asyncio.get_running_loop().create_task(self._run(job))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, job: Job) -> None:
+        assert self._exec is not None and self._sched is not None
+        self._in_flight += len(job.batch)
+        try:
+            await self._exec.run(job)
+        except asyncio.CancelledError:
+            pass  # stop() cancelled it; its messages were dead-lettered as "shutdown"
+        finally:
+            self._sched.release(job)
+            self._job_done(job)
+
+    def _job_done(self, job: Job) -> None:
+        self._unfinished_jobs -= 1
+        if self._job_waiters:
+            for waiter in self._job_waiters:
+                if job.seq <= waiter[0]:
+                    waiter[1] -= 1
+                    if waiter[1] == 0 and not waiter[2].done():
+                        waiter[2].set_result(None)
+            self._job_waiters = [w for w in self._job_waiters if w[1] > 0]
+        self._observer.gauges(self.pending, self._in_flight, self.circuit)
+
+    async def _wait_jobs(self, seconds: float | None) -> bool:
+        """Wait until every job cut so far finished; False on timeout."""
+        if self._unfinished_jobs == 0:
+            return True
+        assert self._acc is not None
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._job_waiters.append([self._acc.seq, self._unfinished_jobs, future])
+        try:
+            await asyncio.wait_for(asyncio.shield(future), seconds)
+        except TimeoutError:
+            return False
+        return True
+
+    # -- outcomes --------------------------------------------------------------------------
+    def _succeeded(self, count: int, latency: float) -> None:
+        self._in_flight -= count
+        self._processed += count
+        self._observer.processed(count, latency)
+        self._release(count)
+
+    def _dead_in_flight(self, entries: list[Entry]) -> None:
+        self._in_flight -= len(entries)
+        self._send_dead(entries)
+
+    def _send_dead(self, entries: Sequence[Entry]) -> None:
+        if self._outbox is not None:
+            self._outbox.add(entries)
+            return
+        self.dead_letters.extend(letter for letter, _ in entries)
+        self._delivered(entries)
+        reasons = sorted({letter.reason for letter, _ in entries})
+        log.warning(
+            "%d message(s) dead-lettered (reason: %s); kept in processor.dead_letters, "
+            "pass dead_letter= to store them",
+            len(entries),
+            ", ".join(reasons),
+            extra={"size": len(entries), "reason": reasons[0]},
+        )
+
+    def _delivered(self, entries: Sequence[Entry]) -> None:
+        """Letters are stored: the messages are finished, their futures fail now."""
+        counts: dict[str, int] = {}
+        for letter, tracker in entries:
+            counts[letter.reason] = counts.get(letter.reason, 0) + 1
+            if tracker is not None and not tracker.done():
+                error = letter.error
+                if error is None:
+                    error = BatchpunkError(f"message dead-lettered ({letter.reason})")
+                tracker.set_exception(error)
+        for reason, count in counts.items():
+            self._dead_reasons[reason] = self._dead_reasons.get(reason, 0) + count
+            self._observer.dead_lettered(count, reason)
+        self._dead_count += len(entries)
+        self._release(len(entries))
+
+    def _release(self, count: int) -> None:
+        self._finished += count
+        waiters = self._room_waiters
+        while count > 0 and waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                count -= 1
+
+    # -- shutdown --------------------------------------------------------------------------
+    async def _shutdown(self, drain: bool) -> None:
+        assert self._acc is not None and self._sched is not None and self._exec is not None
+        self._open = False
+        self._state = _State.CLOSING
+        while self._room_waiters:
+            waiter = self._room_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the producer wakes and sees ProcessorClosed
+        timeout = self.config.drain_timeout
+        closed = ProcessorClosed("the processor stopped before this message ran")
+        if drain:
+            self._acc.cut_all("shutdown")
+        else:
+            self._abandon_waiting(closed)
+        if not await self._wait_jobs(timeout):
+            log.error(
+                "drain_timeout=%ss passed with %d batch(es) unfinished; dead-lettering them",
+                timeout,
+                self._unfinished_jobs,
+            )
+            self._abandon_waiting(closed)
+            tasks = list(self._tasks)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if self._outbox is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._outbox.wait_idle(), timeout)
+            left = await self._outbox.close()
+            if left:
+                log.error(
+                    "%d dead letter(s) could not be stored within drain_timeout=%ss; "
+                    "they are kept in processor.dead_letters",
+                    len(left),
+                    timeout,
+                )
+                self.dead_letters.extend(letter for letter, _ in left)
+                self._delivered(left)
+        self._exec.close()
+        self._state = _State.CLOSED
+
+    def _abandon_waiting(self, error: BaseException) -> None:
+        """Dead-letter every message not yet running (lanes and queued batches)."""
+        assert self._acc is not None and self._sched is not None
+        for lane in self._acc.take_all():
+            entries = _entries(lane.items, lane.trackers, lane.first_wall, error)
+            self._acc.reset(lane)
+            self._send_dead(entries)
+        for job in list(self._sched.waiting()):
+            self._sched.remove(job)
+            self._send_dead(_entries(job.batch, job.trackers, job.first_wall, error))
+            self._job_done(job)
+
+    # -- stats -----------------------------------------------------------------------------
+    @property
+    def pending(self) -> int:
+        """Accepted messages not in a running batch (buffered, queued, or awaiting a letter)."""
+        return self._received - self._finished - self._in_flight
+
+    @property
+    def in_flight(self) -> int:
+        """Messages of batches holding a concurrency slot (running or waiting to retry)."""
+        return self._in_flight
+
+    @property
+    def circuit(self) -> str:
+        """The circuit breaker's state: closed, open or half_open."""
+        return self._breaker.state if self._breaker is not None else "closed"
+
+    async def get_stats(self, history: bool = False) -> dict[str, Any]:
+        """A snapshot of counts, gauges and latency; with ``history`` per-interval records too.
+
+        Message counts: received = processed + dead_lettered + pending + in_flight.
+        """
+        acc, sched, ex = self._acc, self._sched, self._exec
+        now = self._loop.time() if self._loop is not None else 0.0
+        oldest = acc.oldest() if acc is not None else None
+        stats: dict[str, Any] = {
+            "current_batch_size": acc.buffered() if acc is not None else 0,
+            "batch_age": now - oldest.first_seen if oldest is not None else 0.0,
+            "is_processing": bool(sched is not None and sched.running),
+            "config": self.config.to_dict(),
+            "state": self._state.value,
+            "received": self._received,
+            "processed": self._processed,
+            "failed": self._dead_reasons.get("failed", 0),
+            "dead_lettered": self._dead_count,
+            "dropped": self._dead_reasons.get("dropped", 0),
+            "dead_letter_reasons": dict(self._dead_reasons),
+            "dead_letter_backlog": len(self._outbox) if self._outbox is not None else 0,
+            "dead_letter_write_failures": (
+                self._outbox.failed_writes if self._outbox is not None else 0
+            ),
+            "batches": acc.seq if acc is not None else 0,
+            "batches_waiting": len(sched) if sched is not None else 0,
+            "batches_running": sched.running if sched is not None else 0,
+            "calls": ex.calls if ex is not None else 0,
+            "retries": ex.retries if ex is not None else 0,
+            "splits": ex.splits if ex is not None else 0,
+            "pending": self.pending,
+            "in_flight": self._in_flight,
+            "flush_reasons": dict(acc.flush_reasons) if acc is not None else {},
+            "circuit": self.circuit,
+        }
+        stats.update(self._observer.snapshot(history))
+        return stats
+
+
+def _entries(
+    batch: Sequence[Any], trackers: list[Tracker] | None, first_wall: float, error: BaseException
+) -> list[Entry]:
+    key = getattr(batch, "key", None)
+    priority = getattr(batch, "priority", 0)
+    marks = trackers if trackers is not None else [None] * len(batch)
+    return [
+        (
+            DeadLetter(
+                message=message,
+                key=key,
+                priority=priority,
+                reason="shutdown",
+                error=error,
+                attempts=0,
+                first_seen=first_wall,
+            ),
+            tracker,
+        )
+        for message, tracker in zip(batch, marks, strict=True)
+    ]

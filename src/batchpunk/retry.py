@@ -1,0 +1,136 @@
+"""Retry arithmetic, error classification and the circuit breaker: small pure policies.
+
+Kept apart from the execution engine so each rule can be tested as a function with injected
+time and randomness.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections.abc import Callable
+from typing import Literal
+
+from batchpunk.config import RetryOn
+from batchpunk.errors import BatchTimeout
+
+__all__ = ["CircuitBreaker", "CircuitState", "backoff_delay", "is_retryable"]
+
+CircuitState = Literal["closed", "open", "half_open"]
+
+
+def backoff_delay(
+    retry: int,
+    *,
+    base: float,
+    cap: float,
+    jitter: bool,
+    rand: Callable[[], float] = random.random,
+) -> float:
+    """Seconds to sleep before the ``retry``-th retry (1-based): capped exponential backoff.
+
+    ``min(cap, base * 2**(retry-1))``; with ``jitter`` a uniform draw in [0, that] ("full
+    jitter"), which spreads the retries of many failing batches instead of synchronising them
+    against a recovering downstream.
+    """
+    if retry < 1:
+        raise ValueError(f"retry: expected a retry number >= 1, got {retry}")
+    delay: float = min(cap, base * 2.0 ** min(retry - 1, 64))
+    return delay * rand() if jitter else delay
+
+
+def is_retryable(error: BaseException, retry_on: RetryOn) -> bool:
+    """Whether a failure deserves another attempt.
+
+    A timeout is always retryable. An exception whose class sets ``retryable`` (as connector
+    errors do) decides for itself unless ``retry_on`` is a predicate. Otherwise ``retry_on``
+    decides: a tuple of types, or a predicate.
+    """
+    if isinstance(error, BatchTimeout):
+        return True
+    if isinstance(retry_on, tuple):
+        own = getattr(error, "retryable", None)
+        if isinstance(own, bool):
+            return own
+        return isinstance(error, retry_on)
+    return bool(retry_on(error))
+
+
+class CircuitBreaker:
+    """Stops calling a downstream that keeps failing, then probes it with one trial call.
+
+    closed: calls flow. After ``threshold`` consecutive failed calls it opens: no call starts for
+    ``cooldown`` seconds (waiting batches keep their slots, so backpressure builds upstream).
+    Then half_open: one trial call goes through; success closes the circuit, failure reopens it.
+    Waiting is on timers and futures, never polling.
+    """
+
+    def __init__(
+        self,
+        threshold: int,
+        cooldown: float,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        self.threshold = threshold
+        self.cooldown = cooldown
+        self._clock = clock
+        self.state: CircuitState = "closed"
+        self._failures = 0
+        self._opened_at = 0.0
+        self._trial_running = False
+        self._changed: asyncio.Future[None] | None = None
+
+    def _now(self) -> float:
+        return self._clock() if self._clock else asyncio.get_running_loop().time()
+
+    async def acquire(self) -> None:
+        """Return when a call may start; the caller must then call ``record`` or ``abandon``."""
+        while True:
+            if self.state == "closed":
+                return
+            if self.state == "open":
+                wait = self._opened_at + self.cooldown - self._now()
+                if wait > 0:
+                    await self._wait(wait)
+                    continue
+                self._set("half_open")
+            if not self._trial_running:
+                self._trial_running = True
+                return
+            await self._wait(None)
+
+    def record(self, ok: bool) -> None:
+        """Count the outcome of a call that ``acquire`` let through."""
+        self._trial_running = False
+        if ok:
+            self._failures = 0
+            if self.state != "closed":
+                self._set("closed")
+            return
+        self._failures += 1
+        if self.state == "half_open" or self._failures >= self.threshold:
+            self._opened_at = self._now()
+            self._set("open")
+
+    def abandon(self) -> None:
+        """A let-through call ended without an outcome (cancelled): free the trial slot."""
+        if self._trial_running:
+            self._trial_running = False
+            self._set(self.state)
+
+    def _set(self, state: CircuitState) -> None:
+        self.state = state
+        if self._changed is not None and not self._changed.done():
+            self._changed.set_result(None)
+        self._changed = None
+
+    async def _wait(self, seconds: float | None) -> None:
+        if self._changed is None:
+            self._changed = asyncio.get_running_loop().create_future()
+        changed = self._changed
+        if seconds is None:
+            await asyncio.shield(changed)
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(changed), seconds)
