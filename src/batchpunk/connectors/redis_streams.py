@@ -1,0 +1,912 @@
+"""Redis Streams: a consumer-group Source and an XADD Sink, at least once, across many workers.
+
+Choose Redis Streams when Redis is already there and a few hundred thousand messages a second
+per stream is enough. Delivery is at least once: an entry leaves the group's pending entries list
+(PEL) only through XACK, which this source sends only after the pipeline acknowledged every
+envelope made from that entry. Scale out by running more workers in the same group, each with
+its own stable consumer name; a restarted worker reads its own pending entries first, and any
+worker's janitor claims (XAUTOCLAIM) the entries of a dead one once they were idle ``claim_idle``
+seconds. See docs/brokers/redis.md for the settings that matter.
+
+How the source keeps its promises:
+
+- One reader task issues every XREADGROUP, with ``BLOCK block`` so that close() only waits for
+  the in-flight command to return; nothing cancels a command halfway. Callers of ``__anext__``
+  wait on a buffer, so cancelling them never loses an entry Redis already delivered.
+- One janitor task, every ``claim_idle / 3`` seconds, refreshes the idle time of the entries this
+  worker still holds (XCLAIM ... JUSTID, which does not count as a delivery) so that a slow batch
+  is not stolen by another worker, then claims idle entries of dead consumers (XAUTOCLAIM).
+- One settle task sends XACKs (and requeues) coalesced over a few milliseconds: ``ack()`` only
+  queues the id and returns, so a pipeline may await thousands of acks in a row cheaply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import json
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from batchpunk.config import BatchConfig
+from batchpunk.envelope import Envelope
+from batchpunk.errors import BatchpunkError, ConfigError, PartialFailure, require
+
+__all__ = [
+    "DeliveryLimitExceeded",
+    "RedisStreamSink",
+    "RedisStreamSource",
+    "StreamEntryLost",
+    "mask_url",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Header set on an envelope whose entry was delivered more than ``max_deliveries`` times; the
+#: pipeline dead-letters such an envelope with reason "redelivered" instead of processing it.
+REDELIVERED = "batchpunk_redelivered"
+
+DECODINGS = ("json", "bytes", "text", "frame")
+ENCODINGS = ("json", "bytes", "text", "frame")
+
+_ACK_DELAY = 0.005  # seconds over which acks are coalesced into one XACK
+_CHUNK = 1000  # ids per XACK / XCLAIM command
+_CLOSE_FLUSH_SECONDS = 10.0  # how long close() keeps retrying unsent acks when Redis is down
+_MAX_BACKOFF = 5.0
+_DEFAULT_COUNT = 100  # BatchConfig().max_size, until prepare() says otherwise
+
+
+class StreamEntryLost(BatchpunkError, LookupError):
+    """A pending entry was trimmed or deleted from the stream before it was acknowledged.
+
+    Its data is gone; the source still yields a malformed envelope for it so the loss shows in
+    the dead-letter sink instead of vanishing. Trim with MAXLEN well above the pending backlog.
+    """
+
+
+class DeliveryLimitExceeded(BatchpunkError):
+    """An entry was delivered more than ``max_deliveries`` times: likely a message that crashes
+    or stalls every worker that takes it. Carried as ``Envelope.error`` of a redelivered envelope.
+    """
+
+
+def mask_url(url: str) -> str:
+    """The URL with its password (in the userinfo or a ``password=`` query) replaced by ***."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable url>"
+    netloc = parts.netloc
+    if parts.password is not None:
+        user = parts.username or ""
+        host = netloc.rpartition("@")[2]
+        netloc = f"{user}:***@{host}"
+    query = parts.query
+    if "password" in query:
+        pairs = [(k, "***" if k == "password" else v) for k, v in parse_qsl(query, True)]
+        query = urlencode(pairs, safe="*")
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def _secret(url: str) -> str | None:
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return None
+    if parts.password:
+        return parts.password
+    for key, value in parse_qsl(parts.query):
+        if key == "password" and value:
+            return value
+    return None
+
+
+def _scrub(text: str, secret: str | None) -> str:
+    return text.replace(secret, "***") if secret else text
+
+
+_TLS_KEYS = {
+    "ca_file": "ssl_ca_certs",
+    "ca_path": "ssl_ca_path",
+    "ca_data": "ssl_ca_data",
+    "cert_file": "ssl_certfile",
+    "key_file": "ssl_keyfile",
+    "key_password": "ssl_password",
+    "check_hostname": "ssl_check_hostname",
+    "verify": "ssl_cert_reqs",
+}
+
+
+def _client_kwargs(owner: str, url: str, tls: bool | Mapping[str, Any] | None) -> dict[str, Any]:
+    """Validate the URL and TLS settings and turn them into redis.asyncio.from_url keywords."""
+    shown = mask_url(url)
+    if not isinstance(url, str) or not url:
+        raise ConfigError(f"{owner}.url: expected a redis://, rediss:// or unix:// URL")
+    try:
+        scheme = urlsplit(url).scheme
+    except ValueError:
+        raise ConfigError(f"{owner}.url: cannot parse {shown!r}") from None
+    if scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(
+            f"{owner}.url: expected a redis://, rediss:// or unix:// URL, got {shown!r}"
+        )
+    kwargs: dict[str, Any] = {}
+    if tls is None:
+        return kwargs
+    if tls is False:
+        if scheme == "rediss":
+            raise ConfigError(f"{owner}.tls: false contradicts the rediss:// URL {shown!r}")
+        return kwargs
+    if scheme == "unix":
+        raise ConfigError(f"{owner}.tls: TLS does not apply to a unix:// socket URL")
+    settings: Mapping[str, Any]
+    if tls is True:
+        settings = {}
+    elif isinstance(tls, Mapping):
+        settings = tls
+    else:
+        raise ConfigError(
+            f"{owner}.tls: expected true, false or a table of TLS settings, "
+            f"got {type(tls).__name__}"
+        )
+    for key, value in settings.items():
+        target = _TLS_KEYS.get(key)
+        if target is None:
+            allowed = ", ".join(sorted(_TLS_KEYS))
+            raise ConfigError(f"{owner}.tls.{key}: unknown setting (expected one of {allowed})")
+        if key in ("verify", "check_hostname"):
+            if not isinstance(value, bool):
+                raise ConfigError(f"{owner}.tls.{key}: expected true or false, got {value!r}")
+            kwargs[target] = ("required" if value else "none") if key == "verify" else value
+        else:
+            if not isinstance(value, str) or not value:
+                raise ConfigError(f"{owner}.tls.{key}: expected a non-empty string")
+            kwargs[target] = value
+    if scheme == "redis":
+        connection = require("redis.asyncio.connection", "redis", owner)
+        kwargs["connection_class"] = connection.SSLConnection
+    return kwargs
+
+
+def _name(owner: str, field: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{owner}.{field}: expected a non-empty string, got {value!r}")
+    return value
+
+
+def _seconds(owner: str, field: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ConfigError(f"{owner}.{field}: expected a number of seconds > 0, got {value!r}")
+    if value == float("inf"):
+        raise ConfigError(f"{owner}.{field}: expected a finite number of seconds")
+    return float(value)
+
+
+def _positive_int(owner: str, field: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{owner}.{field}: expected an integer >= 1, got {value!r}")
+    return value
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class _Entry:
+    """Bookkeeping for one delivered stream entry until every envelope made from it is settled."""
+
+    __slots__ = ("entry_id", "remaining", "requeue", "yielded")
+
+    def __init__(self, entry_id: str, pieces: int) -> None:
+        self.entry_id = entry_id
+        self.remaining = pieces
+        self.requeue = False
+        self.yielded = False
+
+
+class _Piece:
+    """The ack/nack of one envelope: settles once, however often the pipeline calls it."""
+
+    __slots__ = ("entry", "settled", "source")
+
+    def __init__(self, source: RedisStreamSource, entry: _Entry) -> None:
+        self.source = source
+        self.entry = entry
+        self.settled = False
+
+    async def ack(self) -> None:
+        self.settle(requeue=False)
+
+    async def nack(self, requeue: bool) -> None:
+        self.settle(requeue=requeue)
+
+    def settle(self, *, requeue: bool) -> None:
+        if self.settled:
+            return
+        self.settled = True
+        entry = self.entry
+        if requeue:
+            entry.requeue = True
+        entry.remaining -= 1
+        if entry.remaining == 0:
+            self.source._settled(entry)
+
+
+class RedisStreamSource:
+    """Reads a Redis stream through a consumer group, acknowledging entries after their batch.
+
+    Args:
+        url: redis://, rediss:// (TLS) or unix:// URL; its password never appears in logs.
+        stream: the stream key.
+        group: consumer group; workers in one group share the entries.
+        consumer: this worker's name within the group. Keep it stable across restarts (e.g.
+            "<host>-<n>") so a restarted worker finds its own pending entries at once; two live
+            workers must never share a name.
+        claim_idle: seconds an unacknowledged entry must sit idle before a janitor hands it to
+            another worker. Entries this worker holds are refreshed every claim_idle / 3, so a
+            slow batch is not stolen; a dead worker's entries move after about claim_idle.
+        max_deliveries: deliveries after which an entry is not processed again but marked for
+            dead-lettering with reason "redelivered" (a message that keeps killing workers).
+        count: entries per XREADGROUP; None takes ``max_size`` of the pipeline's BatchConfig
+            (see prepare()), or 100.
+        block: seconds one XREADGROUP waits for new entries; close() returns within about that.
+        field: the entry field holding the payload.
+        decode: "json" (default), "bytes" (raw), "text" (UTF-8) or "frame" (a batchpunk frame
+            from batchpunk.codec; every message in it becomes one envelope).
+        create_group: create the group (and the stream) when missing.
+        start_id: where a newly created group starts: "0" for the whole stream, "$" for new
+            entries only.
+        tls: None to follow the URL scheme, True for TLS with the system CAs, or a mapping with
+            any of ca_file, ca_path, ca_data, cert_file, key_file, key_password, verify,
+            check_hostname.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        stream: str,
+        group: str,
+        consumer: str,
+        *,
+        claim_idle: float = 60.0,
+        max_deliveries: int = 10,
+        count: int | None = None,
+        block: float = 1.0,
+        field: str = "data",
+        decode: str = "json",
+        create_group: bool = True,
+        start_id: str = "0",
+        tls: bool | Mapping[str, Any] | None = None,
+    ) -> None:
+        owner = "RedisStreamSource"
+        self._client_kwargs = _client_kwargs(owner, url, tls)
+        self._url = url
+        self._secret = _secret(url)
+        self.stream = _name(owner, "stream", stream)
+        self.group = _name(owner, "group", group)
+        self.consumer = _name(owner, "consumer", consumer)
+        self.claim_idle = _seconds(owner, "claim_idle", claim_idle)
+        self.max_deliveries = _positive_int(owner, "max_deliveries", max_deliveries)
+        self._count_given = None if count is None else _positive_int(owner, "count", count)
+        self.count = self._count_given or _DEFAULT_COUNT
+        self.block = _seconds(owner, "block", block)
+        self.field = _name(owner, "field", field)
+        self._field_bytes = self.field.encode()
+        if decode not in DECODINGS:
+            raise ConfigError(f"{owner}.decode: expected one of {DECODINGS}, got {decode!r}")
+        self.decode = decode
+        if not isinstance(create_group, bool):
+            raise ConfigError(f"{owner}.create_group: expected true or false")
+        self.create_group = create_group
+        self.start_id = _name(owner, "start_id", start_id)
+        self._decoder = self._make_decoder(decode)
+
+        self._client: Any = None
+        self._errors: Any = None
+        self._started = False
+        self._start_lock = asyncio.Lock()
+        self._closing = False
+        self._close_lock = asyncio.Lock()
+        self._buffer: deque[Envelope] = deque()
+        self._held: dict[str, _Entry] = {}
+        self._ready = asyncio.Event()
+        self._demand = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._failure: BaseException | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._janitor: asyncio.Task[None] | None = None
+        self._settler: asyncio.Task[None] | None = None
+        self._settle_wakeup = asyncio.Event()
+        self._settle_final = False
+        self._acks: list[str] = []
+        self._requeues: list[str] = []
+        self._pending_phase = True
+        self._pending_cursor = "0"
+
+    def __repr__(self) -> str:
+        return (
+            f"RedisStreamSource(url={mask_url(self._url)!r}, stream={self.stream!r}, "
+            f"group={self.group!r}, consumer={self.consumer!r})"
+        )
+
+    async def prepare(self, config: BatchConfig) -> None:
+        """Size each read to the pipeline's batches: count = config.max_size unless given."""
+        if self._count_given is None:
+            self.count = config.max_size
+
+    # -- iteration -------------------------------------------------------------------------
+
+    def __aiter__(self) -> RedisStreamSource:
+        return self
+
+    async def __anext__(self) -> Envelope:
+        """The next envelope; ends (StopAsyncIteration) once close() was called.
+
+        Cancelling a caller here is safe: it only waits on the buffer the reader task fills.
+        """
+        if not self._started:
+            await self._start()
+        while True:
+            if self._closing:
+                raise StopAsyncIteration
+            if self._buffer:
+                envelope = self._buffer.popleft()
+                if len(self._buffer) < self.count:
+                    self._demand.set()
+                return envelope
+            if self._failure is not None:
+                raise self._failure
+            self._ready.clear()
+            await self._ready.wait()
+
+    async def _start(self) -> None:
+        async with self._start_lock:
+            if self._started or self._closing:
+                return
+            redis = require("redis.asyncio", "redis", "RedisStreamSource")
+            self._errors = require("redis.exceptions", "redis", "RedisStreamSource")
+            self._client = redis.Redis.from_url(
+                self._url,
+                socket_timeout=self.block + 10.0,
+                socket_connect_timeout=5.0,
+                **self._client_kwargs,
+            )
+            try:
+                await self._ensure_group()
+            except BaseException:
+                await self._client.aclose()
+                raise
+            self._started = True
+            self._demand.set()
+            self._reader = asyncio.create_task(self._read_loop(), name=f"{self!r} reader")
+            self._janitor = asyncio.create_task(self._janitor_loop(), name=f"{self!r} janitor")
+
+    async def _ensure_group(self) -> None:
+        errors = self._errors
+        try:
+            if self.create_group:
+                await self._client.xgroup_create(
+                    self.stream, self.group, id=self.start_id, mkstream=True
+                )
+            else:
+                groups = await self._client.xinfo_groups(self.stream)
+                if not any(_text(g["name"]) == self.group for g in groups):
+                    raise ConfigError(self._no_group_message())
+        except errors.ResponseError as exc:
+            message = str(exc)
+            if "BUSYGROUP" in message:
+                return
+            if "no such key" in message:
+                raise ConfigError(self._no_group_message()) from None
+            if "WRONGTYPE" in message:
+                raise ConfigError(
+                    f"RedisStreamSource.stream: key {self.stream!r} exists but is not a stream"
+                ) from None
+            raise ConfigError(
+                f"RedisStreamSource: cannot create group {self.group!r} on stream "
+                f"{self.stream!r}: {_scrub(message, self._secret)}"
+            ) from None
+        self._pending_phase = True
+        self._pending_cursor = "0"
+
+    def _no_group_message(self) -> str:
+        return (
+            f"RedisStreamSource.group: consumer group {self.group!r} does not exist on stream "
+            f"{self.stream!r} and create_group is false"
+        )
+
+    # -- the reader task ---------------------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        """Fill the buffer on demand: own pending entries first, then new ones."""
+        errors = self._errors
+        failures = 0
+        while not self._closing:
+            if len(self._buffer) >= self.count:
+                self._demand.clear()
+                await self._demand.wait()
+                continue
+            try:
+                if self._pending_phase:
+                    envelopes = await self._read_pending()
+                else:
+                    envelopes = await self._read_new()
+                failures = 0
+            except (errors.AuthenticationError, errors.AuthorizationError) as exc:
+                self._fail(exc)
+                return
+            except errors.ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    self._fail(exc)
+                    return
+                if not self.create_group:
+                    self._fail(ConfigError(self._no_group_message()))
+                    return
+                logger.warning(
+                    "%r: group or stream disappeared (Redis restarted or the key was deleted); "
+                    "recreating it",
+                    self,
+                )
+                await self._retry_later(failures)
+                failures += 1
+                with contextlib.suppress(errors.RedisError, ConfigError):
+                    await self._ensure_group()
+                continue
+            except (errors.ConnectionError, errors.TimeoutError, OSError) as exc:
+                self._log_transient("read", exc)
+                await self._retry_later(failures)
+                failures += 1
+                continue
+            except Exception as exc:
+                self._fail(exc)
+                return
+            self._push(envelopes)
+
+    async def _read_pending(self) -> list[Envelope]:
+        reply = await self._client.xreadgroup(
+            self.group, self.consumer, {self.stream: self._pending_cursor}, count=self.count
+        )
+        entries = reply[0][1] if reply else []
+        if not entries:
+            self._pending_phase = False
+            return []
+        self._pending_cursor = _text(entries[-1][0])
+        counts = await self._delivery_counts([_text(e[0]) for e in entries if e[1]])
+        out: list[Envelope] = []
+        for raw_id, fields in entries:
+            entry_id = _text(raw_id)
+            if not fields:  # in our PEL, but trimmed from the stream: report it, then XACK it
+                out.append(self._lost(entry_id))
+            else:
+                out.extend(self._envelopes(entry_id, fields, counts.get(entry_id, 1)))
+        return out
+
+    async def _read_new(self) -> list[Envelope]:
+        reply = await self._client.xreadgroup(
+            self.group,
+            self.consumer,
+            {self.stream: ">"},
+            count=self.count,
+            block=max(1, round(self.block * 1000)),
+        )
+        out: list[Envelope] = []
+        for raw_id, fields in reply[0][1] if reply else ():
+            out.extend(self._envelopes(_text(raw_id), fields, 1))
+        return out
+
+    async def _delivery_counts(self, ids: Sequence[str]) -> dict[str, int]:
+        """Times each of our pending entries was delivered (XPENDING, one round trip)."""
+        if not ids:
+            return {}
+        pipe = self._client.pipeline(transaction=False)
+        for entry_id in ids:
+            pipe.xpending_range(self.stream, self.group, min=entry_id, max=entry_id, count=1)
+        counts: dict[str, int] = {}
+        for rows in await pipe.execute():
+            for row in rows:
+                counts[_text(row["message_id"])] = int(row["times_delivered"])
+        return counts
+
+    def _push(self, envelopes: list[Envelope]) -> None:
+        if envelopes:
+            self._buffer.extend(envelopes)
+            self._ready.set()
+
+    def _fail(self, exc: BaseException) -> None:
+        if isinstance(exc, Exception) and self._secret and self._secret in str(exc):
+            exc = BatchpunkError(_scrub(str(exc), self._secret))
+        logger.error("%r: stopped reading: %s", self, _scrub(str(exc), self._secret))
+        self._failure = exc
+        self._ready.set()
+
+    def _log_transient(self, what: str, exc: BaseException) -> None:
+        logger.warning(
+            "%r: %s failed, retrying: %s: %s",
+            self,
+            what,
+            type(exc).__name__,
+            _scrub(str(exc), self._secret),
+        )
+
+    async def _retry_later(self, failures: int) -> None:
+        await self._stopped_within(min(_MAX_BACKOFF, 0.1 * 2**failures))
+
+    async def _stopped_within(self, seconds: float) -> bool:
+        """Sleep up to ``seconds``, waking early when close() begins; True once closing."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), seconds)
+        return self._closing
+
+    # -- turning entries into envelopes ----------------------------------------------------
+
+    def _make_decoder(self, decode: str) -> Callable[[bytes], list[Any]]:
+        if decode == "json":
+            return lambda raw: [json.loads(raw)]
+        if decode == "bytes":
+            return lambda raw: [raw]
+        if decode == "text":
+            return lambda raw: [raw.decode("utf-8")]
+        # Imported by name at first use: the codec is a sibling module that may load late.
+        decode_batch = importlib.import_module("batchpunk.codec").decode_batch
+        return lambda raw: list(decode_batch(raw))
+
+    def _envelopes(
+        self, entry_id: str, fields: Mapping[bytes, bytes], count: int
+    ) -> list[Envelope]:
+        headers: dict[str, Any] = {
+            "redis_stream": self.stream,
+            "redis_id": entry_id,
+            "redis_delivery_count": count,
+        }
+        raw = fields.get(self._field_bytes)
+        error: BaseException | None = None
+        payloads: list[Any] = []
+        if raw is None:
+            present = ", ".join(sorted(_text(k) for k in fields))
+            error = KeyError(f"stream entry {entry_id} has no field {self.field!r} ({present})")
+        else:
+            try:
+                payloads = self._decoder(raw)
+            except Exception as exc:
+                error = exc
+        if error is not None:
+            entry = self._hold(entry_id, 1)
+            payload: Any = raw if raw is not None else {_text(k): v for k, v in fields.items()}
+            return [self._envelope(entry, payload, headers, malformed=True, error=error)]
+        if not payloads:  # an empty frame: nothing to process, settle it at once
+            self._held.pop(entry_id, None)
+            self._acks.append(entry_id)
+            self._wake_settler()
+            return []
+        entry = self._hold(entry_id, len(payloads))
+        if count > self.max_deliveries:
+            headers[REDELIVERED] = True
+            error = DeliveryLimitExceeded(
+                f"stream entry {entry_id} of {self.stream!r} was delivered {count} times, "
+                f"more than max_deliveries={self.max_deliveries}"
+            )
+        return [self._envelope(entry, p, headers, error=error) for p in payloads]
+
+    def _lost(self, entry_id: str) -> Envelope:
+        logger.warning(
+            "%r: pending entry %s was trimmed from the stream before it was acknowledged",
+            self,
+            entry_id,
+        )
+        headers = {"redis_stream": self.stream, "redis_id": entry_id}
+        error = StreamEntryLost(
+            f"stream entry {entry_id} of {self.stream!r} was trimmed or deleted before it was "
+            "acknowledged; its data is gone (raise the stream's MAXLEN)"
+        )
+        return self._envelope(self._hold(entry_id, 1), None, headers, malformed=True, error=error)
+
+    def _hold(self, entry_id: str, pieces: int) -> _Entry:
+        entry = _Entry(entry_id, pieces)
+        self._held[entry_id] = entry
+        return entry
+
+    def _envelope(
+        self,
+        entry: _Entry,
+        payload: Any,
+        headers: Mapping[str, Any],
+        *,
+        malformed: bool = False,
+        error: BaseException | None = None,
+    ) -> Envelope:
+        piece = _Piece(self, entry)
+        return Envelope(
+            payload,
+            headers=headers,
+            malformed=malformed,
+            error=error,
+            on_ack=piece.ack,
+            on_nack=piece.nack,
+        )
+
+    # -- settling: XACK and requeue, coalesced ------------------------------------------------
+
+    def _settled(self, entry: _Entry) -> None:
+        if self._held.get(entry.entry_id) is entry:
+            del self._held[entry.entry_id]
+        (self._requeues if entry.requeue else self._acks).append(entry.entry_id)
+        self._wake_settler()
+
+    def _wake_settler(self) -> None:
+        if self._client is None:
+            return
+        if self._settler is None or self._settler.done():
+            self._settler = asyncio.create_task(self._settle_loop(), name=f"{self!r} acks")
+        self._settle_wakeup.set()
+
+    async def _settle_loop(self) -> None:
+        """Send queued XACKs and requeues; exits when idle after close() (the client closes)."""
+        errors = self._errors
+        failures = 0
+        deadline: float | None = None
+        while True:
+            if not self._acks and not self._requeues:
+                if self._settle_final:
+                    break
+                self._settle_wakeup.clear()
+                await self._settle_wakeup.wait()
+                continue
+            if not self._settle_final:
+                await asyncio.sleep(_ACK_DELAY)
+            acks, self._acks = self._acks, []
+            requeues, self._requeues = self._requeues, []
+            try:
+                await self._send_settlements(acks, requeues)
+                failures = 0
+            except (errors.RedisError, OSError) as exc:
+                self._acks[:0] = acks
+                self._requeues[:0] = requeues
+                self._log_transient("XACK", exc)
+                if self._settle_final:
+                    deadline = deadline or time.monotonic() + _CLOSE_FLUSH_SECONDS
+                    if time.monotonic() > deadline:
+                        logger.error(
+                            "%r: gave up sending %d acks and %d requeues; those entries stay "
+                            "pending and will be delivered again",
+                            self,
+                            len(self._acks),
+                            len(self._requeues),
+                        )
+                        self._acks.clear()
+                        self._requeues.clear()
+                        break
+                await asyncio.sleep(min(_MAX_BACKOFF, 0.05 * 2**failures))
+                failures += 1
+        if self._closing:
+            with contextlib.suppress(Exception):
+                await self._client.aclose()
+
+    async def _send_settlements(self, acks: Sequence[str], requeues: Sequence[str]) -> None:
+        pipe = self._client.pipeline(transaction=False)
+        for start in range(0, len(acks), _CHUNK):
+            pipe.xack(self.stream, self.group, *acks[start : start + _CHUNK])
+        # A requeued entry stays in the PEL; backdating its idle time makes any janitor (this
+        # worker's included) claim it at its next pass instead of after claim_idle.
+        idle = round(self.claim_idle * 1000)
+        for start in range(0, len(requeues), _CHUNK):
+            pipe.xclaim(
+                self.stream,
+                self.group,
+                self.consumer,
+                0,
+                list(requeues[start : start + _CHUNK]),
+                idle=idle,
+                justid=True,
+            )
+        await pipe.execute()
+
+    # -- the janitor task --------------------------------------------------------------------
+
+    async def _janitor_loop(self) -> None:
+        """Keep held entries fresh and claim dead consumers' idle ones, every claim_idle / 3."""
+        errors = self._errors
+        period = self.claim_idle / 3
+        while not await self._stopped_within(period):
+            try:
+                await self._refresh_held()
+                await self._claim_idle()
+            except (errors.ConnectionError, errors.TimeoutError, OSError) as exc:
+                self._log_transient("janitor pass", exc)
+            except errors.ResponseError as exc:
+                if "NOGROUP" not in str(exc):  # the reader recreates a vanished group
+                    logger.error(
+                        "%r: janitor pass failed: %s", self, _scrub(str(exc), self._secret)
+                    )
+
+    async def _refresh_held(self) -> None:
+        held = list(self._held)
+        if not held:
+            return
+        pipe = self._client.pipeline(transaction=False)
+        for start in range(0, len(held), _CHUNK):
+            pipe.xclaim(
+                self.stream, self.group, self.consumer, 0, held[start : start + _CHUNK], justid=True
+            )
+        await pipe.execute()
+
+    async def _claim_idle(self) -> None:
+        cursor = "0-0"
+        min_idle = round(self.claim_idle * 1000)
+        pages = 0
+        while not self._closing:
+            if pages and len(self._buffer) >= self.count:
+                return
+            reply = await self._client.xautoclaim(
+                self.stream, self.group, self.consumer, min_idle, cursor, count=self.count
+            )
+            pages += 1
+            cursor = _text(reply[0])
+            claimed = [(_text(i), f) for i, f in reply[1] if i is not None]
+            fresh = [(i, f) for i, f in claimed if i not in self._held]
+            deleted = [_text(i) for i in reply[2]] if len(reply) > 2 else []
+            if fresh or deleted:
+                logger.info(
+                    "%r: claimed %d idle entries (%d already trimmed)",
+                    self,
+                    len(fresh) + len(deleted),
+                    len(deleted),
+                )
+            counts = await self._delivery_counts([i for i, f in fresh if f])
+            envelopes: list[Envelope] = []
+            for entry_id, fields in fresh:
+                if fields:
+                    envelopes.extend(self._envelopes(entry_id, fields, counts.get(entry_id, 1)))
+                else:
+                    envelopes.append(self._lost(entry_id))
+            envelopes.extend(self._lost(i) for i in deleted if i not in self._held)
+            self._push(envelopes)
+            if cursor == "0-0":
+                return
+
+    # -- closing -----------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Stop reading, flush queued acks, close the connections. Safe to call again.
+
+        Waits for the in-flight XREADGROUP (at most ``block`` seconds). Entries read but never
+        handed out are made claimable at once. Envelopes handed out and not yet settled stay
+        pending under this consumer: settle them before close(), or call close() again after
+        settling them late (their XACKs are sent then).
+        """
+        async with self._close_lock:
+            self._closing = True
+            self._stop.set()
+            self._ready.set()
+            self._demand.set()
+            for task in (self._reader, self._janitor):
+                if task is not None:  # returns within `block`; shielded so a cancelled close()
+                    await asyncio.shield(task)  # never cancels a command halfway
+            self._reader = self._janitor = None
+            unhanded = list(self._buffer)
+            self._buffer.clear()
+            for entry_id in {e.headers["redis_id"] for e in unhanded}:
+                entry = self._held.pop(entry_id, None)
+                if entry is not None:
+                    self._requeues.append(entry_id)
+            self._settle_final = True
+            if self._client is None:
+                return
+            self._wake_settler()
+            if self._settler is not None:
+                await asyncio.shield(self._settler)
+
+
+class RedisStreamSink:
+    """Appends every item of a batch to a stream (XADD), in one round trip per batch.
+
+    Args:
+        url: redis://, rediss:// (TLS) or unix:// URL; its password never appears in logs.
+        stream: the stream key (created by the first XADD).
+        maxlen: trim the stream to about this many entries on every XADD; None keeps all. Keep it
+            well above what consumer groups may still have pending, or unread entries are lost.
+        field: the entry field that holds the encoded item.
+        encode: "json" (default), "bytes" (items are bytes), "text" (items are str, stored as
+            UTF-8) or "frame" (each item as a one-message batchpunk frame).
+        approximate: trim with ``MAXLEN ~`` (much cheaper; the stream may keep a few more).
+        tls: as for RedisStreamSource.
+
+    ``write`` returns the new entry ids, one per item. An item that cannot be encoded fails alone
+    (PartialFailure); the others are still written.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        stream: str,
+        maxlen: int | None = None,
+        *,
+        field: str = "data",
+        encode: str = "json",
+        approximate: bool = True,
+        tls: bool | Mapping[str, Any] | None = None,
+    ) -> None:
+        owner = "RedisStreamSink"
+        self._client_kwargs = _client_kwargs(owner, url, tls)
+        self._url = url
+        self.stream = _name(owner, "stream", stream)
+        self.maxlen = None if maxlen is None else _positive_int(owner, "maxlen", maxlen)
+        self.field = _name(owner, "field", field)
+        if encode not in ENCODINGS:
+            raise ConfigError(f"{owner}.encode: expected one of {ENCODINGS}, got {encode!r}")
+        self.encode = encode
+        if not isinstance(approximate, bool):
+            raise ConfigError(f"{owner}.approximate: expected true or false")
+        self.approximate = approximate
+        self._encoder = self._make_encoder(encode)
+        self._client: Any = None
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"RedisStreamSink(url={mask_url(self._url)!r}, stream={self.stream!r})"
+
+    def _make_encoder(self, encode: str) -> Callable[[Any], bytes]:
+        if encode == "json":
+            return lambda item: json.dumps(item, separators=(",", ":"), ensure_ascii=False).encode()
+        if encode == "bytes":
+
+            def raw(item: Any) -> bytes:
+                if not isinstance(item, bytes | bytearray | memoryview):
+                    raise TypeError(f"encode='bytes' needs bytes items, got {type(item).__name__}")
+                return bytes(item)
+
+            return raw
+        if encode == "text":
+
+            def text(item: Any) -> bytes:
+                if not isinstance(item, str):
+                    raise TypeError(f"encode='text' needs str items, got {type(item).__name__}")
+                return item.encode("utf-8")
+
+            return text
+        encode_batch = importlib.import_module("batchpunk.codec").encode_batch
+        return lambda item: bytes(encode_batch([item]))
+
+    async def write(self, batch: Sequence[Any]) -> list[str | None]:
+        """XADD every item in one pipeline; the entry ids, in order (None where encoding failed)."""
+        if self._closed:
+            raise RuntimeError(f"{self!r} is closed")
+        if self._client is None:
+            redis = require("redis.asyncio", "redis", "RedisStreamSink")
+            self._client = redis.Redis.from_url(
+                self._url, socket_timeout=30.0, socket_connect_timeout=5.0, **self._client_kwargs
+            )
+        failures: dict[int, BaseException] = {}
+        pipe = self._client.pipeline(transaction=False)
+        written: list[int] = []
+        for index, item in enumerate(batch):
+            try:
+                data = self._encoder(item)
+            except Exception as exc:
+                failures[index] = exc
+                continue
+            pipe.xadd(
+                self.stream,
+                {self.field: data},
+                maxlen=self.maxlen,
+                approximate=self.approximate,
+            )
+            written.append(index)
+        results: list[str | None] = [None] * len(batch)
+        if written:
+            for index, entry_id in zip(written, await pipe.execute(), strict=True):
+                results[index] = _text(entry_id)
+        if failures:
+            raise PartialFailure(failures, results)
+        return results
+
+    async def close(self) -> None:
+        """Close the connections; later writes raise. Safe to call again."""
+        self._closed = True
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
