@@ -1,0 +1,1029 @@
+"""NATS JetStream: a durable pull consumer as a Source, JetStream publishing as a Sink.
+
+Choose JetStream when you want scale-out without partitions: every worker that runs with the
+same ``stream`` and ``durable`` fetches from one durable pull consumer, the server hands each
+message to one worker at a time, and a message a worker never settles comes back after
+``ack_wait`` to whichever worker asks next. Nothing is assigned to a worker in advance, so adding
+or killing workers needs no rebalancing.
+
+The delivery contract (at least once):
+
+- a message is acknowledged only when the pipeline calls ``Envelope.ack()``, after its batch
+  succeeded or its dead letter was stored;
+- ``nack(requeue=True)`` naks it with ``nak_delay`` (shutdown, or giving it back);
+  ``nack(requeue=False)`` terminates it (``term``): the server never delivers it again, which is
+  what the pipeline does after dead-lettering a poison message;
+- while a message waits in batchpunk (buffered, batching, or inside a slow batch), a background
+  task tells the server it is still in progress every ``ack_wait / 3``, so a slow batch is not
+  redelivered to another worker halfway through;
+- a message delivered ``max_deliver`` times comes out with ``headers["batchpunk_redelivered"]``
+  set: the pipeline dead-letters it with reason "redelivered" instead of processing it, before
+  the server gives up on it and drops it silently;
+- if the worker dies (kill -9), nothing is settled and the server redelivers after ``ack_wait``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import json
+import logging
+import math
+import ssl
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from batchpunk.config import BatchConfig
+from batchpunk.envelope import Envelope
+from batchpunk.errors import ConfigError, PartialFailure, require
+
+__all__ = [
+    "NatsJetStreamSink",
+    "NatsJetStreamSource",
+    "DECODINGS",
+    "ENCODINGS",
+    "REDELIVERED",
+    "TlsSetting",
+]
+
+log = logging.getLogger(__name__)
+
+#: How a Source turns message bytes into payloads.
+DECODINGS = ("json", "bytes", "text", "frame")
+#: How a Sink turns payloads into message bytes.
+ENCODINGS = ("json", "bytes", "text", "frame")
+#: Header set (True) on an envelope delivered ``max_deliver`` times: dead-letter it, reason
+#: "redelivered", instead of processing it.
+REDELIVERED = "batchpunk_redelivered"
+
+#: TLS: None/False (plain, unless a server URL says tls://), True (system trust store), an
+#: ssl.SSLContext, or a mapping with ``ca_file``, ``cert_file``, ``key_file``, ``verify``.
+TlsSetting = ssl.SSLContext | Mapping[str, Any] | bool | None
+
+_TLS_KEYS = ("ca_file", "cert_file", "key_file", "verify")
+
+# The three ways a message can be settled.
+_ACK, _NAK, _TERM = "ack", "nak", "term"
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings shared by the source and the sink
+# ---------------------------------------------------------------------------------------------
+
+
+def _servers(owner: str, servers: Any) -> list[str]:
+    if isinstance(servers, str):
+        items = [s.strip() for s in servers.split(",")]
+    elif isinstance(servers, Sequence):
+        items = [s.strip() if isinstance(s, str) else s for s in servers]
+    else:
+        items = []
+    if not items or not all(isinstance(s, str) and s for s in items):
+        raise ConfigError(
+            f"{owner}.servers: expected a server URL such as 'nats://127.0.0.1:4222' "
+            f"or a list of them, got {_redact_value(servers)!r}"
+        )
+    return items
+
+
+def _redact_url(url: str) -> str:
+    """The URL without its password or token, fit for a log line or an error."""
+    try:
+        parts = urlsplit(url if "://" in url else f"nats://{url}")
+    except ValueError:
+        return "<unparsable server URL>"
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))
+
+
+def _redact_value(value: Any) -> Any:
+    if isinstance(value, str):
+        return ",".join(_redact_url(s) for s in value.split(","))
+    if isinstance(value, Sequence):
+        return [_redact_url(s) if isinstance(s, str) else s for s in value]
+    return value
+
+
+def _secrets_of(servers: Sequence[str], *values: str | None) -> list[str]:
+    """Every secret that must never be printed: passwords and tokens, also those in URLs."""
+    found = [v for v in values if v]
+    for url in servers:
+        with contextlib.suppress(ValueError):
+            parts = urlsplit(url if "://" in url else f"nats://{url}")
+            found.extend(s for s in (parts.password, parts.username) if s)
+    return found
+
+
+def _scrub(text: str, secrets: Sequence[str]) -> str:
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
+
+
+def _tls_context(owner: str, tls: Any) -> ssl.SSLContext | None:
+    """Build the client TLS context from the accepted forms, failing on a bad one by name."""
+    if tls is None or tls is False:
+        return None
+    if tls is True:
+        return ssl.create_default_context()
+    if isinstance(tls, ssl.SSLContext):
+        return tls
+    if not isinstance(tls, Mapping):
+        raise ConfigError(
+            f"{owner}.tls: expected true, an ssl.SSLContext or a table with "
+            f"{', '.join(_TLS_KEYS)}, got {type(tls).__name__}"
+        )
+    unknown = sorted(set(tls) - set(_TLS_KEYS))
+    if unknown:
+        raise ConfigError(
+            f"{owner}.tls: unknown key(s) {', '.join(map(repr, unknown))}; "
+            f"expected {', '.join(_TLS_KEYS)}"
+        )
+    verify = tls.get("verify", True)
+    if not isinstance(verify, bool):
+        raise ConfigError(f"{owner}.tls.verify: expected true or false, got {verify!r}")
+    for key in ("ca_file", "cert_file", "key_file"):
+        if tls.get(key) is not None and not isinstance(tls[key], str):
+            raise ConfigError(f"{owner}.tls.{key}: expected a file path, got {tls[key]!r}")
+    if tls.get("key_file") and not tls.get("cert_file"):
+        raise ConfigError(f"{owner}.tls.key_file: needs tls.cert_file as well")
+    try:
+        context = ssl.create_default_context(cafile=tls.get("ca_file"))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"{owner}.tls.ca_file: cannot load {tls.get('ca_file')!r}: {exc.strerror or exc}"
+        ) from None
+    if tls.get("cert_file"):
+        try:
+            context.load_cert_chain(tls["cert_file"], tls.get("key_file"))
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                f"{owner}.tls.cert_file: cannot load {tls['cert_file']!r} "
+                f"(key {tls.get('key_file')!r}): {exc.strerror or exc}"
+            ) from None
+    if not verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def _seconds(owner: str, name: str, value: Any) -> float:
+    if (
+        not isinstance(value, int | float)
+        or isinstance(value, bool)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ConfigError(f"{owner}.{name}: expected seconds > 0, got {value!r}")
+    return float(value)
+
+
+def _count(owner: str, name: str, value: Any, minimum: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ConfigError(f"{owner}.{name}: expected an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _name(owner: str, name: str, value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{owner}.{name}: expected a non-empty string, got {value!r}")
+    if any(c in value for c in " \t\r\n"):
+        raise ConfigError(f"{owner}.{name}: must not contain whitespace, got {value!r}")
+    return value
+
+
+def _optional_secret(owner: str, name: str, value: Any) -> str | None:
+    if value is None or isinstance(value, str):
+        return value or None
+    # Never echo the value: it may be a secret of the wrong type.
+    raise ConfigError(f"{owner}.{name}: expected a string, got a {type(value).__name__}")
+
+
+class _Connection:
+    """One NATS connection with batchpunk's logging, reconnect and secret hygiene.
+
+    The client reconnects on its own, forever by default (a worker outlives a broker restart).
+    The first connection, though, is bounded by ``connect_timeout`` so a wrong address fails
+    at start-up rather than hanging.
+    """
+
+    def __init__(
+        self,
+        owner: str,
+        servers: list[str],
+        *,
+        tls: ssl.SSLContext | None,
+        user: str | None,
+        password: str | None,
+        token: str | None,
+        name: str,
+        connect_timeout: float,
+        reconnect_attempts: int,
+    ) -> None:
+        self.owner = owner
+        self.servers = servers
+        self.tls = tls
+        self.user = user
+        self.password = password
+        self.token = token
+        self.name = name
+        self.connect_timeout = connect_timeout
+        self.reconnect_attempts = reconnect_attempts
+        self.secrets = _secrets_of(servers, password, token)
+        self.where = ", ".join(_redact_url(s) for s in servers)
+        self.nc: Any = None
+        self.closing = False
+
+    def scrub(self, text: str) -> str:
+        return _scrub(text, self.secrets)
+
+    async def open(self) -> Any:
+        """Connect and return the JetStream context."""
+        nats = require("nats", "nats", self.owner)
+        options: dict[str, Any] = {
+            "servers": self.servers,
+            "name": self.name,
+            "allow_reconnect": True,
+            "max_reconnect_attempts": self.reconnect_attempts,
+            "connect_timeout": max(1, min(5, math.ceil(self.connect_timeout))),
+            "error_cb": self._on_error,
+            "disconnected_cb": self._on_disconnected,
+            "reconnected_cb": self._on_reconnected,
+        }
+        if self.tls is not None:
+            options["tls"] = self.tls
+        if self.user is not None:
+            options["user"] = self.user
+        if self.password is not None:
+            options["password"] = self.password
+        if self.token is not None:
+            options["token"] = self.token
+        client = nats.NATS()
+        try:
+            await asyncio.wait_for(client.connect(**options), self.connect_timeout)
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                await client.close()
+            if not isinstance(exc, Exception):
+                raise
+            if isinstance(exc, TimeoutError):
+                reason = f"no server answered within connect_timeout={self.connect_timeout:g}s"
+            else:
+                reason = self.scrub(f"{type(exc).__name__}: {exc}".rstrip(": "))
+            raise ConnectionError(f"{self.owner}: cannot connect to {self.where}: {reason}") from (
+                None
+            )
+        self.nc = client
+        return client.jetstream()
+
+    async def close(self, flush_timeout: float = 5.0) -> None:
+        """Flush what is buffered (acks, naks, publishes), then close the socket."""
+        client, self.nc = self.nc, None
+        if client is None or client.is_closed:
+            return
+        self.closing = True
+        if client.is_connected:
+            try:
+                await client.flush(timeout=max(1, math.ceil(flush_timeout)))
+            except Exception as exc:  # the buffered acks are lost: the server redelivers
+                log.warning("%s: flush before close failed: %s", self.owner, self._describe(exc))
+        with contextlib.suppress(Exception):
+            await client.close()
+
+    def _describe(self, exc: BaseException) -> str:
+        return self.scrub(f"{type(exc).__name__}: {exc}")
+
+    async def _on_error(self, exc: Exception) -> None:
+        log.warning(
+            "%s: NATS connection error (%s): %s", self.owner, self.where, self._describe(exc)
+        )
+
+    async def _on_disconnected(self) -> None:
+        if self.closing:
+            return
+        log.warning("%s: disconnected from NATS (%s), reconnecting", self.owner, self.where)
+
+    async def _on_reconnected(self) -> None:
+        log.info("%s: reconnected to NATS (%s)", self.owner, self.where)
+
+
+# ---------------------------------------------------------------------------------------------
+# Source
+# ---------------------------------------------------------------------------------------------
+
+
+class _Delivery:
+    """One fetched message that batchpunk has not settled with the server yet.
+
+    A "frame" message carries several payloads, hence several envelopes: the message is
+    settled once all of them are, with the gentlest outcome that loses nothing (nak if any
+    asked for a requeue, ack if any succeeded, term only if all were terminated).
+    """
+
+    __slots__ = ("acks", "msg", "naks", "open_parts", "settled", "terms")
+
+    def __init__(self, msg: Any, parts: int) -> None:
+        self.msg = msg
+        self.open_parts = parts
+        self.acks = 0
+        self.naks = 0
+        self.terms = 0
+        self.settled = False
+
+    def record(self, how: str) -> str | None:
+        """Count one envelope's outcome; the message's outcome once every envelope has one."""
+        if how == _ACK:
+            self.acks += 1
+        elif how == _NAK:
+            self.naks += 1
+        else:
+            self.terms += 1
+        self.open_parts -= 1
+        if self.open_parts > 0:
+            return None
+        if self.naks:
+            return _NAK
+        return _ACK if self.acks else _TERM
+
+
+class NatsJetStreamSource:
+    """Envelopes from a durable JetStream pull consumer; run many workers on one ``durable``.
+
+    Args:
+        servers: a NATS URL ("nats://host:4222", "tls://host:4222"), a comma-separated string or
+            a list of them. Credentials in the URL work but prefer ``user``/``password``/``token``.
+        stream: the stream to read; created with ``subjects=[subject]`` when missing and
+            ``create`` is true.
+        subject: the consumer's filter subject (wildcards allowed).
+        durable: the durable consumer name, shared by every worker of the pipeline.
+        ack_wait: seconds the server waits for a settlement before redelivering. Heartbeats
+            (``in_progress``) every ack_wait/3 keep waiting messages from being redelivered,
+            so it only bounds how long a *dead* worker's messages stay locked.
+        max_deliver: deliveries before the server gives up on a message; batchpunk flags the
+            last one for dead-lettering (reason "redelivered"). At least 2.
+        batch: messages per fetch; None takes ``max_size`` from ``prepare(config)``.
+        fetch_timeout: seconds one fetch waits for messages; bounds how long ``close()`` waits.
+        decode: "json" (default), "bytes", "text", or "frame" (a batchpunk frame holding many
+            payloads, as written by a frame-encoding sink).
+        create: create the stream if missing, and create or update the consumer with these
+            settings. With False both must exist, and the consumer's own ack_wait and
+            max_deliver apply.
+        max_ack_pending: the consumer's cap on unacknowledged messages across all workers;
+            None for max(1000, 2 x batch x concurrency).
+        nak_delay: seconds before a nak'd message is redelivered.
+        tls, user, password, token: TLS and credentials (see TlsSetting); never logged.
+        connect_timeout: seconds the first connection may take.
+        reconnect_attempts: reconnections after a lost connection; -1 retries forever.
+        hmac_key: key of signed frames (decode="frame").
+    """
+
+    def __init__(
+        self,
+        servers: str | Sequence[str],
+        stream: str,
+        subject: str,
+        durable: str,
+        *,
+        ack_wait: float = 30.0,
+        max_deliver: int = 10,
+        batch: int | None = None,
+        fetch_timeout: float = 1.0,
+        decode: str = "json",
+        create: bool = True,
+        max_ack_pending: int | None = None,
+        nak_delay: float = 1.0,
+        tls: TlsSetting = None,
+        user: str | None = None,
+        password: str | None = None,
+        token: str | None = None,
+        connect_timeout: float = 10.0,
+        reconnect_attempts: int = -1,
+        hmac_key: bytes | None = None,
+    ) -> None:
+        owner = "NatsJetStreamSource"
+        self.servers = _servers(owner, servers)
+        self.stream = _name(owner, "stream", stream)
+        self.subject = _name(owner, "subject", subject)
+        self.durable = _name(owner, "durable", durable)
+        if any(c in self.stream for c in ".*>") or any(c in self.durable for c in ".*>"):
+            raise ConfigError(
+                f"{owner}.stream/durable: names must not contain '.', '*' or '>', "
+                f"got stream={stream!r}, durable={durable!r}"
+            )
+        self.ack_wait = _seconds(owner, "ack_wait", ack_wait)
+        self.max_deliver = _count(owner, "max_deliver", max_deliver, 2)
+        self.batch = None if batch is None else _count(owner, "batch", batch, 1)
+        self.fetch_timeout = _seconds(owner, "fetch_timeout", fetch_timeout)
+        if decode not in DECODINGS:
+            raise ConfigError(f"{owner}.decode: expected one of {DECODINGS}, got {decode!r}")
+        self.decode = decode
+        if not isinstance(create, bool):
+            raise ConfigError(f"{owner}.create: expected true or false, got {create!r}")
+        self.create = create
+        self.max_ack_pending = (
+            None
+            if max_ack_pending is None
+            else _count(owner, "max_ack_pending", max_ack_pending, 1)
+        )
+        if not isinstance(nak_delay, int | float) or isinstance(nak_delay, bool) or nak_delay < 0:
+            raise ConfigError(f"{owner}.nak_delay: expected seconds >= 0, got {nak_delay!r}")
+        self.nak_delay = float(nak_delay)
+        if hmac_key is not None and not isinstance(hmac_key, bytes):
+            raise ConfigError(f"{owner}.hmac_key: expected bytes, got a {type(hmac_key).__name__}")
+        self._hmac_key = hmac_key
+        self._concurrency = 1
+        self._conn = _Connection(
+            owner,
+            self.servers,
+            tls=_tls_context(owner, tls),
+            user=_optional_secret(owner, "user", user),
+            password=_optional_secret(owner, "password", password),
+            token=_optional_secret(owner, "token", token),
+            name=f"batchpunk:{self.durable}",
+            connect_timeout=_seconds(owner, "connect_timeout", connect_timeout),
+            reconnect_attempts=_count(owner, "reconnect_attempts", reconnect_attempts, -1),
+        )
+        self._js: Any = None
+        self._sub: Any = None
+        # What the consumer really does (the server's values win when create=False).
+        self._server_ack_wait = self.ack_wait
+        self._server_max_deliver = self.max_deliver
+        self._ready: deque[Envelope] = deque()
+        self._unsettled: dict[_Delivery, None] = {}
+        self._start_lock = asyncio.Lock()
+        self._fetch_lock = asyncio.Lock()
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._closing = False
+        self._closed = asyncio.Event()
+        self._last_check = time.monotonic()
+
+    def __repr__(self) -> str:
+        return (
+            f"NatsJetStreamSource({self._conn.where!r}, stream={self.stream!r}, "
+            f"subject={self.subject!r}, durable={self.durable!r})"
+        )
+
+    # -- life cycle ----------------------------------------------------------------------------
+
+    async def prepare(self, config: BatchConfig) -> None:
+        """Fetch ``max_size`` messages at a time unless ``batch`` was given explicitly."""
+        if self.batch is None:
+            self.batch = config.max_size
+        self._concurrency = config.concurrency
+
+    @property
+    def fetch_size(self) -> int:
+        """Messages asked for per fetch."""
+        return self.batch if self.batch is not None else BatchConfig().max_size
+
+    @property
+    def unsettled(self) -> int:
+        """Messages fetched and not yet acked, nak'd or terminated."""
+        return len(self._unsettled)
+
+    async def start(self) -> None:
+        """Connect and bind the consumer now (iteration does it on first use otherwise).
+
+        Raises ConnectionError when no server answers, ConfigError when the stream or consumer
+        is missing (create=False) or does not fit the subject.
+        """
+        async with self._start_lock:
+            if self._sub is not None:
+                return
+            if self._closing:
+                raise RuntimeError(f"{self!r} is closed")
+            js = await self._conn.open()
+            try:
+                self._sub = await self._bind(js)
+            except BaseException:
+                await self._conn.close()
+                raise
+            self._js = js
+            self._heartbeat = asyncio.create_task(
+                self._keep_in_progress(), name=f"batchpunk-nats-in-progress:{self.durable}"
+            )
+
+    async def _bind(self, js: Any) -> Any:
+        errors = require("nats.js.errors", "nats", "NatsJetStreamSource")
+        if self.create:
+            await self._ensure_stream(js, errors)
+            await self._ensure_consumer(js, errors)
+        try:
+            info = await js.consumer_info(self.stream, self.durable)
+        except errors.NotFoundError:
+            raise ConfigError(
+                f"NatsJetStreamSource.durable: consumer {self.durable!r} does not exist on "
+                f"stream {self.stream!r} (set create=true, or create it with the nats CLI)"
+            ) from None
+        config = info.config
+        if config.ack_wait:
+            self._server_ack_wait = float(config.ack_wait)
+        if config.max_deliver and config.max_deliver > 0:
+            self._server_max_deliver = int(config.max_deliver)
+        if not self.create and config.filter_subject and config.filter_subject != self.subject:
+            log.warning(
+                "NatsJetStreamSource: consumer %r filters %r, not the configured subject %r",
+                self.durable,
+                config.filter_subject,
+                self.subject,
+            )
+        return await js.pull_subscribe_bind(durable=self.durable, stream=self.stream)
+
+    async def _ensure_stream(self, js: Any, errors: Any) -> None:
+        try:
+            await js.stream_info(self.stream)
+            return
+        except errors.NotFoundError:
+            pass
+        try:
+            await js.add_stream(name=self.stream, subjects=[self.subject])
+            log.info("NatsJetStreamSource: created stream %r on %r", self.stream, self.subject)
+        except errors.BadRequestError as exc:
+            # Another worker may have created it in between; anything else is a real conflict.
+            try:
+                await js.stream_info(self.stream)
+            except errors.NotFoundError:
+                raise ConfigError(
+                    f"NatsJetStreamSource.stream: cannot create stream {self.stream!r} for "
+                    f"subject {self.subject!r}: {exc.description}"
+                ) from None
+
+    async def _ensure_consumer(self, js: Any, errors: Any) -> None:
+        api = require("nats.js.api", "nats", "NatsJetStreamSource")
+        max_ack_pending = self.max_ack_pending
+        if max_ack_pending is None:
+            max_ack_pending = max(1000, 2 * self.fetch_size * self._concurrency)
+        config = api.ConsumerConfig(
+            name=self.durable,
+            durable_name=self.durable,
+            ack_policy=api.AckPolicy.EXPLICIT,
+            deliver_policy=api.DeliverPolicy.ALL,
+            ack_wait=self.ack_wait,
+            max_deliver=self.max_deliver,
+            filter_subject=self.subject,
+            max_ack_pending=max_ack_pending,
+        )
+        try:
+            # Creates the consumer, or updates the ack_wait, max_deliver and max_ack_pending
+            # of an existing one (the server allows editing those).
+            await js.add_consumer(self.stream, config)
+        except errors.APIError as exc:
+            raise ConfigError(
+                f"NatsJetStreamSource.durable: cannot create or update consumer {self.durable!r} "
+                f"on stream {self.stream!r} for subject {self.subject!r}: {exc.description}"
+            ) from None
+
+    async def close(self) -> None:
+        """Stop fetching, nak every unsettled message, flush and close; safe to call twice.
+
+        An in-flight fetch is let finish (it ends within ``fetch_timeout``) rather than
+        cancelled, so no message the server already sent is left unaccounted for.
+        """
+        if self._closing:
+            await self._closed.wait()
+            return
+        self._closing = True
+        try:
+            async with self._fetch_lock:
+                pass
+            if self._heartbeat is not None:
+                self._heartbeat.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._heartbeat
+            if self._sub is not None:
+                with contextlib.suppress(Exception):
+                    await self._sub.unsubscribe()
+                for msg in self._drain_client_buffer():
+                    self._unsettled[_Delivery(msg, 1)] = None
+            self._ready.clear()
+            returned = 0
+            for delivery in list(self._unsettled):
+                await self._settle_message(delivery, _NAK)
+                returned += 1
+            if returned:
+                log.info(
+                    "NatsJetStreamSource: returned %d unsettled message(s) to %r with nak",
+                    returned,
+                    self.durable,
+                )
+            await self._conn.close()
+        finally:
+            self._closed.set()
+
+    def _drain_client_buffer(self) -> list[Any]:
+        """Messages the server sent for a pull request but no fetch picked up yet.
+
+        nats-py keeps them in the subscription's queue; taking them lets close() nak them now
+        rather than leave them locked until ack_wait expires.
+        """
+        queue = getattr(getattr(self._sub, "_sub", None), "_pending_queue", None)
+        found: list[Any] = []
+        if queue is None:
+            return found
+        while True:
+            try:
+                msg = queue.get_nowait()
+            except (asyncio.QueueEmpty, AttributeError):
+                return found
+            if msg.reply and not (msg.headers and msg.headers.get("Status")):
+                found.append(msg)
+
+    # -- iteration -----------------------------------------------------------------------------
+
+    def __aiter__(self) -> NatsJetStreamSource:
+        return self
+
+    async def __anext__(self) -> Envelope:
+        while True:
+            if self._closing:
+                raise StopAsyncIteration
+            if self._ready:
+                return self._ready.popleft()
+            await self.start()
+            async with self._fetch_lock:
+                if self._closing or self._ready:
+                    continue
+                for msg in await self._fetch():
+                    delivery, envelopes = self._envelopes(msg)
+                    if envelopes:
+                        self._ready.extend(envelopes)
+                    else:  # an empty frame: nothing to process, nothing to lose
+                        await self._settle_message(delivery, _ACK)
+
+    async def _fetch(self) -> list[Any]:
+        nats = require("nats", "nats", "NatsJetStreamSource")
+        js_errors = require("nats.js.errors", "nats", "NatsJetStreamSource")
+        try:
+            msgs: list[Any] = await self._sub.fetch(self.fetch_size, timeout=self.fetch_timeout)
+        except nats.errors.TimeoutError:
+            await self._check_consumer_when_idle()
+            return []
+        except nats.errors.ConnectionClosedError:
+            if self._closing:
+                return []
+            raise ConnectionError(
+                f"NatsJetStreamSource: the connection to {self._conn.where} is closed "
+                f"(reconnect_attempts={self._conn.reconnect_attempts} exhausted)"
+            ) from None
+        except js_errors.APIError as exc:
+            log.warning(
+                "NatsJetStreamSource: fetch from %r failed: %s",
+                self.durable,
+                self._conn.scrub(str(exc)),
+            )
+            await asyncio.sleep(self.fetch_timeout)
+            await self._check_consumer_when_idle(force=True)
+            return []
+        except (nats.errors.Error, OSError) as exc:
+            # Reconnecting, slow consumer, ...: the client recovers; try again shortly.
+            log.warning(
+                "NatsJetStreamSource: fetch from %r failed, retrying: %s",
+                self.durable,
+                self._conn.scrub(f"{type(exc).__name__}: {exc}"),
+            )
+            await asyncio.sleep(self.fetch_timeout)
+            return []
+        self._last_check = time.monotonic()
+        return [m for m in msgs if m.reply]
+
+    async def _check_consumer_when_idle(self, force: bool = False) -> None:
+        """While idle, make sure the consumer still exists: a deleted one only looks idle."""
+        now = time.monotonic()
+        if not force and now - self._last_check < 30.0:
+            return
+        self._last_check = now
+        errors = require("nats.js.errors", "nats", "NatsJetStreamSource")
+        try:
+            await self._js.consumer_info(self.stream, self.durable)
+        except errors.NotFoundError:
+            if not self.create:
+                raise ConfigError(
+                    f"NatsJetStreamSource.durable: consumer {self.durable!r} on stream "
+                    f"{self.stream!r} was deleted"
+                ) from None
+            log.warning(
+                "NatsJetStreamSource: consumer %r on %r disappeared; creating it again",
+                self.durable,
+                self.stream,
+            )
+            await self._ensure_stream(self._js, errors)
+            await self._ensure_consumer(self._js, errors)
+        except Exception as exc:  # the next fetch reports a lasting problem
+            log.debug("NatsJetStreamSource: consumer check failed: %s", exc)
+
+    def _envelopes(self, msg: Any) -> tuple[_Delivery, list[Envelope]]:
+        metadata = msg.metadata
+        delivered = int(metadata.num_delivered)
+        headers: dict[str, Any] = {
+            "subject": msg.subject,
+            "stream": metadata.stream,
+            "stream_seq": metadata.sequence.stream,
+            "consumer_seq": metadata.sequence.consumer,
+            "delivery_count": delivered,
+            "timestamp": metadata.timestamp.timestamp(),
+        }
+        if msg.headers:
+            headers["nats_headers"] = dict(msg.headers)
+        if delivered >= self._server_max_deliver:
+            headers[REDELIVERED] = True
+        data: bytes = msg.data
+        payloads: list[Any]
+        error: BaseException | None = None
+        try:
+            payloads = self._decode(data)
+        except Exception as exc:
+            payloads, error = [data], exc
+        delivery = _Delivery(msg, max(1, len(payloads)))
+        self._unsettled[delivery] = None
+        return delivery, [self._envelope(delivery, p, headers, error) for p in payloads]
+
+    def _decode(self, data: bytes) -> list[Any]:
+        if self.decode == "json":
+            return [json.loads(data)]
+        if self.decode == "bytes":
+            return [bytes(data)]
+        if self.decode == "text":
+            return [data.decode("utf-8")]
+        codec = importlib.import_module("batchpunk.codec")
+        items: list[Any] = codec.decode_batch(data, hmac_key=self._hmac_key)
+        return items
+
+    def _envelope(
+        self,
+        delivery: _Delivery,
+        payload: Any,
+        headers: dict[str, Any],
+        error: BaseException | None,
+    ) -> Envelope:
+        settled = False
+
+        async def on_ack() -> None:
+            nonlocal settled
+            if not settled:
+                settled = True
+                await self._settle_part(delivery, _ACK)
+
+        async def on_nack(requeue: bool) -> None:
+            nonlocal settled
+            if not settled:
+                settled = True
+                await self._settle_part(delivery, _NAK if requeue else _TERM)
+
+        return Envelope(
+            payload=payload,
+            headers=headers,
+            malformed=error is not None,
+            error=error,
+            on_ack=on_ack,
+            on_nack=on_nack,
+        )
+
+    # -- settlement ----------------------------------------------------------------------------
+
+    async def _settle_part(self, delivery: _Delivery, how: str) -> None:
+        if delivery.settled:  # close() already gave it back
+            return
+        outcome = delivery.record(how)
+        if outcome is not None:
+            await self._settle_message(delivery, outcome)
+
+    async def _settle_message(self, delivery: _Delivery, how: str) -> None:
+        delivery.settled = True
+        self._unsettled.pop(delivery, None)
+        msg = delivery.msg
+        try:
+            if how == _ACK:
+                await msg.ack()
+            elif how == _TERM:
+                await msg.term()
+            else:
+                await msg.nak(delay=self.nak_delay or None)
+        except Exception as exc:
+            # Never lost: an unsettled message comes back after ack_wait (a duplicate at worst).
+            log.warning(
+                "NatsJetStreamSource: %s of stream sequence %s failed, the server will "
+                "redeliver it after ack_wait: %s",
+                how,
+                _stream_seq(msg),
+                self._conn.scrub(f"{type(exc).__name__}: {exc}"),
+            )
+
+    async def _keep_in_progress(self) -> None:
+        """Every ack_wait/3, tell the server each unsettled message is still being worked on."""
+        interval = max(0.05, self._server_ack_wait / 3)
+        while True:
+            await asyncio.sleep(interval)
+            for delivery in list(self._unsettled):
+                if delivery.settled:
+                    continue
+                try:
+                    await delivery.msg.in_progress()
+                except Exception as exc:  # disconnected: the server redelivers, nothing is lost
+                    log.debug("NatsJetStreamSource: in_progress failed: %s", exc)
+                    break
+
+
+def _stream_seq(msg: Any) -> Any:
+    try:
+        return msg.metadata.sequence.stream
+    except Exception:
+        return "?"
+
+
+# ---------------------------------------------------------------------------------------------
+# Sink
+# ---------------------------------------------------------------------------------------------
+
+
+class NatsJetStreamSink:
+    """Publishes each payload of a batch to a JetStream subject and waits for every ack.
+
+    Returns the stream sequence of each payload. Publishes run concurrently (up to
+    ``max_in_flight`` at once), so a batch costs about one round trip, not one per payload.
+    When only some publishes fail, the sink raises PartialFailure for those, so a retry does
+    not publish the others twice; give ``msg_id`` to let JetStream's duplicate window absorb
+    republishing after a crash as well.
+
+    Args:
+        servers: as for NatsJetStreamSource.
+        subject: where to publish; a stream must capture it (see ``stream``).
+        encode: "json" (default), "bytes", "text", or "frame" (the whole batch as one message
+            in batchpunk's frame format; every payload gets that message's sequence).
+        stream: expected stream name: the server refuses a publish that lands elsewhere.
+        msg_id: payload field name, or a function of the payload, giving the Nats-Msg-Id
+            header used for de-duplication.
+        timeout: seconds to wait for one publish acknowledgement.
+        max_in_flight: publishes awaiting their acknowledgement at once.
+        serializer, compression: frame settings (encode="frame").
+        hmac_key: sign frames with this key (encode="frame").
+        tls, user, password, token, connect_timeout, reconnect_attempts: as for the source.
+    """
+
+    def __init__(
+        self,
+        servers: str | Sequence[str],
+        subject: str,
+        *,
+        encode: str = "json",
+        stream: str | None = None,
+        msg_id: str | Callable[[Any], Any] | None = None,
+        timeout: float = 5.0,
+        max_in_flight: int = 1000,
+        serializer: str = "json",
+        compression: str = "zlib",
+        hmac_key: bytes | None = None,
+        tls: TlsSetting = None,
+        user: str | None = None,
+        password: str | None = None,
+        token: str | None = None,
+        connect_timeout: float = 10.0,
+        reconnect_attempts: int = -1,
+    ) -> None:
+        owner = "NatsJetStreamSink"
+        self.servers = _servers(owner, servers)
+        self.subject = _name(owner, "subject", subject)
+        if any(c in self.subject for c in "*>"):
+            raise ConfigError(f"{owner}.subject: cannot publish to a wildcard, got {subject!r}")
+        if encode not in ENCODINGS:
+            raise ConfigError(f"{owner}.encode: expected one of {ENCODINGS}, got {encode!r}")
+        self.encode = encode
+        self.stream = None if stream is None else _name(owner, "stream", stream)
+        if msg_id is not None and not (isinstance(msg_id, str) or callable(msg_id)):
+            raise ConfigError(
+                f"{owner}.msg_id: expected a payload field name or a function, got {msg_id!r}"
+            )
+        self.msg_id = msg_id
+        self.timeout = _seconds(owner, "timeout", timeout)
+        self.max_in_flight = _count(owner, "max_in_flight", max_in_flight, 1)
+        self.serializer = serializer
+        self.compression = compression
+        if hmac_key is not None and not isinstance(hmac_key, bytes):
+            raise ConfigError(f"{owner}.hmac_key: expected bytes, got a {type(hmac_key).__name__}")
+        self._hmac_key = hmac_key
+        self._conn = _Connection(
+            owner,
+            self.servers,
+            tls=_tls_context(owner, tls),
+            user=_optional_secret(owner, "user", user),
+            password=_optional_secret(owner, "password", password),
+            token=_optional_secret(owner, "token", token),
+            name=f"batchpunk:{self.subject}",
+            connect_timeout=_seconds(owner, "connect_timeout", connect_timeout),
+            reconnect_attempts=_count(owner, "reconnect_attempts", reconnect_attempts, -1),
+        )
+        self._js: Any = None
+        self._lock = asyncio.Lock()
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"NatsJetStreamSink({self._conn.where!r}, subject={self.subject!r})"
+
+    async def start(self) -> None:
+        """Connect now (the first write does it otherwise)."""
+        async with self._lock:
+            if self._closed:
+                raise RuntimeError(f"{self!r} is closed")
+            if self._js is None:
+                self._js = await self._conn.open()
+
+    async def write(self, batch: Sequence[Any]) -> list[int]:
+        """Publish every payload; the stream sequence of each, in order."""
+        if not batch:
+            return []
+        await self.start()
+        if self.encode == "frame":
+            seq = await self._publish(self._frame(batch), self._headers(None))
+            return [seq] * len(batch)
+        results: list[Any] = [None] * len(batch)
+        failures: dict[int, BaseException] = {}
+        jobs: list[tuple[int, bytes, dict[str, str] | None]] = []
+        for index, item in enumerate(batch):
+            try:
+                jobs.append((index, self._encode(item), self._headers(item)))
+            except Exception as exc:
+                failures[index] = exc
+        for start in range(0, len(jobs), self.max_in_flight):
+            chunk = jobs[start : start + self.max_in_flight]
+            outcomes = await asyncio.gather(
+                *(self._publish(data, headers) for _, data, headers in chunk),
+                return_exceptions=True,
+            )
+            for (index, _, _), outcome in zip(chunk, outcomes, strict=True):
+                if isinstance(outcome, BaseException):
+                    if not isinstance(outcome, Exception):
+                        raise outcome
+                    failures[index] = outcome
+                else:
+                    results[index] = outcome
+        if failures:
+            if len(failures) == len(batch):
+                raise next(iter(failures.values()))
+            raise PartialFailure(failures, results)
+        return results
+
+    async def _publish(self, data: bytes, headers: dict[str, str] | None) -> int:
+        try:
+            ack = await self._js.publish(
+                self.subject, data, timeout=self.timeout, stream=self.stream, headers=headers
+            )
+        except Exception as exc:
+            nats = require("nats", "nats", "NatsJetStreamSink")
+            js_errors = require("nats.js.errors", "nats", "NatsJetStreamSink")
+            if isinstance(exc, nats.errors.TimeoutError):
+                raise TimeoutError(
+                    f"NatsJetStreamSink: no acknowledgement for {self.subject!r} within "
+                    f"timeout={self.timeout:g}s"
+                ) from None
+            if isinstance(exc, js_errors.NoStreamResponseError):
+                raise ConnectionError(
+                    f"NatsJetStreamSink: no stream captures subject {self.subject!r}"
+                ) from None
+            raise
+        return int(ack.seq)
+
+    def _encode(self, item: Any) -> bytes:
+        if self.encode == "json":
+            return json.dumps(item, separators=(",", ":"), ensure_ascii=False).encode()
+        if self.encode == "text":
+            if not isinstance(item, str):
+                raise TypeError(f"NatsJetStreamSink(encode='text'): expected str, got {item!r}")
+            return item.encode()
+        if not isinstance(item, bytes | bytearray | memoryview):
+            raise TypeError(f"NatsJetStreamSink(encode='bytes'): expected bytes, got {item!r}")
+        return bytes(item)
+
+    def _frame(self, batch: Sequence[Any]) -> bytes:
+        codec = importlib.import_module("batchpunk.codec")
+        data: bytes = codec.encode_batch(
+            list(batch),
+            serializer=self.serializer,
+            compression=self.compression,
+            hmac_key=self._hmac_key,
+        )
+        return data
+
+    def _headers(self, item: Any) -> dict[str, str] | None:
+        if self.msg_id is None or item is None:
+            return None
+        if callable(self.msg_id):
+            value = self.msg_id(item)
+        elif isinstance(item, Mapping) and self.msg_id in item:
+            value = item[self.msg_id]
+        else:
+            raise KeyError(f"NatsJetStreamSink.msg_id: payload has no field {self.msg_id!r}")
+        return {"Nats-Msg-Id": str(value)}
+
+    async def close(self) -> None:
+        """Flush and close the connection; safe to call twice."""
+        async with self._lock:
+            self._closed = True
+            self._js = None
+            await self._conn.close()

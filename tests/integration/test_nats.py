@@ -1,0 +1,323 @@
+"""NatsJetStreamSource and NatsJetStreamSink against the real nats-server (JetStream) on :4222."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from batchpunk.config import BatchConfig
+from batchpunk.connectors.nats import REDELIVERED, NatsJetStreamSink, NatsJetStreamSource
+from batchpunk.envelope import Envelope
+from batchpunk.errors import ConfigError, PartialFailure
+from tests.conftest import require_server
+from tests.contract.cases_nats import NATS_URL, consumer_counts, fresh_stream, jetstream, unique
+from tests.contract.harness import take
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(autouse=True)
+def _nats_up() -> None:
+    require_server("nats")
+
+
+@pytest.fixture
+async def sources() -> AsyncIterator[list[NatsJetStreamSource]]:
+    """Sources a test opens; every one is closed at the end, even after a failure."""
+    made: list[NatsJetStreamSource] = []
+    yield made
+    for source in made:
+        await source.close()
+
+
+def make(made: list[NatsJetStreamSource], stream: str, subject: str, durable: str, **kw: Any):
+    kw.setdefault("fetch_timeout", 0.3)
+    kw.setdefault("nak_delay", 0.0)
+    source = NatsJetStreamSource(NATS_URL, stream, subject, durable, **kw)
+    made.append(source)
+    return source
+
+
+async def settled_counts(js: Any, stream: str, durable: str) -> tuple[int, int]:
+    """Consumer counts once the server has applied the acks in flight (they are asynchronous)."""
+    deadline = time.monotonic() + 3.0
+    while True:
+        counts = await consumer_counts(js, stream, durable)
+        if counts == (0, 0) or time.monotonic() > deadline:
+            return counts
+        await asyncio.sleep(0.05)
+
+
+async def test_acked_messages_leave_nothing_pending_or_unacknowledged(sources) -> None:
+    """Acking every envelope leaves the consumer with no pending and no unacknowledged message."""
+    payloads = [{"id": i} for i in range(25)]
+    async with fresh_stream(payloads) as (js, stream, subject):
+        durable = unique("D")
+        source = make(sources, stream, subject, durable)
+        await source.prepare(BatchConfig(max_size=8))
+        assert source.fetch_size == 8
+        got = await take(source, 25)
+        assert [e.payload for e in got] == payloads
+        assert [e.headers["stream_seq"] for e in got] == list(range(1, 26))
+        assert source.unsettled == 25
+        for envelope in got:
+            await envelope.ack()
+        assert source.unsettled == 0
+        await source.close()
+        assert await settled_counts(js, stream, durable) == (0, 0)
+
+
+async def test_nack_with_requeue_redelivers_the_message(sources) -> None:
+    """nack(requeue=True) naks: the same message comes back with its delivery count raised."""
+    async with fresh_stream([{"id": 1}]) as (js, stream, subject):
+        durable = unique("D")
+        source = make(sources, stream, subject, durable)
+        [first] = await take(source, 1)
+        assert first.headers["delivery_count"] == 1
+        await first.nack(requeue=True)
+        [again] = await take(source, 1)
+        assert again.payload == {"id": 1}
+        assert again.headers["delivery_count"] == 2
+        await again.ack()
+        await source.close()
+        assert await settled_counts(js, stream, durable) == (0, 0)
+
+
+async def test_nack_without_requeue_terminates_the_message(sources) -> None:
+    """nack(requeue=False) terms: the message is never delivered again, even after ack_wait."""
+    async with fresh_stream([{"id": "poison"}]) as (js, stream, subject):
+        durable = unique("D")
+        source = make(sources, stream, subject, durable, ack_wait=0.5)
+        [poison] = await take(source, 1)
+        await poison.nack(requeue=False)
+        with pytest.raises(TimeoutError):
+            await take(source, 1, seconds=1.2)
+        info = await js.consumer_info(stream, durable)
+        assert (info.num_ack_pending, info.num_pending, info.num_redelivered) == (0, 0, 0)
+
+
+async def test_in_progress_keeps_a_slow_message_from_being_redelivered(sources) -> None:
+    """A message held 2.5 s with ack_wait=1 s is not redelivered, to this or another worker."""
+    async with fresh_stream([{"id": "slow"}]) as (js, stream, subject):
+        durable = unique("D")
+        busy = make(sources, stream, subject, durable, ack_wait=1.0)
+        other = make(sources, stream, subject, durable, ack_wait=1.0)
+        [held] = await take(busy, 1)
+
+        async def other_worker_gets_nothing() -> None:
+            with pytest.raises(TimeoutError):
+                await take(other, 1, seconds=2.4)
+
+        await asyncio.gather(asyncio.sleep(2.5), other_worker_gets_nothing())
+        await held.ack()
+        await busy.close()
+        info = await js.consumer_info(stream, durable)
+        assert info.num_redelivered == 0
+        assert await settled_counts(js, stream, durable) == (0, 0)
+
+
+async def test_last_allowed_delivery_is_flagged_for_dead_lettering(sources) -> None:
+    """With max_deliver=3 the third delivery carries batchpunk_redelivered, the earlier ones not."""
+    async with fresh_stream([{"id": 7}]) as (_js, stream, subject):
+        source = make(sources, stream, subject, unique("D"), max_deliver=3)
+        flags = []
+        for _ in range(3):
+            [envelope] = await take(source, 1)
+            flags.append(envelope.headers.get(REDELIVERED, False))
+            if not flags[-1]:
+                await envelope.nack(requeue=True)
+        assert flags == [False, False, True]
+        assert envelope.headers["delivery_count"] == 3
+        assert envelope.payload == {"id": 7}
+        await envelope.nack(requeue=False)
+
+
+async def test_undecodable_messages_come_out_malformed_with_their_raw_bytes(sources) -> None:
+    """A message that is not JSON comes out malformed with its raw bytes; the next is fine."""
+    raw = [b"{not json", json.dumps({"id": 2}).encode(), b"\xff\xfe"]
+    async with fresh_stream(raw, raw=True) as (_js, stream, subject):
+        source = make(sources, stream, subject, unique("D"))
+        bad, good, worse = await take(source, 3)
+        assert (bad.malformed, bad.payload) == (True, b"{not json")
+        assert isinstance(bad.error, ValueError)
+        assert (good.malformed, good.payload, good.error) == (False, {"id": 2}, None)
+        assert worse.malformed
+        assert worse.payload == b"\xff\xfe"
+        text = make(sources, stream, subject, unique("D"), decode="text")
+        first, _, undecodable = await take(text, 3)
+        assert first.payload == "{not json"
+        assert undecodable.malformed
+        assert isinstance(undecodable.error, UnicodeDecodeError)
+
+
+async def test_close_returns_promptly_and_ends_iteration(sources) -> None:
+    """close() during an idle fetch returns within the fetch timeout and the loop then ends."""
+    async with fresh_stream() as (_js, stream, subject):
+        source = make(sources, stream, subject, unique("D"), fetch_timeout=1.0)
+        received: list[Envelope] = []
+
+        async def consume() -> None:
+            async for envelope in source:
+                received.append(envelope)
+
+        task = asyncio.create_task(consume())
+        await asyncio.sleep(0.3)  # the consumer is now waiting inside a fetch
+        started = time.monotonic()
+        await source.close()
+        assert time.monotonic() - started < 1.5
+        await asyncio.wait_for(task, 1.0)
+        assert received == []
+        await source.close()  # a second close is a no-op
+        with pytest.raises(StopAsyncIteration):
+            await source.__anext__()
+
+
+async def test_close_returns_unsettled_messages_to_other_workers_at_once(sources) -> None:
+    """Messages unsettled at close() are nak'd: another worker gets them long before ack_wait."""
+    payloads = [{"id": i} for i in range(3)]
+    async with fresh_stream(payloads) as (js, stream, subject):
+        durable = unique("D")
+        first = make(sources, stream, subject, durable, ack_wait=30.0)
+        await take(first, 3)
+        await first.close()
+        second = make(sources, stream, subject, durable, ack_wait=30.0)
+        again = await take(second, 3, seconds=3.0)
+        assert sorted(e.payload["id"] for e in again) == [0, 1, 2]
+        assert all(e.headers["delivery_count"] == 2 for e in again)
+        for envelope in again:
+            await envelope.ack()
+        await second.close()
+        assert await settled_counts(js, stream, durable) == (0, 0)
+
+
+async def test_workers_on_one_durable_share_the_messages_without_overlap(sources) -> None:
+    """Two sources on one durable consumer split the stream: every message goes to exactly one."""
+    payloads = [{"id": i} for i in range(60)]
+    async with fresh_stream(payloads) as (js, stream, subject):
+        durable = unique("D")
+        workers = [make(sources, stream, subject, durable, batch=5) for _ in range(2)]
+        seen: list[list[int]] = [[], []]
+
+        done = asyncio.Event()
+
+        async def work(index: int) -> None:
+            async for envelope in workers[index]:
+                seen[index].append(envelope.payload["id"])
+                await envelope.ack()
+                if len(seen[0]) + len(seen[1]) == 60:
+                    done.set()
+                await asyncio.sleep(0.005)  # let the other worker fetch too
+
+        tasks = [asyncio.create_task(work(i)) for i in range(2)]
+        await asyncio.wait_for(done.wait(), 10)
+        for worker in workers:
+            await worker.close()
+        await asyncio.gather(*tasks)
+        assert sorted(seen[0] + seen[1]) == list(range(60))
+        assert seen[0]
+        assert seen[1]
+        assert await settled_counts(js, stream, durable) == (0, 0)
+
+
+async def test_missing_consumer_without_create_is_a_config_error_naming_durable(sources) -> None:
+    """create=False on a durable that does not exist fails at start, naming the field."""
+    async with fresh_stream() as (_js, stream, subject):
+        source = make(sources, stream, subject, unique("D"), create=False)
+        with pytest.raises(ConfigError, match=r"NatsJetStreamSource\.durable"):
+            await source.start()
+
+
+async def test_subject_outside_an_existing_stream_is_a_config_error(sources) -> None:
+    """An existing stream that does not capture the subject is reported, naming the durable."""
+    async with fresh_stream() as (_js, stream, _subject):
+        source = make(sources, stream, "elsewhere.events", unique("D"))
+        with pytest.raises(ConfigError, match="not a valid subset"):
+            await source.start()
+
+
+async def test_source_creates_its_stream_when_missing(sources) -> None:
+    """With create=True a missing stream is created on the subject, then consumed."""
+    stream, subject = unique("S"), f"{unique('bp')}.new"
+    source = make(sources, stream, subject, unique("D"))
+    await source.start()
+    sink = NatsJetStreamSink(NATS_URL, subject, stream=stream)
+    try:
+        assert await sink.write([{"id": 1}]) == [1]
+        [envelope] = await take(source, 1)
+        assert envelope.payload == {"id": 1}
+        await envelope.ack()
+    finally:
+        await sink.close()
+        await source.close()
+        async with jetstream() as js:
+            await js.delete_stream(stream)
+
+
+async def test_connect_failure_names_the_server_but_never_the_password(caplog) -> None:
+    """A refused connection raises ConnectionError without the URL password or the token."""
+    source = NatsJetStreamSource(
+        "nats://alice:url-s3cret@127.0.0.1:1",
+        "S",
+        "x.y",
+        "D",
+        token="tok-s3cret",
+        connect_timeout=1.0,
+    )
+    with pytest.raises(ConnectionError) as caught:
+        await source.start()
+    message = str(caught.value)
+    assert "127.0.0.1:1" in message
+    assert "url-s3cret" not in message
+    assert "tok-s3cret" not in message
+    assert "s3cret" not in caplog.text
+    assert "s3cret" not in repr(source)
+    await source.close()
+
+
+async def test_sink_returns_stream_sequences_and_stores_every_payload() -> None:
+    """The sink publishes each payload and returns its stream sequence, in order."""
+    async with fresh_stream() as (js, stream, subject):
+        sink = NatsJetStreamSink(NATS_URL, subject, stream=stream)
+        batch = [{"id": i, "body": "x" * i} for i in range(50)]
+        assert await sink.write(batch) == list(range(1, 51))
+        assert await sink.write([]) == []
+        await sink.close()
+        await sink.close()
+        assert json.loads((await js.get_msg(stream, 50)).data) == batch[-1]
+
+
+async def test_sink_fails_only_the_payloads_it_cannot_encode() -> None:
+    """An unserializable payload fails alone (PartialFailure); the others are published once."""
+    async with fresh_stream() as (js, stream, subject):
+        sink = NatsJetStreamSink(NATS_URL, subject, stream=stream)
+        with pytest.raises(PartialFailure) as caught:
+            await sink.write([{"id": 1}, {"id": object()}, {"id": 3}])
+        assert list(caught.value.failures) == [1]
+        assert caught.value.results is not None
+        assert [caught.value.results[0], caught.value.results[2]] == [1, 2]
+        await sink.close()
+        assert (await js.stream_info(stream)).state.messages == 2
+
+
+async def test_sink_msg_id_lets_jetstream_drop_a_republished_payload() -> None:
+    """With msg_id, publishing the same payload twice stores it once (JetStream de-duplication)."""
+    async with fresh_stream() as (js, stream, subject):
+        sink = NatsJetStreamSink(NATS_URL, subject, stream=stream, msg_id="id")
+        first = await sink.write([{"id": "a"}, {"id": "b"}])
+        second = await sink.write([{"id": "a"}, {"id": "b"}])
+        assert first == second == [1, 2]
+        await sink.close()
+        assert (await js.stream_info(stream)).state.messages == 2
+
+
+async def test_sink_without_a_stream_for_the_subject_fails_clearly() -> None:
+    """Publishing to a subject no stream captures raises ConnectionError naming the subject."""
+    sink = NatsJetStreamSink(NATS_URL, f"{unique('none')}.x", timeout=1.0)
+    with pytest.raises(ConnectionError, match="no stream captures subject"):
+        await sink.write([{"id": 1}])
+    await sink.close()
