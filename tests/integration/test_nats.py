@@ -11,7 +11,12 @@ from typing import Any
 import pytest
 
 from batchpunk.config import BatchConfig
-from batchpunk.connectors.nats import REDELIVERED, NatsJetStreamSink, NatsJetStreamSource
+from batchpunk.connectors.nats import (
+    REDELIVERED,
+    DeliveryLimitExceeded,
+    NatsJetStreamSink,
+    NatsJetStreamSource,
+)
 from batchpunk.envelope import Envelope
 from batchpunk.errors import ConfigError, PartialFailure
 from tests.conftest import require_server
@@ -134,6 +139,9 @@ async def test_last_allowed_delivery_is_flagged_for_dead_lettering(sources) -> N
         assert flags == [False, False, True]
         assert envelope.headers["delivery_count"] == 3
         assert envelope.payload == {"id": 7}
+        assert not envelope.malformed
+        assert isinstance(envelope.error, DeliveryLimitExceeded)
+        assert "max_deliver=3" in str(envelope.error)
         await envelope.nack(requeue=False)
 
 
@@ -175,6 +183,23 @@ async def test_close_returns_promptly_and_ends_iteration(sources) -> None:
         await source.close()  # a second close is a no-op
         with pytest.raises(StopAsyncIteration):
             await source.__anext__()
+
+
+async def test_a_reader_cancelled_mid_fetch_loses_nothing(sources) -> None:
+    """Cancelling a caller waiting inside a fetch keeps what that fetch brings for the next call."""
+    async with fresh_stream() as (js, stream, subject):
+        source = make(sources, stream, subject, unique("D"), fetch_timeout=1.0, ack_wait=30.0)
+        await source.start()
+        waiting = asyncio.create_task(source.__anext__())
+        await asyncio.sleep(0.2)  # inside the fetch now
+        waiting.cancel()
+        await js.publish(subject, b'{"id": 1}')
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        [envelope] = await take(source, 1, seconds=2.0)
+        assert envelope.payload == {"id": 1}
+        assert envelope.headers["delivery_count"] == 1
+        await envelope.ack()
 
 
 async def test_close_returns_unsettled_messages_to_other_workers_at_once(sources) -> None:

@@ -39,9 +39,10 @@ from urllib.parse import urlsplit, urlunsplit
 
 from batchpunk.config import BatchConfig
 from batchpunk.envelope import Envelope
-from batchpunk.errors import ConfigError, PartialFailure, require
+from batchpunk.errors import BatchpunkError, ConfigError, PartialFailure, require
 
 __all__ = [
+    "DeliveryLimitExceeded",
     "NatsJetStreamSink",
     "NatsJetStreamSource",
     "DECODINGS",
@@ -63,6 +64,14 @@ REDELIVERED = "batchpunk_redelivered"
 #: TLS: None/False (plain, unless a server URL says tls://), True (system trust store), an
 #: ssl.SSLContext, or a mapping with ``ca_file``, ``cert_file``, ``key_file``, ``verify``.
 TlsSetting = ssl.SSLContext | Mapping[str, Any] | bool | None
+
+
+class DeliveryLimitExceeded(BatchpunkError):
+    """A message reached the consumer's max_deliver: it probably fails or kills every worker.
+
+    The ``error`` of an envelope flagged ``batchpunk_redelivered``, so its dead letter says why.
+    """
+
 
 _TLS_KEYS = ("ca_file", "cert_file", "key_file", "verify")
 
@@ -459,7 +468,10 @@ class NatsJetStreamSource:
         self._ready: deque[Envelope] = deque()
         self._unsettled: dict[_Delivery, None] = {}
         self._start_lock = asyncio.Lock()
-        self._fetch_lock = asyncio.Lock()
+        # One fetch at a time, run as its own task so that a caller cancelled while waiting for
+        # the next envelope never interrupts a request the server is answering.
+        self._fetcher: asyncio.Task[None] | None = None
+        self._fetch_failure: BaseException | None = None
         self._heartbeat: asyncio.Task[None] | None = None
         self._closing = False
         self._closed = asyncio.Event()
@@ -592,8 +604,8 @@ class NatsJetStreamSource:
             return
         self._closing = True
         try:
-            async with self._fetch_lock:
-                pass
+            if self._fetcher is not None:
+                await asyncio.wait([self._fetcher])
             if self._heartbeat is not None:
                 self._heartbeat.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -642,21 +654,37 @@ class NatsJetStreamSource:
         return self
 
     async def __anext__(self) -> Envelope:
+        """The next envelope; ends (StopAsyncIteration) once close() was called.
+
+        Cancelling the caller is safe: the fetch it waits on goes on, and what it brings is
+        kept for the next call (or nak'd by close()).
+        """
         while True:
             if self._closing:
                 raise StopAsyncIteration
             if self._ready:
                 return self._ready.popleft()
+            if self._fetch_failure is not None:
+                failure, self._fetch_failure = self._fetch_failure, None
+                raise failure
             await self.start()
-            async with self._fetch_lock:
-                if self._closing or self._ready:
-                    continue
-                for msg in await self._fetch():
-                    delivery, envelopes = self._envelopes(msg)
-                    if envelopes:
-                        self._ready.extend(envelopes)
-                    else:  # an empty frame: nothing to process, nothing to lose
-                        await self._settle_message(delivery, _ACK)
+            if self._fetcher is None or self._fetcher.done():
+                self._fetcher = asyncio.create_task(
+                    self._fill(), name=f"batchpunk-nats-fetch:{self.durable}"
+                )
+            await asyncio.shield(self._fetcher)
+
+    async def _fill(self) -> None:
+        """One fetch, its messages registered as unsettled and queued as envelopes."""
+        try:
+            for msg in await self._fetch():
+                delivery, envelopes = self._envelopes(msg)
+                if envelopes:
+                    self._ready.extend(envelopes)
+                else:  # an empty frame: nothing to process, nothing to lose
+                    await self._settle_message(delivery, _ACK)
+        except Exception as exc:  # handed to the next __anext__, never lost in a task
+            self._fetch_failure = exc
 
     async def _fetch(self) -> list[Any]:
         nats = require("nats", "nats", "NatsJetStreamSource")
@@ -732,18 +760,25 @@ class NatsJetStreamSource:
         }
         if msg.headers:
             headers["nats_headers"] = dict(msg.headers)
-        if delivered >= self._server_max_deliver:
-            headers[REDELIVERED] = True
         data: bytes = msg.data
         payloads: list[Any]
-        error: BaseException | None = None
+        malformed: BaseException | None = None
         try:
             payloads = self._decode(data)
         except Exception as exc:
-            payloads, error = [data], exc
+            payloads, malformed = [data], exc
         delivery = _Delivery(msg, max(1, len(payloads)))
         self._unsettled[delivery] = None
-        return delivery, [self._envelope(delivery, p, headers, error) for p in payloads]
+        error = malformed
+        if delivered >= self._server_max_deliver:
+            headers[REDELIVERED] = True
+            error = error or DeliveryLimitExceeded(
+                f"stream {metadata.stream!r} sequence {metadata.sequence.stream} was delivered "
+                f"{delivered} times, the consumer's max_deliver={self._server_max_deliver}"
+            )
+        return delivery, [
+            self._envelope(delivery, p, headers, error, malformed is not None) for p in payloads
+        ]
 
     def _decode(self, data: bytes) -> list[Any]:
         if self.decode == "json":
@@ -762,6 +797,7 @@ class NatsJetStreamSource:
         payload: Any,
         headers: dict[str, Any],
         error: BaseException | None,
+        malformed: bool,
     ) -> Envelope:
         settled = False
 
@@ -780,7 +816,7 @@ class NatsJetStreamSource:
         return Envelope(
             payload=payload,
             headers=headers,
-            malformed=error is not None,
+            malformed=malformed,
             error=error,
             on_ack=on_ack,
             on_nack=on_nack,
