@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from batchpunk._accumulator import Job, Tracker
+from batchpunk._accumulator import Job, Tracker, Trackers, pick
 from batchpunk.batch import Batch
 from batchpunk.config import BatchConfig
 from batchpunk.deadletter import DeadLetter
@@ -51,7 +51,7 @@ class _Node:
     def __init__(
         self,
         batch: Batch[Any],
-        trackers: list[Tracker] | None,
+        trackers: Trackers | None,
         calls: int,
         root: bool,
     ) -> None:
@@ -65,8 +65,7 @@ class _Node:
     def take(self, keep: list[int]) -> None:
         """Keep only the messages at these indices."""
         self.batch = self.batch.derive([self.batch[i] for i in keep])
-        if self.trackers is not None:
-            self.trackers = [self.trackers[i] for i in keep]
+        self.trackers = pick(self.trackers, keep)
 
 
 class Execution:
@@ -137,9 +136,9 @@ class Execution:
         old = [i for i, t in enumerate(times) if now - t > ttl]
         if not old:
             return
-        expired = _Node(node.batch.derive([node.batch[i] for i in old]), None, 0, root=True)
-        if node.trackers is not None:
-            expired.trackers = [node.trackers[i] for i in old]
+        expired = _Node(
+            node.batch.derive([node.batch[i] for i in old]), pick(node.trackers, old), 0, True
+        )
         expired.errors = [
             MessageExpired(
                 f"waited {now - times[i]:.3f}s before its first attempt; message_ttl is {ttl}s"
@@ -185,7 +184,7 @@ class Execution:
             for lo, hi in ((mid, len(node.batch)), (0, mid)):
                 half = _Node(
                     node.batch.derive(node.batch[lo:hi]),
-                    node.trackers[lo:hi] if node.trackers is not None else None,
+                    pick(node.trackers, range(lo, hi)),
                     node.calls,
                     root=False,
                 )
@@ -295,17 +294,18 @@ class Execution:
         gone = set(failed)
         good = [i for i in range(size) if i not in gone]
         if good:
-            done = _Node(batch.derive([batch[i] for i in good]), None, node.calls, node.root)
-            if node.trackers is not None:
-                done.trackers = [node.trackers[i] for i in good]
+            done = _Node(batch.derive([batch[i] for i in good]), pick(node.trackers, good), 0, True)
             self._complete(job, done, [results[i] for i in good] if results is not None else None)
         retry_on = self.config.retry_on
         final = [i for i in failed if not is_retryable(partial.failures[i], retry_on)]
         if final:
             # The processor named these messages and their errors cannot improve: no split needed.
-            dead = _Node(batch.derive([batch[i] for i in final]), None, node.calls, node.root)
-            if node.trackers is not None:
-                dead.trackers = [node.trackers[i] for i in final]
+            dead = _Node(
+                batch.derive([batch[i] for i in final]),
+                pick(node.trackers, final),
+                node.calls,
+                True,
+            )
             dead.errors = [partial.failures[i] for i in final]
             self._dead_letter(job, dead, "failed", None)
         keep = [i for i in failed if is_retryable(partial.failures[i], retry_on)]
@@ -316,15 +316,10 @@ class Execution:
     # -- settling --------------------------------------------------------------------------
     def _complete(self, job: Job, node: _Node, results: Sequence[Any] | None) -> None:
         trackers = node.trackers
-        if trackers is not None:
-            if results is None:
-                for tracker in trackers:
-                    if tracker is not None and not tracker.done():
-                        tracker.set_result(None)
-            else:
-                for tracker, result in zip(trackers, results, strict=True):
-                    if tracker is not None and not tracker.done():
-                        tracker.set_result(result)
+        if trackers:
+            for index, tracker in trackers.items():
+                if not tracker.done():
+                    tracker.set_result(results[index] if results is not None else None)
         latency = asyncio.get_running_loop().time() - job.first_seen
         self._succeeded(len(node.batch), latency)
 
@@ -333,7 +328,7 @@ class Execution:
         errors: list[BaseException | None] = (
             list(node.errors) if node.errors else [error] * len(batch)
         )
-        trackers = node.trackers or [None] * len(batch)
+        trackers = node.trackers or {}
         entries: list[Entry] = [
             (
                 DeadLetter(
@@ -345,9 +340,9 @@ class Execution:
                     attempts=node.calls,
                     first_seen=job.first_wall,
                 ),
-                tracker,
+                trackers.get(index),
             )
-            for message, err, tracker in zip(batch, errors, trackers, strict=True)
+            for index, (message, err) in enumerate(zip(batch, errors, strict=True))
         ]
         if reason == "failed":
             log.info(

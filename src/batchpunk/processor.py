@@ -21,7 +21,7 @@ from enum import Enum
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
-from batchpunk._accumulator import Accumulator, Job, Lane, Tracker
+from batchpunk._accumulator import Accumulator, Job, Lane, Tracker, Trackers, pick
 from batchpunk._execution import Execution
 from batchpunk._outbox import Entry, Outbox, as_put
 from batchpunk._scheduler import Scheduler
@@ -38,6 +38,11 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 log = logging.getLogger("batchpunk")
+
+#: max_pending=None: room that never runs out.
+_UNBOUNDED = 2**62
+#: Taken from the room when stop() begins, so that no add path finds room again.
+_CLOSED = 2**63
 
 #: What a processor may be: sync or async, returning None or one result per message.
 ProcessorFn = Callable[[Batch[Any]], Any]
@@ -96,7 +101,11 @@ class BatchProcessor(Generic[T, R]):
         self._put = as_put(dead_letter) if dead_letter is not None else None
         self._state = _State.NEW
         self._open = False
-        self._max_pending = config.max_pending if config.max_pending is not None else sys.maxsize
+        # Room left under max_pending. The add paths test only this: it starts at 0 (not yet
+        # started) and drops far below 0 once stop() begins, so one compare rules out both.
+        self._capacity = config.max_pending if config.max_pending is not None else _UNBOUNDED
+        self._room = 0
+        self._room_shift = self._capacity  # what _room lacks from capacity - outstanding
         trig = config.trigger
         # The inline add path handles the shared lane when nothing needs per-message work.
         self._plain = (
@@ -105,7 +114,6 @@ class BatchProcessor(Generic[T, R]):
         size_cut = trig in (BatchTrigger.SIZE, BatchTrigger.BOTH)
         self._cut_at = config.max_size if size_cut else sys.maxsize
         # Counts of messages.
-        self._received = 0
         self._finished = 0
         self._processed = 0
         self._in_flight = 0
@@ -124,10 +132,11 @@ class BatchProcessor(Generic[T, R]):
         self._outbox: Outbox | None = None
         self._breaker: CircuitBreaker | None = None
         self._default: Lane | None = None
+        self._items: list[Any] = []
 
     def __repr__(self) -> str:
         return (
-            f"BatchProcessor(state={self._state.value}, received={self._received}, "
+            f"BatchProcessor(state={self._state.value}, received={self.received}, "
             f"processed={self._processed}, dead_lettered={self._dead_count})"
         )
 
@@ -146,6 +155,7 @@ class BatchProcessor(Generic[T, R]):
             )
         self._acc = Accumulator(cfg, self._loop, self._emit)
         self._default = self._acc.default
+        self._items = self._default.items
         self._sched = Scheduler(cfg.concurrency, cfg.preserve_order, self._start_job)
         self._exec = Execution(
             cfg,
@@ -165,6 +175,8 @@ class BatchProcessor(Generic[T, R]):
             self._outbox.start()
         self._state = _State.RUNNING
         self._open = True
+        self._room += self._room_shift
+        self._room_shift = 0
 
     async def stop(self, drain: bool = True) -> None:
         """Stop accepting, finish or dead-letter every accepted message, then return.
@@ -208,24 +220,21 @@ class BatchProcessor(Generic[T, R]):
         Raises BufferFull when max_pending messages are unfinished under BLOCK or RAISE (the
         drop policies dead-letter instead), ProcessorClosed once stop() has begun.
         """
-        if self._open and self._received - self._finished < self._max_pending:
-            if key is None and priority == 0 and self._plain:
-                lane = self._default
-                assert lane is not None
-                items = lane.items
-                items.append(message)
-                self._received += 1
-                if lane.trackers is not None:
-                    lane.trackers.append(None)
-                size = len(items)
-                if size == 1:
-                    self._acc.arm(lane)  # type: ignore[union-attr]
-                if size >= self._cut_at:
-                    self._acc.cut(lane, "size")  # type: ignore[union-attr]
-                return
-            self._add(message, key, priority, None)
+        # The hot path: shared lane, nothing per message but the list slot and one count.
+        if self._room > 0 and key is None and priority == 0 and self._plain:
+            items = self._items
+            items.append(message)
+            self._room -= 1
+            size = len(items)
+            if size == 1:
+                self._acc.arm(self._default)  # type: ignore[union-attr,arg-type]
+            if size >= self._cut_at:
+                self._acc.cut(self._default, "size")  # type: ignore[union-attr,arg-type]
             return
-        self._refuse(message, key, priority, None)
+        if self._room > 0:
+            self._add(message, key, priority, None)
+        else:
+            self._refuse(message, key, priority, None)
 
     async def add_message(self, message: T, *, key: Any = None, priority: int = 0) -> None:
         """Accept a message, waiting for room under the BLOCK policy.
@@ -233,10 +242,10 @@ class BatchProcessor(Generic[T, R]):
         Returns once the message is accepted, never after its batch ran: a producer waits for
         a processor only through the backpressure it configured with max_pending.
         """
-        if self._open and self._received - self._finished < self._max_pending:
+        if self._room > 0:
             self.add_message_nowait(message, key=key, priority=priority)
-            return
-        await self._accept(message, key, priority, None)
+        else:
+            await self._accept(message, key, priority, None)
 
     async def submit(self, message: T, *, key: Any = None, priority: int = 0) -> R:
         """Accept a message and return its own result once its batch ran.
@@ -244,7 +253,10 @@ class BatchProcessor(Generic[T, R]):
         Raises the error that finally failed it (after its dead letter was stored).
         """
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        await self._accept(message, key, priority, future)
+        if self._room > 0:
+            self._add(message, key, priority, future)
+        else:
+            await self._accept(message, key, priority, future)
         return await future
 
     async def replay(
@@ -298,7 +310,7 @@ class BatchProcessor(Generic[T, R]):
         while True:
             if not self._open:
                 raise self._closed_error()
-            if self._received - self._finished < self._max_pending:
+            if self._room > 0:
                 self._add(message, key, priority, tracker)
                 return
             if self.config.overflow is not OverflowPolicy.BLOCK:
@@ -316,7 +328,7 @@ class BatchProcessor(Generic[T, R]):
 
     def _accept_nowait(self, message: Any, key: Any, priority: int, tracker: Tracker) -> None:
         """add_message_nowait with a completion tracker (pipelines use it)."""
-        if self._open and self._received - self._finished < self._max_pending:
+        if self._room > 0:
             self._add(message, key, priority, tracker)
         else:
             self._refuse(message, key, priority, tracker)
@@ -330,7 +342,7 @@ class BatchProcessor(Generic[T, R]):
             raise ValueError(f"key: expected a hashable value, got {key!r}") from None
         assert self._acc is not None
         self._acc.add(message, key, priority, tracker)
-        self._received += 1
+        self._room -= 1
 
     def _closed_error(self) -> ProcessorClosed:
         if self._state is _State.NEW:
@@ -351,7 +363,7 @@ class BatchProcessor(Generic[T, R]):
         if policy is OverflowPolicy.DROP_OLDEST and self._drop_oldest():
             self._add(message, key, priority, tracker)
             return
-        self._received += 1
+        self._room -= 1  # accepted, and unfinished until its letter is stored
         self._send_dead([(self._dropped_letter(message, key, priority), tracker)])
 
     def _dropped_letter(self, message: Any, key: Any, priority: int) -> DeadLetter:
@@ -377,7 +389,8 @@ class BatchProcessor(Generic[T, R]):
         if job is not None and (lane is None or job.first_seen <= lane.first_seen):
             batch = job.batch
             message, key, priority = batch.pop(0), batch.key, batch.priority
-            tracker = job.trackers.pop(0) if job.trackers is not None else None
+            tracker = job.trackers.get(0) if job.trackers is not None else None
+            job.trackers = pick(job.trackers, range(1, len(batch) + 1))
             if job.times is not None:
                 job.times.pop(0)
             if not batch:
@@ -491,6 +504,7 @@ class BatchProcessor(Generic[T, R]):
 
     def _release(self, count: int) -> None:
         self._finished += count
+        self._room += count
         waiters = self._room_waiters
         while count > 0 and waiters:
             waiter = waiters.popleft()
@@ -503,6 +517,8 @@ class BatchProcessor(Generic[T, R]):
         assert self._acc is not None and self._sched is not None and self._exec is not None
         self._open = False
         self._state = _State.CLOSING
+        self._room -= _CLOSED
+        self._room_shift += _CLOSED
         while self._room_waiters:
             waiter = self._room_waiters.popleft()
             if not waiter.done():
@@ -544,19 +560,29 @@ class BatchProcessor(Generic[T, R]):
         """Dead-letter every message not yet running (lanes and queued batches)."""
         assert self._acc is not None and self._sched is not None
         for lane in self._acc.take_all():
-            entries = _entries(lane.items, lane.trackers, lane.first_wall, error)
+            entries = _entries(
+                lane.items, lane.key, lane.priority, lane.trackers, lane.first_wall, error
+            )
             self._acc.reset(lane)
             self._send_dead(entries)
         for job in list(self._sched.waiting()):
             self._sched.remove(job)
-            self._send_dead(_entries(job.batch, job.trackers, job.first_wall, error))
+            batch = job.batch
+            self._send_dead(
+                _entries(batch, batch.key, batch.priority, job.trackers, job.first_wall, error)
+            )
             self._job_done(job)
 
     # -- stats -----------------------------------------------------------------------------
     @property
+    def received(self) -> int:
+        """Messages accepted so far (dropped ones included)."""
+        return self._finished + self._capacity - self._room - self._room_shift
+
+    @property
     def pending(self) -> int:
         """Accepted messages not in a running batch (buffered, queued, or awaiting a letter)."""
-        return self._received - self._finished - self._in_flight
+        return self.received - self._finished - self._in_flight
 
     @property
     def in_flight(self) -> int:
@@ -582,7 +608,7 @@ class BatchProcessor(Generic[T, R]):
             "is_processing": bool(sched is not None and sched.running),
             "config": self.config.to_dict(),
             "state": self._state.value,
-            "received": self._received,
+            "received": self.received,
             "processed": self._processed,
             "failed": self._dead_reasons.get("failed", 0),
             "dead_lettered": self._dead_count,
@@ -608,11 +634,14 @@ class BatchProcessor(Generic[T, R]):
 
 
 def _entries(
-    batch: Sequence[Any], trackers: list[Tracker] | None, first_wall: float, error: BaseException
+    batch: Sequence[Any],
+    key: Any,
+    priority: int,
+    trackers: Trackers | None,
+    first_wall: float,
+    error: BaseException,
 ) -> list[Entry]:
-    key = getattr(batch, "key", None)
-    priority = getattr(batch, "priority", 0)
-    marks = trackers if trackers is not None else [None] * len(batch)
+    marks = trackers or {}
     return [
         (
             DeadLetter(
@@ -624,7 +653,7 @@ def _entries(
                 attempts=0,
                 first_seen=first_wall,
             ),
-            tracker,
+            marks.get(index),
         )
-        for message, tracker in zip(batch, marks, strict=True)
+        for index, message in enumerate(batch)
     ]
