@@ -378,7 +378,8 @@ class RedisStreamSource:
             )
             try:
                 await self._ensure_group()
-            except BaseException:
+            except Exception as exc:
+                exc.add_note(f"while starting {self!r}")
                 await self._client.aclose()
                 raise
             self._started = True
