@@ -16,6 +16,7 @@ from batchpunk.connectors.nats import (
     DeliveryLimitExceeded,
     NatsJetStreamSink,
     NatsJetStreamSource,
+    NatsPayloadError,
 )
 from batchpunk.envelope import Envelope
 from batchpunk.errors import ConfigError, PartialFailure
@@ -323,10 +324,22 @@ async def test_sink_fails_only_the_payloads_it_cannot_encode() -> None:
         with pytest.raises(PartialFailure) as caught:
             await sink.write([{"id": 1}, {"id": object()}, {"id": 3}])
         assert list(caught.value.failures) == [1]
+        assert isinstance(caught.value.failures[1], NatsPayloadError)
+        assert caught.value.failures[1].retryable is False
         assert caught.value.results is not None
         assert [caught.value.results[0], caught.value.results[2]] == [1, 2]
         await sink.close()
         assert (await js.stream_info(stream)).state.messages == 2
+
+
+async def test_sink_refuses_a_payload_over_max_payload_without_retry() -> None:
+    """A payload larger than the server's max_payload fails as a non-retryable NatsPayloadError."""
+    async with fresh_stream() as (js, stream, subject):
+        sink = NatsJetStreamSink(NATS_URL, subject, stream=stream)
+        with pytest.raises(NatsPayloadError, match="max_payload"):
+            await sink.write(["x" * (2 * 1024 * 1024)])
+        await sink.close()
+        assert (await js.stream_info(stream)).state.messages == 0
 
 
 async def test_sink_msg_id_lets_jetstream_drop_a_republished_payload() -> None:

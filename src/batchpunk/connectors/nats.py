@@ -45,6 +45,7 @@ __all__ = [
     "DeliveryLimitExceeded",
     "NatsJetStreamSink",
     "NatsJetStreamSource",
+    "NatsPayloadError",
     "DECODINGS",
     "ENCODINGS",
     "REDELIVERED",
@@ -71,6 +72,14 @@ class DeliveryLimitExceeded(BatchpunkError):
 
     The ``error`` of an envelope flagged ``batchpunk_redelivered``, so its dead letter says why.
     """
+
+
+class NatsPayloadError(BatchpunkError, ValueError):
+    """A payload the sink can never publish: it does not encode, or exceeds the server's
+    max_payload. Not retryable, so the engine dead-letters it at once instead of backing off.
+    """
+
+    retryable = False
 
 
 _TLS_KEYS = ("ca_file", "cert_file", "key_file", "verify")
@@ -250,6 +259,7 @@ class _Connection:
         self.where = ", ".join(_redact_url(s) for s in servers)
         self.nc: Any = None
         self.closing = False
+        self.tls_wanted = tls is not None or any(s.startswith("tls://") for s in servers)
 
     def scrub(self, text: str) -> str:
         return _scrub(text, self.secrets)
@@ -289,6 +299,15 @@ class _Connection:
                 reason = self.scrub(f"{type(exc).__name__}: {exc}".rstrip(": "))
             raise ConnectionError(f"{self.owner}: cannot connect to {self.where}: {reason}") from (
                 None
+            )
+        # nats-py upgrades to TLS only when the server requires it, so a plain server (or a
+        # man in the middle posing as one) would silently get a plaintext connection.
+        if self.tls_wanted and not getattr(client, "_server_info", {}).get("tls_required"):
+            with contextlib.suppress(Exception):
+                await client.close()
+            raise ConnectionError(
+                f"{self.owner}: TLS is configured but {self.where} does not require TLS; "
+                "refusing to send credentials and messages in plaintext"
             )
         self.nc = client
         return client.jetstream()
@@ -985,7 +1004,10 @@ class NatsJetStreamSink:
             try:
                 jobs.append((index, self._encode(item), self._headers(item)))
             except Exception as exc:
-                failures[index] = exc
+                failures[index] = NatsPayloadError(
+                    f"NatsJetStreamSink: payload {index} of the batch cannot be published: "
+                    f"{type(exc).__name__}: {exc}"
+                )
         for start in range(0, len(jobs), self.max_in_flight):
             chunk = jobs[start : start + self.max_in_flight]
             outcomes = await asyncio.gather(
@@ -1017,6 +1039,11 @@ class NatsJetStreamSink:
                 raise TimeoutError(
                     f"NatsJetStreamSink: no acknowledgement for {self.subject!r} within "
                     f"timeout={self.timeout:g}s"
+                ) from None
+            if isinstance(exc, nats.errors.MaxPayloadError):
+                raise NatsPayloadError(
+                    f"NatsJetStreamSink: a {len(data)}-byte message exceeds the server's "
+                    f"max_payload for {self.subject!r}"
                 ) from None
             if isinstance(exc, js_errors.NoStreamResponseError):
                 raise ConnectionError(

@@ -1,0 +1,162 @@
+"""NATS connector settings: bad values fail by name before anything connects; TLS and secrets."""
+
+from __future__ import annotations
+
+import shutil
+import ssl
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from batchpunk.config import BatchConfig
+from batchpunk.connectors.nats import NatsJetStreamSink, NatsJetStreamSource
+from batchpunk.errors import ConfigError
+from tests.conftest import require_server
+
+
+def source(**overrides: Any) -> NatsJetStreamSource:
+    args: dict[str, Any] = {
+        "servers": "nats://127.0.0.1:4222",
+        "stream": "ORDERS",
+        "subject": "orders.>",
+        "durable": "writer",
+    }
+    args.update(overrides)
+    return NatsJetStreamSource(**args)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"servers": []}, "servers"),
+        ({"servers": 4222}, "servers"),
+        ({"stream": ""}, "stream"),
+        ({"stream": "a.b"}, "stream/durable"),
+        ({"durable": "my durable"}, "durable"),
+        ({"subject": None}, "subject"),
+        ({"ack_wait": 0}, "ack_wait"),
+        ({"ack_wait": float("inf")}, "ack_wait"),
+        ({"max_deliver": 1}, "max_deliver"),
+        ({"batch": 0}, "batch"),
+        ({"fetch_timeout": -1}, "fetch_timeout"),
+        ({"decode": "yaml"}, "decode"),
+        ({"create": "yes"}, "create"),
+        ({"max_ack_pending": 0}, "max_ack_pending"),
+        ({"nak_delay": -0.5}, "nak_delay"),
+        ({"reconnect_attempts": -2}, "reconnect_attempts"),
+        ({"tls": "on"}, "tls"),
+        ({"tls": {"ca": "x"}}, "tls"),
+        ({"tls": {"verify": "no"}}, "tls.verify"),
+        ({"tls": {"key_file": "k.pem"}}, "tls.key_file"),
+        ({"tls": {"ca_file": "/nonexistent/ca.pem"}}, "tls.ca_file"),
+    ],
+)
+def test_bad_source_settings_fail_naming_the_field(overrides: dict[str, Any], field: str) -> None:
+    """Each wrong setting raises ConfigError whose message starts with the field's name."""
+    with pytest.raises(ConfigError, match=rf"^NatsJetStreamSource\.{field}"):
+        source(**overrides)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"subject": "orders.*"}, "subject"),
+        ({"encode": "xml"}, "encode"),
+        ({"msg_id": 3}, "msg_id"),
+        ({"timeout": 0}, "timeout"),
+        ({"max_in_flight": 0}, "max_in_flight"),
+    ],
+)
+def test_bad_sink_settings_fail_naming_the_field(overrides: dict[str, Any], field: str) -> None:
+    """Each wrong sink setting raises ConfigError whose message starts with the field's name."""
+    args: dict[str, Any] = {"servers": "nats://127.0.0.1:4222", "subject": "orders.new"}
+    args.update(overrides)
+    with pytest.raises(ConfigError, match=rf"^NatsJetStreamSink\.{field}"):
+        NatsJetStreamSink(**args)
+
+
+def test_a_secret_of_the_wrong_type_is_not_echoed() -> None:
+    """A password given as a number is refused without printing it."""
+    with pytest.raises(ConfigError, match="password") as caught:
+        source(password=918273645)
+    assert "918273645" not in str(caught.value)
+
+
+def test_credentials_never_show_in_repr() -> None:
+    """repr() of a source or sink masks URL credentials, whatever form they take."""
+    shown = repr(source(servers="nats://alice:pw-secret@host:4222,nats://tok-secret@other:4222"))
+    assert "pw-secret" not in shown
+    assert "tok-secret" not in shown
+    assert "host:4222" in shown
+    sink = NatsJetStreamSink("nats://bob:pw-secret@host:4222", "a.b", password="x")
+    assert "pw-secret" not in repr(sink)
+
+
+async def test_prepare_takes_max_size_unless_batch_was_given() -> None:
+    """prepare() sizes fetches to the pipeline's max_size, but an explicit batch wins."""
+    implicit, explicit = source(), source(batch=7)
+    assert implicit.fetch_size == BatchConfig().max_size
+    await implicit.prepare(BatchConfig(max_size=250))
+    await explicit.prepare(BatchConfig(max_size=250))
+    assert (implicit.fetch_size, explicit.fetch_size) == (250, 7)
+
+
+def test_servers_accept_a_list_or_a_comma_separated_string() -> None:
+    """Both spellings of several servers give the same list."""
+    many = ["nats://a:4222", "nats://b:4222"]
+    assert source(servers=many).servers == many
+    assert source(servers="nats://a:4222, nats://b:4222").servers == many
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate and key made with the openssl command."""
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is not installed")
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert)),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+def test_tls_files_build_a_client_context(certificate: tuple[Path, Path]) -> None:
+    """ca_file, cert_file and key_file load into the SSLContext the client will use."""
+    cert, key = certificate
+    made = source(tls={"ca_file": str(cert), "cert_file": str(cert), "key_file": str(key)})
+    context = made._conn.tls
+    assert isinstance(context, ssl.SSLContext)
+    assert context.verify_mode == ssl.CERT_REQUIRED
+    assert context.cert_store_stats()["x509_ca"] == 1
+    relaxed = source(tls={"verify": False})._conn.tls
+    assert relaxed is not None
+    assert relaxed.verify_mode == ssl.CERT_NONE
+
+
+def test_a_wrong_key_file_is_reported_by_field(certificate: tuple[Path, Path]) -> None:
+    """A key that does not load is a ConfigError naming tls.cert_file, not an ssl traceback."""
+    cert, _ = certificate
+    with pytest.raises(ConfigError, match=r"tls\.cert_file"):
+        source(tls={"cert_file": str(cert), "key_file": str(cert)})
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{"tls": True}, {"servers": "tls://127.0.0.1:4222"}],
+    ids=["tls-setting", "tls-scheme"],
+)
+async def test_tls_is_never_downgraded_to_plaintext(overrides: dict[str, Any]) -> None:
+    """With TLS asked for, a server that does not require TLS is refused, not used in clear."""
+    require_server("nats")
+    made = source(connect_timeout=2.0, **overrides)
+    with pytest.raises(ConnectionError, match="refusing to send credentials and messages"):
+        await made.start()
+    await made.close()
