@@ -1,0 +1,1195 @@
+"""RabbitMQ: a consuming Source, a publishing Sink and a dead-letter sink, on aio-pika.
+
+Delivery guarantee: at least once. A message is acknowledged only after the pipeline called its
+envelope's ``ack()`` (its batch succeeded or its dead letter was durably written); anything
+delivered but not settled when the source closes, crashes or loses its connection goes back to
+the queue, and the broker delivers it again. Pair it with an idempotent sink.
+
+Scaling out is RabbitMQ's own: run more workers on the same queue. Each consumer gets at most
+``prefetch`` unacknowledged messages, so the broker spreads the queue across workers.
+
+Three choices here are not the obvious ones:
+
+* The consumer is registered on the underlying aiormq channel rather than through
+  ``aio_pika.Queue.consume``. aio-pika wraps each delivery in an ``IncomingMessage`` and an extra
+  task, which halves consumer throughput; the robust channel still restores the connection, the
+  QoS and the queue declaration, and this module consumes again on every reopened channel.
+* Acknowledgements are coalesced. ``ack()`` only records the outcome; one flusher task then sends
+  a single ``basic.ack(multiple=True)`` for the longest run of settled deliveries at the head of
+  the channel, and single frames for settled deliveries behind an unsettled one. A multiple ack
+  never covers a delivery whose own ``ack()`` was not called.
+* Delivery tags belong to one channel. After a reconnect the old channel's tags are stale: their
+  settlements are dropped and counted (``stats().stale``), never sent, and the broker redelivers
+  those messages. A stale tag never crashes the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+import ssl
+import uuid
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+from urllib.parse import urlsplit, urlunsplit
+
+from batchpunk.config import BatchConfig, BatchTrigger
+from batchpunk.deadletter import DeadLetter
+from batchpunk.envelope import Envelope
+from batchpunk.errors import BatchpunkError, ConfigError, DeadLetterError, PartialFailure, require
+
+__all__ = [
+    "RabbitMQSource",
+    "RabbitMQSourceStats",
+    "RabbitMQSink",
+    "RabbitMQDeadLetters",
+    "RabbitMQError",
+    "REDELIVERED_HEADER",
+    "DELIVERY_COUNT_HEADER",
+    "FRAME_CONTENT_TYPE",
+    "mask_url",
+]
+
+log = logging.getLogger(__name__)
+
+#: Envelope header set to True on a delivery past ``max_deliveries``: dead-letter it as
+#: "redelivered" (without processing it), then ack it.
+REDELIVERED_HEADER = "batchpunk_redelivered"
+#: Envelope header: how many times the broker has delivered this message, this time included
+#: (quorum queues only; classic queues do not count).
+DELIVERY_COUNT_HEADER = "delivery_count"
+#: content_type of a message holding a whole batch as a batchpunk codec frame.
+FRAME_CONTENT_TYPE = "application/x-batchpunk-frame"
+#: AMQP's prefetch_count is a 16-bit field.
+MAX_PREFETCH = 65535
+
+DECODERS = ("json", "bytes", "text", "frame")
+SINK_MODES = ("frame", "items")
+TLS_KEYS = ("cafile", "certfile", "keyfile")
+
+# A delivery's outcome, in the order one item of a frame overrides another's: a requeue of any
+# item returns the whole message, a reject of any item rejects it, otherwise it is acked.
+_PENDING, _ACK, _REJECT, _REQUEUE, _SENT = 0, 1, 2, 3, 4
+
+
+class RabbitMQError(BatchpunkError, ConnectionError):
+    """The broker refused, returned or lost a publication, or could not be reached.
+
+    It derives from ConnectionError because every such failure is worth a retry: a nack is
+    transient, and an unroutable message succeeds once the missing binding exists.
+    """
+
+
+class RabbitMQSourceStats(NamedTuple):
+    """What a RabbitMQSource has done so far (see ``RabbitMQSource.stats()``)."""
+
+    #: Messages received from the broker (a frame counts once).
+    delivered: int
+    #: Messages acknowledged to the broker.
+    acked: int
+    #: Messages returned to the queue (nack with requeue).
+    requeued: int
+    #: Messages rejected without requeue (the queue's own dead-letter exchange gets them).
+    rejected: int
+    #: Messages whose body could not be decoded (yielded with malformed=True).
+    malformed: int
+    #: Deliveries past max_deliveries (yielded with the REDELIVERED_HEADER).
+    redelivered: int
+    #: Deliveries whose channel closed before they were settled; the broker redelivers them.
+    stale: int
+    #: Times the consumer was registered again on a reopened channel.
+    reconnects: int
+
+
+def mask_url(url: str) -> str:
+    """The URL with its password replaced by ``***``: the only form that may reach a log line."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable url>"
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    user = parts.username or ""
+    return urlunsplit((parts.scheme, f"{user}:***@{host}", parts.path, parts.query, ""))
+
+
+def _scrub(text: str, url: str) -> str:
+    """Remove the URL's password from a third-party error message, wherever it appears."""
+    password = urlsplit(url).password
+    if password:
+        text = text.replace(password, "***")
+    return text
+
+
+def _check_url(url: Any, where: str) -> str:
+    if not isinstance(url, str) or not url.startswith(("amqp://", "amqps://")):
+        shown = mask_url(url) if isinstance(url, str) else repr(url)
+        raise ConfigError(f"{where}.url: expected an amqp:// or amqps:// URL, got {shown}")
+    return url
+
+
+def _check_type(value: object, kind: type, field: str, expected: str) -> None:
+    if not isinstance(value, kind):
+        raise ConfigError(f"{field}: expected {expected}, got {value!r}")
+
+
+def _tls_context(tls: Any, where: str) -> ssl.SSLContext | None:
+    """An SSLContext from one, or from a dict of PEM paths; a wrong key or file names itself."""
+    if tls is None or isinstance(tls, ssl.SSLContext):
+        return tls
+    if not isinstance(tls, Mapping):
+        raise ConfigError(
+            f"{where}.tls: expected an ssl.SSLContext or a table with {', '.join(TLS_KEYS)}, "
+            f"got {type(tls).__name__}"
+        )
+    unknown = sorted(set(tls) - set(TLS_KEYS))
+    if unknown:
+        raise ConfigError(
+            f"{where}.tls: unknown key {unknown[0]!r}; expected some of {', '.join(TLS_KEYS)}"
+        )
+    for key, value in tls.items():
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{where}.tls.{key}: expected a file path, got {value!r}")
+    if "keyfile" in tls and "certfile" not in tls:
+        raise ConfigError(f"{where}.tls.keyfile: given without tls.certfile")
+    try:
+        context = ssl.create_default_context(cafile=tls.get("cafile"))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"{where}.tls.cafile: cannot load {tls.get('cafile')!r}: {exc}") from exc
+    if "certfile" in tls:
+        try:
+            context.load_cert_chain(tls["certfile"], tls.get("keyfile"))
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                f"{where}.tls.certfile: cannot load {tls['certfile']!r}: {exc}"
+            ) from exc
+    return context
+
+
+async def _connect(
+    url: str,
+    context: ssl.SSLContext | None,
+    reconnect_interval: float | None,
+    name: str,
+) -> Any:
+    """A robust aio-pika connection; failures become RabbitMQError with the password masked.
+
+    ``name`` shows in ``rabbitmqctl list_connections client_properties``.
+    """
+    aio_pika = require("aio_pika", "rabbitmq", "RabbitMQ connectors")
+    if context is not None and url.startswith("amqp://"):
+        # A TLS context means TLS: aiormq only uses it on an amqps:// URL.
+        url = "amqps://" + url.removeprefix("amqp://")
+    extra: dict[str, Any] = {}
+    if reconnect_interval is not None:
+        extra["reconnect_interval"] = reconnect_interval
+    try:
+        return await aio_pika.connect_robust(
+            url,
+            ssl_context=context,
+            client_properties={"connection_name": name},
+            **extra,
+        )
+    except (TimeoutError, OSError, aio_pika.exceptions.AMQPError) as exc:
+        detail = _scrub(f"{type(exc).__name__}: {exc}", url)
+        raise RabbitMQError(f"RabbitMQ at {mask_url(url)}: cannot connect ({detail})") from None
+
+
+def _channel_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean "this channel or connection is gone", not a bug of ours."""
+    aiormq = require("aiormq", "rabbitmq", "RabbitMQSource")
+    return (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError, asyncio.TimeoutError)
+
+
+class _Delivery:
+    """One broker message: its tag, its channel's tracker, and how it was settled.
+
+    A frame yields several envelopes from one message; the message is settled when each of them
+    was, with the strongest outcome (requeue over reject over ack).
+    """
+
+    __slots__ = ("parts", "state", "tag", "tracker", "verdict")
+
+    def __init__(self, tracker: _Tracker, tag: int) -> None:
+        self.tracker = tracker
+        self.tag = tag
+        self.state = _PENDING
+        self.parts = 1
+        self.verdict = _ACK
+
+    async def ack(self) -> None:
+        self.tracker.settle(self, _ACK)
+
+    async def nack(self, requeue: bool) -> None:
+        self.tracker.settle(self, _REQUEUE if requeue else _REJECT)
+
+    def vote(self, outcome: int) -> None:
+        """One item of a frame is settled; the message is settled with the last one."""
+        if outcome > self.verdict:
+            self.verdict = outcome
+        self.parts -= 1
+        if self.parts == 0:
+            self.tracker.settle(self, self.verdict)
+
+
+class _Part:
+    """The settle handle of one item of a frame message; settling it twice is a no-op."""
+
+    __slots__ = ("delivery", "done")
+
+    def __init__(self, delivery: _Delivery) -> None:
+        self.delivery = delivery
+        self.done = False
+
+    async def ack(self) -> None:
+        if not self.done:
+            self.done = True
+            self.delivery.vote(_ACK)
+
+    async def nack(self, requeue: bool) -> None:
+        if not self.done:
+            self.done = True
+            self.delivery.vote(_REQUEUE if requeue else _REJECT)
+
+
+class _Tracker:
+    """The deliveries of one AMQP channel, in delivery-tag order, until each is sent settled.
+
+    Once the channel closes the tracker is dead: its tags mean nothing on any other channel.
+    """
+
+    __slots__ = ("channel", "dead", "deliveries", "ready", "source")
+
+    def __init__(self, source: RabbitMQSource, channel: Any) -> None:
+        self.source = source
+        self.channel = channel
+        self.deliveries: deque[_Delivery] = deque()
+        self.ready: list[_Delivery] = []
+        self.dead = False
+
+    def settle(self, delivery: _Delivery, outcome: int) -> None:
+        if delivery.state != _PENDING:
+            return  # settled already: a second ack or nack changes nothing
+        if self.dead:
+            log.debug("RabbitMQ delivery %d settled after its channel closed", delivery.tag)
+            return
+        delivery.state = outcome
+        if not self.ready:
+            self.source._mark_dirty(self)
+        self.ready.append(delivery)
+
+    def kill(self, lost: int = 0, cause: BaseException | None = None) -> None:
+        """The channel is gone: count what it leaves unsettled and stop sending for it."""
+        if self.dead:
+            return
+        self.dead = True
+        lost += sum(1 for d in self.deliveries if d.state != _SENT)
+        self.deliveries.clear()
+        self.ready = []
+        self.source._stale += lost
+        if lost:
+            log.warning(
+                "RabbitMQ channel for queue %r closed with %d unsettled deliveries%s; "
+                "the broker redelivers them",
+                self.source.queue,
+                lost,
+                f" ({type(cause).__name__}: {cause})" if cause else "",
+            )
+
+    async def flush(self) -> None:
+        """Send the settlements recorded since the last flush, coalescing acks."""
+        ready, self.ready = self.ready, []
+        if self.dead:
+            return
+        if self.channel.is_closed:
+            self.kill()
+            return
+        # (tag, outcome, multiple, how many deliveries the frame settles)
+        frames: list[tuple[int, int, bool, int]] = []
+        deliveries = self.deliveries
+        last_ack = 0
+        acks = 0
+        while deliveries and deliveries[0].state != _PENDING:
+            head = deliveries.popleft()
+            if head.state == _ACK:
+                last_ack = head.tag
+                acks += 1
+            elif head.state != _SENT:
+                frames.append((head.tag, head.state, False, 1))
+            head.state = _SENT
+        if acks:
+            # Every delivery up to last_ack is settled: nacks above go first, on the same
+            # channel, so the broker has already taken them out when it reads this ack.
+            frames.append((last_ack, _ACK, acks > 1, acks))
+        for delivery in ready:
+            if delivery.state != _SENT:
+                frames.append((delivery.tag, delivery.state, False, 1))
+                delivery.state = _SENT
+        channel = self.channel
+        source = self.source
+        for index, (tag, outcome, multiple, count) in enumerate(frames):
+            try:
+                if outcome == _ACK:
+                    await channel.basic_ack(tag, multiple=multiple)
+                else:
+                    await channel.basic_nack(tag, requeue=outcome == _REQUEUE)
+            except source._errors as exc:
+                self.kill(sum(frame[3] for frame in frames[index:]), exc)
+                return
+            if outcome == _ACK:
+                source._acked += count
+            elif outcome == _REQUEUE:
+                source._requeued += count
+            else:
+                source._rejected += count
+
+
+class RabbitMQSource:
+    """Consume one queue: an async iterator of Envelopes, settled through ack() / nack().
+
+    Choose the defaults for a durable classic queue; ``quorum=True`` for a replicated queue with
+    a delivery count, which ``max_deliveries`` needs. Call ``prepare(config)`` before iterating
+    (the pipeline does) so the prefetch fits the batches.
+
+    Attributes:
+        url: amqp:// or amqps:// URL (user, password, host, port, vhost).
+        queue: the queue to consume.
+        prefetch: unacknowledged messages the broker sends this consumer at most (basic.qos);
+            None for max_size * (max_concurrent_batches + 1) from ``prepare``.
+        declare: declare the queue (durable, quorum when asked) instead of requiring it.
+        quorum: declare it with x-queue-type=quorum.
+        durable: declare it durable (quorum queues always are).
+        max_deliveries: a message delivered more times than this is yielded with
+            ``headers[REDELIVERED_HEADER] = True``: the pipeline dead-letters it as
+            "redelivered" instead of processing it. Needs a quorum queue (x-delivery-count).
+        dead_letter_exchange: where ``dead_letter_sink()`` publishes dead letters.
+        dead_letter_routing_key: their routing key; default ``<queue>.dead``.
+        decode: "json" (default), "bytes", "text", "frame" (one batchpunk codec frame per
+            message, one envelope per item), or a function of the body's bytes.
+        hmac_key: key the frames were signed with (decode="frame").
+        queue_arguments: extra x-arguments for the declaration (x-delivery-limit,
+            x-dead-letter-exchange, ...).
+        tls: an ssl.SSLContext, or a dict with cafile / certfile / keyfile paths.
+        reconnect_interval: seconds between reconnection attempts (aio-pika's default: 5).
+        close_timeout: seconds each step of close() may take before it is abandoned.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        queue: str,
+        *,
+        prefetch: int | None = None,
+        declare: bool = True,
+        quorum: bool = False,
+        durable: bool = True,
+        max_deliveries: int | None = None,
+        dead_letter_exchange: str | None = None,
+        dead_letter_routing_key: str | None = None,
+        decode: str | Callable[[bytes], Any] = "json",
+        hmac_key: bytes | None = None,
+        queue_arguments: Mapping[str, Any] | None = None,
+        tls: ssl.SSLContext | Mapping[str, str] | None = None,
+        reconnect_interval: float | None = None,
+        close_timeout: float = 5.0,
+    ) -> None:
+        where = "RabbitMQSource"
+        self._url = _check_url(url, where)
+        if not isinstance(queue, str) or not queue:
+            raise ConfigError(f"{where}.queue: expected a non-empty queue name, got {queue!r}")
+        if prefetch is not None and (
+            not isinstance(prefetch, int)
+            or isinstance(prefetch, bool)
+            or not 1 <= prefetch <= MAX_PREFETCH
+        ):
+            raise ConfigError(
+                f"{where}.prefetch: expected an integer from 1 to {MAX_PREFETCH}, got {prefetch!r}"
+            )
+        for name, flag in (("declare", declare), ("quorum", quorum), ("durable", durable)):
+            if not isinstance(flag, bool):
+                raise ConfigError(f"{where}.{name}: expected true or false, got {flag!r}")
+        if quorum and not durable:
+            raise ConfigError(f"{where}.durable: quorum queues are always durable; got false")
+        arguments = dict(queue_arguments or {})
+        if max_deliveries is not None:
+            if (
+                not isinstance(max_deliveries, int)
+                or isinstance(max_deliveries, bool)
+                or max_deliveries < 1
+            ):
+                raise ConfigError(
+                    f"{where}.max_deliveries: expected an integer >= 1, got {max_deliveries!r}"
+                )
+            if declare and not quorum:
+                raise ConfigError(
+                    f"{where}.max_deliveries: needs quorum = true (classic queues do not count "
+                    "deliveries)"
+                )
+            limit = arguments.get("x-delivery-limit")
+            if isinstance(limit, int) and max_deliveries > limit:
+                raise ConfigError(
+                    f"{where}.max_deliveries: {max_deliveries} exceeds the queue's "
+                    f"x-delivery-limit {limit}; the broker would drop a message before "
+                    "batchpunk dead-letters it"
+                )
+        if not callable(decode) and decode not in DECODERS:
+            raise ConfigError(
+                f"{where}.decode: expected one of {', '.join(DECODERS)} or a function, "
+                f"got {decode!r}"
+            )
+        if not isinstance(close_timeout, int | float) or close_timeout <= 0:
+            raise ConfigError(f"{where}.close_timeout: expected seconds > 0, got {close_timeout!r}")
+        if quorum:
+            arguments["x-queue-type"] = "quorum"
+        require("aio_pika", "rabbitmq", where)
+
+        self.queue = queue
+        self.prefetch = prefetch
+        self.declare = declare
+        self.quorum = quorum
+        self.durable = durable
+        self.max_deliveries = max_deliveries
+        self.dead_letter_exchange = dead_letter_exchange
+        self.dead_letter_routing_key = dead_letter_routing_key or f"{queue}.dead"
+        self.queue_arguments = arguments
+        self.reconnect_interval = reconnect_interval
+        self.close_timeout = float(close_timeout)
+        self._tls = tls
+        self._context = _tls_context(tls, where)
+        self._hmac_key = hmac_key
+        self._decode = self._decoder(decode)
+        self._frames = decode == "frame"
+        self._given_prefetch = prefetch is not None
+        self._errors = _channel_errors()
+
+        self._connection: Any = None
+        self._channel: Any = None
+        self._consumer_tag: str | None = None
+        self._tracker: _Tracker | None = None
+        self._buffer: deque[tuple[Envelope, _Delivery]] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._dirty: list[_Tracker] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self._start_lock = asyncio.Lock()
+        self._started = False
+        self._stopping = False
+        self._closed: asyncio.Future[None] | None = None
+        self._resumer: asyncio.Task[None] | None = None
+        self._delivered = self._acked = self._requeued = self._rejected = 0
+        self._malformed = self._redelivered = self._stale = self._reconnects = 0
+
+    def __repr__(self) -> str:
+        return f"RabbitMQSource({mask_url(self._url)!r}, queue={self.queue!r})"
+
+    # -- configuration -------------------------------------------------------------------
+
+    async def prepare(self, config: BatchConfig) -> None:
+        """Fit the prefetch to the batches: room for every running batch and one filling.
+
+        Raises ConfigError when a given prefetch is below max_size under a trigger that waits
+        for full batches (SIZE, ALL): the broker would stop sending before a batch could fill.
+        """
+        needed = config.max_size * (config.concurrency + 1)
+        size_gated = config.trigger in (BatchTrigger.SIZE, BatchTrigger.ALL)
+        if not self._given_prefetch:
+            if size_gated and config.max_size > MAX_PREFETCH and not self._frames:
+                raise ConfigError(
+                    f"batch.max_size: {config.max_size} exceeds RabbitMQ's largest prefetch "
+                    f"({MAX_PREFETCH}); under trigger {config.trigger.value!r} no batch could fill"
+                )
+            self.prefetch = min(needed, MAX_PREFETCH)
+        else:
+            assert self.prefetch is not None
+            if self.prefetch < config.max_size and size_gated and not self._frames:
+                raise ConfigError(
+                    f"source.prefetch: {self.prefetch} is below batch.max_size "
+                    f"{config.max_size}; under trigger {config.trigger.value!r} a batch waits "
+                    "for max_size messages that the broker will never send. Raise prefetch to "
+                    f"at least {needed} or leave it unset"
+                )
+            if self.prefetch < needed:
+                log.warning(
+                    "RabbitMQSource(queue=%r): prefetch %d is below max_size x "
+                    "(max_concurrent_batches + 1) = %d; batches will be smaller or fewer will "
+                    "run at once",
+                    self.queue,
+                    self.prefetch,
+                    needed,
+                )
+        if self._channel is not None:
+            await self._channel.set_qos(prefetch_count=self.prefetch)
+
+    def dead_letter_sink(self) -> RabbitMQDeadLetters:
+        """A dead-letter sink publishing to ``dead_letter_exchange`` (ConfigError if unset)."""
+        if self.dead_letter_exchange is None:
+            raise ConfigError("RabbitMQSource.dead_letter_exchange: not set")
+        return RabbitMQDeadLetters(
+            self._url,
+            self.dead_letter_exchange,
+            self.dead_letter_routing_key,
+            tls=self._tls,
+            reconnect_interval=self.reconnect_interval,
+        )
+
+    def stats(self) -> RabbitMQSourceStats:
+        """Counters since the source was created."""
+        return RabbitMQSourceStats(
+            delivered=self._delivered,
+            acked=self._acked,
+            requeued=self._requeued,
+            rejected=self._rejected,
+            malformed=self._malformed,
+            redelivered=self._redelivered,
+            stale=self._stale,
+            reconnects=self._reconnects,
+        )
+
+    # -- iteration -----------------------------------------------------------------------
+
+    def __aiter__(self) -> RabbitMQSource:
+        return self
+
+    async def __anext__(self) -> Envelope:
+        if not self._started:
+            await self.start()
+        buffer = self._buffer
+        while True:
+            while buffer:
+                envelope, delivery = buffer.popleft()
+                if not delivery.tracker.dead:
+                    return envelope
+            if self._stopping:
+                raise StopAsyncIteration
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    async def __aenter__(self) -> RabbitMQSource:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Connect, declare and start consuming; iteration calls it on first use."""
+        async with self._start_lock:
+            if self._started or self._stopping:
+                return
+            if self.prefetch is None:
+                await self.prepare(BatchConfig())
+            self._connection = await _connect(
+                self._url,
+                self._context,
+                self.reconnect_interval,
+                f"RabbitMQSource queue={self.queue}",
+            )
+            try:
+                channel = await self._connection.channel(publisher_confirms=False)
+                await channel.set_qos(prefetch_count=self.prefetch)
+                await channel.declare_queue(
+                    self.queue,
+                    durable=self.durable,
+                    passive=not self.declare,
+                    arguments=self.queue_arguments or None,
+                )
+                channel.reopen_callbacks.add(self._on_reopen)
+                self._channel = channel
+                await self._consume()
+            except self._errors as exc:
+                await self._abandon_connection()
+                detail = _scrub(f"{type(exc).__name__}: {exc}", self._url)
+                raise RabbitMQError(
+                    f"RabbitMQ at {mask_url(self._url)}: cannot consume queue {self.queue!r} "
+                    f"({detail})"
+                ) from None
+            self._started = True
+
+    async def _consume(self) -> None:
+        """Register this source's consumer on the channel as it is now."""
+        amqp = await self._channel.get_underlay_channel()
+        tag = f"batchpunk.{self.queue}.{uuid.uuid4().hex[:12]}"
+        self._new_tracker(amqp)
+        amqp.on_consumer_cancel_callbacks.add(self._on_cancelled)
+        await amqp.basic_consume(self.queue, self._on_message, consumer_tag=tag)
+        self._consumer_tag = tag
+
+    def _new_tracker(self, amqp: Any) -> _Tracker:
+        old = self._tracker
+        if old is not None and old.channel is not amqp:
+            old.kill()
+        if old is None or old.channel is not amqp:
+            self._tracker = _Tracker(self, amqp)
+        assert self._tracker is not None
+        return self._tracker
+
+    async def _on_reopen(self, channel: Any) -> None:
+        """The robust channel reopened (reconnect): the old tags are stale; consume again."""
+        if self._stopping:
+            return
+        if self._tracker is not None:
+            self._tracker.kill()
+        self._reconnects += 1
+        log.info("RabbitMQ consumer of queue %r reopened its channel; consuming again", self.queue)
+        self._resume()
+
+    async def _on_cancelled(self, frame: Any) -> None:
+        """The broker cancelled the consumer (queue deleted?): try to consume again."""
+        if self._stopping or frame.consumer_tag != self._consumer_tag:
+            return
+        log.warning("RabbitMQ cancelled the consumer of queue %r; consuming again", self.queue)
+        self._resume(redeclare=True)
+
+    def _resume(self, redeclare: bool = False) -> None:
+        if self._resumer is None or self._resumer.done():
+            self._resumer = asyncio.get_running_loop().create_task(self._resume_loop(redeclare))
+
+    async def _resume_loop(self, redeclare: bool) -> None:
+        delay = 0.5
+        while not self._stopping:
+            try:
+                await self._channel.ready()
+                if redeclare and self.declare:
+                    await self._channel.declare_queue(
+                        self.queue,
+                        durable=self.durable,
+                        arguments=self.queue_arguments or None,
+                    )
+                await self._consume()
+                return
+            except self._errors as exc:
+                log.warning(
+                    "RabbitMQ consumer of queue %r could not resume (%s: %s); retrying in %.1fs",
+                    self.queue,
+                    type(exc).__name__,
+                    _scrub(str(exc), self._url),
+                    delay,
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+    async def _on_message(self, message: Any) -> None:
+        """aiormq calls this (in a task of its own) for each delivery, in tag order."""
+        tracker = self._tracker
+        if tracker is None or tracker.channel is not message.channel:
+            tracker = self._new_tracker(message.channel)
+        delivery = _Delivery(tracker, message.delivery.delivery_tag)
+        tracker.deliveries.append(delivery)
+        self._delivered += 1
+        if self._stopping:
+            # Sent before the broker saw our basic.cancel: give it straight back.
+            tracker.settle(delivery, _REQUEUE)
+            return
+        properties = message.header.properties
+        headers: dict[str, Any] = dict(properties.headers) if properties.headers else {}
+        if properties.message_id is not None:
+            headers["message_id"] = properties.message_id
+        if message.delivery.redelivered:
+            headers["redelivered"] = True
+        count = headers.get("x-delivery-count")
+        if isinstance(count, int):
+            headers[DELIVERY_COUNT_HEADER] = count + 1
+            if self.max_deliveries is not None and count >= self.max_deliveries:
+                headers[REDELIVERED_HEADER] = True
+                self._redelivered += 1
+        priority = properties.priority or 0
+        body: bytes = message.body
+        try:
+            payload = self._decode(body)
+        except Exception as exc:
+            self._malformed += 1
+            envelope = Envelope(
+                body,
+                priority=priority,
+                headers=headers,
+                malformed=True,
+                error=exc,
+                on_ack=delivery.ack,
+                on_nack=delivery.nack,
+            )
+            self._push(envelope, delivery)
+            return
+        if not self._frames:
+            envelope = Envelope(
+                payload,
+                priority=priority,
+                headers=headers,
+                on_ack=delivery.ack,
+                on_nack=delivery.nack,
+            )
+            self._push(envelope, delivery)
+            return
+        if not payload:
+            tracker.settle(delivery, _ACK)  # an empty frame: nothing to process
+            return
+        delivery.parts = len(payload)
+        buffer = self._buffer
+        for item in payload:
+            part = _Part(delivery)
+            envelope = Envelope(
+                item, priority=priority, headers=headers, on_ack=part.ack, on_nack=part.nack
+            )
+            buffer.append((envelope, delivery))
+        self._wake()
+
+    def _push(self, envelope: Envelope, delivery: _Delivery) -> None:
+        self._buffer.append((envelope, delivery))
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _decoder(self, decode: str | Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+        if callable(decode):
+            return decode
+        if decode == "json":
+            return json.loads
+        if decode == "text":
+            return lambda body: body.decode("utf-8")
+        if decode == "bytes":
+            return _identity
+        codec = require("batchpunk.codec", "all", "RabbitMQSource(decode='frame')")
+        key = self._hmac_key
+
+        def frame(body: bytes) -> Any:
+            items = codec.decode_batch(body, hmac_key=key)
+            return items
+
+        return frame
+
+    # -- settlement ----------------------------------------------------------------------
+
+    def _mark_dirty(self, tracker: _Tracker) -> None:
+        self._dirty.append(tracker)
+        if self._flusher is None:
+            self._flusher = asyncio.get_running_loop().create_task(self._flush())
+
+    async def _flush(self) -> None:
+        """The one task that writes acks and nacks, so their frames keep their order."""
+        try:
+            while self._dirty:
+                tracker = self._dirty.pop(0)
+                await tracker.flush()
+        finally:
+            self._flusher = None
+
+    async def _drain_settlements(self) -> None:
+        while self._flusher is not None or self._dirty:
+            if self._flusher is None:
+                self._flusher = asyncio.get_running_loop().create_task(self._flush())
+            await asyncio.shield(self._flusher)
+
+    # -- shutdown ------------------------------------------------------------------------
+
+    async def stop_consuming(self) -> None:
+        """Stop taking new messages; return the ones received but not yet yielded.
+
+        Iteration ends once the buffer is empty. Envelopes already yielded stay the caller's
+        to ack or nack until ``close()``. Use it to hand the queue to other workers at once
+        when a graceful stop begins.
+        """
+        if self._stopping:
+            return
+        self._stopping = True
+        self._wake()
+        if self._resumer is not None:
+            self._resumer.cancel()
+        tag, self._consumer_tag = self._consumer_tag, None
+        if tag is not None and self._channel is not None:
+            try:
+                async with asyncio.timeout(self.close_timeout):
+                    amqp = await self._channel.get_underlay_channel()
+                    await amqp.basic_cancel(tag)
+            except self._errors as exc:
+                log.warning(
+                    "RabbitMQ consumer of queue %r not cancelled cleanly (%s)",
+                    self.queue,
+                    type(exc).__name__,
+                )
+        buffered, self._buffer = self._buffer, deque()
+        for envelope, delivery in buffered:
+            if not delivery.tracker.dead:
+                await envelope.nack(True)
+
+    async def close(self) -> None:
+        """Stop consuming, requeue what is unsettled, close channel and connection.
+
+        Call it after the pipeline has acked or nacked what it finished: anything still
+        unsettled then goes back to the queue. Safe to call twice; never raises for a broker
+        that is gone (its unacknowledged messages return to the queue anyway).
+        """
+        if self._closed is not None:
+            await asyncio.shield(self._closed)
+            return
+        self._closed = asyncio.get_running_loop().create_future()
+        try:
+            async with self._start_lock:
+                await self.stop_consuming()
+                await self._drain_settlements()
+                tracker = self._tracker
+                if tracker is not None and not tracker.dead:
+                    for delivery in list(tracker.deliveries):
+                        tracker.settle(delivery, _REQUEUE)
+                    await self._drain_settlements()
+                await self._abandon_connection()
+        finally:
+            self._closed.set_result(None)
+
+    async def _abandon_connection(self) -> None:
+        channel, self._channel = self._channel, None
+        connection, self._connection = self._connection, None
+        for what, thing in (("channel", channel), ("connection", connection)):
+            if thing is None:
+                continue
+            try:
+                async with asyncio.timeout(self.close_timeout):
+                    await thing.close()
+            except self._errors as exc:
+                log.warning(
+                    "RabbitMQ %s of queue %r not closed cleanly (%s)",
+                    what,
+                    self.queue,
+                    type(exc).__name__,
+                )
+        if self._tracker is not None:
+            self._tracker.kill()
+
+
+def _identity(body: bytes) -> bytes:
+    return body
+
+
+class _Publisher:
+    """A robust connection and a confirming channel, opened on first use, for the sinks."""
+
+    def __init__(
+        self,
+        where: str,
+        url: str,
+        exchange: str,
+        routing_key: str,
+        *,
+        declare: bool,
+        exchange_type: str,
+        queue: str | None,
+        tls: ssl.SSLContext | Mapping[str, str] | None,
+        reconnect_interval: float | None,
+        close_timeout: float,
+    ) -> None:
+        self._where = where
+        self._url = _check_url(url, where)
+        _check_type(exchange, str, f"{where}.exchange", "a name ('' for the default exchange)")
+        _check_type(routing_key, str, f"{where}.routing_key", "a string")
+        _check_type(declare, bool, f"{where}.declare", "true or false")
+        if queue is not None and (not isinstance(queue, str) or not queue):
+            raise ConfigError(f"{where}.queue: expected a queue name, got {queue!r}")
+        require("aio_pika", "rabbitmq", where)
+        self.exchange = exchange
+        self.routing_key = routing_key
+        self.declare = declare
+        self.exchange_type = exchange_type
+        self.queue = queue
+        self.reconnect_interval = reconnect_interval
+        self.close_timeout = close_timeout
+        self._context = _tls_context(tls, where)
+        self._connection: Any = None
+        self._channel: Any = None
+        self._exchange: Any = None
+        self._lock = asyncio.Lock()
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return (
+            f"{self._where}({mask_url(self._url)!r}, exchange={self.exchange!r}, "
+            f"routing_key={self.routing_key!r})"
+        )
+
+    async def _open(self) -> Any:
+        """Connect and declare once; concurrent first writes wait for the same opening."""
+        async with self._lock:
+            if self._closed:
+                raise RabbitMQError(f"{self._where}: closed")
+            if self._exchange is not None:
+                return self._exchange
+            connection = await _connect(
+                self._url, self._context, self.reconnect_interval, f"{self._where}"
+            )
+            try:
+                channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+                if self.exchange == "":
+                    exchange = channel.default_exchange
+                else:
+                    exchange = await channel.declare_exchange(
+                        self.exchange,
+                        self.exchange_type,
+                        durable=True,
+                        passive=not self.declare,
+                    )
+                if self.queue is not None:
+                    queue = await channel.declare_queue(self.queue, durable=True)
+                    if self.exchange != "":
+                        await queue.bind(exchange, self.routing_key)
+            except _channel_errors() as exc:
+                await connection.close()
+                detail = _scrub(f"{type(exc).__name__}: {exc}", self._url)
+                raise RabbitMQError(
+                    f"{self._where} at {mask_url(self._url)}: cannot open exchange "
+                    f"{self.exchange!r} ({detail})"
+                ) from None
+            self._connection, self._channel, self._exchange = connection, channel, exchange
+            return exchange
+
+    async def _publish(self, messages: Sequence[Any]) -> None:
+        """Publish all, then wait for every confirm; any failure raises RabbitMQError."""
+        aio_pika = require("aio_pika", "rabbitmq", self._where)
+        exchange = self._exchange or await self._open()
+        key = self.routing_key
+        results = await asyncio.gather(
+            *(exchange.publish(message, key, mandatory=True) for message in messages),
+            return_exceptions=True,
+        )
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if not failures:
+            return
+        first = failures[0]
+        if isinstance(first, aio_pika.exceptions.PublishError):
+            why = (
+                f"unroutable: no queue is bound to exchange {self.exchange!r} "
+                f"with routing key {key!r}"
+            )
+        elif isinstance(first, aio_pika.exceptions.DeliveryError):
+            why = "nacked by the broker"
+        else:
+            why = _scrub(f"{type(first).__name__}: {first}", self._url)
+        raise RabbitMQError(
+            f"{self._where} at {mask_url(self._url)}: {len(failures)} of {len(messages)} "
+            f"message(s) not confirmed ({why})"
+        ) from first
+
+    async def close(self) -> None:
+        """Close channel and connection; safe to call twice."""
+        async with self._lock:
+            self._closed = True
+            connection, self._connection = self._connection, None
+            self._channel = self._exchange = None
+        if connection is None:
+            return
+        try:
+            async with asyncio.timeout(self.close_timeout):
+                await connection.close()
+        except _channel_errors() as exc:
+            log.warning("%s: connection not closed cleanly (%s)", self._where, type(exc).__name__)
+
+
+class RabbitMQSink(_Publisher):
+    """Publish each batch, persistent and confirmed, before ``write`` returns.
+
+    ``mode="frame"`` (default) sends the whole batch as one message holding a batchpunk codec
+    frame (content_type FRAME_CONTENT_TYPE): the cheapest way to move batches between
+    batchpunk workers. ``mode="items"`` sends one JSON message per item, for other consumers.
+
+    Attributes:
+        url: amqp:// or amqps:// URL.
+        exchange: exchange to publish to; "" for the default exchange (routing key = queue).
+        routing_key: routing key of every message.
+        mode: "frame" or "items".
+        declare: declare the exchange (durable, ``exchange_type``) rather than require it.
+        queue: also declare this durable queue and bind it with routing_key, so that nothing
+            published is unroutable.
+        serializer, compression, hmac_key: the frame's codec settings (mode="frame").
+        tls: an ssl.SSLContext or a dict with cafile / certfile / keyfile.
+
+    A message the broker nacks or cannot route raises RabbitMQError (retryable) once every
+    confirm has arrived; an item that is not JSON in items mode fails alone (PartialFailure).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        exchange: str,
+        routing_key: str,
+        *,
+        mode: str = "frame",
+        declare: bool = True,
+        exchange_type: str = "direct",
+        queue: str | None = None,
+        serializer: str = "json",
+        compression: str = "zlib",
+        hmac_key: bytes | None = None,
+        tls: ssl.SSLContext | Mapping[str, str] | None = None,
+        reconnect_interval: float | None = None,
+        close_timeout: float = 5.0,
+    ) -> None:
+        if mode not in SINK_MODES:
+            raise ConfigError(
+                f"RabbitMQSink.mode: expected one of {', '.join(SINK_MODES)}, got {mode!r}"
+            )
+        super().__init__(
+            "RabbitMQSink",
+            url,
+            exchange,
+            routing_key,
+            declare=declare,
+            exchange_type=exchange_type,
+            queue=queue,
+            tls=tls,
+            reconnect_interval=reconnect_interval,
+            close_timeout=close_timeout,
+        )
+        self.mode = mode
+        self._codec_options: dict[str, Any] = {
+            "serializer": serializer,
+            "compression": compression,
+            "hmac_key": hmac_key,
+        }
+
+    async def write(self, batch: Sequence[Any]) -> None:
+        """Publish the batch; returns once the broker confirmed every message."""
+        if not batch:
+            return
+        aio_pika = require("aio_pika", "rabbitmq", "RabbitMQSink")
+        persistent = aio_pika.DeliveryMode.PERSISTENT
+        if self.mode == "frame":
+            codec = require("batchpunk.codec", "all", "RabbitMQSink(mode='frame')")
+            body = codec.encode_batch(list(batch), **self._codec_options)
+            message = aio_pika.Message(
+                body,
+                content_type=FRAME_CONTENT_TYPE,
+                delivery_mode=persistent,
+                headers={"x-batchpunk-count": len(batch)},
+            )
+            await self._publish([message])
+            return
+        messages: list[Any] = []
+        failures: dict[int, BaseException] = {}
+        for index, item in enumerate(batch):
+            try:
+                body = json.dumps(item, separators=(",", ":")).encode()
+            except (TypeError, ValueError) as exc:
+                failures[index] = exc
+                continue
+            messages.append(
+                aio_pika.Message(body, content_type="application/json", delivery_mode=persistent)
+            )
+        if messages:
+            await self._publish(messages)
+        if failures:
+            raise PartialFailure(failures)
+
+
+class RabbitMQDeadLetters(_Publisher):
+    """A DeadLetterSink that publishes each letter as a persistent, confirmed JSON message.
+
+    The body is a JSON object: message, message_encoding ("json", "utf-8", "base64"), reason,
+    error, error_type, attempts, first_seen, key, priority, headers, traceback. The AMQP headers
+    repeat x-batchpunk-reason, x-batchpunk-error, x-batchpunk-error-type, x-batchpunk-attempts,
+    so a consumer can route or filter without parsing the body. ``put`` returns only once the
+    broker confirmed every letter; otherwise it raises DeadLetterError and batchpunk retries.
+
+    Give ``queue`` to declare a durable queue bound to the exchange: an exchange without a
+    bound queue drops messages, which here would be an error on every put.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        exchange: str,
+        routing_key: str,
+        *,
+        declare: bool = True,
+        exchange_type: str = "direct",
+        queue: str | None = None,
+        tls: ssl.SSLContext | Mapping[str, str] | None = None,
+        reconnect_interval: float | None = None,
+        close_timeout: float = 5.0,
+    ) -> None:
+        super().__init__(
+            "RabbitMQDeadLetters",
+            url,
+            exchange,
+            routing_key,
+            declare=declare,
+            exchange_type=exchange_type,
+            queue=queue,
+            tls=tls,
+            reconnect_interval=reconnect_interval,
+            close_timeout=close_timeout,
+        )
+
+    async def put(self, letters: Sequence[DeadLetter]) -> None:
+        """Publish the letters; returns once all are confirmed by the broker."""
+        if not letters:
+            return
+        aio_pika = require("aio_pika", "rabbitmq", "RabbitMQDeadLetters")
+        messages = []
+        for letter in letters:
+            error = "" if letter.error is None else str(letter.error)
+            messages.append(
+                aio_pika.Message(
+                    letter_to_json(letter),
+                    content_type="application/json",
+                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                    headers={
+                        "x-batchpunk-reason": letter.reason,
+                        "x-batchpunk-error": error[:1000],
+                        "x-batchpunk-error-type": letter.error_type,
+                        "x-batchpunk-attempts": letter.attempts,
+                    },
+                )
+            )
+        try:
+            await self._publish(messages)
+        except RabbitMQError as exc:
+            raise DeadLetterError(str(exc)) from exc
+
+
+def letter_to_json(letter: DeadLetter) -> bytes:
+    """A dead letter as the JSON body RabbitMQDeadLetters publishes."""
+    message: Any = letter.message
+    encoding = "json"
+    if isinstance(message, bytes | bytearray | memoryview):
+        raw = bytes(message)
+        try:
+            message, encoding = raw.decode("utf-8"), "utf-8"
+        except UnicodeDecodeError:
+            message, encoding = base64.b64encode(raw).decode("ascii"), "base64"
+    else:
+        try:
+            json.dumps(message)
+        except (TypeError, ValueError):
+            message, encoding = repr(message), "repr"
+    document = {
+        "message": message,
+        "message_encoding": encoding,
+        "reason": letter.reason,
+        "error": None if letter.error is None else str(letter.error),
+        "error_type": letter.error_type,
+        "attempts": letter.attempts,
+        "first_seen": letter.first_seen,
+        "key": letter.key,
+        "priority": letter.priority,
+        "headers": letter.headers,
+        "traceback": letter.traceback,
+    }
+    return json.dumps(document, default=_json_fallback).encode()
+
+
+def _json_fallback(value: Any) -> Any:
+    """Headers and keys may hold AMQP types JSON lacks (bytes, datetime, Decimal)."""
+    if isinstance(value, bytes | bytearray):
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            return binascii.b2a_base64(bytes(value), newline=False).decode("ascii")
+    return str(value)
