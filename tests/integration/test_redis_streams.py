@@ -107,7 +107,7 @@ async def test_acked_entries_are_xacked_and_nothing_stays_pending(
     ids = await add(client, stream, *({"id": i} for i in range(50)))
     source = sources(count=7)
     envelopes = await take(source, 50)
-    assert [e.headers["redis_id"] for e in envelopes] == ids
+    assert [e.headers["message_id"] for e in envelopes] == ids
     assert await pending(client, stream) == 50
     for envelope in envelopes:
         await envelope.ack()
@@ -140,8 +140,8 @@ async def test_restarted_consumer_reads_its_own_pending_entries_first(
     new = await add(client, stream, *({"id": i} for i in range(5, 8)))
     second = sources("w1")
     envelopes = await take(second, 8)
-    assert [e.headers["redis_id"] for e in envelopes] == old + new
-    assert [e.headers["redis_delivery_count"] for e in envelopes] == [2] * 5 + [1] * 3
+    assert [e.headers["message_id"] for e in envelopes] == old + new
+    assert [e.headers["delivery_count"] for e in envelopes] == [2] * 5 + [1] * 3
     for envelope in envelopes:
         await envelope.ack()
     await second.close()
@@ -157,8 +157,8 @@ async def test_janitor_claims_the_entries_of_a_dead_consumer(
     ids = await add(client, stream, *({"id": i} for i in range(4)))
     await client.xreadgroup(GROUP, "dead", {stream: ">"}, count=10)  # the consumer then dies
     envelopes = await take(source, 4, seconds=5)
-    assert sorted(e.headers["redis_id"] for e in envelopes) == ids
-    assert all(e.headers["redis_delivery_count"] == 2 for e in envelopes)
+    assert sorted(e.headers["message_id"] for e in envelopes) == ids
+    assert all(e.headers["delivery_count"] == 2 for e in envelopes)
     assert not any(e.headers.get(REDELIVERED) for e in envelopes)
     for envelope in envelopes:
         await envelope.ack()
@@ -196,11 +196,11 @@ async def test_delivery_count_over_max_deliveries_is_flagged_redelivered(
     envelopes = {e.payload["id"]: e for e in await take(source, 2, seconds=5)}
     flagged, normal = envelopes["poison"], envelopes["fine"]
     assert flagged.headers[REDELIVERED] is True
-    assert flagged.headers["redis_delivery_count"] == 11
+    assert flagged.headers["delivery_count"] == 11
     assert isinstance(flagged.error, DeliveryLimitExceeded)
     assert "max_deliveries=10" in str(flagged.error)
     assert REDELIVERED not in normal.headers
-    assert normal.headers["redis_delivery_count"] == 4
+    assert normal.headers["delivery_count"] == 4
     await flagged.nack(requeue=False)  # the pipeline dead-letters it, then rejects it
     await normal.ack()
     await source.close()
@@ -362,7 +362,7 @@ async def test_pending_entry_trimmed_away_is_reported_as_lost(
     assert lost.malformed
     assert lost.payload is None
     assert isinstance(lost.error, StreamEntryLost)
-    assert lost.headers["redis_id"] == entry_id
+    assert lost.headers["message_id"] == entry_id
     await lost.ack()
     await second.close()
     assert await pending(client, stream) == 0

@@ -560,9 +560,9 @@ class RedisStreamSource:
         self, entry_id: str, fields: Mapping[bytes, bytes], count: int
     ) -> list[Envelope]:
         headers: dict[str, Any] = {
-            "redis_stream": self.stream,
-            "redis_id": entry_id,
-            "redis_delivery_count": count,
+            "stream": self.stream,
+            "message_id": entry_id,
+            "delivery_count": count,
         }
         raw = fields.get(self._field_bytes)
         error: BaseException | None = None
@@ -599,7 +599,7 @@ class RedisStreamSource:
             self,
             entry_id,
         )
-        headers = {"redis_stream": self.stream, "redis_id": entry_id}
+        headers = {"stream": self.stream, "message_id": entry_id}
         error = StreamEntryLost(
             f"stream entry {entry_id} of {self.stream!r} was trimmed or deleted before it was "
             "acknowledged; its data is gone (raise the stream's MAXLEN)"
@@ -790,7 +790,7 @@ class RedisStreamSource:
             self._reader = self._janitor = None
             unhanded = list(self._buffer)
             self._buffer.clear()
-            for entry_id in {e.headers["redis_id"] for e in unhanded}:
+            for entry_id in {e.headers["message_id"] for e in unhanded}:
                 entry = self._held.pop(entry_id, None)
                 if entry is not None:
                     self._requeues.append(entry_id)
