@@ -17,8 +17,19 @@ __all__ = [
     "DeadLetter",
     "DeadLetterSink",
     "MemoryDeadLetters",
+    "JsonlDeadLetters",
+    "SqliteDeadLetters",
     "REASONS",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # The durable sinks need the codec; load them on first use so this module stays light.
+    if name in ("JsonlDeadLetters", "SqliteDeadLetters", "StoredError"):
+        from batchpunk import deadletter_sinks
+
+        return getattr(deadletter_sinks, name)
+    raise AttributeError(f"module 'batchpunk.deadletter' has no attribute {name!r}")
 
 #: Why a message was dead-lettered.
 REASONS = ("failed", "dropped", "expired", "shutdown", "malformed", "redelivered")
