@@ -27,11 +27,12 @@ import contextlib
 import importlib
 import json
 import logging
+import re
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from batchpunk.config import BatchConfig
 from batchpunk.envelope import Envelope
@@ -75,22 +76,20 @@ class DeliveryLimitExceeded(BatchpunkError):
     """
 
 
+_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*")
+
+
 def mask_url(url: str) -> str:
     """The URL with its password (in the userinfo or a ``password=`` query) replaced by ***."""
     try:
         parts = urlsplit(url)
     except ValueError:
         return "<unparsable url>"
-    netloc = parts.netloc
     if parts.password is not None:
-        user = parts.username or ""
-        host = netloc.rpartition("@")[2]
-        netloc = f"{user}:***@{host}"
-    query = parts.query
-    if "password" in query:
-        pairs = [(k, "***" if k == "password" else v) for k, v in parse_qsl(query, True)]
-        query = urlencode(pairs, safe="*")
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+        user, _, _ = parts.netloc.rpartition("@")[0].partition(":")
+        host = parts.netloc.rpartition("@")[2]
+        url = url.replace(parts.netloc, f"{user}:***@{host}", 1)
+    return _QUERY_PASSWORD.sub(r"\g<1>***", url)
 
 
 def _secret(url: str) -> str | None:
