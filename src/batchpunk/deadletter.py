@@ -17,14 +17,13 @@ __all__ = [
     "DeadLetter",
     "DeadLetterSink",
     "MemoryDeadLetters",
-    "JsonlDeadLetters",
-    "SqliteDeadLetters",
     "REASONS",
 ]
 
 
 def __getattr__(name: str) -> Any:
-    # The durable sinks need the codec; load them on first use so this module stays light.
+    # JsonlDeadLetters and SqliteDeadLetters live in deadletter_sinks (they need the codec);
+    # they load on first use so that this module, which the engine imports, stays light.
     if name in ("JsonlDeadLetters", "SqliteDeadLetters", "StoredError"):
         from batchpunk import deadletter_sinks
 
