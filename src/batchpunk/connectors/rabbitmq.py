@@ -48,6 +48,7 @@ __all__ = [
     "RabbitMQSink",
     "RabbitMQDeadLetters",
     "RabbitMQError",
+    "DeliveryLimitExceeded",
     "REDELIVERED_HEADER",
     "DELIVERY_COUNT_HEADER",
     "FRAME_CONTENT_TYPE",
@@ -81,6 +82,13 @@ class RabbitMQError(BatchpunkError, ConnectionError):
 
     It derives from ConnectionError because every such failure is worth a retry: a nack is
     transient, and an unroutable message succeeds once the missing binding exists.
+    """
+
+
+class DeliveryLimitExceeded(BatchpunkError):
+    """A message was delivered more than ``max_deliveries`` times: likely one that crashes or
+    stalls every worker that takes it. The ``error`` of an envelope flagged REDELIVERED_HEADER,
+    so its dead letter says why.
     """
 
 
@@ -357,6 +365,11 @@ class RabbitMQSource:
     Choose the defaults for a durable classic queue; ``quorum=True`` for a replicated queue with
     a delivery count, which ``max_deliveries`` needs. Call ``prepare(config)`` before iterating
     (the pipeline does) so the prefetch fits the batches.
+
+    Envelope headers: ``queue``; ``message_id`` and ``redelivered`` (the AMQP flag) when set;
+    ``delivery_count`` (quorum queues); ``amqp_headers`` (the message's own headers) when it has
+    any; REDELIVERED_HEADER (True) past max_deliveries, with ``error`` a DeliveryLimitExceeded.
+    The envelope's priority is the AMQP priority.
 
     Attributes:
         url: amqp:// or amqps:// URL (user, password, host, port, vhost).
@@ -690,17 +703,26 @@ class RabbitMQSource:
             tracker.settle(delivery, _REQUEUE)
             return
         properties = message.header.properties
-        headers: dict[str, Any] = dict(properties.headers) if properties.headers else {}
+        headers: dict[str, Any] = {"queue": self.queue}
         if properties.message_id is not None:
             headers["message_id"] = properties.message_id
         if message.delivery.redelivered:
             headers["redelivered"] = True
-        count = headers.get("x-delivery-count")
-        if isinstance(count, int):
-            headers[DELIVERY_COUNT_HEADER] = count + 1
-            if self.max_deliveries is not None and count >= self.max_deliveries:
-                headers[REDELIVERED_HEADER] = True
-                self._redelivered += 1
+        error: BaseException | None = None
+        amqp_headers = properties.headers
+        if amqp_headers:
+            headers["amqp_headers"] = amqp_headers
+            count = amqp_headers.get("x-delivery-count")
+            if isinstance(count, int):
+                headers[DELIVERY_COUNT_HEADER] = count + 1
+                if self.max_deliveries is not None and count >= self.max_deliveries:
+                    headers[REDELIVERED_HEADER] = True
+                    self._redelivered += 1
+                    error = DeliveryLimitExceeded(
+                        f"message {properties.message_id or delivery.tag} of queue "
+                        f"{self.queue!r} was delivered {count + 1} times, more than "
+                        f"max_deliveries={self.max_deliveries}"
+                    )
         priority = properties.priority or 0
         body: bytes = message.body
         try:
@@ -723,6 +745,7 @@ class RabbitMQSource:
                 payload,
                 priority=priority,
                 headers=headers,
+                error=error,
                 on_ack=delivery.ack,
                 on_nack=delivery.nack,
             )
@@ -736,7 +759,12 @@ class RabbitMQSource:
         for item in payload:
             part = _Part(delivery)
             envelope = Envelope(
-                item, priority=priority, headers=headers, on_ack=part.ack, on_nack=part.nack
+                item,
+                priority=priority,
+                headers=headers,
+                error=error,
+                on_ack=part.ack,
+                on_nack=part.nack,
             )
             buffer.append((envelope, delivery))
         self._wake()
@@ -1007,7 +1035,7 @@ class RabbitMQSink(_Publisher):
         declare: declare the exchange (durable, ``exchange_type``) rather than require it.
         queue: also declare this durable queue and bind it with routing_key, so that nothing
             published is unroutable.
-        serializer, compression, hmac_key: the frame's codec settings (mode="frame").
+        serializer, compression, level, hmac_key: the frame's codec settings (mode="frame").
         tls: an ssl.SSLContext or a dict with cafile / certfile / keyfile.
 
     A message the broker nacks or cannot route raises RabbitMQError (retryable) once every
@@ -1026,6 +1054,7 @@ class RabbitMQSink(_Publisher):
         queue: str | None = None,
         serializer: str = "json",
         compression: str = "zlib",
+        level: int | None = None,
         hmac_key: bytes | None = None,
         tls: ssl.SSLContext | Mapping[str, str] | None = None,
         reconnect_interval: float | None = None,
@@ -1047,10 +1076,17 @@ class RabbitMQSink(_Publisher):
             reconnect_interval=reconnect_interval,
             close_timeout=close_timeout,
         )
+        if mode == "frame":
+            codec = require("batchpunk.codec", "all", "RabbitMQSink(mode='frame')")
+            try:
+                codec.validate_options(serializer, compression, level, level_name="level")
+            except ValueError as exc:
+                raise ConfigError(f"RabbitMQSink.{exc}") from None
         self.mode = mode
         self._codec_options: dict[str, Any] = {
             "serializer": serializer,
             "compression": compression,
+            "level": level,
             "hmac_key": hmac_key,
         }
 
