@@ -333,6 +333,23 @@ async def test_entries_read_but_never_handed_out_are_requeued_on_close(
     assert len(rows) == 9
 
 
+async def test_stop_consuming_ends_iteration_while_acks_still_work(
+    client: Any, stream: str, sources: Callable[..., RedisStreamSource]
+) -> None:
+    """After stop_consuming() iteration ends, ack_many still XACKs, and read-ahead is given back."""
+    await add(client, stream, *({"id": i} for i in range(10)))
+    source = sources("draining", count=10, claim_idle=30.0)
+    taken = await take(source, 3)
+    source.stop_consuming()
+    with pytest.raises(StopAsyncIteration):
+        await source.__anext__()
+    await source.ack_many(taken)
+    await source.close()
+    assert await pending(client, stream) == 7
+    rows = await client.xautoclaim(stream, GROUP, "other", 30_000, "0-0", justid=True)
+    assert len(rows) == 7
+
+
 async def test_cancelling_a_waiting_reader_loses_no_entry(
     client: Any, stream: str, sources: Callable[..., RedisStreamSource]
 ) -> None:

@@ -192,6 +192,13 @@ def _positive_int(owner: str, field: str, value: Any) -> int:
     return value
 
 
+async def _wait(event: asyncio.Event, seconds: float) -> bool:
+    """Wait up to ``seconds`` for ``event``; whether it is set. Cancels only an Event.wait()."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(event.wait(), seconds)
+    return event.is_set()
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -309,13 +316,15 @@ class RedisStreamSource:
         self._errors: Any = None
         self._started = False
         self._start_lock = asyncio.Lock()
+        self._consuming = True  # until stop_consuming() or close()
         self._closing = False
         self._close_lock = asyncio.Lock()
         self._buffer: deque[Envelope] = deque()
         self._held: dict[str, _Entry] = {}
         self._ready = asyncio.Event()
         self._demand = asyncio.Event()
-        self._stop = asyncio.Event()
+        self._stop_reading = asyncio.Event()  # set by stop_consuming() and close()
+        self._stop = asyncio.Event()  # set by close()
         self._failure: BaseException | None = None
         self._reader: asyncio.Task[None] | None = None
         self._janitor: asyncio.Task[None] | None = None
@@ -351,7 +360,7 @@ class RedisStreamSource:
         if not self._started:
             await self._start()
         while True:
-            if self._closing:
+            if not self._consuming:
                 raise StopAsyncIteration
             if self._buffer:
                 envelope = self._buffer.popleft()
@@ -365,7 +374,7 @@ class RedisStreamSource:
 
     async def _start(self) -> None:
         async with self._start_lock:
-            if self._started or self._closing:
+            if self._started or not self._consuming:
                 return
             redis = require("redis.asyncio", "redis", "RedisStreamSource")
             self._errors = require("redis.exceptions", "redis", "RedisStreamSource")
@@ -426,7 +435,7 @@ class RedisStreamSource:
         """Fill the buffer on demand: own pending entries first, then new ones."""
         errors = self._errors
         failures = 0
-        while not self._closing:
+        while self._consuming:
             if len(self._buffer) >= self.count:
                 self._demand.clear()
                 await self._demand.wait()
@@ -466,6 +475,7 @@ class RedisStreamSource:
                 self._fail(exc)
                 return
             self._push(envelopes)
+        self._requeue_unhanded()
 
     async def _read_pending(self) -> list[Envelope]:
         reply = await self._client.xreadgroup(
@@ -534,13 +544,7 @@ class RedisStreamSource:
         )
 
     async def _retry_later(self, failures: int) -> None:
-        await self._stopped_within(min(_MAX_BACKOFF, 0.1 * 2**failures))
-
-    async def _stopped_within(self, seconds: float) -> bool:
-        """Sleep up to ``seconds``, waking early when close() begins; True once closing."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stop.wait(), seconds)
-        return self._closing
+        await _wait(self._stop_reading, min(_MAX_BACKOFF, 0.1 * 2**failures))
 
     # -- turning entries into envelopes ----------------------------------------------------
 
@@ -711,10 +715,11 @@ class RedisStreamSource:
         """Keep held entries fresh and claim dead consumers' idle ones, every claim_idle / 3."""
         errors = self._errors
         period = self.claim_idle / 3
-        while not await self._stopped_within(period):
+        while not await _wait(self._stop, period):
             try:
                 await self._refresh_held()
-                await self._claim_idle()
+                if self._consuming:
+                    await self._claim_idle()
             except (errors.ConnectionError, errors.TimeoutError, OSError) as exc:
                 self._log_transient("janitor pass", exc)
             except errors.ResponseError as exc:
@@ -738,7 +743,7 @@ class RedisStreamSource:
         cursor = "0-0"
         min_idle = round(self.claim_idle * 1000)
         pages = 0
-        while not self._closing:
+        while self._consuming:
             if pages and len(self._buffer) >= self.count:
                 return
             reply = await self._client.xautoclaim(
@@ -768,7 +773,38 @@ class RedisStreamSource:
             if cursor == "0-0":
                 return
 
-    # -- closing -----------------------------------------------------------------------------
+    # -- stopping and closing ----------------------------------------------------------------
+
+    def stop_consuming(self) -> None:
+        """End the iteration soon, while acks, nacks and held-entry refreshes keep working.
+
+        For a pipeline that drains: no new reads or claims start, a waiting ``__anext__`` ends,
+        and close() later finishes the job. The in-flight XREADGROUP still returns normally.
+        """
+        self._consuming = False
+        self._stop_reading.set()
+        self._ready.set()
+        self._demand.set()
+
+    def _requeue_unhanded(self) -> None:
+        """Give back entries read ahead that iteration will never hand out (it has ended)."""
+        unhanded = list(self._buffer)
+        self._buffer.clear()
+        for entry_id in dict.fromkeys(e.headers["message_id"] for e in unhanded):
+            entry = self._held.pop(entry_id, None)
+            if entry is not None:
+                self._requeues.append(entry_id)
+        if unhanded:
+            self._wake_settler()
+
+    async def ack_many(self, envelopes: Sequence[Envelope]) -> None:
+        """Acknowledge many envelopes at once (same effect as ack() on each, without awaits)."""
+        for envelope in envelopes:
+            piece = getattr(envelope.on_ack, "__self__", None)
+            if isinstance(piece, _Piece) and piece.source is self:
+                piece.settle(requeue=False)
+            else:
+                await envelope.ack()
 
     async def close(self) -> None:
         """Stop reading, flush queued acks, close the connections. Safe to call again.
@@ -779,20 +815,14 @@ class RedisStreamSource:
         settling them late (their XACKs are sent then).
         """
         async with self._close_lock:
+            self.stop_consuming()
             self._closing = True
             self._stop.set()
-            self._ready.set()
-            self._demand.set()
             for task in (self._reader, self._janitor):
                 if task is not None:  # returns within `block`; shielded so a cancelled close()
                     await asyncio.shield(task)  # never cancels a command halfway
             self._reader = self._janitor = None
-            unhanded = list(self._buffer)
-            self._buffer.clear()
-            for entry_id in {e.headers["message_id"] for e in unhanded}:
-                entry = self._held.pop(entry_id, None)
-                if entry is not None:
-                    self._requeues.append(entry_id)
+            self._requeue_unhanded()
             self._settle_final = True
             if self._client is None:
                 return
