@@ -1,0 +1,112 @@
+"""PostgresSink write throughput: COPY, idempotent COPY, and one INSERT per row, in one run.
+
+Run: python bench/postgres_sink.py [--quick] [--dsn DSN] [--batch 1000]
+
+Each mode writes into its own fresh table (dropped afterwards) from one writer, so the figures
+compare the write paths, not the concurrency. "Redelivered" writes the idempotent table's batches
+a second time: the cost of absorbing a broker's redelivery. The baseline is what a consumer
+without batching does: one autocommit INSERT per message (bench/_postgres_baseline.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from batchpunk.connectors.postgres import PostgresSink
+
+try:
+    from bench._postgres_baseline import insert_one_at_a_time
+except ImportError:  # run as a script: bench/ itself is on sys.path
+    from _postgres_baseline import insert_one_at_a_time  # type: ignore[no-redef]
+
+COLUMNS = ("id", "body", "n")
+
+
+def payloads(count: int) -> list[dict[str, Any]]:
+    return [{"id": i, "body": f"event body number {i}", "n": i % 1000} for i in range(count)]
+
+
+async def make_table(admin: Any) -> str:
+    name = f"bp_bench_{uuid.uuid4().hex[:10]}"
+    await admin.execute(
+        f"CREATE TABLE {name} (id bigint PRIMARY KEY, body text NOT NULL, n int, "
+        "created timestamptz NOT NULL DEFAULT now())"
+    )
+    return name
+
+
+async def through_sink(
+    dsn: str, table: str, rows: Sequence[dict[str, Any]], batch: int, key: str | None
+) -> float:
+    """Seconds to write rows in batches through one PostgresSink (pool opened beforehand)."""
+    sink = PostgresSink(dsn, table, COLUMNS, idempotency_key=key, pool_min=1, pool_max=1)
+    await sink.open()
+    try:
+        started = time.perf_counter()
+        for start in range(0, len(rows), batch):
+            await sink.write(rows[start : start + batch])
+        return time.perf_counter() - started
+    finally:
+        await sink.close()
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a short run (a few seconds)")
+    parser.add_argument("--dsn", default="postgresql://postgres@127.0.0.1:5432/test")
+    parser.add_argument("--batch", type=int, default=1000, help="rows per write (default 1000)")
+    args = parser.parse_args()
+    bulk = 20_000 if args.quick else 200_000
+    single = 1_000 if args.quick else 5_000
+
+    import asyncpg
+
+    admin = await asyncpg.connect(args.dsn)
+    version = await admin.fetchval("SHOW server_version")
+    tables: list[str] = []
+    results: list[tuple[str, int, float]] = []
+    try:
+        rows = payloads(bulk)
+        copy_table = await make_table(admin)
+        tables.append(copy_table)
+        seconds = await through_sink(args.dsn, copy_table, rows, args.batch, None)
+        results.append(("COPY", bulk, seconds))
+
+        idem_table = await make_table(admin)
+        tables.append(idem_table)
+        seconds = await through_sink(args.dsn, idem_table, rows, args.batch, "id")
+        results.append(("idempotent COPY, new rows", bulk, seconds))
+        seconds = await through_sink(args.dsn, idem_table, rows, args.batch, "id")
+        results.append(("idempotent COPY, redelivered", bulk, seconds))
+
+        one_table = await make_table(admin)
+        tables.append(one_table)
+        count, seconds = await insert_one_at_a_time(args.dsn, one_table, COLUMNS, payloads(single))
+        results.append(("one INSERT per row (baseline)", count, seconds))
+
+        for table, expected in ((copy_table, bulk), (idem_table, bulk), (one_table, single)):
+            stored = await admin.fetchval(f"SELECT count(*) FROM {table}")
+            assert stored == expected, f"{table}: {stored} rows, expected {expected}"
+    finally:
+        for table in tables:
+            await admin.execute(f"DROP TABLE IF EXISTS {table}")
+        await admin.close()
+
+    baseline = results[-1][1] / results[-1][2]
+    print(
+        f"PostgresSink write throughput: PostgreSQL {version}, batches of {args.batch}, "
+        "one writer, one connection"
+    )
+    print(f"  {'mode':<32}{'rows':>9}{'seconds':>10}{'rows/s':>11}{'vs baseline':>13}")
+    for name, count, seconds in results:
+        rate = count / seconds
+        print(f"  {name:<32}{count:>9}{seconds:>10.2f}{rate:>11,.0f}{rate / baseline:>12.1f}x")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
