@@ -10,15 +10,19 @@ refused after at most one extra byte.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Iterator
 from typing import Any
 
 from batchpunk.codec.options import LEVEL_RANGES
 from batchpunk.errors import FrameError, require
 
-__all__ = ["CHUNK", "compress", "decompress"]
+__all__ = ["CHUNK", "INPUT_CHUNK", "compress", "decompress"]
 
 #: Most bytes one decompression step may produce.
 CHUNK = 256 * 1024
+#: Compressed bytes handed to a decompressor at once, so that its copies of unconsumed input
+#: stay small whatever the payload size.
+INPUT_CHUNK = 64 * 1024
 
 _GZIP_WBITS = 31  # zlib's deflate with a gzip header and trailer (mtime 0: deterministic)
 
@@ -75,31 +79,43 @@ def _too_much(compression: str, size: int) -> FrameError:
     )
 
 
+def _pieces(payload: bytes | memoryview) -> Iterator[tuple[memoryview, int]]:
+    """The input in INPUT_CHUNK slices (no copies), each with the bytes left after it."""
+    view = memoryview(payload)
+    for start in range(0, len(view), INPUT_CHUNK):
+        piece = view[start : start + INPUT_CHUNK]
+        yield piece, len(view) - start - len(piece)
+
+
 def _inflate(payload: bytes | memoryview, compression: str, size: int) -> bytearray:
     wbits = _GZIP_WBITS if compression == "gzip" else zlib.MAX_WBITS
     inflater = zlib.decompressobj(wbits)
     out = bytearray()
-    pending: Any = payload
     try:
-        while True:
-            # max_length is at least 1: zlib reads 0 as "no limit".
-            chunk = inflater.decompress(pending, min(CHUNK, size + 1 - len(out)))
-            out += chunk
-            if len(out) > size:
-                raise _too_much(compression, size)
-            if inflater.eof:
-                break
-            pending = inflater.unconsumed_tail
-            if not pending and not chunk:
-                raise FrameError(f"payload is truncated: the {compression} stream does not end")
+        for piece, rest in _pieces(payload):
+            pending: Any = piece
+            while True:
+                # max_length is at least 1: zlib reads 0 as "no limit".
+                limit = min(CHUNK, size + 1 - len(out))
+                chunk = inflater.decompress(pending, limit)
+                out += chunk
+                if len(out) > size:
+                    raise _too_much(compression, size)
+                if inflater.eof:
+                    trailing = len(inflater.unused_data) + rest
+                    if trailing:
+                        raise FrameError(
+                            f"payload has {trailing} bytes after the end of its {compression} "
+                            "stream"
+                        )
+                    return out
+                pending = inflater.unconsumed_tail
+                # Done with this piece once its input is used up and the output was not capped.
+                if not pending and len(chunk) < limit:
+                    break
     except zlib.error as exc:
         raise FrameError(f"payload does not decompress as {compression}: {exc}") from exc
-    if inflater.unused_data:
-        raise FrameError(
-            f"payload has {len(inflater.unused_data)} bytes after the end of its {compression} "
-            "stream"
-        )
-    return out
+    raise FrameError(f"payload is truncated: the {compression} stream does not end")
 
 
 def _unzstd(payload: bytes | memoryview, size: int) -> bytearray:
@@ -129,24 +145,28 @@ def _unlz4(payload: bytes | memoryview, size: int) -> bytearray:
     lz4_frame = require("lz4.frame", "lz4", "reading lz4 frames")
     inflater = lz4_frame.LZ4FrameDecompressor()
     out = bytearray()
-    pending: Any = payload
     try:
-        while True:
-            chunk = inflater.decompress(pending, max_length=min(CHUNK, size + 1 - len(out)))
-            pending = b""
-            out += chunk
-            if len(out) > size:
-                raise _too_much("lz4", size)
-            if inflater.eof:
-                break
-            if inflater.needs_input:
-                raise FrameError("payload is truncated: the lz4 frame does not end")
-            if not chunk:
-                raise FrameError("payload does not decompress as lz4: the decoder made no progress")
+        for piece, rest in _pieces(payload):
+            pending: Any = piece
+            while True:
+                chunk = inflater.decompress(pending, max_length=min(CHUNK, size + 1 - len(out)))
+                pending = b""  # the decompressor keeps what it did not consume
+                out += chunk
+                if len(out) > size:
+                    raise _too_much("lz4", size)
+                if inflater.eof:
+                    trailing = len(inflater.unused_data or b"") + rest
+                    if trailing:
+                        raise FrameError(
+                            f"payload has {trailing} bytes after the end of its lz4 frame"
+                        )
+                    return out
+                if inflater.needs_input:
+                    break
+                if not chunk:
+                    raise FrameError(
+                        "payload does not decompress as lz4: the decoder made no progress"
+                    )
     except RuntimeError as exc:  # python-lz4 reports corrupt input as RuntimeError
         raise FrameError(f"payload does not decompress as lz4: {exc}") from exc
-    if inflater.unused_data:
-        raise FrameError(
-            f"payload has {len(inflater.unused_data)} bytes after the end of its lz4 frame"
-        )
-    return out
+    raise FrameError("payload is truncated: the lz4 frame does not end")
