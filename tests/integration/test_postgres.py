@@ -155,6 +155,24 @@ async def test_copy_path_has_no_idempotency_a_duplicate_is_a_data_error(
     assert caught.value.retryable is False
 
 
+async def test_a_batch_of_mostly_bad_rows_is_left_to_the_engines_bisection(
+    pg: Any, table: str
+) -> None:
+    """Past about log2(n) bad rows the sink stops rewriting the rest and fails the batch whole."""
+    sink = PostgresSink(DSN, table, ("id", "body"))
+    try:
+        await sink.write(rows(0, 64))
+        with pytest.raises(PostgresDataError, match="already exists") as caught:
+            await sink.write(rows(0, 64))  # redelivered into a table without a key
+        assert caught.value.index is None  # the batch, not one row
+        with pytest.raises(PartialFailure) as partial:
+            await sink.write([*rows(60, 3), *rows(100, 61)])  # three bad rows: isolated
+        assert sorted(partial.value.failures) == [0, 1, 2]
+    finally:
+        await sink.close()
+    assert await ids(pg, table) == [*range(64), *range(100, 161)]
+
+
 # -- the idempotent path ----------------------------------------------------------------------
 
 

@@ -20,8 +20,9 @@ Errors are translated at the seam into three classes that carry ``retryable``::
 A bad row is isolated inside ``write()`` whenever the failure says which row it was (the COPY
 line, an encoding probe, a NOT NULL column): the other rows are written and ``write()`` raises
 ``PartialFailure`` for the bad ones only. When the failure names no row (a CHECK or foreign key
-failing in the idempotent INSERT) the whole batch fails with a non-retryable error and the engine
-splits it; a single-row batch's error always names its row.
+failing in the idempotent INSERT), or more than about log2(n) rows of a batch of n are bad (a
+redelivery into a table without a key), the whole batch fails with a non-retryable error and the
+engine's bisection takes over; a single-row batch's error always names its row.
 
 The DSN's password never appears in a log line, a repr or an error message.
 """
@@ -382,6 +383,9 @@ class PostgresSink:
         shaped = self._shape(batch, info)
         failures = shaped.failures
         pending = shaped.rows
+        # Rewriting the rest after each located row costs a COPY of the batch per bad row; past
+        # about log2(n) bad rows, the engine's bisection sends fewer rows in total.
+        rounds_left = max(4, len(pending).bit_length())
         try:
             async with pool.acquire(timeout=self._timeout) as conn:
                 while pending:
@@ -395,7 +399,8 @@ class PostgresSink:
                         bad = await self._locate(conn, shaped.columns, pending, exc)
                         if not bad and len(pending) == 1:
                             bad = {0: error}
-                        if not bad:
+                        rounds_left -= 1
+                        if not bad or (rounds_left < 0 and len(pending) > 1):
                             raise error from self._cause(exc)
                         for position, row_error in bad.items():
                             index, values = pending[position]
