@@ -164,6 +164,44 @@ async def test_undecodable_messages_come_out_malformed_with_their_raw_bytes(sour
         assert isinstance(undecodable.error, UnicodeDecodeError)
 
 
+async def test_frames_round_trip_and_settle_their_message_once_all_items_are(sources) -> None:
+    """A frame-encoded batch comes out item by item; its message is acked after the last item."""
+    async with fresh_stream() as (js, stream, subject):
+        sink = NatsJetStreamSink(NATS_URL, subject, stream=stream, encode="frame", hmac_key=b"k")
+        batch = [{"id": i} for i in range(5)]
+        assert await sink.write(batch) == [1] * 5
+        await sink.close()
+        durable = unique("D")
+        source = make(sources, stream, subject, durable, decode="frame", hmac_key=b"k")
+        items = await take(source, 5)
+        assert [e.payload for e in items] == batch
+        for envelope in items[:4]:
+            await envelope.ack()
+        assert source.unsettled == 1
+        await items[4].nack(requeue=True)  # one item asks for a requeue: the frame comes back
+        again = await take(source, 5)
+        assert [e.headers["delivery_count"] for e in again] == [2] * 5
+        for envelope in again:
+            await envelope.ack()
+        assert source.unsettled == 0
+        await source.close()
+        assert await settled_counts(js, stream, durable) == (0, 0)
+
+
+async def test_a_frame_with_the_wrong_key_is_one_malformed_envelope(sources) -> None:
+    """A frame that fails its signature check comes out as one malformed envelope of raw bytes."""
+    async with fresh_stream() as (_js, stream, subject):
+        sink = NatsJetStreamSink(NATS_URL, subject, stream=stream, encode="frame", hmac_key=b"a")
+        await sink.write([{"id": 1}, {"id": 2}])
+        await sink.close()
+        source = make(sources, stream, subject, unique("D"), decode="frame", hmac_key=b"b")
+        [bad] = await take(source, 1)
+        assert bad.malformed
+        assert isinstance(bad.payload, bytes)
+        assert "signature" in str(bad.error)
+        await bad.ack()
+
+
 async def test_close_returns_promptly_and_ends_iteration(sources) -> None:
     """close() during an idle fetch returns within the fetch timeout and the loop then ends."""
     async with fresh_stream() as (_js, stream, subject):
@@ -201,6 +239,26 @@ async def test_a_reader_cancelled_mid_fetch_loses_nothing(sources) -> None:
         assert envelope.payload == {"id": 1}
         assert envelope.headers["delivery_count"] == 1
         await envelope.ack()
+
+
+async def test_stop_consuming_ends_iteration_and_returns_unread_messages(sources) -> None:
+    """stop_consuming() ends iteration, naks what was fetched but not handed out, and acks work."""
+    payloads = [{"id": i} for i in range(10)]
+    async with fresh_stream(payloads) as (js, stream, subject):
+        durable = unique("D")
+        source = make(sources, stream, subject, durable, batch=10, ack_wait=30.0)
+        handed = await take(source, 4)  # one fetch brought all ten
+        source.stop_consuming()
+        with pytest.raises(StopAsyncIteration):
+            await source.__anext__()
+        other = make(sources, stream, subject, durable, ack_wait=30.0)
+        rest = await take(other, 6, seconds=3.0)
+        assert sorted(e.payload["id"] for e in rest) == [4, 5, 6, 7, 8, 9]
+        for envelope in handed + rest:
+            await envelope.ack()
+        await source.close()
+        await other.close()
+        assert await settled_counts(js, stream, durable) == (0, 0)
 
 
 async def test_close_returns_unsettled_messages_to_other_workers_at_once(sources) -> None:

@@ -491,6 +491,8 @@ class NatsJetStreamSource:
         # the next envelope never interrupts a request the server is answering.
         self._fetcher: asyncio.Task[None] | None = None
         self._fetch_failure: BaseException | None = None
+        self._stopping = False
+        self._returner: asyncio.Task[None] | None = None
         self._heartbeat: asyncio.Task[None] | None = None
         self._closing = False
         self._closed = asyncio.Event()
@@ -623,8 +625,9 @@ class NatsJetStreamSource:
             return
         self._closing = True
         try:
-            if self._fetcher is not None:
-                await asyncio.wait([self._fetcher])
+            for task in (self._fetcher, self._returner):
+                if task is not None:
+                    await asyncio.wait([task])
             if self._heartbeat is not None:
                 self._heartbeat.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -679,7 +682,7 @@ class NatsJetStreamSource:
         kept for the next call (or nak'd by close()).
         """
         while True:
-            if self._closing:
+            if self._closing or self._stopping:
                 raise StopAsyncIteration
             if self._ready:
                 return self._ready.popleft()
@@ -692,6 +695,25 @@ class NatsJetStreamSource:
                     self._fill(), name=f"batchpunk-nats-fetch:{self.durable}"
                 )
             await asyncio.shield(self._fetcher)
+
+    def stop_consuming(self) -> None:
+        """End iteration soon while acknowledgements still work (the pipeline's graceful stop).
+
+        No new fetch starts; the one in flight finishes, and whatever was fetched but not yet
+        handed out is nak'd at once so that other workers get it while this one drains.
+        """
+        if self._stopping or self._closing:
+            return
+        self._stopping = True
+        self._returner = asyncio.get_running_loop().create_task(
+            self._return_unread(), name=f"batchpunk-nats-return:{self.durable}"
+        )
+
+    async def _return_unread(self) -> None:
+        if self._fetcher is not None:
+            await asyncio.wait([self._fetcher])
+        while self._ready:
+            await self._ready.popleft().nack(True)
 
     async def _fill(self) -> None:
         """One fetch, its messages registered as unsettled and queued as envelopes."""
