@@ -70,7 +70,9 @@ MAX_PREFETCH = 65535
 
 DECODERS = ("json", "bytes", "text", "frame")
 SINK_MODES = ("frame", "items")
-TLS_KEYS = ("cafile", "certfile", "keyfile")
+TLS_KEYS = ("ca_file", "cert_file", "key_file", "verify")
+TLS_ALIASES = {"cafile": "ca_file", "certfile": "cert_file", "keyfile": "key_file"}
+EXCHANGE_TYPES = ("direct", "fanout", "topic", "headers")
 
 # A delivery's outcome, in the order one item of a frame overrides another's: a requeue of any
 # item returns the whole message, a reject of any item rejects it, otherwise it is acked.
@@ -148,8 +150,17 @@ def _check_type(value: object, kind: type, field: str, expected: str) -> None:
         raise ConfigError(f"{field}: expected {expected}, got {value!r}")
 
 
+def _check_seconds(value: object, field: str) -> None:
+    if not isinstance(value, int | float) or isinstance(value, bool) or not 0 < value < 1e9:
+        raise ConfigError(f"{field}: expected seconds > 0, got {value!r}")
+
+
 def _tls_context(tls: Any, where: str) -> ssl.SSLContext | None:
-    """An SSLContext from one, or from a dict of PEM paths; a wrong key or file names itself."""
+    """An SSLContext from one, or from a table of PEM paths; a wrong key or file names itself.
+
+    The table uses the other connectors' names (ca_file, cert_file, key_file, verify); the
+    ssl module's spellings (cafile, certfile, keyfile) are accepted too.
+    """
     if tls is None or isinstance(tls, ssl.SSLContext):
         return tls
     if not isinstance(tls, Mapping):
@@ -157,27 +168,40 @@ def _tls_context(tls: Any, where: str) -> ssl.SSLContext | None:
             f"{where}.tls: expected an ssl.SSLContext or a table with {', '.join(TLS_KEYS)}, "
             f"got {type(tls).__name__}"
         )
-    unknown = sorted(set(tls) - set(TLS_KEYS))
-    if unknown:
-        raise ConfigError(
-            f"{where}.tls: unknown key {unknown[0]!r}; expected some of {', '.join(TLS_KEYS)}"
-        )
+    settings: dict[str, Any] = {}
     for key, value in tls.items():
-        if not isinstance(value, str) or not value:
-            raise ConfigError(f"{where}.tls.{key}: expected a file path, got {value!r}")
-    if "keyfile" in tls and "certfile" not in tls:
-        raise ConfigError(f"{where}.tls.keyfile: given without tls.certfile")
+        name = TLS_ALIASES.get(key, key)
+        if name not in TLS_KEYS:
+            raise ConfigError(
+                f"{where}.tls: unknown key {key!r}; expected some of {', '.join(TLS_KEYS)}"
+            )
+        if name in settings:
+            raise ConfigError(f"{where}.tls.{name}: given twice (as {name} and {key})")
+        if name == "verify":
+            if not isinstance(value, bool):
+                raise ConfigError(f"{where}.tls.verify: expected true or false, got {value!r}")
+        elif not isinstance(value, str) or not value:
+            raise ConfigError(f"{where}.tls.{name}: expected a file path, got {value!r}")
+        settings[name] = value
+    if "key_file" in settings and "cert_file" not in settings:
+        raise ConfigError(f"{where}.tls.key_file: needs tls.cert_file as well")
     try:
-        context = ssl.create_default_context(cafile=tls.get("cafile"))
+        context = ssl.create_default_context(cafile=settings.get("ca_file"))
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"{where}.tls.cafile: cannot load {tls.get('cafile')!r}: {exc}") from exc
-    if "certfile" in tls:
+        raise ConfigError(
+            f"{where}.tls.ca_file: cannot load {settings.get('ca_file')!r}: {exc}"
+        ) from None
+    if "cert_file" in settings:
         try:
-            context.load_cert_chain(tls["certfile"], tls.get("keyfile"))
+            context.load_cert_chain(settings["cert_file"], settings.get("key_file"))
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError(
-                f"{where}.tls.certfile: cannot load {tls['certfile']!r}: {exc}"
-            ) from exc
+                f"{where}.tls.cert_file: cannot load {settings['cert_file']!r} "
+                f"(with key_file {settings.get('key_file')!r}): {exc}"
+            ) from None
+    if settings.get("verify") is False:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
     return context
 
 
@@ -389,7 +413,7 @@ class RabbitMQSource:
         hmac_key: key the frames were signed with (decode="frame").
         queue_arguments: extra x-arguments for the declaration (x-delivery-limit,
             x-dead-letter-exchange, ...).
-        tls: an ssl.SSLContext, or a dict with cafile / certfile / keyfile paths.
+        tls: an ssl.SSLContext, or a dict with ca_file / cert_file / key_file / verify.
         reconnect_interval: seconds between reconnection attempts (aio-pika's default: 5).
         close_timeout: seconds each step of close() may take before it is abandoned.
     """
@@ -457,8 +481,9 @@ class RabbitMQSource:
                 f"{where}.decode: expected one of {', '.join(DECODERS)} or a function, "
                 f"got {decode!r}"
             )
-        if not isinstance(close_timeout, int | float) or close_timeout <= 0:
-            raise ConfigError(f"{where}.close_timeout: expected seconds > 0, got {close_timeout!r}")
+        _check_seconds(close_timeout, f"{where}.close_timeout")
+        if reconnect_interval is not None:
+            _check_seconds(reconnect_interval, f"{where}.reconnect_interval")
         if quorum:
             arguments["x-queue-type"] = "quorum"
         require("aio_pika", "rabbitmq", where)
@@ -812,6 +837,14 @@ class RabbitMQSource:
         finally:
             self._flusher = None
 
+    async def flush(self) -> None:
+        """Wait until every ack and nack recorded so far is written to the broker's socket.
+
+        ``ack()`` only records the outcome (acks are coalesced); call this when the caller needs
+        the frames out, e.g. before measuring the queue. close() flushes by itself.
+        """
+        await self._drain_settlements()
+
     async def _drain_settlements(self) -> None:
         while self._flusher is not None or self._dirty:
             if self._flusher is None:
@@ -920,8 +953,16 @@ class _Publisher:
         _check_type(exchange, str, f"{where}.exchange", "a name ('' for the default exchange)")
         _check_type(routing_key, str, f"{where}.routing_key", "a string")
         _check_type(declare, bool, f"{where}.declare", "true or false")
+        if exchange_type not in EXCHANGE_TYPES:
+            raise ConfigError(
+                f"{where}.exchange_type: expected one of {', '.join(EXCHANGE_TYPES)}, "
+                f"got {exchange_type!r}"
+            )
         if queue is not None and (not isinstance(queue, str) or not queue):
             raise ConfigError(f"{where}.queue: expected a queue name, got {queue!r}")
+        _check_seconds(close_timeout, f"{where}.close_timeout")
+        if reconnect_interval is not None:
+            _check_seconds(reconnect_interval, f"{where}.reconnect_interval")
         require("aio_pika", "rabbitmq", where)
         self.exchange = exchange
         self.routing_key = routing_key
@@ -1036,7 +1077,7 @@ class RabbitMQSink(_Publisher):
         queue: also declare this durable queue and bind it with routing_key, so that nothing
             published is unroutable.
         serializer, compression, level, hmac_key: the frame's codec settings (mode="frame").
-        tls: an ssl.SSLContext or a dict with cafile / certfile / keyfile.
+        tls: an ssl.SSLContext or a dict with ca_file / cert_file / key_file / verify.
 
     A message the broker nacks or cannot route raises RabbitMQError (retryable) once every
     confirm has arrived; an item that is not JSON in items mode fails alone (PartialFailure).
