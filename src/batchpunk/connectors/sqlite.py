@@ -1,0 +1,281 @@
+"""SqliteSink: batches into one SQLite table, one transaction per batch, off the event loop.
+
+The embedded store of the demo and the benchmarks, and a real choice for a single-host pipeline:
+with WAL and an idempotency key, a batch redelivered after a crash adds no rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from batchpunk.connectors._common import PayloadError, Worker, check_identifier, fail_payloads
+from batchpunk.errors import ConfigError
+
+if TYPE_CHECKING:
+    from batchpunk.config import BatchConfig
+
+__all__ = ["SqliteSink"]
+
+_SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
+_NATIVE = (str, int, float, bytes, type(None))
+
+Mapper = Callable[[Any], Mapping[str, Any]]
+
+
+class SqliteSink:
+    """Inserts each batch into ``table`` in one transaction, with the standard library's sqlite3.
+
+    Choose it for a local, durable store without a server. All SQLite work happens in one
+    dedicated thread (so the event loop never blocks and writes never interleave), in WAL mode.
+
+    Args:
+        path: the database file (created if missing).
+        table: the table; created with ``columns`` if missing (when ``create``).
+        columns: the column names, each read from the payload mapping under the same name; or a
+            function mapping a payload to ``{column: value}``.
+        idempotency_key: a column (or several) that identifies a payload. Rows go in with
+            ``INSERT OR IGNORE`` behind a unique index on it, so redelivered payloads add nothing.
+        create: create the table and the unique index when missing.
+        synchronous: SQLite's ``PRAGMA synchronous``. "FULL" (default) makes every committed
+            batch survive a power loss, which an acknowledgement after the commit relies on;
+            "NORMAL" survives a process crash only, and is faster.
+        busy_timeout: seconds to wait for another writer's lock before failing (retryably).
+
+    Dicts and lists are stored as JSON text. A payload that lacks a column, holds a value SQLite
+    cannot store, or breaks a constraint fails alone with a PayloadError (not retried) naming
+    the index and the column; the batch's other payloads are committed.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        table: str,
+        columns: Sequence[str] | Mapper,
+        idempotency_key: str | Sequence[str] | None = None,
+        *,
+        create: bool = True,
+        synchronous: str = "FULL",
+        busy_timeout: float = 30.0,
+    ) -> None:
+        if not isinstance(path, str | os.PathLike) or not str(path):
+            raise ConfigError(f"path: expected a database file path, got {path!r}")
+        self.path = str(path)
+        self.table = check_identifier("table", table)
+        self.mapper: Mapper | None = None
+        self.columns: tuple[str, ...] = ()
+        if callable(columns):
+            self.mapper = columns
+        elif isinstance(columns, str) or not isinstance(columns, Sequence) or not columns:
+            raise ConfigError(
+                f"columns: expected a non-empty list of column names or a function, got {columns!r}"
+            )
+        else:
+            self.columns = tuple(check_identifier("columns", c) for c in columns)
+            if len(set(self.columns)) != len(self.columns):
+                raise ConfigError(f"columns: names repeat in {list(self.columns)}")
+        keys = [idempotency_key] if isinstance(idempotency_key, str) else idempotency_key or []
+        self.idempotency_key = tuple(check_identifier("idempotency_key", k) for k in keys)
+        if self.columns and not set(self.idempotency_key) <= set(self.columns):
+            missing = sorted(set(self.idempotency_key) - set(self.columns))
+            raise ConfigError(f"idempotency_key: {missing} not among columns {list(self.columns)}")
+        synchronous = str(synchronous).upper()
+        if synchronous not in _SYNCHRONOUS:
+            raise ConfigError(f"synchronous: expected one of {_SYNCHRONOUS}, got {synchronous!r}")
+        self.create = create
+        self.synchronous = synchronous
+        self.busy_timeout = float(busy_timeout)
+        self._worker = Worker("batchpunk-sqlite")
+        self._db: sqlite3.Connection | None = None
+        self._ready: set[tuple[str, ...]] = set()
+        self._closed = False
+
+    async def prepare(self, config: BatchConfig) -> None:
+        """Open the database and check the table before a pipeline starts, to fail fast.
+
+        Creates the table when allowed; otherwise a missing table or column is a ConfigError
+        now rather than a retried failure of every batch later.
+        """
+        await self._worker.call(self._check)
+
+    def _check(self) -> None:
+        db = self._connect()
+        if self.columns:
+            self._prepare_table(db, self.columns)
+        existing = {row[1] for row in db.execute(f'PRAGMA table_info("{self.table}")')}
+        if not existing:
+            if self.mapper is None or not self.create:
+                raise ConfigError(
+                    f"table: {self.table!r} does not exist in {self.path}; create it or set "
+                    "create = true"
+                )
+            return
+        missing = [c for c in (*self.columns, *self.idempotency_key) if c not in existing]
+        if missing:
+            raise ConfigError(
+                f"columns: table {self.table!r} in {self.path} has no column(s) {missing}"
+            )
+
+    async def write(self, batch: Sequence[Any]) -> None:
+        """Insert the batch in one transaction; None (no per-payload result)."""
+        if self._closed:
+            raise ConfigError(f"SqliteSink({self.path!r}) is closed")
+        failures = await self._worker.call(self._insert, list(batch))
+        if failures:
+            fail_payloads(failures, len(batch))
+
+    # -- in the worker thread -----------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        db = self._db
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(f"PRAGMA synchronous={self.synchronous}")
+            self._db = db
+        return db
+
+    def _prepare_table(self, db: sqlite3.Connection, columns: tuple[str, ...]) -> None:
+        if columns in self._ready:
+            return
+        if self.create:
+            names = ", ".join(f'"{c}"' for c in columns)
+            db.execute(f'CREATE TABLE IF NOT EXISTS "{self.table}" ({names})')
+            if self.idempotency_key:
+                keys = ", ".join(f'"{k}"' for k in self.idempotency_key)
+                index = f"{self.table}_{'_'.join(self.idempotency_key)}_idempotency"
+                db.execute(
+                    f'CREATE UNIQUE INDEX IF NOT EXISTS "{index}" ON "{self.table}" ({keys})'
+                )
+        self._ready.add(columns)
+
+    def _rows(
+        self, batch: list[Any]
+    ) -> tuple[dict[tuple[str, ...], list[tuple[int, tuple[Any, ...]]]], dict[int, BaseException]]:
+        """Group the batch's rows by column set, and the payloads that cannot become rows."""
+        groups: dict[tuple[str, ...], list[tuple[int, tuple[Any, ...]]]] = {}
+        failures: dict[int, BaseException] = {}
+        fixed = self.columns
+        for index, payload in enumerate(batch):
+            try:
+                if self.mapper is None:
+                    columns = fixed
+                    try:
+                        values = tuple(payload[c] for c in columns)
+                    except KeyError as exc:
+                        raise PayloadError(
+                            f"payload at index {index} has no column {exc.args[0]!r} "
+                            f"(expected columns: {', '.join(columns)})"
+                        ) from None
+                    except (TypeError, IndexError):
+                        raise PayloadError(
+                            f"payload at index {index} is a {type(payload).__name__}, expected a "
+                            f"mapping with columns {', '.join(columns)}"
+                        ) from None
+                else:
+                    mapped = self.mapper(payload)
+                    if not isinstance(mapped, Mapping) or not mapped:
+                        raise PayloadError(
+                            f"payload at index {index}: columns function returned {mapped!r}, "
+                            "expected a non-empty mapping of column to value"
+                        )
+                    columns = tuple(check_identifier("columns", c) for c in mapped)
+                    values = tuple(mapped.values())
+                groups.setdefault(columns, []).append(
+                    (
+                        index,
+                        tuple(_value(index, c, v) for c, v in zip(columns, values, strict=True)),
+                    )
+                )
+            except (PayloadError, ConfigError) as exc:
+                failures[index] = exc
+        return groups, failures
+
+    def _insert(self, batch: list[Any]) -> dict[int, BaseException]:
+        groups, failures = self._rows(batch)
+        if not groups:
+            return failures
+        db = self._connect()
+        verb = "INSERT OR IGNORE" if self.idempotency_key else "INSERT"
+        for columns in groups:
+            self._prepare_table(db, columns)
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for columns, rows in groups.items():
+                names = ", ".join(f'"{c}"' for c in columns)
+                marks = ", ".join("?" for _ in columns)
+                sql = f'{verb} INTO "{self.table}" ({names}) VALUES ({marks})'
+                try:
+                    db.executemany(sql, [row for _, row in rows])
+                except sqlite3.IntegrityError:
+                    # Find the offending rows one by one; a failed statement rolls back alone
+                    # and the transaction goes on with the good rows.
+                    db.execute("ROLLBACK")
+                    db.execute("BEGIN IMMEDIATE")
+                    return self._insert_one_by_one(db, groups, failures)
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        return failures
+
+    def _insert_one_by_one(
+        self,
+        db: sqlite3.Connection,
+        groups: dict[tuple[str, ...], list[tuple[int, tuple[Any, ...]]]],
+        failures: dict[int, BaseException],
+    ) -> dict[int, BaseException]:
+        verb = "INSERT OR IGNORE" if self.idempotency_key else "INSERT"
+        for columns, rows in groups.items():
+            names = ", ".join(f'"{c}"' for c in columns)
+            marks = ", ".join("?" for _ in columns)
+            sql = f'{verb} INTO "{self.table}" ({names}) VALUES ({marks})'
+            for index, row in rows:
+                try:
+                    db.execute(sql, row)
+                except sqlite3.IntegrityError as exc:
+                    failures[index] = PayloadError(
+                        f"payload at index {index} breaks a constraint of table "
+                        f"{self.table!r}: {exc}"
+                    )
+        db.execute("COMMIT")
+        return dict(sorted(failures.items()))
+
+    async def close(self) -> None:
+        """Close the database; safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        db, self._db = self._db, None
+        if db is not None:
+            await self._worker.call(db.close)
+        self._worker.shutdown()
+
+    def __repr__(self) -> str:
+        return f"SqliteSink({self.path!r}, table={self.table!r})"
+
+
+def _value(index: int, column: str, value: Any) -> Any:
+    """A value SQLite can bind: natives as they are, containers as JSON, the rest refused."""
+    if isinstance(value, _NATIVE):
+        if isinstance(value, int) and not -(2**63) <= value < 2**63:
+            raise PayloadError(
+                f"payload at index {index}: column {column!r} holds {value}, beyond SQLite's "
+                "64-bit integers"
+            )
+        return value
+    if isinstance(value, dict | list | tuple):
+        try:
+            return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+        except (TypeError, ValueError) as exc:
+            raise PayloadError(
+                f"payload at index {index}: column {column!r} cannot be stored as JSON: {exc}"
+            ) from None
+    raise PayloadError(
+        f"payload at index {index}: column {column!r} holds a value of type {type(value).__name__}, "
+        "expected str, int, float, bytes, None, or a JSON-serializable dict or list"
+    )
