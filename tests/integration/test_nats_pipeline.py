@@ -1,0 +1,127 @@
+"""NATS JetStream through a whole Pipeline: poison, malformed and over-delivered messages end as
+dead letters, every good one in the sink, nothing left on the consumer."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pytest
+
+from batchpunk.config import BatchConfig
+from batchpunk.connectors.nats import NatsJetStreamSource
+from batchpunk.deadletter import DeadLetter, MemoryDeadLetters
+from batchpunk.errors import PartialFailure
+from batchpunk.pipeline import Pipeline
+from tests.conftest import require_server
+from tests.contract.cases_nats import NATS_URL, consumer_counts, fresh_stream, unique
+from tests.contract.harness import take
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(autouse=True)
+def _nats_up() -> None:
+    require_server("nats")
+
+
+class IdSink:
+    """Keeps the ids it wrote (an idempotent store: a redelivered id is counted once) and
+    refuses payloads marked poison, as a database refuses a bad row."""
+
+    def __init__(self, progress: asyncio.Event) -> None:
+        self.ids: set[int] = set()
+        self.progress = progress
+
+    async def write(self, batch: Sequence[Any]) -> None:
+        self.ids.update(p["id"] for p in batch if not p.get("poison"))
+        self.progress.set()
+        bad = {i: ValueError(f"poison {p['id']}") for i, p in enumerate(batch) if p.get("poison")}
+        if bad:
+            raise PartialFailure(bad)
+
+    async def close(self) -> None:
+        return None
+
+
+class Letters(MemoryDeadLetters):
+    """Dead letters in memory that wake the test when some arrive."""
+
+    def __init__(self, progress: asyncio.Event) -> None:
+        super().__init__()
+        self.progress = progress
+
+    async def put(self, letters: Sequence[DeadLetter]) -> None:
+        await super().put(letters)
+        self.progress.set()
+
+
+CONFIG = BatchConfig(max_size=50, max_wait=0.05, max_retries=1, retry_delay=0.01, drain_timeout=5)
+
+
+async def run_until(
+    pipeline: Pipeline, done: Callable[[], bool], progress: asyncio.Event, seconds: float = 10.0
+) -> None:
+    """Run the pipeline until ``done()`` holds (checked at each progress), then stop it."""
+    task = asyncio.create_task(pipeline.run())
+    try:
+        async with asyncio.timeout(seconds):
+            while not done():
+                await progress.wait()
+                progress.clear()
+    finally:
+        await pipeline.stop()
+        await task
+
+
+async def test_good_messages_reach_the_sink_and_bad_ones_the_dead_letters() -> None:
+    """300 messages with 4 poison and 2 malformed: 294 ids stored, 6 letters, nothing pending."""
+    poison = {17, 101, 202, 299}
+    raw = [
+        json.dumps({"id": i, "poison": i in poison}).encode() if i not in (50, 250) else b"{oops"
+        for i in range(300)
+    ]
+    async with fresh_stream(raw, raw=True) as (js, stream, subject):
+        durable = unique("D")
+        source = NatsJetStreamSource(NATS_URL, stream, subject, durable, fetch_timeout=0.2)
+        progress = asyncio.Event()
+        sink, letters = IdSink(progress), Letters(progress)
+        pipeline = Pipeline(source, sink, CONFIG, dead_letter=letters)
+        await run_until(pipeline, lambda: len(sink.ids) + len(letters) >= 300, progress)
+        assert sink.ids == set(range(300)) - poison - {50, 250}
+        reasons = sorted((letter.reason, str(letter.message)) for letter in letters.letters)
+        assert [r for r, _ in reasons] == ["failed"] * 4 + ["malformed"] * 2
+        assert {
+            letter.message["id"] for letter in letters.letters if letter.reason == "failed"
+        } == (poison)
+        assert all(letter.headers["stream"] == stream for letter in letters.letters)
+        assert await consumer_counts(js, stream, durable) == (0, 0)
+
+
+async def test_a_message_at_its_last_delivery_is_dead_lettered_as_redelivered() -> None:
+    """A message already delivered max_deliver-1 times is dead-lettered, not processed, and gone."""
+    async with fresh_stream([{"id": 1}, {"id": 2}]) as (js, stream, subject):
+        durable = unique("D")
+        first = NatsJetStreamSource(
+            NATS_URL, stream, subject, durable, max_deliver=2, fetch_timeout=0.2, nak_delay=0
+        )
+        envelopes = await take(first, 2)
+        await envelopes[0].nack(requeue=True)  # a worker gave id 1 back once already
+        await envelopes[1].ack()
+        await first.close()
+        source = NatsJetStreamSource(
+            NATS_URL, stream, subject, durable, max_deliver=2, fetch_timeout=0.2
+        )
+        progress = asyncio.Event()
+        sink, letters = IdSink(progress), Letters(progress)
+        pipeline = Pipeline(source, sink, CONFIG, dead_letter=letters)
+        await run_until(pipeline, lambda: len(letters) >= 1, progress)
+        assert sink.ids == set()
+        [letter] = letters.letters
+        assert (letter.reason, letter.message) == ("redelivered", {"id": 1})
+        assert letter.headers["delivery_count"] == 2
+        assert "max_deliver=2" in str(letter.error)
+        info = await js.consumer_info(stream, durable)
+        assert (info.num_ack_pending, info.num_pending) == (0, 0)
