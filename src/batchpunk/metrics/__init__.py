@@ -7,6 +7,7 @@ in :mod:`batchpunk.metrics.live`.
 """
 
 from batchpunk.metrics._histogram import LogHistogram
+from batchpunk.metrics._logging import LOG_FIELDS, JsonFormatter, KeyValueFormatter, log_extra
 from batchpunk.metrics._observer import CIRCUIT_STATES, MetricsCollector, Observer
 from batchpunk.metrics._otel import OTEL_METRICS, OpenTelemetryMetrics
 from batchpunk.metrics._prometheus import PROMETHEUS_METRICS, PrometheusMetrics
@@ -28,4 +29,9 @@ __all__ = [
     "stats_json",
     "OpenTelemetryMetrics",
     "OTEL_METRICS",
+    # structured logging
+    "LOG_FIELDS",
+    "JsonFormatter",
+    "KeyValueFormatter",
+    "log_extra",
 ]
