@@ -218,6 +218,15 @@ def _name(owner: str, name: str, value: Any) -> str:
     return value
 
 
+def _hmac_key(owner: str, value: Any) -> bytes | None:
+    if value is None or isinstance(value, bytes):
+        return value
+    if isinstance(value, str) and value:
+        return value.encode()
+    # Never echo the value: it is a secret.
+    raise ConfigError(f"{owner}.hmac_key: expected bytes or a non-empty string")
+
+
 def _optional_secret(owner: str, name: str, value: Any) -> str | None:
     if value is None or isinstance(value, str):
         return value or None
@@ -410,7 +419,7 @@ class NatsJetStreamSource:
         tls, user, password, token: TLS and credentials (see TlsSetting); never logged.
         connect_timeout: seconds the first connection may take.
         reconnect_attempts: reconnections after a lost connection; -1 retries forever.
-        hmac_key: key of signed frames (decode="frame").
+        hmac_key: key of signed frames (decode="frame"); a str is taken as UTF-8.
     """
 
     def __init__(
@@ -434,7 +443,7 @@ class NatsJetStreamSource:
         token: str | None = None,
         connect_timeout: float = 10.0,
         reconnect_attempts: int = -1,
-        hmac_key: bytes | None = None,
+        hmac_key: bytes | str | None = None,
     ) -> None:
         owner = "NatsJetStreamSource"
         self.servers = _servers(owner, servers)
@@ -464,9 +473,7 @@ class NatsJetStreamSource:
         if not isinstance(nak_delay, int | float) or isinstance(nak_delay, bool) or nak_delay < 0:
             raise ConfigError(f"{owner}.nak_delay: expected seconds >= 0, got {nak_delay!r}")
         self.nak_delay = float(nak_delay)
-        if hmac_key is not None and not isinstance(hmac_key, bytes):
-            raise ConfigError(f"{owner}.hmac_key: expected bytes, got a {type(hmac_key).__name__}")
-        self._hmac_key = hmac_key
+        self._hmac_key = _hmac_key(owner, hmac_key)
         self._concurrency = 1
         self._conn = _Connection(
             owner,
@@ -940,7 +947,7 @@ class NatsJetStreamSink:
         timeout: seconds to wait for one publish acknowledgement.
         max_in_flight: publishes awaiting their acknowledgement at once.
         serializer, compression: frame settings (encode="frame").
-        hmac_key: sign frames with this key (encode="frame").
+        hmac_key: sign frames with this key (encode="frame"); a str is taken as UTF-8.
         tls, user, password, token, connect_timeout, reconnect_attempts: as for the source.
     """
 
@@ -956,7 +963,7 @@ class NatsJetStreamSink:
         max_in_flight: int = 1000,
         serializer: str = "json",
         compression: str = "zlib",
-        hmac_key: bytes | None = None,
+        hmac_key: bytes | str | None = None,
         tls: TlsSetting = None,
         user: str | None = None,
         password: str | None = None,
@@ -982,9 +989,7 @@ class NatsJetStreamSink:
         self.max_in_flight = _count(owner, "max_in_flight", max_in_flight, 1)
         self.serializer = serializer
         self.compression = compression
-        if hmac_key is not None and not isinstance(hmac_key, bytes):
-            raise ConfigError(f"{owner}.hmac_key: expected bytes, got a {type(hmac_key).__name__}")
-        self._hmac_key = hmac_key
+        self._hmac_key = _hmac_key(owner, hmac_key)
         self._conn = _Connection(
             owner,
             self.servers,
