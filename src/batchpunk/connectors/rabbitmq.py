@@ -735,19 +735,22 @@ class RabbitMQSource:
             headers["redelivered"] = True
         error: BaseException | None = None
         amqp_headers = properties.headers
+        count = None
         if amqp_headers:
             headers["amqp_headers"] = amqp_headers
             count = amqp_headers.get("x-delivery-count")
-            if isinstance(count, int):
-                headers[DELIVERY_COUNT_HEADER] = count + 1
-                if self.max_deliveries is not None and count >= self.max_deliveries:
-                    headers[REDELIVERED_HEADER] = True
-                    self._redelivered += 1
-                    error = DeliveryLimitExceeded(
-                        f"message {properties.message_id or delivery.tag} of queue "
-                        f"{self.queue!r} was delivered {count + 1} times, more than "
-                        f"max_deliveries={self.max_deliveries}"
-                    )
+        if count is None and self.quorum:
+            count = 0  # a quorum queue omits the header on a first delivery
+        if isinstance(count, int):
+            headers[DELIVERY_COUNT_HEADER] = count + 1
+            if self.max_deliveries is not None and count >= self.max_deliveries:
+                headers[REDELIVERED_HEADER] = True
+                self._redelivered += 1
+                error = DeliveryLimitExceeded(
+                    f"message {properties.message_id or delivery.tag} of queue "
+                    f"{self.queue!r} was delivered {count + 1} times, more than "
+                    f"max_deliveries={self.max_deliveries}"
+                )
         priority = properties.priority or 0
         body: bytes = message.body
         try:

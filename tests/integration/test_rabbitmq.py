@@ -1,0 +1,467 @@
+"""RabbitMQSource, RabbitMQSink and RabbitMQDeadLetters against the real broker on localhost.
+
+Each test works on its own queue and deletes it. Broker-side counts come from ``rabbitmqctl``
+(ready and unacknowledged messages), so "nothing unacknowledged" is the broker's word.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from batchpunk.codec import decode_batch, encode_batch
+from batchpunk.connectors.rabbitmq import (
+    DELIVERY_COUNT_HEADER,
+    FRAME_CONTENT_TYPE,
+    REDELIVERED_HEADER,
+    DeliveryLimitExceeded,
+    RabbitMQDeadLetters,
+    RabbitMQError,
+    RabbitMQSink,
+    RabbitMQSource,
+)
+from batchpunk.deadletter import DeadLetter
+from batchpunk.envelope import Envelope
+from batchpunk.errors import FrameError, PartialFailure
+from tests.conftest import require_server
+from tests.contract.cases_rabbitmq import (
+    RABBITMQ_URL,
+    delete_queue,
+    drain,
+    publish_json,
+    publish_raw,
+    queue_counts,
+    rabbitmq_channel,
+    unique_queue,
+)
+from tests.contract.harness import take
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def channel() -> AsyncIterator[Any]:
+    """A confirming channel to the local broker (the test is skipped when it is down)."""
+    require_server("rabbitmq")
+    async with rabbitmq_channel() as opened:
+        yield opened
+
+
+@pytest.fixture
+async def queue(channel: Any) -> AsyncIterator[str]:
+    """A fresh durable queue, deleted after the test."""
+    name = unique_queue("it")
+    await channel.declare_queue(name, durable=True)
+    yield name
+    await delete_queue(channel, name)
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], seconds: float = 5.0) -> None:
+    """Wait until check() holds (the broker applies acks asynchronously), or fail."""
+    async with asyncio.timeout(seconds):
+        while not await check():  # noqa: ASYNC110 - the broker offers nothing to wait on
+            await asyncio.sleep(0.05)
+
+
+async def broker_counts(channel: Any, queue: str) -> tuple[int, int]:
+    """(ready, unacknowledged) for the queue, as the broker reports them."""
+    counts = await queue_counts(channel, queue)
+    if counts is None:
+        pytest.skip("rabbitmqctl is not installed: cannot see unacknowledged counts")
+    return counts
+
+
+async def counts_become(channel: Any, queue: str, expected: tuple[int, int]) -> None:
+    """Wait until the broker reports exactly (ready, unacknowledged) = expected."""
+    seen: list[tuple[int, int]] = []
+
+    async def check() -> bool:
+        seen.append(await broker_counts(channel, queue))
+        return seen[-1] == expected
+
+    try:
+        await eventually(check)
+    except TimeoutError:
+        pytest.fail(f"broker counts for {queue}: expected {expected}, last seen {seen[-1]}")
+
+
+async def close_from_server(queue: str) -> None:
+    """Close the source's connection from the broker side, as a broker or network failure would."""
+    if shutil.which("rabbitmqctl") is None:
+        pytest.skip("rabbitmqctl is not installed: cannot close a connection from the server")
+    listing = await asyncio.create_subprocess_exec(
+        *(
+            "rabbitmqctl",
+            "list_connections",
+            "-q",
+            "--no-table-headers",
+            "pid",
+            "client_properties",
+        ),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    output, _ = await listing.communicate()
+    marker = f'"connection_name","RabbitMQSource queue={queue}"'
+    pids = [line.split("\t", 1)[0] for line in output.decode().splitlines() if marker in line]
+    assert len(pids) == 1, f"expected one connection for {queue}, found {pids}"
+    closing = await asyncio.create_subprocess_exec(
+        *("rabbitmqctl", "close_connection", pids[0], "batchpunk test"),
+        stdout=asyncio.subprocess.DEVNULL,
+    )
+    assert await closing.wait() == 0
+
+
+async def test_json_bodies_arrive_in_order_with_their_metadata(channel: Any, queue: str) -> None:
+    """JSON bodies decode to payloads, with message id, AMQP headers and priority carried over."""
+    await publish_raw(
+        channel,
+        queue,
+        [json.dumps({"id": i}).encode() for i in range(3)],
+        message_id="m-1",
+        headers={"tenant": "acme"},
+        priority=4,
+    )
+    async with RabbitMQSource(RABBITMQ_URL, queue) as source:
+        envelopes = await take(source, 3)
+        assert [e.payload for e in envelopes] == [{"id": 0}, {"id": 1}, {"id": 2}]
+        first = envelopes[0]
+        assert first.headers["queue"] == queue
+        assert first.headers["message_id"] == "m-1"
+        assert first.headers["amqp_headers"] == {"tenant": "acme"}
+        assert first.priority == 4
+        assert not first.malformed
+        for envelope in envelopes:
+            await envelope.ack()
+
+
+async def test_bytes_and_text_decoders_return_the_body_as_sent(channel: Any, queue: str) -> None:
+    """decode="bytes" yields the raw body and decode="text" its UTF-8 text."""
+    await publish_raw(channel, queue, [b"\x00\xffraw", "héllo".encode()])
+    async with RabbitMQSource(RABBITMQ_URL, queue, decode="bytes") as source:
+        raw = await take(source, 2)
+        assert [e.payload for e in raw] == [b"\x00\xffraw", "héllo".encode()]
+        for envelope in raw:
+            await envelope.nack(True)
+    async with RabbitMQSource(RABBITMQ_URL, queue, decode="text") as source:
+        texts = await take(source, 2)
+        assert texts[0].malformed
+        assert isinstance(texts[0].error, UnicodeDecodeError)
+        assert texts[1].payload == "héllo"
+        for envelope in texts:
+            await envelope.ack()
+
+
+async def test_malformed_bodies_are_flagged_with_raw_bytes_and_the_source_goes_on(
+    channel: Any, queue: str
+) -> None:
+    """An undecodable body comes out malformed with its bytes and error; the next is fine."""
+    await publish_raw(channel, queue, [b"{not json", json.dumps({"id": 7}).encode()])
+    async with RabbitMQSource(RABBITMQ_URL, queue) as source:
+        bad, good = await take(source, 2)
+        assert bad.malformed
+        assert bad.payload == b"{not json"
+        assert isinstance(bad.error, ValueError)
+        assert good.payload == {"id": 7}
+        assert not good.malformed
+        await bad.ack()
+        await good.ack()
+        assert source.stats().malformed == 1
+
+
+async def test_a_frame_yields_its_items_and_the_message_is_acked_with_the_last(
+    channel: Any, queue: str
+) -> None:
+    """decode="frame" yields one envelope per item; the message is acked once all items are."""
+    frame = encode_batch([{"id": 1}, {"id": 2}, {"id": 3}])
+    await publish_raw(channel, queue, [frame, b"not a frame"])
+    async with RabbitMQSource(RABBITMQ_URL, queue, decode="frame") as source:
+        envelopes = await take(source, 4)
+        assert [e.payload for e in envelopes[:3]] == [{"id": 1}, {"id": 2}, {"id": 3}]
+        assert envelopes[3].malformed
+        assert isinstance(envelopes[3].error, FrameError)
+        await envelopes[3].ack()
+        await envelopes[0].ack()
+        await envelopes[0].ack()  # a second ack of one item must not count for another
+        await envelopes[1].ack()
+        await source.flush()
+        await counts_become(channel, queue, (0, 1))
+        await envelopes[2].ack()
+        await source.flush()
+        await counts_become(channel, queue, (0, 0))
+
+
+async def test_acks_reach_the_broker_only_for_messages_whose_ack_was_called(
+    channel: Any, queue: str
+) -> None:
+    """Acking out of order never acknowledges an unfinished message; at the end none is left."""
+    await publish_json(channel, queue, [{"id": i} for i in range(40)])
+    async with RabbitMQSource(RABBITMQ_URL, queue, prefetch=100) as source:
+        envelopes = await take(source, 40)
+        for envelope in envelopes[10:]:
+            await envelope.ack()
+        await source.flush()
+        await counts_become(channel, queue, (0, 10))
+        for envelope in envelopes[:10:2]:
+            await envelope.ack()
+        await source.flush()
+        await counts_become(channel, queue, (0, 5))
+        for envelope in envelopes[1:10:2]:
+            await envelope.ack()
+        await source.flush()
+        await counts_become(channel, queue, (0, 0))
+        assert source.stats().acked == 40
+
+
+async def test_the_broker_sends_no_more_than_the_prefetch(channel: Any, queue: str) -> None:
+    """With prefetch=5 the consumer holds five unacknowledged messages until it acks one."""
+    await publish_json(channel, queue, [{"id": i} for i in range(20)])
+    async with RabbitMQSource(RABBITMQ_URL, queue, prefetch=5) as source:
+        first = await take(source, 5)
+        await counts_become(channel, queue, (15, 5))
+        assert source.stats().delivered == 5
+        await first[0].ack()
+        sixth = await take(source, 1)
+        assert sixth[0].payload == {"id": 5}
+
+
+async def test_close_requeues_what_was_delivered_but_not_settled(channel: Any, queue: str) -> None:
+    """close() keeps what was acked and requeues everything else, yielded or buffered."""
+    await publish_json(channel, queue, [{"id": i} for i in range(30)])
+    source = RabbitMQSource(RABBITMQ_URL, queue, prefetch=20)
+    envelopes = await take(source, 5)
+    await envelopes[0].ack()
+    await envelopes[1].ack()
+    await envelopes[2].nack(True)
+    await source.close()
+    await source.close()  # idempotent
+    await counts_become(channel, queue, (28, 0))
+    stats = source.stats()
+    assert stats.acked == 2
+    assert stats.requeued == stats.delivered - 2  # yielded but unsettled, and buffered
+    again = RabbitMQSource(RABBITMQ_URL, queue, prefetch=50)
+    rest = await take(again, 28)
+    assert sorted(e.payload["id"] for e in rest) == list(range(2, 30))
+    assert rest[0].headers.get("redelivered") is True
+    for envelope in rest:
+        await envelope.ack()
+    await again.close()
+    await counts_become(channel, queue, (0, 0))
+
+
+async def test_iteration_ends_when_the_source_closes(queue: str) -> None:
+    """A consumer waiting on an empty queue stops with StopAsyncIteration once close() runs."""
+    source = RabbitMQSource(RABBITMQ_URL, queue)
+    seen: list[Envelope] = []
+
+    async def consume() -> None:
+        async for envelope in source:
+            seen.append(envelope)
+
+    task = asyncio.create_task(consume())
+    await asyncio.sleep(0.3)
+    await source.close()
+    await asyncio.wait_for(task, 5)
+    assert seen == []
+    with pytest.raises(StopAsyncIteration):
+        await source.__anext__()
+
+
+async def test_stop_consuming_hands_buffered_messages_back_and_keeps_yielded_ones(
+    channel: Any, queue: str
+) -> None:
+    """stop_consuming() requeues unyielded messages at once; yielded ones can still be acked."""
+    await publish_json(channel, queue, [{"id": i} for i in range(10)])
+    source = RabbitMQSource(RABBITMQ_URL, queue, prefetch=10)
+    held = await take(source, 3)
+    await counts_become(channel, queue, (0, 10))
+    await source.stop_consuming()
+    await counts_become(channel, queue, (7, 3))
+    with pytest.raises(StopAsyncIteration):
+        await source.__anext__()
+    for envelope in held:
+        await envelope.ack()
+    await source.close()
+    await counts_become(channel, queue, (7, 0))
+
+
+async def test_quorum_deliveries_past_max_deliveries_are_flagged_for_dead_lettering(
+    channel: Any,
+) -> None:
+    """On a quorum queue the delivery after max_deliveries carries the redelivered flag."""
+    queue = unique_queue("quorum")
+    source = RabbitMQSource(RABBITMQ_URL, queue, quorum=True, max_deliveries=2, prefetch=10)
+    try:
+        await source.start()
+        await publish_json(channel, queue, [{"id": 1}])
+        counts = []
+        for _ in range(2):
+            (envelope,) = await take(source, 1)
+            counts.append(envelope.headers[DELIVERY_COUNT_HEADER])
+            assert REDELIVERED_HEADER not in envelope.headers
+            assert envelope.error is None
+            await envelope.nack(True)
+        (last,) = await take(source, 1)
+        assert counts == [1, 2]
+        assert last.headers[DELIVERY_COUNT_HEADER] == 3
+        assert last.headers[REDELIVERED_HEADER] is True
+        assert isinstance(last.error, DeliveryLimitExceeded)
+        assert last.payload == {"id": 1}
+        await last.ack()
+        await source.flush()
+        await counts_become(channel, queue, (0, 0))
+        assert source.stats().redelivered == 1
+    finally:
+        await source.close()
+        await delete_queue(channel, queue)
+
+
+async def test_stale_delivery_tags_after_a_forced_close_do_not_crash(
+    channel: Any, queue: str
+) -> None:
+    """Acks for deliveries of a channel the server closed are counted, and the messages return."""
+    await publish_json(channel, queue, [{"id": i} for i in range(5)])
+    source = RabbitMQSource(RABBITMQ_URL, queue, prefetch=10, reconnect_interval=0.2)
+    try:
+        before = await take(source, 5)
+        await close_from_server(queue)
+        await eventually(lambda: _true(source.stats().reconnects >= 1), seconds=10)
+        for envelope in before:
+            await envelope.ack()  # stale: must neither raise nor reach the new channel
+        await source.flush()
+        again = await take(source, 5, seconds=10)
+        assert sorted(e.payload["id"] for e in again) == list(range(5))
+        for envelope in again:
+            await envelope.ack()
+        await source.flush()
+        await counts_become(channel, queue, (0, 0))
+        stats = source.stats()
+        assert stats.stale == 5
+        assert stats.acked == 5
+    finally:
+        await source.close()
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def test_sink_frames_are_persistent_confirmed_and_decodable(channel: Any, queue: str) -> None:
+    """mode="frame" publishes one persistent frame per batch, in the queue once write returns."""
+    sink = RabbitMQSink(RABBITMQ_URL, "", queue)
+    try:
+        await sink.write([{"id": 1}, {"id": 2}])
+        await sink.write([{"id": 3}])
+        declared = await channel.declare_queue(queue, passive=True)
+        assert declared.declaration_result.message_count == 2  # confirmed means enqueued
+        message = await declared.get()
+        assert message.content_type == FRAME_CONTENT_TYPE
+        assert message.delivery_mode == 2
+        assert message.headers["x-batchpunk-count"] == 2
+        assert decode_batch(message.body) == [{"id": 1}, {"id": 2}]
+        await message.ack()
+    finally:
+        await sink.close()
+        await sink.close()
+
+
+async def test_sink_items_fail_alone_when_they_are_not_json(channel: Any, queue: str) -> None:
+    """mode="items" publishes the good items and reports the unencodable one by its index."""
+    sink = RabbitMQSink(RABBITMQ_URL, "", queue, mode="items")
+    try:
+        with pytest.raises(PartialFailure) as caught:
+            await sink.write([{"id": 1}, {"id": {1, 2}}, {"id": 3}])
+        assert set(caught.value.failures) == {1}
+        assert [json.loads(body) for body, _ in await drain(channel, queue)] == [
+            {"id": 1},
+            {"id": 3},
+        ]
+    finally:
+        await sink.close()
+
+
+async def test_a_broker_nack_raises_a_retryable_error(channel: Any) -> None:
+    """A full queue with reject-publish makes the broker nack: write raises RabbitMQError."""
+    queue = unique_queue("full")
+    await channel.declare_queue(
+        queue, durable=True, arguments={"x-max-length": 1, "x-overflow": "reject-publish"}
+    )
+    sink = RabbitMQSink(RABBITMQ_URL, "", queue, mode="items")
+    try:
+        await sink.write([{"id": 1}])
+        with pytest.raises(RabbitMQError, match="nacked by the broker") as caught:
+            await sink.write([{"id": 2}])
+        assert isinstance(caught.value, ConnectionError)
+    finally:
+        await sink.close()
+        await delete_queue(channel, queue)
+
+
+async def test_an_unroutable_publish_is_an_error_not_a_silent_drop(channel: Any) -> None:
+    """Publishing to an exchange with no bound queue raises instead of losing the batch."""
+    exchange = unique_queue("exchange")
+    sink = RabbitMQSink(RABBITMQ_URL, exchange, "nowhere")
+    try:
+        with pytest.raises(RabbitMQError, match="unroutable"):
+            await sink.write([{"id": 1}])
+    finally:
+        await sink.close()
+        await channel.exchange_delete(exchange)
+
+
+async def test_dead_letters_are_published_as_json_with_reason_headers(channel: Any) -> None:
+    """Each letter becomes one persistent JSON message; headers carry reason, error, attempts."""
+    exchange, queue = unique_queue("dlx"), unique_queue("dead")
+    sink = RabbitMQDeadLetters(RABBITMQ_URL, exchange, "dead", queue=queue)
+    letters = [
+        DeadLetter({"id": 1}, reason="failed", error=ValueError("bad id"), attempts=4),
+        DeadLetter(b"\xff\xfe", reason="malformed", error=ValueError("not json")),
+        DeadLetter({"id": 2}, reason="redelivered", headers={"delivery_count": 11}),
+    ]
+    try:
+        await sink.put(letters)
+        declared = await channel.declare_queue(queue, passive=True)
+        received = []
+        for _ in letters:
+            message = await declared.get()
+            received.append((json.loads(message.body), message.headers, message.delivery_mode))
+            await message.ack()
+        first, headers, mode = received[0]
+        assert mode == 2
+        assert first["message"] == {"id": 1}
+        assert (first["reason"], first["error"], first["attempts"]) == ("failed", "bad id", 4)
+        assert first["error_type"] == "ValueError"
+        assert headers["x-batchpunk-reason"] == "failed"
+        assert headers["x-batchpunk-error"] == "bad id"
+        assert headers["x-batchpunk-attempts"] == 4
+        second = received[1][0]
+        assert (second["message"], second["message_encoding"]) == ("//4=", "base64")
+        assert received[2][0]["headers"] == {"delivery_count": 11}
+    finally:
+        await sink.close()
+        await delete_queue(channel, queue)
+        await channel.exchange_delete(exchange)
+
+
+async def test_the_source_makes_a_dead_letter_sink_for_its_exchange(channel: Any) -> None:
+    """dead_letter_sink() publishes to dead_letter_exchange with routing key <queue>.dead."""
+    queue, exchange, dead = unique_queue("src"), unique_queue("dlx"), unique_queue("dead")
+    source = RabbitMQSource(RABBITMQ_URL, queue, dead_letter_exchange=exchange)
+    sink = source.dead_letter_sink()
+    assert sink.routing_key == f"{queue}.dead"
+    await channel.declare_exchange(exchange, durable=True)
+    bound = await channel.declare_queue(dead, durable=True)
+    await bound.bind(exchange, f"{queue}.dead")
+    try:
+        await sink.put([DeadLetter({"id": 9}, reason="failed", error=RuntimeError("x"))])
+        ((body, _),) = await drain(channel, dead)
+        assert json.loads(body)["message"] == {"id": 9}
+    finally:
+        await sink.close()
+        await source.close()
+        await delete_queue(channel, dead)
+        await channel.exchange_delete(exchange)
