@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from batchpunk import Batch, BatchProcessor, ProcessorClosed
-from tests.engine_support import PATIENCE, Recorder, config, ledger, settle, stopped_ledger
+from tests.engine_support import PATIENCE, Recorder, config, settle, stopped_ledger
 
 
 def _fates(p: BatchProcessor[Any, Any], rec: Recorder) -> Counter[Any]:
@@ -296,10 +296,15 @@ async def test_stopping_a_processor_that_never_started_is_harmless() -> None:
 async def test_async_with_drains_on_exit_even_when_the_body_raises() -> None:
     """Leaving `async with` by an exception still drains every accepted message."""
     rec = Recorder()
-    with pytest.raises(RuntimeError, match="body"):
-        async with BatchProcessor(config(trigger="size", max_size=100), rec) as p:
+    p: BatchProcessor[Any, Any] = BatchProcessor(config(trigger="size", max_size=100), rec)
+
+    async def body() -> None:
+        async with p:
             await p.add_message(1)
             await p.add_message(2)
             raise RuntimeError("body failed")
+
+    with pytest.raises(RuntimeError, match="body"):
+        await body()
     assert rec.processed == [1, 2]
     assert p.closed
