@@ -63,7 +63,10 @@ def mask_secrets(text: str, secrets: Any = ()) -> str:
     text = _URL_PASSWORD.sub(r"\g<head>:***@", text)
     text = _KV_PASSWORD.sub(r"\g<head>***", text)
     for secret in sorted((s for s in secrets if s), key=len, reverse=True):
-        text = text.replace(secret, "***")
+        if len(secret) >= 4:
+            text = text.replace(secret, "***")
+        else:  # a short value ("5", "on") is masked as a whole word, not inside other words
+            text = re.sub(rf"(?<![\w]){re.escape(secret)}(?![\w])", "***", text)
     return text
 
 

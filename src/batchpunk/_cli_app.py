@@ -1,0 +1,510 @@
+"""The ``batchpunk`` commands, on typer and rich (imported only through ``batchpunk.cli.main``).
+
+Each command maps its outcome to the exit codes documented in ``batchpunk.cli``; errors are
+printed without a traceback, with every environment-supplied secret and URL password masked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from batchpunk.cli import EXIT_ABORTED, EXIT_FAILED, EXIT_MISSING, EXIT_OK, EXIT_USAGE
+from batchpunk.connectors._common import mask_secrets
+from batchpunk.errors import ConfigError, MissingDependency
+
+__all__ = ["app"]
+
+T = TypeVar("T")
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+_EXIT_CODES = (
+    "[b]Exit codes[/b]: 0 done (or drained after a first SIGINT/SIGTERM) · 1 failed · "
+    "2 usage or pipeline-file error · 3 missing optional dependency · "
+    "130 stopped at once by a second signal."
+)
+
+app = typer.Typer(
+    name="batchpunk",
+    help=(
+        "Fast, lossless batch pipelines: read a source, batch, write a sink, dead-letter what "
+        "fails.\n\n"
+        "[b]Examples[/b]\n\n"
+        "  batchpunk demo\n\n"
+        "  batchpunk validate orders.toml\n\n"
+        "  batchpunk run orders.toml\n\n"
+        "  batchpunk dlq show dead-letters.jsonl --reason failed\n\n" + _EXIT_CODES
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+dlq_app = typer.Typer(
+    help=(
+        "Inspect dead-letter files and send their letters back through a pipeline's sink.\n\n"
+        "[b]Examples[/b]\n\n"
+        "  batchpunk dlq show dead-letters.jsonl\n\n"
+        "  batchpunk dlq replay dead-letters.jsonl --pipeline orders.toml\n\n" + _EXIT_CODES
+    ),
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.add_typer(dlq_app, name="dlq")
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def _fail(message: str, code: int = EXIT_FAILED, secrets: Any = ()) -> NoReturn:
+    err.print(f"[bold red]error:[/] {escape(mask_secrets(message, secrets))}", soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _guard(action: Callable[[], T], secrets: Any = ()) -> T:
+    """Run ``action``, turning the errors a user can fix into a message and an exit code."""
+    try:
+        return action()
+    except MissingDependency as exc:
+        _fail(str(exc), EXIT_MISSING, secrets)
+    except ConfigError as exc:
+        _fail(str(exc), EXIT_USAGE, secrets)
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+class _Redact(logging.Filter):
+    """Masks environment-supplied secrets and URL passwords in every log record."""
+
+    def __init__(self, secrets: frozenset[str]) -> None:
+        super().__init__()
+        self.secrets = secrets
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        masked = mask_secrets(message, self.secrets)
+        if masked != message:
+            record.msg, record.args = masked, ()
+        return True
+
+
+def _logging(level: str, secrets: frozenset[str] = frozenset()) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_Redact(secrets))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def _live(title: str, refresh: float) -> Callable[[Callable[[], Any]], Any]:
+    from batchpunk.metrics.live import LiveView
+
+    def make(stats: Callable[[], Any]) -> Any:
+        return LiveView(stats, refresh_per_second=refresh, title=title)
+
+    return make
+
+
+def _seconds(value: Any) -> str:
+    if not isinstance(value, int | float):
+        return "n/a"
+    if value < 1:
+        return f"{value * 1000:.1f} ms"
+    return f"{value:.2f} s"
+
+
+def _counts(counts: Mapping[str, int] | None) -> str:
+    if not counts:
+        return "0"
+    total = sum(counts.values())
+    parts = ", ".join(f"{k} {v:,}" for k, v in sorted(counts.items()))
+    return f"{total:,} ({parts})"
+
+
+def _summary(stats: Mapping[str, Any], title: str, extra: Sequence[tuple[str, str]] = ()) -> Table:
+    """The end-of-run table: counts, flush reasons, throughput, latency, acknowledgements."""
+    pipeline = stats.get("pipeline", {})
+    elapsed = stats.get("elapsed") or pipeline.get("elapsed") or 0.0
+    processed = int(stats.get("processed", 0))
+    latency = stats.get("latency") or {}
+    table = Table(title=escape(title), show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    rows = [
+        ("messages read", f"{stats.get('received', 0):,}"),
+        ("processed", f"{processed:,}"),
+        ("dead letters", _counts(stats.get("dead_letter_reasons"))),
+        ("batches", _counts(stats.get("flush_reasons"))),
+        (
+            "calls / retries / splits",
+            f"{stats.get('calls', 0):,} / {stats.get('retries', 0):,} / {stats.get('splits', 0):,}",
+        ),
+        (
+            "throughput",
+            f"{processed / elapsed:,.0f} msg/s over {elapsed:.2f} s" if elapsed else "n/a",
+        ),
+        ("latency p50 / p99", f"{_seconds(latency.get('p50'))} / {_seconds(latency.get('p99'))}"),
+        ("acknowledged / nacked", f"{pipeline.get('acked', 0):,} / {pipeline.get('nacked', 0):,}"),
+        *extra,
+    ]
+    for name, value in rows:
+        table.add_row(name, value if "[/]" in value else escape(value))
+    return table
+
+
+# -- commands ---------------------------------------------------------------------------------
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", help="Print the version and exit.", is_eager=True)
+    ] = False,
+) -> None:
+    if version:
+        from batchpunk import __version__
+
+        out.print(f"batchpunk {__version__}")
+        raise typer.Exit(EXIT_OK)
+
+
+@app.command(epilog=_EXIT_CODES)
+def run(
+    pipeline: Annotated[Path, typer.Argument(help="The pipeline file (TOML).", show_default=False)],
+    live: Annotated[
+        bool | None,
+        typer.Option("--live/--no-live", help="Live terminal view (default: \\[metrics] live)."),
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="Log level on stderr.")] = "WARNING",
+) -> None:
+    """Run a pipeline file until its source ends, or until SIGINT/SIGTERM.
+
+    The first SIGINT/SIGTERM drains: no new messages are read, every message already read is
+    written or dead-lettered and then acknowledged, and the command exits 0. A second signal
+    stops at once: unfinished messages are nacked (returned to the broker), exit 130.
+
+    [b]Examples[/b]
+
+      batchpunk run orders.toml
+
+      PG_PASSWORD=... batchpunk run --no-live examples/rabbitmq-postgres.toml
+    """
+    from batchpunk.pipeline_file import load_pipeline
+
+    spec = _guard(lambda: load_pipeline(pipeline))
+    _logging(log_level, spec.secrets)
+    show_live = spec.metrics.live if live is None else live
+    code = _guard(lambda: _run(_run_pipeline(spec, show_live)), spec.secrets)
+    raise typer.Exit(code)
+
+
+async def _run_pipeline(spec: Any, live: bool) -> int:
+    collector = None
+    port = spec.metrics.prometheus_port
+    if port is not None:
+        from batchpunk.metrics import PrometheusMetrics
+
+        collector = PrometheusMetrics()
+    pipeline = spec.build(metrics_collector=collector)
+    server = None
+    if port is not None:
+        from batchpunk.metrics import serve
+
+        server = await serve(port, spec.metrics.prometheus_host, processor=pipeline)
+        err.print(f"metrics: {server.url}/metrics  stats: {server.url}/stats")
+    error: BaseException | None = None
+    began = time.perf_counter()
+    try:
+        if live:
+            view = _live(f"batchpunk run {Path(spec.path).name}", spec.metrics.refresh_per_second)
+            async with view(pipeline.get_stats):
+                await pipeline.run(handle_signals=True)
+        else:
+            await pipeline.run(handle_signals=True)
+    except (MissingDependency, ConfigError):
+        raise
+    except Exception as exc:
+        error = exc
+    finally:
+        if server is not None:
+            await server.close()
+    stats = await pipeline.get_stats()
+    stats["elapsed"] = time.perf_counter() - began
+    out.print(_summary(stats, f"batchpunk run {spec.path}"))
+    if error is not None:
+        _fail(f"the pipeline failed: {type(error).__name__}: {error}", EXIT_FAILED, spec.secrets)
+    if pipeline.aborted:
+        return EXIT_ABORTED
+    return EXIT_OK
+
+
+@app.command(epilog=_EXIT_CODES)
+def demo(
+    events: Annotated[int, typer.Option(min=1, help="Events to generate.")] = 300_000,
+    directory: Annotated[
+        Path | None,
+        typer.Option(
+            "--dir", help="Where to write demo.db and dead-letters.jsonl (default: a new temp dir)."
+        ),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed for the positions of bad events.")] = 0,
+    live: Annotated[bool, typer.Option("--live/--no-live", help="Live terminal view.")] = True,
+    log_level: Annotated[str, typer.Option(help="Log level on stderr.")] = "ERROR",
+) -> None:
+    """Run the embedded demo pipeline, with no server, and check that nothing was lost.
+
+    A generator of events (8 keys, 3 priorities, 5 malformed and 12 poison events) feeds
+    batches of up to 1000 to a handler that sleeps 2 ms and writes to SQLite; what fails goes
+    to a JSON Lines dead-letter file. The summary counts the rows and the letters and checks
+    that they add up to the events generated (exit 1 if not).
+
+    [b]Examples[/b]
+
+      batchpunk demo
+
+      batchpunk demo --events 50000 --dir ./demo-out --no-live
+
+      python -m batchpunk demo
+    """
+    from batchpunk._demo import run_demo
+
+    _logging(log_level)
+    factory = _live("batchpunk demo", 4.0) if live else None
+    result = _guard(lambda: _run(run_demo(events, directory=directory, seed=seed, live=factory)))
+    extra = [
+        ("rows in database", f"{result.rows:,}  ({result.db_path})"),
+        ("letters in file", f"{result.letter_count:,}  ({result.dead_letter_path})"),
+        (
+            "check",
+            f"rows {result.rows:,} + letters {result.letter_count:,}"
+            + (f" + returned {result.returned:,}" if result.returned else "")
+            + f" = {result.rows + result.letter_count + result.returned:,}"
+            + f" of {result.generated:,} generated: "
+            + ("[green]OK[/]" if result.consistent else "[red]MISMATCH[/]"),
+        ),
+    ]
+    out.print(_summary(result.stats, "batchpunk demo", extra))
+    for problem in result.problems:
+        err.print(f"[red]check failed:[/] {escape(problem)}")
+    if not result.consistent:
+        raise typer.Exit(EXIT_FAILED)
+    out.print(f"inspect the dead letters: batchpunk dlq show {result.dead_letter_path}")
+    raise typer.Exit(EXIT_ABORTED if result.aborted else EXIT_OK)
+
+
+@app.command(epilog=_EXIT_CODES)
+def validate(
+    pipeline: Annotated[Path, typer.Argument(help="The pipeline file (TOML).", show_default=False)],
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the resolved file as JSON.")
+    ] = False,
+) -> None:
+    """Check a pipeline file without connecting to anything, and print it resolved.
+
+    Every section, key and type is checked and every connector is constructed; environment
+    variables are substituted (and shown masked). Exit 0 if the file is valid, 2 if not.
+
+    [b]Examples[/b]
+
+      batchpunk validate orders.toml
+
+      batchpunk validate --json orders.toml
+    """
+    from batchpunk.pipeline_file import load_pipeline
+
+    spec = _guard(lambda: load_pipeline(pipeline))
+
+    def build() -> None:
+        spec.source.build()
+        spec.sink.build()
+        spec.build_dead_letter()
+
+    _guard(build, spec.secrets)
+    described = spec.describe()
+    if as_json:
+        out.print_json(json.dumps(described, default=str))
+    else:
+        table = Table(title=f"{pipeline}: valid", title_justify="left", show_header=False)
+        table.add_column(style="bold")
+        table.add_column()
+        for section, values in described.items():
+            shown = ", ".join(f"{k}={v!r}" for k, v in values.items())
+            table.add_row(escape(f"[{section}]"), escape(shown), end_section=True)
+        out.print(table)
+    raise typer.Exit(EXIT_OK)
+
+
+@dlq_app.command("show", epilog=_EXIT_CODES)
+def dlq_show(
+    file: Annotated[
+        Path, typer.Argument(help="A dead-letter file (JSON Lines or SQLite).", show_default=False)
+    ],
+    reason: Annotated[str | None, typer.Option(help="Only letters with this reason.")] = None,
+    limit: Annotated[int, typer.Option(min=0, help="Rows shown (0 for all).")] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per letter.")] = False,
+) -> None:
+    """Show the letters of a dead-letter file as a table, optionally of one reason.
+
+    [b]Examples[/b]
+
+      batchpunk dlq show dead-letters.jsonl
+
+      batchpunk dlq show dead-letters.jsonl --reason malformed --limit 0
+
+      batchpunk dlq show dead-letters.db --json | jq .error
+    """
+    _require_file(file)
+    letters = _guard(lambda: _run(_read_file(file)))
+    total = len(letters)
+    if reason is not None:
+        letters = [letter for letter in letters if letter.reason == reason]
+    if as_json:
+        for letter in letters[: limit or None]:
+            sys.stdout.write(json.dumps(_letter_dict(letter), default=repr) + "\n")
+        raise typer.Exit(EXIT_OK)
+    counts: dict[str, int] = {}
+    for letter in letters:
+        counts[letter.reason] = counts.get(letter.reason, 0) + 1
+    shown = letters[: limit or None]
+    table = Table(
+        title=escape(f"{file}: {len(letters):,} of {total:,} letter(s) {_counts(counts)}"),
+        title_justify="left",
+    )
+    for column in ("#", "reason", "error", "attempts", "key", "first seen", "message"):
+        table.add_column(column, overflow="fold")
+    for index, letter in enumerate(shown, 1):
+        table.add_row(
+            str(index),
+            escape(letter.reason),
+            escape(_short(f"{letter.error_type}: {letter.error}" if letter.error else "", 60)),
+            str(letter.attempts),
+            "" if letter.key is None else escape(_short(repr(letter.key), 16)),
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(letter.first_seen)),
+            escape(_short(json.dumps(letter.message, default=repr, ensure_ascii=False), 60)),
+        )
+    out.print(table)
+    if len(shown) < len(letters):
+        out.print(f"... {len(letters) - len(shown):,} more (use --limit 0 to show all)")
+    raise typer.Exit(EXIT_OK)
+
+
+@dlq_app.command("replay", epilog=_EXIT_CODES)
+def dlq_replay(
+    file: Annotated[
+        Path, typer.Argument(help="A dead-letter file (JSON Lines or SQLite).", show_default=False)
+    ],
+    pipeline: Annotated[
+        Path,
+        typer.Option("--pipeline", "-p", help="The pipeline file whose [sink] and [batch] to use."),
+    ],
+    reason: Annotated[str | None, typer.Option(help="Only letters with this reason.")] = None,
+    log_level: Annotated[str, typer.Option(help="Log level on stderr.")] = "WARNING",
+) -> None:
+    """Send dead letters back through a pipeline's sink; remove each once it was written.
+
+    The letters' messages are batched with the pipeline's [batch] settings and written to its
+    [sink]. A letter leaves the file only after its message was written; one that fails again
+    stays as it was. Exit 0 if every selected letter was written, 1 otherwise.
+
+    [b]Examples[/b]
+
+      batchpunk dlq replay dead-letters.jsonl --pipeline orders.toml
+
+      batchpunk dlq replay dead-letters.jsonl -p orders.toml --reason failed
+    """
+    from batchpunk.pipeline_file import load_pipeline
+
+    _require_file(file)
+    spec = _guard(lambda: load_pipeline(pipeline))
+    _logging(log_level, spec.secrets)
+    succeeded, failed, kept = _guard(lambda: _run(_replay(file, spec, reason)), spec.secrets)
+    out.print(
+        f"replayed {succeeded + len(failed):,} letter(s) from {file}: {succeeded:,} written and "
+        f"removed, {len(failed):,} failed again and kept; {kept:,} letter(s) left in the file"
+    )
+    for letter, error in failed[:10]:
+        err.print(
+            f"  [red]{letter.reason}[/] {escape(mask_secrets(str(error), spec.secrets)[:200])}",
+            soft_wrap=True,
+        )
+    raise typer.Exit(EXIT_FAILED if failed else EXIT_OK)
+
+
+async def _read_file(file: Path) -> list[Any]:
+    from batchpunk._demo import open_dead_letters, read_letters
+
+    store = open_dead_letters(file)
+    try:
+        return await read_letters(store)
+    finally:
+        await store.close()
+
+
+async def _replay(file: Path, spec: Any, reason: str | None) -> tuple[int, list[Any], int]:
+    from batchpunk._demo import open_dead_letters, read_letters
+    from batchpunk.deadletter import MemoryDeadLetters
+    from batchpunk.processor import BatchProcessor
+
+    store = open_dead_letters(file)
+    try:
+        letters = await read_letters(store)
+        chosen = [letter for letter in letters if reason is None or letter.reason == reason]
+        sink = spec.sink.build()
+        try:
+            prepare = getattr(sink, "prepare", None)
+            if callable(prepare):
+                await prepare(spec.batch)
+            processor: BatchProcessor[Any, Any] = BatchProcessor(
+                spec.batch, sink.write, dead_letter=MemoryDeadLetters()
+            )
+            async with processor:
+                report = await processor.replay(chosen)
+        finally:
+            await sink.close()
+        if report.succeeded:
+            await store.remove(report.succeeded)
+        left = len(await read_letters(store))
+        return len(report.succeeded), list(report.failed), left
+    finally:
+        await store.close()
+
+
+def _require_file(file: Path) -> None:
+    if not file.is_file():
+        _fail(f"{file}: no such dead-letter file", EXIT_USAGE)
+
+
+def _letter_dict(letter: Any) -> dict[str, Any]:
+    return {
+        "reason": letter.reason,
+        "error_type": letter.error_type,
+        "error": None if letter.error is None else str(letter.error),
+        "attempts": letter.attempts,
+        "key": letter.key,
+        "priority": letter.priority,
+        "first_seen": letter.first_seen,
+        "headers": letter.headers,
+        "message": letter.message,
+    }
+
+
+def _short(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
