@@ -739,7 +739,7 @@ class NatsJetStreamSource:
         js_errors = require("nats.js.errors", "nats", "NatsJetStreamSource")
         try:
             msgs: list[Any] = await self._sub.fetch(self.fetch_size, timeout=self.fetch_timeout)
-        except nats.errors.TimeoutError:
+        except TimeoutError:  # nats.errors.TimeoutError too: the stream had nothing for us
             await self._check_consumer_when_idle()
             return []
         except nats.errors.ConnectionClosedError:
