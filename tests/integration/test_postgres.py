@@ -86,6 +86,14 @@ def test_bad_settings_fail_at_construction_naming_the_setting(
         PostgresSink(DSN, "events", **kwargs)
 
 
+@pytest.mark.parametrize("dsn", ["", "host=db user=bob password=s3cret", "mysql://bob:s3cret@db/x"])
+def test_a_dsn_that_is_not_a_postgres_url_is_refused_without_echoing_it(dsn: str) -> None:
+    """asyncpg reads URL DSNs only: anything else fails at construction, password unshown."""
+    with pytest.raises(ConfigError, match="dsn") as caught:
+        PostgresSink(dsn, "events", ("id",))
+    assert "s3cret" not in str(caught.value)
+
+
 @pytest.mark.parametrize("table", ["", "a.b.c", ".x", 7])
 def test_bad_table_names_fail_at_construction(table: Any) -> None:
     """A table that is not 'name' or 'schema.name' is refused with ConfigError naming it."""

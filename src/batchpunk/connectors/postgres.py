@@ -135,7 +135,11 @@ _QUERY_SECRETS = frozenset({"password", "sslpassword"})
 
 
 def mask_dsn(dsn: str) -> str:
-    """The DSN with every password replaced by ``***``: what logs and errors may show."""
+    """The DSN with every password replaced by ``***``: what logs and errors may show.
+
+    Handles URL DSNs (userinfo and ``?password=``) and libpq key=value strings alike, so any
+    connection string can be logged through it.
+    """
     if "://" not in dsn:
         return _KV_SECRET.sub(lambda m: f"{m.group(1)}=***", dsn)
     parts = urlsplit(dsn)
@@ -221,9 +225,9 @@ class PostgresSink:
     whenever the source can redeliver: a batch written twice then adds no rows.
 
     Args:
-        dsn: ``postgresql://user:password@host:port/db`` or a key=value string; the password
-            never shows in logs or errors. Put ``?application_name=...`` in it to name the
-            connections (default "batchpunk").
+        dsn: ``postgresql://user:password@host:port/db``; the password never shows in logs
+            or errors. Put ``?application_name=...`` in it to name the connections (default
+            "batchpunk").
         table: ``name`` or ``schema.name`` (quoted as given: case-sensitive).
         pool_min, pool_max: connections kept and allowed. Each running write holds one, so
             ``pool_max`` should be at least the processor's ``max_concurrent_batches``.
@@ -252,8 +256,11 @@ class PostgresSink:
         timeout: float = 30.0,
         tls: ssl.SSLContext | str | None = None,
     ) -> None:
-        if not isinstance(dsn, str) or not dsn:
-            raise ConfigError("PostgresSink dsn: expected a non-empty connection string")
+        if not isinstance(dsn, str) or not dsn.startswith(("postgresql://", "postgres://")):
+            raise ConfigError(  # never echo the DSN: it may hold the password
+                "PostgresSink dsn: expected a URL postgresql://user:password@host:port/db "
+                "(asyncpg does not read key=value connection strings)"
+            )
         self._dsn = dsn
         self._secrets = _dsn_secrets(dsn)
         self._masked = mask_dsn(dsn)
