@@ -271,7 +271,7 @@ def demo(
 ) -> None:
     """Run the embedded demo pipeline, with no server, and check that nothing was lost.
 
-    A generator of events (8 keys, 3 priorities, 5 malformed and 12 poison events) feeds
+    A generator of events (4 keys, 2 priorities, 5 malformed and 12 poison events) feeds
     batches of up to 1000 to a handler that sleeps 2 ms and writes to SQLite; what fails goes
     to a JSON Lines dead-letter file. The summary counts the rows and the letters and checks
     that they add up to the events generated (exit 1 if not).
@@ -384,21 +384,27 @@ def dlq_show(
     for letter in letters:
         counts[letter.reason] = counts.get(letter.reason, 0) + 1
     shown = letters[: limit or None]
+    selected = f"{len(letters):,} of {total:,}" if reason is not None else f"{total:,}"
     table = Table(
-        title=escape(f"{file}: {len(letters):,} of {total:,} letter(s) {_counts(counts)}"),
+        title=escape(f"{file}: {selected} letter(s) by reason: {_counts(counts)}"),
         title_justify="left",
     )
-    for column in ("#", "reason", "error", "attempts", "key", "first seen", "message"):
-        table.add_column(column, overflow="fold")
+    # Fixed columns take about 50 characters; error and message share the rest, one line each.
+    room = max(16, (out.width - 54) // 2)
+    for column in ("#", "reason", "error", "tries", "key", "seen", "message"):
+        table.add_column(column, no_wrap=column in ("error", "message"))
     for index, letter in enumerate(shown, 1):
+        kind = letter.error_type.rpartition(".")[2]
+        message = letter.message
+        text = message if isinstance(message, str) else json.dumps(message, default=repr)
         table.add_row(
             str(index),
             escape(letter.reason),
-            escape(_short(f"{letter.error_type}: {letter.error}" if letter.error else "", 60)),
+            escape(_short(f"{kind}: {letter.error}" if letter.error is not None else "", room)),
             str(letter.attempts),
-            "" if letter.key is None else escape(_short(repr(letter.key), 16)),
-            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(letter.first_seen)),
-            escape(_short(json.dumps(letter.message, default=repr, ensure_ascii=False), 60)),
+            "" if letter.key is None else escape(_short(repr(letter.key), 8)),
+            time.strftime("%H:%M:%S", time.localtime(letter.first_seen)),
+            escape(_short(text, room)),
         )
     out.print(table)
     if len(shown) < len(letters):
@@ -480,7 +486,7 @@ async def _replay(file: Path, spec: Any, reason: str | None) -> tuple[int, list[
         finally:
             await sink.close()
         if report.succeeded:
-            await store.remove(report.succeeded)
+            await store.remove(letter.headers["dlq_id"] for letter in report.succeeded)
         left = len(await read_letters(store))
         return len(report.succeeded), list(report.failed), left
     finally:

@@ -36,7 +36,7 @@ def demo_config() -> BatchConfig:
     """Batching for the demo: big batches, short waits, fast poison isolation."""
     return BatchConfig(
         max_size=1000,
-        max_wait=0.05,
+        max_wait=0.1,
         max_concurrent_batches=4,
         max_retries=2,
         retry_delay=0.005,
@@ -158,7 +158,7 @@ async def run_demo(
     for stale in (db_path, letters_path, Path(f"{db_path}-wal"), Path(f"{db_path}-shm")):
         stale.unlink(missing_ok=True)
     source = GeneratorSource(
-        events, keys=8, priorities=3, malformed=malformed, poison=poison, seed=seed
+        events, keys=4, priorities=2, malformed=malformed, poison=poison, seed=seed
     )
     sink = DemoSink(
         SqliteSink(
