@@ -104,7 +104,7 @@ async def test_plain_lines_when_the_console_is_not_a_terminal() -> None:
         await asyncio.sleep(0.18)
         assert not view.rich
     lines = buffer.getvalue().splitlines()
-    assert 4 <= len(lines) <= 7  # first, about three periodic, final
+    assert len(lines) >= 4  # the first, at least two periodic, the final
     assert lines[-1].endswith("(final)")
     assert "pending 2,500" in lines[0]
     assert "batches 321 [pressure=1 size=300 timeout=20]" in lines[0]
