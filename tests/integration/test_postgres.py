@@ -358,6 +358,27 @@ async def test_open_fails_early_on_a_missing_table_or_column(table: str) -> None
         await missing_column.open()
 
 
+async def test_prepare_opens_the_pool_and_warns_about_a_pool_smaller_than_concurrency(
+    table: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The pipeline's prepare() hook connects early and flags pool_max < concurrency."""
+    from batchpunk import BatchConfig
+
+    sink = PostgresSink(DSN, table, ("id", "body"), pool_max=2)
+    try:
+        with caplog.at_level("WARNING", logger="batchpunk.connectors.postgres"):
+            await sink.prepare(BatchConfig(max_concurrent_batches=8))
+        assert "pool_max=2 is below max_concurrent_batches=8" in caplog.text
+        caplog.clear()
+        await sink.prepare(BatchConfig(max_concurrent_batches=2))
+        assert "pool_max" not in caplog.text
+    finally:
+        await sink.close()
+    missing = PostgresSink(DSN, f"{table}_nope", ("id",))
+    with pytest.raises(PostgresSinkError, match="does not exist"):
+        await missing.prepare(BatchConfig())
+
+
 async def test_connection_refused_is_retryable_and_never_shows_the_password() -> None:
     """A wrong port is a retryable error whose message and repr keep the password hidden."""
     require_server("postgres")

@@ -38,10 +38,13 @@ import ssl
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from batchpunk.errors import BatchpunkError, ConfigError, PartialFailure, require
+
+if TYPE_CHECKING:
+    from batchpunk.config import BatchConfig
 
 __all__ = ["PostgresDataError", "PostgresRetryable", "PostgresSink", "PostgresSinkError"]
 
@@ -319,6 +322,24 @@ class PostgresSink:
             return
         async with self._lock:
             await self._connect()
+
+    async def prepare(self, config: BatchConfig) -> None:
+        """Pipeline hook, before the first message: open the pool and check its size.
+
+        Each running batch holds one connection, so a pool smaller than the engine's concurrency
+        makes batches queue for connections; that is logged as a warning, not refused.
+        """
+        concurrency = config.max_concurrent_batches if config.enable_parallel_processing else 1
+        if self._pool_max < concurrency:
+            log.warning(
+                "PostgresSink %s: pool_max=%d is below max_concurrent_batches=%d; batches will "
+                "wait for a connection (raise pool_max to %d)",
+                self._target,
+                self._pool_max,
+                concurrency,
+                concurrency,
+            )
+        await self.open()
 
     async def _connect(self) -> None:
         """Open the pool unless a concurrent open() did; the caller holds the lock."""
