@@ -28,6 +28,7 @@ from batchpunk.codec.frame import (
     read_header,
 )
 from batchpunk.codec.options import COMPRESSIONS, LEVEL_RANGES, SERIALIZERS, validate_options
+from batchpunk.codec.serializers import decode_value, encode_value
 from batchpunk.errors import FrameError
 
 __all__ = [
@@ -38,6 +39,9 @@ __all__ = [
     "Codec",
     "FrameInfo",
     "FrameError",
+    # single values, without a frame
+    "encode_value",
+    "decode_value",
     # options
     "validate_options",
     "SERIALIZERS",

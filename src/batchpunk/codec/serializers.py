@@ -30,7 +30,7 @@ from typing import Any
 
 from batchpunk.errors import FrameError, require
 
-__all__ = ["deserialize", "orjson_module", "serialize"]
+__all__ = ["decode_value", "deserialize", "encode_value", "orjson_module", "serialize"]
 
 #: Pickle protocol 5 (Python 3.8+): out-of-band buffers, and readable by every supported Python.
 PICKLE_PROTOCOL = 5
@@ -52,21 +52,21 @@ def orjson_module() -> Any:
     return _orjson
 
 
-def serialize(messages: list[Any], serializer: str) -> bytes:
-    """The serialized list; TypeError (naming the serializer) for a message it cannot represent."""
+def serialize(obj: Any, serializer: str, what: str = "messages") -> bytes:
+    """``obj`` serialized, or TypeError naming ``what`` and the serializer that refused it."""
     try:
         if serializer == "json":
-            return _json_dumps(messages)
+            return _json_dumps(obj)
         if serializer == "msgpack":
             msgspec = require("msgspec", "msgpack", "the msgpack serializer")
-            data: bytes = msgspec.msgpack.encode(messages)
+            data: bytes = msgspec.msgpack.encode(obj)
             return data
         if serializer == "pickle":
-            return pickle.dumps(messages, protocol=PICKLE_PROTOCOL)
+            return pickle.dumps(obj, protocol=PICKLE_PROTOCOL)
     except ImportError:  # MissingDependency: the pip hint must reach the caller unchanged
         raise
     except Exception as exc:  # pickle alone raises PicklingError, AttributeError, TypeError...
-        raise TypeError(f"messages: the {serializer} serializer cannot encode them: {exc}") from exc
+        raise TypeError(f"{what}: the {serializer} serializer cannot encode it: {exc}") from exc
     raise ValueError(f"serializer: unknown serializer {serializer!r}")
 
 
@@ -85,6 +85,28 @@ def deserialize(payload: bytes | bytearray, serializer: str) -> Any:
     except Exception as exc:  # a decoder fed hostile bytes may raise anything: report it plainly
         raise FrameError(f"payload does not decode as {serializer}: {exc}") from exc
     raise FrameError(f"payload does not decode: unknown serializer {serializer!r}")
+
+
+def encode_value(obj: Any, serializer: str = "json") -> bytes:
+    """One value serialized without a frame: for records that carry their own framing.
+
+    The dead-letter sinks write each record as one json line with this. Same semantics and
+    errors as a frame's payload (TypeError for what the serializer cannot represent).
+    """
+    if serializer not in ("json", "msgpack", "pickle"):
+        raise ValueError(f"serializer: expected 'json', 'msgpack' or 'pickle', got {serializer!r}")
+    return serialize(obj, serializer, "value")
+
+
+def decode_value(
+    data: bytes | bytearray, serializer: str = "json", *, allow_pickle: bool = False
+) -> Any:
+    """The value in ``data``; FrameError if it does not decode, or if it is pickle not allowed."""
+    if serializer not in ("json", "msgpack", "pickle"):
+        raise ValueError(f"serializer: expected 'json', 'msgpack' or 'pickle', got {serializer!r}")
+    if serializer == "pickle" and not allow_pickle:
+        raise FrameError("pickle refused: pass allow_pickle=True only for data you trust")
+    return deserialize(data, serializer)
 
 
 # -- json -------------------------------------------------------------------------------------
