@@ -162,6 +162,7 @@ class Accumulator:
                 raise ValueError(f"sizer: expected a byte count >= 0, got {size!r}")
             if lane.items and self.size_triggers and lane.nbytes + size > self.max_bytes:
                 self.cut(lane, "bytes")
+                lane = self.lane(key, priority)  # a cut keyed lane leaves the table
             lane.nbytes += size
         items = lane.items
         if tracker is not None:

@@ -116,12 +116,11 @@ class Execution:
             # Cancelled by stop() past drain_timeout, or a BaseException from the processor:
             # whatever has not finished becomes a dead letter, never a silent loss.
             left = ([current] if current is not None else []) + todo[::-1]
+            reason, error = "failed", exc
             if isinstance(exc, asyncio.CancelledError):
-                reason, error = (
-                    "shutdown",
-                    ProcessorClosed(
-                        "the processor stopped before this batch finished (drain_timeout)"
-                    ),
+                reason = "shutdown"
+                error = ProcessorClosed(
+                    "the processor stopped before this batch finished (drain_timeout)"
                 )
             for node in left:
                 if node.batch:

@@ -189,7 +189,7 @@ class BatchProcessor(Generic[T, R]):
         then get up to ``drain_timeout`` to reach their sink; any left are kept in
         ``dead_letters``. Idempotent: a second call waits for the first.
         """
-        if self._state is _State.NEW:
+        if self._state is _State.NEW or (self._stopping is None and self.closed):
             self._state = _State.CLOSED
             return
         if self._stopping is None:
@@ -438,6 +438,9 @@ class BatchProcessor(Generic[T, R]):
 
     def _job_done(self, job: Job) -> None:
         self._unfinished_jobs -= 1
+        if self._unfinished_jobs == 0 and self._room_waiters:
+            # Producers still wait and nothing will finish to wake them: cut for them.
+            self._relieve_pressure()
         if self._job_waiters:
             for waiter in self._job_waiters:
                 if job.seq <= waiter[0]:
