@@ -148,6 +148,26 @@ async def test_restarted_consumer_reads_its_own_pending_entries_first(
     assert await pending(client, stream) == 0
 
 
+async def test_restart_after_claim_idle_hands_each_pending_entry_out_once(
+    client: Any, stream: str, sources: Callable[..., RedisStreamSource]
+) -> None:
+    """A worker back after claim_idle re-reads its entries once, not also through its janitor."""
+    await add(client, stream, *({"id": i} for i in range(5)))
+    first = sources("w", claim_idle=0.2)
+    await take(first, 5)
+    await first.close()
+    await asyncio.sleep(0.3)
+    second = sources("w", claim_idle=0.2, count=2)  # the pending phase takes several reads
+    again = await take(second, 1)
+    await asyncio.sleep(0.3)  # janitor passes while 3 entries still wait, idle, in the PEL
+    again += await take(second, 4)
+    assert sorted(e.payload["id"] for e in again) == list(range(5))
+    with pytest.raises(TimeoutError):
+        await take(second, 1, seconds=0.6)  # nothing is handed out twice
+    for envelope in again:
+        await envelope.ack()
+
+
 async def test_janitor_claims_the_entries_of_a_dead_consumer(
     client: Any, stream: str, sources: Callable[..., RedisStreamSource]
 ) -> None:

@@ -486,10 +486,12 @@ class RedisStreamSource:
             self._pending_phase = False
             return []
         self._pending_cursor = _text(entries[-1][0])
-        counts = await self._delivery_counts([_text(e[0]) for e in entries if e[1]])
+        # The janitor may have claimed some of them already (this worker was down longer than
+        # claim_idle): those are being processed, and must not be handed out twice.
+        fresh = [(_text(i), f) for i, f in entries if _text(i) not in self._held]
+        counts = await self._delivery_counts([i for i, f in fresh if f])
         out: list[Envelope] = []
-        for raw_id, fields in entries:
-            entry_id = _text(raw_id)
+        for entry_id, fields in fresh:
             if not fields:  # in our PEL, but trimmed from the stream: report it, then XACK it
                 out.append(self._lost(entry_id))
             else:
@@ -718,7 +720,7 @@ class RedisStreamSource:
         while not await _wait(self._stop, period):
             try:
                 await self._refresh_held()
-                if self._consuming:
+                if self._consuming and not self._pending_phase:  # own entries first
                     await self._claim_idle()
             except (errors.ConnectionError, errors.TimeoutError, OSError) as exc:
                 self._log_transient("janitor pass", exc)
