@@ -1,0 +1,158 @@
+"""HttpSink against a real HTTP server started in the test (asyncio streams, no mocks)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+
+from batchpunk.config import BatchConfig
+from batchpunk.connectors import GeneratorSource, HttpSink
+from batchpunk.connectors.http import HttpStatusError, HttpTransportError
+from batchpunk.deadletter import MemoryDeadLetters
+from batchpunk.errors import ConfigError
+from batchpunk.pipeline import Pipeline
+
+pytest.importorskip("httpx")
+
+#: (status, body) for one request, given the decoded JSON body and the request's number.
+Answer = Callable[[Any, int], tuple[int, str]]
+
+
+class Server:
+    """A tiny HTTP/1.1 server: records each request's headers and JSON body, answers by rule."""
+
+    def __init__(self, answer: Answer) -> None:
+        self.answer = answer
+        #: (headers, decoded body, status answered) of every request, in order.
+        self.requests: list[tuple[dict[str, str], Any, int]] = []
+        self.url = ""
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                lines = head.decode("latin-1").split("\r\n")
+                headers = {
+                    k.strip().lower(): v.strip()
+                    for k, _, v in (line.partition(":") for line in lines[1:] if line)
+                }
+                body = await reader.readexactly(int(headers.get("content-length", "0")))
+                payload = json.loads(body) if body else None
+                status, text = self.answer(payload, len(self.requests) + 1)
+                self.requests.append((headers, payload, status))
+                data = text.encode()
+                writer.write(
+                    f"HTTP/1.1 {status} X\r\ncontent-length: {len(data)}\r\n"
+                    f"content-type: text/plain\r\n\r\n".encode()
+                    + data
+                )
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+@asynccontextmanager
+async def serving(answer: Answer) -> AsyncIterator[Server]:
+    server = Server(answer)
+    listener = await asyncio.start_server(server.handle, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    server.url = f"http://127.0.0.1:{port}/ingest"
+    try:
+        yield server
+    finally:
+        listener.close()
+        await listener.wait_closed()
+
+
+async def test_http_sink_posts_one_json_array_per_batch() -> None:
+    """write() sends the batch as one JSON array with the configured headers and returns None."""
+    async with serving(lambda body, n: (200, "ok")) as server:
+        sink = HttpSink(server.url, headers={"Authorization": "Bearer t0ken"})
+        assert await sink.write([{"id": 1}, {"id": 2}]) is None
+        await sink.close()
+        await sink.close()
+    headers, body, _ = server.requests[0]
+    assert body == [{"id": 1}, {"id": 2}]
+    assert headers["content-type"] == "application/json"
+    assert headers["authorization"] == "Bearer t0ken"
+
+
+async def test_http_status_decides_retryability_and_errors_carry_the_body() -> None:
+    """429 and 5xx are retryable; another 4xx is not, and its error holds the response body."""
+    answers = iter([(503, "busy"), (429, "slow down"), (400, "field 'id' is required")])
+    async with serving(lambda body, n: next(answers)) as server:
+        sink = HttpSink(server.url)
+        errors = []
+        for _ in range(3):
+            with pytest.raises(HttpStatusError) as info:
+                await sink.write([{"id": 1}])
+            errors.append(info.value)
+        await sink.close()
+    assert [(e.status, e.retryable) for e in errors] == [(503, True), (429, True), (400, False)]
+    assert "field 'id' is required" in str(errors[2])
+
+
+async def test_http_transport_error_is_retryable_and_hides_the_password() -> None:
+    """A refused connection is a retryable HttpTransportError whose message masks the URL's
+    password."""
+    listener = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    listener.close()
+    await listener.wait_closed()
+    sink = HttpSink(f"http://bob:hunter2@127.0.0.1:{port}/x", timeout=2.0)
+    with pytest.raises(HttpTransportError) as info:
+        await sink.write([1])
+    await sink.close()
+    assert info.value.retryable is True
+    assert "hunter2" not in str(info.value)
+    assert "bob:***@" in str(info.value)
+    assert "hunter2" not in repr(sink)
+
+
+def test_http_sink_checks_its_settings() -> None:
+    """A bad URL, method or format fails at construction, naming the setting."""
+    with pytest.raises(ConfigError, match="url"):
+        HttpSink("ftp://x")
+    with pytest.raises(ConfigError, match="method"):
+        HttpSink("http://x", method="GET")
+    with pytest.raises(ConfigError, match="format"):
+        HttpSink("http://x", format="xml")
+
+
+async def test_pipeline_to_http_retries_503_and_dead_letters_what_gets_400() -> None:
+    """Through a pipeline: the first two answers are 503 and are retried; a batch holding a
+    poison event gets 400, is split until the poison events are alone, and exactly those are
+    dead-lettered with the server's message; every other event reaches the server once."""
+
+    def answer(body: Any, n: int) -> tuple[int, str]:
+        if n <= 2:
+            return 503, "warming up"
+        if any("amount" not in event for event in body):
+            return 400, "amount is required"
+        return 200, "ok"
+
+    source = GeneratorSource(400, poison=3, seed=3)
+    letters = MemoryDeadLetters()
+    config = BatchConfig(
+        max_size=50, max_wait=0.05, retry_delay=0.001, retry_max_delay=0.01, max_retries=3
+    )
+    async with serving(answer) as server:
+        pipeline = Pipeline(source, HttpSink(server.url), config, dead_letter=letters)
+        await asyncio.wait_for(pipeline.run(), 30)
+    delivered = [event["id"] for _, body, _ in server.requests for event in body]
+    accepted = [
+        event["id"] for _, body, status in server.requests if status == 200 for event in body
+    ]
+    assert sorted(accepted) == sorted(set(range(400)) - source.poison_ids)
+    assert {letter.message["id"] for letter in letters.letters} == source.poison_ids
+    assert all("amount is required" in str(letter.error) for letter in letters.letters)
+    assert len(delivered) > len(accepted)  # the 503s and 400s were real requests
+    stats = await pipeline.get_stats()
+    assert stats["retries"] >= 2
