@@ -279,7 +279,7 @@ async def test_stop_consuming_hands_buffered_messages_back_and_keeps_yielded_one
     source = RabbitMQSource(RABBITMQ_URL, queue, prefetch=10)
     held = await take(source, 3)
     await counts_become(channel, queue, (0, 10))
-    await source.stop_consuming()
+    source.stop_consuming()
     await counts_become(channel, queue, (7, 3))
     with pytest.raises(StopAsyncIteration):
         await source.__anext__()

@@ -256,6 +256,9 @@ class _Delivery:
         self.parts = 1
         self.verdict = _ACK
 
+    def settle(self, outcome: int) -> None:
+        self.tracker.settle(self, outcome)
+
     async def ack(self) -> None:
         self.tracker.settle(self, _ACK)
 
@@ -274,21 +277,23 @@ class _Delivery:
 class _Part:
     """The settle handle of one item of a frame message; settling it twice is a no-op."""
 
-    __slots__ = ("delivery", "done")
+    __slots__ = ("delivery", "done", "tracker")
 
     def __init__(self, delivery: _Delivery) -> None:
         self.delivery = delivery
+        self.tracker = delivery.tracker
         self.done = False
 
-    async def ack(self) -> None:
+    def settle(self, outcome: int) -> None:
         if not self.done:
             self.done = True
-            self.delivery.vote(_ACK)
+            self.delivery.vote(outcome)
+
+    async def ack(self) -> None:
+        self.settle(_ACK)
 
     async def nack(self, requeue: bool) -> None:
-        if not self.done:
-            self.done = True
-            self.delivery.vote(_REQUEUE if requeue else _REJECT)
+        self.settle(_REQUEUE if requeue else _REJECT)
 
 
 class _Tracker:
@@ -431,9 +436,9 @@ class RabbitMQSource:
         dead_letter_exchange: str | None = None,
         dead_letter_routing_key: str | None = None,
         decode: str | Callable[[bytes], Any] = "json",
-        hmac_key: bytes | None = None,
+        hmac_key: bytes | str | None = None,
         queue_arguments: Mapping[str, Any] | None = None,
-        tls: ssl.SSLContext | Mapping[str, str] | None = None,
+        tls: ssl.SSLContext | Mapping[str, Any] | None = None,
         reconnect_interval: float | None = None,
         close_timeout: float = 5.0,
     ) -> None:
@@ -511,7 +516,7 @@ class RabbitMQSource:
         self._channel: Any = None
         self._consumer_tag: str | None = None
         self._tracker: _Tracker | None = None
-        self._buffer: deque[tuple[Envelope, _Delivery]] = deque()
+        self._buffer: deque[tuple[Envelope, _Delivery | _Part]] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self._dirty: list[_Tracker] = []
         self._flusher: asyncio.Task[None] | None = None
@@ -520,6 +525,7 @@ class RabbitMQSource:
         self._stopping = False
         self._closed: asyncio.Future[None] | None = None
         self._resumer: asyncio.Task[None] | None = None
+        self._canceller: asyncio.Task[None] | None = None
         self._delivered = self._acked = self._requeued = self._rejected = 0
         self._malformed = self._redelivered = self._stale = self._reconnects = 0
 
@@ -576,6 +582,11 @@ class RabbitMQSource:
             reconnect_interval=self.reconnect_interval,
         )
 
+    @property
+    def stopping(self) -> bool:
+        """True once stop_consuming() or close() began: no new message will be yielded."""
+        return self._stopping
+
     def stats(self) -> RabbitMQSourceStats:
         """Counters since the source was created."""
         return RabbitMQSourceStats(
@@ -600,8 +611,8 @@ class RabbitMQSource:
         buffer = self._buffer
         while True:
             while buffer:
-                envelope, delivery = buffer.popleft()
-                if not delivery.tracker.dead:
+                envelope, handle = buffer.popleft()
+                if not handle.tracker.dead:
                     return envelope
             if self._stopping:
                 raise StopAsyncIteration
@@ -643,6 +654,8 @@ class RabbitMQSource:
                 channel.reopen_callbacks.add(self._on_reopen)
                 self._channel = channel
                 await self._consume()
+                if self.stopping:  # stop_consuming() ran while this was connecting
+                    await self._cancel_consumer()
             except self._errors as exc:
                 await self._abandon_connection()
                 detail = _scrub(f"{type(exc).__name__}: {exc}", self._url)
@@ -794,7 +807,7 @@ class RabbitMQSource:
                 on_ack=part.ack,
                 on_nack=part.nack,
             )
-            buffer.append((envelope, delivery))
+            buffer.append((envelope, part))
         self._wake()
 
     def _push(self, envelope: Envelope, delivery: _Delivery) -> None:
@@ -856,12 +869,12 @@ class RabbitMQSource:
 
     # -- shutdown ------------------------------------------------------------------------
 
-    async def stop_consuming(self) -> None:
-        """Stop taking new messages; return the ones received but not yet yielded.
+    def stop_consuming(self) -> None:
+        """End iteration now; give the messages received but not yet yielded back to the queue.
 
-        Iteration ends once the buffer is empty. Envelopes already yielded stay the caller's
-        to ack or nack until ``close()``. Use it to hand the queue to other workers at once
-        when a graceful stop begins.
+        The pipeline calls it when a graceful stop begins, so that other workers get those
+        messages while this one drains. Envelopes already yielded stay the caller's to ack or
+        nack until ``close()``. The consumer is cancelled (basic.cancel) in the background.
         """
         if self._stopping:
             return
@@ -869,22 +882,35 @@ class RabbitMQSource:
         self._wake()
         if self._resumer is not None:
             self._resumer.cancel()
-        tag, self._consumer_tag = self._consumer_tag, None
-        if tag is not None and self._channel is not None:
-            try:
-                async with asyncio.timeout(self.close_timeout):
-                    amqp = await self._channel.get_underlay_channel()
-                    await amqp.basic_cancel(tag)
-            except self._errors as exc:
-                log.warning(
-                    "RabbitMQ consumer of queue %r not cancelled cleanly (%s)",
-                    self.queue,
-                    type(exc).__name__,
-                )
         buffered, self._buffer = self._buffer, deque()
-        for envelope, delivery in buffered:
-            if not delivery.tracker.dead:
-                await envelope.nack(True)
+        for _, handle in buffered:
+            handle.settle(_REQUEUE)
+        if self._consumer_tag is not None:
+            self._canceller = asyncio.get_running_loop().create_task(self._cancel_consumer())
+
+    async def ack_many(self, envelopes: Sequence[Envelope]) -> None:
+        """Acknowledge many envelopes at once: the same as ack() on each, without the awaits."""
+        for envelope in envelopes:
+            handle = getattr(envelope.on_ack, "__self__", None)
+            if isinstance(handle, _Delivery | _Part) and handle.tracker.source is self:
+                handle.settle(_ACK)
+            else:
+                await envelope.ack()
+
+    async def _cancel_consumer(self) -> None:
+        tag, self._consumer_tag = self._consumer_tag, None
+        if tag is None or self._channel is None:
+            return
+        try:
+            async with asyncio.timeout(self.close_timeout):
+                amqp = await self._channel.get_underlay_channel()
+                await amqp.basic_cancel(tag)
+        except self._errors as exc:
+            log.warning(
+                "RabbitMQ consumer of queue %r not cancelled cleanly (%s)",
+                self.queue,
+                type(exc).__name__,
+            )
 
     async def close(self) -> None:
         """Stop consuming, requeue what is unsettled, close channel and connection.
@@ -899,7 +925,9 @@ class RabbitMQSource:
         self._closed = asyncio.get_running_loop().create_future()
         try:
             async with self._start_lock:
-                await self.stop_consuming()
+                self.stop_consuming()
+                if self._canceller is not None:
+                    await self._canceller
                 await self._drain_settlements()
                 tracker = self._tracker
                 if tracker is not None and not tracker.dead:
@@ -947,7 +975,7 @@ class _Publisher:
         declare: bool,
         exchange_type: str,
         queue: str | None,
-        tls: ssl.SSLContext | Mapping[str, str] | None,
+        tls: ssl.SSLContext | Mapping[str, Any] | None,
         reconnect_interval: float | None,
         close_timeout: float,
     ) -> None:
@@ -1099,8 +1127,8 @@ class RabbitMQSink(_Publisher):
         serializer: str = "json",
         compression: str = "zlib",
         level: int | None = None,
-        hmac_key: bytes | None = None,
-        tls: ssl.SSLContext | Mapping[str, str] | None = None,
+        hmac_key: bytes | str | None = None,
+        tls: ssl.SSLContext | Mapping[str, Any] | None = None,
         reconnect_interval: float | None = None,
         close_timeout: float = 5.0,
     ) -> None:
@@ -1190,7 +1218,7 @@ class RabbitMQDeadLetters(_Publisher):
         declare: bool = True,
         exchange_type: str = "direct",
         queue: str | None = None,
-        tls: ssl.SSLContext | Mapping[str, str] | None = None,
+        tls: ssl.SSLContext | Mapping[str, Any] | None = None,
         reconnect_interval: float | None = None,
         close_timeout: float = 5.0,
     ) -> None:
