@@ -36,7 +36,7 @@ def payloads(count: int) -> list[dict[str, Any]]:
 async def make_table(admin: Any) -> str:
     name = f"bp_bench_{uuid.uuid4().hex[:10]}"
     await admin.execute(
-        f"CREATE TABLE {name} (id bigint PRIMARY KEY, body text NOT NULL, n int, "
+        f"CREATE TABLE {name} (id bigint PRIMARY KEY, body text NOT NULL, n int CHECK (n >= 0), "
         "created timestamptz NOT NULL DEFAULT now())"
     )
     return name

@@ -285,22 +285,46 @@ async def test_a_single_bad_row_raises_a_non_retryable_error_naming_row_and_colu
     assert repr(column) in str(caught.value)
 
 
-async def test_check_violation_in_idempotent_insert_fails_the_batch_for_splitting(
-    pg: Any, table: str
+@pytest.mark.parametrize("key", [None, "id"])
+async def test_a_failure_that_names_no_row_fails_the_batch_for_splitting(
+    pg: Any, table: str, key: str | None
 ) -> None:
-    """A CHECK failing in INSERT ... SELECT names no row: the batch fails whole, not retryable."""
-    sink = PostgresSink(DSN, table, ("id", "body", "n"), idempotency_key="id")
-    batch = [{"id": i, "body": "x", "n": -1 if i == 3 else i} for i in range(5)]
+    """A foreign key violation names no row: the batch fails whole, not retryable."""
+    await pg.execute(
+        f"CREATE TABLE {table}_parent (id int PRIMARY KEY); INSERT INTO {table}_parent VALUES (1);"
+        f"ALTER TABLE {table} ADD COLUMN parent int REFERENCES {table}_parent (id)"
+    )
+    sink = PostgresSink(DSN, table, ("id", "body", "parent"), idempotency_key=key)
+    batch = [{"id": i, "body": "x", "parent": 99 if i == 3 else 1} for i in range(5)]
     try:
-        with pytest.raises(PostgresDataError, match="check constraint") as caught:
+        with pytest.raises(PostgresDataError, match="is not present in table") as caught:
             await sink.write(batch)
         assert caught.value.retryable is False
+        assert caught.value.index is None
         assert await ids(pg, table) == []
         with pytest.raises(PostgresDataError, match=r"row 0 \(id=3\)"):
             await sink.write(batch[3:4])  # once split down to it, the row is named
         await sink.write(batch[:3] + batch[4:])
+        assert await ids(pg, table) == [0, 1, 2, 4]
     finally:
         await sink.close()
+        await pg.execute(f"DROP TABLE {table}_parent CASCADE")  # the fixture drops the table
+
+
+async def test_check_constraints_are_enforced_in_the_stage_so_the_row_is_named(
+    pg: Any, table: str
+) -> None:
+    """On the idempotent path a CHECK violation still names its row: the stage enforces it."""
+    sink = PostgresSink(DSN, table, ("id", "body", "n"), idempotency_key="id")
+    batch = [{"id": i, "body": "x", "n": -1 if i == 3 else i} for i in range(5)]
+    try:
+        with pytest.raises(PartialFailure) as caught:
+            await sink.write(batch)
+    finally:
+        await sink.close()
+    assert list(caught.value.failures) == [3]
+    assert "row 3 (id=3)" in str(caught.value.failures[3])
+    assert "check constraint" in str(caught.value.failures[3])
     assert await ids(pg, table) == [0, 1, 2, 4]
 
 

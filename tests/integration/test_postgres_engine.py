@@ -43,8 +43,10 @@ def poison(payload: dict[str, Any], kind: int) -> dict[str, Any]:
         spoiled["tag"] = "far too long"  # varchar(3): the COPY names its line
     elif kind == 3:
         del spoiled["tag"]  # a payload without a column
+    elif kind == 4:
+        spoiled["n"] = -1  # CHECK (enforced in the stage table too)
     else:
-        spoiled["n"] = -1  # CHECK: names no row in the idempotent INSERT, the engine bisects
+        spoiled["ref"] = 404  # foreign key: the error names no row, the engine bisects
     return spoiled
 
 
@@ -55,8 +57,9 @@ async def test_ten_thousand_rows_with_seventeen_poison_rows(pg: Any, key: str | 
     # The first three INSERT/COPY statements fail with a serialization failure (40001): the
     # engine must retry them without writing any row twice.
     await pg.execute(
+        f"CREATE TABLE {table}_ref (id int PRIMARY KEY); INSERT INTO {table}_ref VALUES (1);"
         f"CREATE TABLE {table} (id int PRIMARY KEY, body text NOT NULL, n int CHECK (n >= 0), "
-        "tag varchar(3));"
+        f"tag varchar(3), ref int REFERENCES {table}_ref (id));"
         f"CREATE SEQUENCE {table}_calls;"
         f"CREATE FUNCTION {table}_flaky() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
         f"IF nextval('{table}_calls') <= 3 THEN "
@@ -66,11 +69,14 @@ async def test_ten_thousand_rows_with_seventeen_poison_rows(pg: Any, key: str | 
         f"FOR EACH STATEMENT EXECUTE FUNCTION {table}_flaky()"
     )
     rng = random.Random(17)
-    payloads = [{"id": i, "body": f"body-{i}", "n": i, "tag": "ok"} for i in range(10_000)]
+    payloads = [
+        {"id": i, "body": f"body-{i}", "n": i, "tag": "ok", "ref": 1} for i in range(10_000)
+    ]
     poison_ids = sorted(rng.sample(range(10_000), 17))
     for kind, i in enumerate(poison_ids):
-        payloads[i] = poison(payloads[i], kind % 5)
-    sink = PostgresSink(DSN, table, ("id", "body", "n", "tag"), idempotency_key=key, pool_max=4)
+        payloads[i] = poison(payloads[i], kind % 6)
+    columns = ("id", "body", "n", "tag", "ref")
+    sink = PostgresSink(DSN, table, columns, idempotency_key=key, pool_max=4)
     letters = MemoryDeadLetters()
     config = BatchConfig(
         max_size=500,
@@ -89,7 +95,8 @@ async def test_ten_thousand_rows_with_seventeen_poison_rows(pg: Any, key: str | 
         await sink.close()
         found = await pg.fetch(f"SELECT id FROM {table}")
         await pg.execute(
-            f"DROP TABLE {table}; DROP FUNCTION {table}_flaky(); DROP SEQUENCE {table}_calls"
+            f"DROP TABLE {table}; DROP TABLE {table}_ref; DROP FUNCTION {table}_flaky(); "
+            f"DROP SEQUENCE {table}_calls"
         )
     written = [r["id"] for r in found]
     assert len(written) == len(set(written)), "a row was written twice"
@@ -100,8 +107,8 @@ async def test_ten_thousand_rows_with_seventeen_poison_rows(pg: Any, key: str | 
         assert isinstance(letter.error, PostgresDataError)
         assert f"id={letter.message['id']}" in str(letter.error)
     assert stats["retries"] == 3  # the three provoked serialization failures, nothing more
-    # Rows the sink can name are isolated inside write() (PartialFailure, no split); only the
-    # CHECK violations of the idempotent INSERT need the engine's bisection.
-    assert (stats["splits"] > 0) == (key is not None)
+    # Rows the sink can name are isolated inside write() (PartialFailure); only the foreign key
+    # violations, which name no row, need the engine's bisection.
+    assert stats["splits"] > 0
     assert stats["processed"] == 10_000 - 17
     assert stats["dead_lettered"] == 17

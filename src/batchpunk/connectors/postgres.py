@@ -5,7 +5,8 @@ Choose it when a broker's messages end as rows. Two write paths:
 - without ``idempotency_key``: one ``COPY ... FROM STDIN (FORMAT binary)`` per batch, the fastest
   way into PostgreSQL. A redelivered batch is written again.
 - with ``idempotency_key``: in one transaction, COPY into a temporary stage table (dropped at
-  commit), then ``INSERT INTO t SELECT ... FROM stage ON CONFLICT (key) DO NOTHING``. A batch
+  commit, holding the table's CHECK constraints on the written columns), then
+  ``INSERT INTO t SELECT ... FROM stage ON CONFLICT (key) DO NOTHING``. A batch
   redelivered after a crash between the commit and the broker ack adds no rows.
 
 Errors are translated at the seam into three classes that carry ``retryable``::
@@ -19,10 +20,10 @@ Errors are translated at the seam into three classes that carry ``retryable``::
 
 A bad row is isolated inside ``write()`` whenever the failure says which row it was (the COPY
 line, an encoding probe, a NOT NULL column): the other rows are written and ``write()`` raises
-``PartialFailure`` for the bad ones only. When the failure names no row (a CHECK or foreign key
-failing in the idempotent INSERT), or more than about log2(n) rows of a batch of n are bad (a
-redelivery into a table without a key), the whole batch fails with a non-retryable error and the
-engine's bisection takes over; a single-row batch's error always names its row.
+``PartialFailure`` for the bad ones only. When the failure names no row (a foreign key, or a
+trigger failing in the idempotent INSERT), or more than about log2(n) rows of a batch of n are
+bad (a redelivery into a table without a key), the whole batch fails with a non-retryable error
+and the engine's bisection takes over; a single-row batch's error always names its row.
 
 The DSN's password never appears in a log line, a repr or an error message.
 """
@@ -193,6 +194,17 @@ class _Table:
     columns: tuple[str, ...]
     #: Column -> type name (without modifiers) for the encoding probe.
     types: dict[str, str]
+    #: The table's CHECK constraints: (columns they read, their definition).
+    checks: tuple[tuple[frozenset[str], str], ...] = ()
+
+    def stage_checks(self, columns: tuple[str, ...]) -> str:
+        """The CHECKs a stage of these columns can enforce, as ALTER TABLE clauses (or "").
+
+        Enforcing them while COPYing into the stage makes a violation name its COPY line, so
+        the row is isolated in write() instead of failing the INSERT for the whole batch.
+        """
+        written = set(columns)
+        return ", ".join(f"ADD {d}" for cols, d in self.checks if cols and cols <= written)
 
 
 @dataclass(slots=True)
@@ -460,10 +472,13 @@ class PostgresSink:
             return
         listed = ", ".join(_quote(c) for c in columns)
         keys = ", ".join(_quote(c) for c in self._key)
+        checks = self._info.stage_checks(columns) if self._info is not None else ""
         async with conn.transaction():
+            # One round trip: the simple query protocol runs both statements.
             await conn.execute(
                 f"CREATE TEMP TABLE {_STAGE} ON COMMIT DROP AS "
-                f"SELECT {listed} FROM {self._target} WITH NO DATA",
+                f"SELECT {listed} FROM {self._target} WITH NO DATA"
+                + (f"; ALTER TABLE {_STAGE} {checks}" if checks else ""),
                 timeout=self._timeout,
             )
             await conn.copy_records_to_table(
@@ -748,7 +763,18 @@ class PostgresSink:
                 sqlstate="42P01",
             ) from None
         writable = tuple(r["attname"] for r in found if not r["generated"])
-        info = _Table(writable, {r["attname"]: r["type"] for r in found if not r["generated"]})
+        checks = await conn.fetch(
+            "SELECT pg_get_constraintdef(c.oid) AS def, array(SELECT a.attname "
+            "FROM unnest(c.conkey) AS k(n) JOIN pg_attribute a "
+            "ON a.attrelid = c.conrelid AND a.attnum = k.n) AS cols "
+            "FROM pg_constraint c WHERE c.conrelid = $1::regclass AND c.contype = 'c'",
+            self._target,
+        )
+        info = _Table(
+            writable,
+            {r["attname"]: r["type"] for r in found if not r["generated"]},
+            tuple((frozenset(r["cols"]), r["def"]) for r in checks),
+        )
         for column in self._columns or ():
             if column not in info.types:
                 raise PostgresSinkError(
