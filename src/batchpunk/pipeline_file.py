@@ -570,6 +570,8 @@ def _bool(text: str) -> bool | None:
 
 
 def _describe(param: inspect.Parameter, hint: Any) -> str:
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return "one of " + ", ".join(repr(m.value) for m in hint)
     annotation = param.annotation
     if isinstance(annotation, str):
         return annotation
