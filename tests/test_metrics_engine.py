@@ -136,6 +136,30 @@ async def test_messages_received_counts_dropped_messages_too(overflow: OverflowP
     assert collector.total("messages_received") == stats["received"]
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="engine calls Observer.received() only when a batch is cut, so messages dropped "
+    "or abandoned before a cut are missing from messages_received (diff in the metrics report)",
+)
+async def test_messages_received_counts_messages_abandoned_by_stop_without_drain() -> None:
+    """Messages still in open lanes when stop(drain=False) abandons them count as received."""
+    collector = RecordingCollector()
+
+    async def handle(batch: Batch[int]) -> None:
+        return None
+
+    config = BatchConfig(max_size=1000, max_wait=60.0)
+    processor = BatchProcessor(config, handle, collector, dead_letter=lambda letters: None)
+    await processor.start()
+    for m in range(250):
+        processor.add_message_nowait(m, key=m % 5)
+    await processor.stop(drain=False)
+    stats = await processor.get_stats()
+    assert stats["dead_letter_reasons"] == {"shutdown": 250}
+    assert collector.total("messages_dead_lettered", reason="shutdown") == 250
+    assert collector.total("messages_received") == stats["received"] == 250
+
+
 async def test_prometheus_counters_equal_get_stats_after_a_run() -> None:
     """Scraped Prometheus counters equal the processor's stats after a random workload."""
     registry = CollectorRegistry()
