@@ -27,7 +27,6 @@ import contextlib
 import importlib
 import json
 import logging
-import re
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -35,6 +34,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from batchpunk.config import BatchConfig
+from batchpunk.connectors._common import mask_secrets, mask_url
 from batchpunk.envelope import Envelope
 from batchpunk.errors import BatchpunkError, ConfigError, PartialFailure, require
 
@@ -43,7 +43,6 @@ __all__ = [
     "RedisStreamSink",
     "RedisStreamSource",
     "StreamEntryLost",
-    "mask_url",
 ]
 
 logger = logging.getLogger(__name__)
@@ -76,22 +75,6 @@ class DeliveryLimitExceeded(BatchpunkError):
     """
 
 
-_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*")
-
-
-def mask_url(url: str) -> str:
-    """The URL with its password (in the userinfo or a ``password=`` query) replaced by ***."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparsable url>"
-    if parts.password is not None:
-        user, _, _ = parts.netloc.rpartition("@")[0].partition(":")
-        host = parts.netloc.rpartition("@")[2]
-        url = url.replace(parts.netloc, f"{user}:***@{host}", 1)
-    return _QUERY_PASSWORD.sub(r"\g<1>***", url)
-
-
 def _secret(url: str) -> str | None:
     try:
         parts = urlsplit(url)
@@ -106,7 +89,7 @@ def _secret(url: str) -> str | None:
 
 
 def _scrub(text: str, secret: str | None) -> str:
-    return text.replace(secret, "***") if secret else text
+    return mask_secrets(text, (secret,))
 
 
 _TLS_KEYS = {
