@@ -186,3 +186,24 @@ def test_format_rate_and_summary_of_an_empty_dict() -> None:
     assert format_rate(999.0) == "999.0"
     assert format_rate(None) == "-"
     assert summary_line({}).startswith("processed 0 (-/s 1m)")
+
+
+async def test_a_drawing_error_stops_refreshing_without_breaking_the_block(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """If a frame fails to draw, the view logs it and stops refreshing; the block is unharmed."""
+
+    class Broken(LiveView):
+        def render(self, stats: Any, rate: float) -> Any:
+            if self.frames > 1:
+                raise RuntimeError("drawing bug")
+            return super().render(stats, rate)
+
+    console, _ = terminal()
+    view = Broken(FakeStats(), console=console, refresh_per_second=50)
+    async with view:
+        await asyncio.sleep(0.1)
+        reached = True
+    assert reached
+    assert "live view stopped refreshing" in caplog.text
+    assert "failed to draw its final frame" in caplog.text

@@ -106,6 +106,8 @@ class LiveView:
                 redirect_stderr=False,
             )
             self._live.start()
+        else:
+            self._marks = deque(maxlen=2)  # one line a second: "now" is the last second
         await self._frame()  # draw at once; it also marks the start of the "now" rate
         self._task = asyncio.get_running_loop().create_task(self._run(), name="batchpunk-live")
         return self
@@ -123,6 +125,10 @@ class LiveView:
             self._task = None
         try:
             await self._frame(final=True)  # the final state stays on screen
+        except Exception:  # never mask the block's own outcome with a drawing bug
+            logger.exception(
+                "live view failed to draw its final frame", extra={"reason": "live_view"}
+            )
         finally:
             if self._live is not None:
                 self._live.stop()
@@ -148,7 +154,13 @@ class LiveView:
         while True:
             await asyncio.sleep(max(0.0, next_frame - loop.time()))
             next_frame += period
-            await self._frame()
+            if next_frame < loop.time():  # the loop was busy: skip frames rather than burst
+                next_frame = loop.time() + period
+            try:
+                await self._frame()
+            except Exception:  # a drawing bug must not end the user's block
+                logger.exception("live view stopped refreshing", extra={"reason": "live_view"})
+                return
 
     async def _frame(self, final: bool = False) -> None:
         try:
