@@ -302,12 +302,15 @@ def demo(
         ),
     ]
     out.print(_summary(result.stats, "batchpunk demo", extra))
+    if result.aborted:
+        err.print("stopped at once by a second signal: unfinished events were given back")
+        raise typer.Exit(EXIT_ABORTED)
     for problem in result.problems:
         err.print(f"[red]check failed:[/] {escape(problem)}")
     if not result.consistent:
         raise typer.Exit(EXIT_FAILED)
     out.print(f"inspect the dead letters: batchpunk dlq show {result.dead_letter_path}")
-    raise typer.Exit(EXIT_ABORTED if result.aborted else EXIT_OK)
+    raise typer.Exit(EXIT_OK)
 
 
 @app.command(epilog=_EXIT_CODES)

@@ -1,0 +1,265 @@
+"""The batchpunk command, run as users run it: in subprocesses, with real files and signals."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from batchpunk._cli_app import app
+from batchpunk.deadletter import DeadLetter
+
+runner = CliRunner()
+
+
+def batchpunk(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 60):
+    """Run ``python -m batchpunk ARGS`` to completion and return the finished process."""
+    return subprocess.run(
+        [sys.executable, "-m", "batchpunk", *args],
+        cwd=cwd,
+        env={**os.environ, "COLUMNS": "200", **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def write_events(path: Path, count: int, malformed: set[int], poison: set[int]) -> None:
+    with path.open("w", encoding="utf-8") as out:
+        for i in range(count):
+            if i in malformed:
+                out.write(f'{{"id": {i}, "body"\n')
+            elif i in poison:
+                out.write(json.dumps({"id": i}) + "\n")
+            else:
+                out.write(json.dumps({"id": i, "body": f"event {i}"}) + "\n")
+
+
+PIPELINE = """
+[source]
+type = "jsonl"
+path = "events.jsonl"
+checkpoint = "events.checkpoint"
+
+[batch]
+max_size = {max_size}
+max_wait = 0.05
+retry_delay = 0.001
+retry_max_delay = 0.01
+max_retries = 1
+
+[sink]
+type = "sqlite"
+path = "out.db"
+table = "events"
+columns = ["id", "body"]
+idempotency_key = "id"
+
+[dead_letter]
+type = "jsonl"
+path = "dead.jsonl"
+
+[metrics]
+live = false
+"""
+
+
+def letters_in(path: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def event_id(letter: dict[str, object]) -> int:
+    message = letter["message"]
+    if isinstance(message, dict):
+        return int(message["id"])
+    return int(str(message).split(":")[1].split(",")[0])
+
+
+def test_demo_runs_in_a_subprocess_and_its_summary_adds_up(tmp_path: Path) -> None:
+    """`python -m batchpunk demo` exits 0; its summary's row and letter counts match the
+    database and the dead-letter file, and add up to the events generated."""
+    done = batchpunk("demo", "--events", "40000", "--no-live", "--dir", str(tmp_path), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "generated: OK" in done.stdout
+    assert "40,000 of 40,000" in done.stdout
+    with sqlite3.connect(tmp_path / "demo.db") as db:
+        rows = db.execute("SELECT count(DISTINCT id) FROM events").fetchone()[0]
+    letters = letters_in(tmp_path / "dead-letters.jsonl")
+    assert rows + len(letters) == 40_000
+    assert len(letters) == 17
+    assert f"rows in database         │ {rows:,}" in done.stdout
+    assert "dead letters             │ 17 (failed 12, malformed 5)" in done.stdout
+
+
+def test_sigterm_drains_exits_0_and_a_rerun_completes_without_duplicates(tmp_path: Path) -> None:
+    """SIGTERM in the middle of `batchpunk run`: exit 0 with every line read in the database or
+    the dead-letter file; a second run resumes from the checkpoint, and in the end every line
+    is in exactly one place, once (idempotency key, no repeated letters)."""
+    count = 60_000
+    malformed, poison = {5, 20_000, 59_999}, {7, 30_000, 45_000, 45_001}
+    write_events(tmp_path / "events.jsonl", count, malformed, poison)
+    (tmp_path / "p.toml").write_text(PIPELINE.format(max_size=50), encoding="utf-8")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "batchpunk", "run", "p.toml"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 30
+    rows = 0
+    while rows < 2_000 and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+        try:
+            with sqlite3.connect(tmp_path / "out.db", timeout=5) as db:
+                rows = db.execute("SELECT count(*) FROM events").fetchone()[0]
+        except sqlite3.OperationalError:
+            rows = 0
+    assert process.poll() is None, "the run ended before it could be interrupted"
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 0, stderr
+    assert "SIGTERM: draining" in stderr
+    with sqlite3.connect(tmp_path / "out.db") as db:
+        first_rows = db.execute("SELECT count(*) FROM events").fetchone()[0]
+    assert 2_000 <= first_rows < count - len(malformed) - len(poison)
+
+    done = batchpunk("run", "p.toml", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    with sqlite3.connect(tmp_path / "out.db") as db:
+        ids = [row[0] for row in db.execute("SELECT id FROM events")]
+    letters = letters_in(tmp_path / "dead.jsonl")
+    letter_ids = [event_id(letter) for letter in letters]
+    assert sorted(ids) == sorted(set(range(count)) - malformed - poison)
+    assert sorted(letter_ids) == sorted(malformed | poison)
+
+
+def test_validate_accepts_a_good_file_and_rejects_a_bad_one_with_exit_2(tmp_path: Path) -> None:
+    """`validate` exits 0 and prints the resolved file with the secret masked; a wrong key
+    exits 2 naming section and key, without the secret."""
+    good = PIPELINE.format(max_size=10).replace('path = "out.db"', 'path = "${DB_PATH}"')
+    (tmp_path / "p.toml").write_text(good, encoding="utf-8")
+    env = {"DB_PATH": "/very/secret/place.db"}
+    result = runner.invoke(app, ["validate", str(tmp_path / "p.toml")], env=env)
+    assert result.exit_code == 0, result.output
+    assert "valid" in result.output
+    assert "/very/secret/place.db" not in result.output
+    (tmp_path / "bad.toml").write_text(good.replace("max_wait", "max_weight"), encoding="utf-8")
+    result = runner.invoke(app, ["validate", str(tmp_path / "bad.toml")], env=env)
+    assert result.exit_code == 2
+    assert "[batch] unknown key 'max_weight' (did you mean 'max_wait'?)" in result.output
+    result = runner.invoke(app, ["validate", str(tmp_path / "absent.toml")])
+    assert result.exit_code == 2
+    assert "no such pipeline file" in result.output
+
+
+def test_every_command_has_help_with_examples() -> None:
+    """--help works on every command and shows examples and the exit codes."""
+    for args in (
+        [],
+        ["run"],
+        ["demo"],
+        ["validate"],
+        ["dlq"],
+        ["dlq", "show"],
+        ["dlq", "replay"],
+    ):
+        result = runner.invoke(app, [*args, "--help"], env={"COLUMNS": "200"})
+        assert result.exit_code == 0, (args, result.output)
+        assert "Examples" in result.output, args
+        assert "Exit codes" in result.output, args
+
+
+def store_letters(path: Path, messages: list[object], reason: str = "failed") -> None:
+    from batchpunk.deadletter_sinks import JsonlDeadLetters
+
+    async def put() -> None:
+        sink = JsonlDeadLetters(str(path))
+        await sink.put(
+            [
+                DeadLetter(m, reason=reason, error=ValueError(f"bad {i}"))
+                for i, m in enumerate(messages)
+            ]
+        )
+        await sink.close()
+
+    asyncio.run(put())
+
+
+def test_dlq_show_lists_letters_and_filters_by_reason(tmp_path: Path) -> None:
+    """`dlq show` prints a table of the letters with their reasons; --reason filters, --json
+    prints one parseable object per letter."""
+    path = tmp_path / "dead.jsonl"
+    store_letters(path, [{"id": 1}, {"id": 2}], reason="failed")
+    store_letters(path, ["garbage"], reason="malformed")
+    result = runner.invoke(app, ["dlq", "show", str(path)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "3 letter(s) by reason: 3 (failed 2, malformed 1)" in result.output
+    result = runner.invoke(app, ["dlq", "show", str(path), "--reason", "malformed", "--json"])
+    lines = [json.loads(line) for line in result.output.splitlines()]
+    assert [(line["reason"], line["message"]) for line in lines] == [("malformed", "garbage")]
+    result = runner.invoke(app, ["dlq", "show", str(tmp_path / "absent.jsonl")])
+    assert result.exit_code == 2
+
+
+def test_dlq_replay_removes_only_the_letters_that_were_written(tmp_path: Path) -> None:
+    """`dlq replay` writes the letters' messages through the pipeline's sink, removes the two
+    that succeeded, keeps the one the sink still refuses, and exits 1 because of it."""
+    path = tmp_path / "dead.jsonl"
+    store_letters(path, [{"id": 1, "body": "a"}, {"id": 2}, {"id": 3, "body": "c"}])
+    (tmp_path / "p.toml").write_text(PIPELINE.format(max_size=10), encoding="utf-8")
+    done = batchpunk("dlq", "replay", "dead.jsonl", "--pipeline", "p.toml", cwd=tmp_path)
+    assert done.returncode == 1, done.stderr
+    assert "2 written and removed, 1 failed again and kept" in done.stdout
+    assert "no column 'body'" in done.stderr
+    with sqlite3.connect(tmp_path / "out.db") as db:
+        assert sorted(db.execute("SELECT id, body FROM events")) == [(1, "a"), (3, "c")]
+    assert [letter["message"] for letter in letters_in(path)] == [{"id": 2}]
+
+
+def test_without_typer_the_command_prints_the_pip_command() -> None:
+    """When typer or rich is missing, batchpunk prints the pip install command and exits 3."""
+    code = "import sys; sys.modules['typer'] = None; from batchpunk.cli import main; main(['demo'])"
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert done.returncode == 3
+    assert "pip install 'batchpunk[cli]'" in done.stderr
+
+
+@pytest.mark.parametrize("signals", [1, 2])
+def test_demo_stops_on_signals_with_the_documented_exit_codes(tmp_path: Path, signals: int) -> None:
+    """One SIGINT drains the demo (exit 0, the check still adds up); two stop it at once with
+    exit 130."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "batchpunk", "demo", "--events", "5000000", "--live"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert process.stdout is not None
+    assert "batchpunk demo" in process.stdout.readline()  # the live view's first plain line
+    time.sleep(0.5)
+    assert process.poll() is None
+    for _ in range(signals):
+        process.send_signal(signal.SIGINT)
+        time.sleep(0.05)
+    stdout, stderr = process.communicate(timeout=30)
+    if signals == 1:
+        assert process.returncode == 0, stderr
+        assert "generated: OK" in stdout
+    else:
+        assert process.returncode == 130, stderr
+        assert "stopped at once" in stderr
