@@ -123,11 +123,6 @@ async def test_collector_counts_match_when_messages_are_dropped(overflow: Overfl
     assert_counts_match(stats, collector, received=False)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine calls Observer.received() only when a batch is cut, so messages dropped "
-    "or abandoned before a cut are missing from messages_received (diff in the metrics report)",
-)
 @pytest.mark.parametrize("overflow", [OverflowPolicy.DROP_NEWEST, OverflowPolicy.DROP_OLDEST])
 async def test_messages_received_counts_dropped_messages_too(overflow: OverflowPolicy) -> None:
     """messages_received equals the processor's received count even when messages are dropped."""
@@ -136,11 +131,6 @@ async def test_messages_received_counts_dropped_messages_too(overflow: OverflowP
     assert collector.total("messages_received") == stats["received"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine calls Observer.received() only when a batch is cut, so messages dropped "
-    "or abandoned before a cut are missing from messages_received (diff in the metrics report)",
-)
 async def test_messages_received_counts_messages_abandoned_by_stop_without_drain() -> None:
     """Messages still in open lanes when stop(drain=False) abandons them count as received."""
     collector = RecordingCollector()

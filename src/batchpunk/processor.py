@@ -364,6 +364,7 @@ class BatchProcessor(Generic[T, R]):
             self._add(message, key, priority, tracker)
             return
         self._room -= 1  # accepted, and unfinished until its letter is stored
+        self._observer.received(1)  # never cut, so _emit() does not count it
         self._send_dead([(self._dropped_letter(message, key, priority), tracker)])
 
     def _dropped_letter(self, message: Any, key: Any, priority: int) -> DeadLetter:
@@ -399,6 +400,7 @@ class BatchProcessor(Generic[T, R]):
         elif lane is not None:
             key, priority = lane.key, lane.priority
             message, tracker = self._acc.pop_oldest_message(lane)
+            self._observer.received(1)  # leaves its lane uncut: _emit() does not count it
         else:
             return False
         self._send_dead([(self._dropped_letter(message, key, priority), tracker)])
@@ -556,6 +558,8 @@ class BatchProcessor(Generic[T, R]):
                 )
                 self.dead_letters.extend(letter for letter, _ in left)
                 self._delivered(left)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._observer.drain(), timeout)
         self._exec.close()
         self._state = _State.CLOSED
 
@@ -567,6 +571,7 @@ class BatchProcessor(Generic[T, R]):
                 lane.items, lane.key, lane.priority, lane.trackers, lane.first_wall, error
             )
             self._acc.reset(lane)
+            self._observer.received(len(entries))  # never cut: _emit() does not count them
             self._send_dead(entries)
         for job in list(self._sched.waiting()):
             self._sched.remove(job)
