@@ -405,6 +405,24 @@ async def test_pending_entry_trimmed_away_is_reported_as_lost(
     assert await pending(client, stream) == 0
 
 
+async def test_a_vanished_stream_and_group_are_recreated_and_reading_goes_on(
+    client: Any, stream: str, sources: Callable[..., RedisStreamSource]
+) -> None:
+    """After the key is deleted (a Redis restart without persistence) the source carries on."""
+    await add(client, stream, {"id": 1})
+    source = sources(claim_idle=0.3)
+    (old,) = await take(source, 1)
+    await client.delete(stream)
+    await old.ack()  # its entry is gone: the XACK must not hold up later ones
+    await asyncio.sleep(0.3)  # the reader hits NOGROUP and recreates the group
+    await add(client, stream, {"id": 2})
+    (new,) = await take(source, 1, seconds=5)
+    assert new.payload == {"id": 2}
+    await new.ack()
+    await source.close()
+    assert await pending(client, stream) == 0
+
+
 async def test_acks_after_close_are_sent_by_the_next_close(
     client: Any, stream: str, sources: Callable[..., RedisStreamSource]
 ) -> None:

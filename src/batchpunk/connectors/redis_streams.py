@@ -1,12 +1,12 @@
 """Redis Streams: a consumer-group Source and an XADD Sink, at least once, across many workers.
 
-Choose Redis Streams when Redis is already there and a few hundred thousand messages a second
-per stream is enough. Delivery is at least once: an entry leaves the group's pending entries list
-(PEL) only through XACK, which this source sends only after the pipeline acknowledged every
-envelope made from that entry. Scale out by running more workers in the same group, each with
-its own stable consumer name; a restarted worker reads its own pending entries first, and any
-worker's janitor claims (XAUTOCLAIM) the entries of a dead one once they were idle ``claim_idle``
-seconds. See docs/brokers/redis.md for the settings that matter.
+Choose Redis Streams when Redis is already there and its memory can hold the backlog (a stream
+lives in RAM, and trimming it is the operator's job: see the docs). Delivery is at least once: an
+entry leaves the group's pending entries list (PEL) only through XACK, which this source sends
+only after the pipeline acknowledged every envelope made from that entry. Scale out by running
+more workers in the same group, each with its own stable consumer name; a restarted worker reads
+its own pending entries first, and any worker's janitor claims (XAUTOCLAIM) the entries of a dead
+one once they were idle ``claim_idle`` seconds. See docs/brokers/redis.md for the settings.
 
 How the source keeps its promises:
 
@@ -106,9 +106,9 @@ _TLS_KEYS = {
 
 def _client_kwargs(owner: str, url: str, tls: bool | Mapping[str, Any] | None) -> dict[str, Any]:
     """Validate the URL and TLS settings and turn them into redis.asyncio.from_url keywords."""
-    shown = mask_url(url)
     if not isinstance(url, str) or not url:
         raise ConfigError(f"{owner}.url: expected a redis://, rediss:// or unix:// URL")
+    shown = mask_url(url)
     try:
         scheme = urlsplit(url).scheme
     except ValueError:
@@ -189,13 +189,12 @@ def _text(value: Any) -> str:
 class _Entry:
     """Bookkeeping for one delivered stream entry until every envelope made from it is settled."""
 
-    __slots__ = ("entry_id", "remaining", "requeue", "yielded")
+    __slots__ = ("entry_id", "remaining", "requeue")
 
     def __init__(self, entry_id: str, pieces: int) -> None:
         self.entry_id = entry_id
         self.remaining = pieces
         self.requeue = False
-        self.yielded = False
 
 
 class _Piece:
@@ -433,7 +432,9 @@ class RedisStreamSource:
                 self._fail(exc)
                 return
             except errors.ResponseError as exc:
-                if "NOGROUP" not in str(exc):
+                # NOGROUP: the group (or the whole key) is gone; UNBLOCKED: it went while this
+                # read was blocked on it. Both happen when Redis restarts without persistence.
+                if not str(exc).startswith(("NOGROUP", "UNBLOCKED")):
                     self._fail(exc)
                     return
                 if not self.create_group:
@@ -652,7 +653,7 @@ class RedisStreamSource:
             try:
                 await self._send_settlements(acks, requeues)
                 failures = 0
-            except (errors.RedisError, OSError) as exc:
+            except (errors.ConnectionError, errors.TimeoutError, OSError) as exc:
                 self._acks[:0] = acks
                 self._requeues[:0] = requeues
                 self._log_transient("XACK", exc)
@@ -671,6 +672,15 @@ class RedisStreamSource:
                         break
                 await asyncio.sleep(min(_MAX_BACKOFF, 0.05 * 2**failures))
                 failures += 1
+            except Exception as exc:  # refused (the group is gone, ...): retrying cannot help
+                logger.error(
+                    "%r: Redis refused %d acks and %d requeues: %s; entries that still exist "
+                    "stay pending and will be delivered again",
+                    self,
+                    len(acks),
+                    len(requeues),
+                    _scrub(str(exc), self._secret),
+                )
         if self._closing:
             with contextlib.suppress(Exception):
                 await self._client.aclose()
@@ -707,10 +717,13 @@ class RedisStreamSource:
                     await self._claim_idle()
             except (errors.ConnectionError, errors.TimeoutError, OSError) as exc:
                 self._log_transient("janitor pass", exc)
-            except errors.ResponseError as exc:
+            except Exception as exc:  # the janitor must outlive any one bad pass
                 if "NOGROUP" not in str(exc):  # the reader recreates a vanished group
                     logger.error(
-                        "%r: janitor pass failed: %s", self, _scrub(str(exc), self._secret)
+                        "%r: janitor pass failed: %s: %s",
+                        self,
+                        type(exc).__name__,
+                        _scrub(str(exc), self._secret),
                     )
 
     async def _refresh_held(self) -> None:
