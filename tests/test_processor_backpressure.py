@@ -208,10 +208,6 @@ async def test_nowait_on_a_full_idle_buffer_cuts_for_pressure() -> None:
         assert rec.calls[0].messages == ["a"]
 
 
-@pytest.mark.xfail(
-    reason="engine bug: producers already waiting when the last batch ends get no pressure cut",
-    strict=True,
-)
 async def test_many_waiting_producers_with_partial_lanes_never_deadlock() -> None:
     """Twenty producers each waiting to add to its own key all get in: pressure cuts continue."""
     rec = Recorder()

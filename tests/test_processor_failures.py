@@ -316,11 +316,6 @@ class Fatal(BaseException):
     """A BaseException that is not an Exception, such as a processor might let escape."""
 
 
-@pytest.mark.xfail(
-    reason="engine bug: a BaseException from the processor raises UnboundLocalError in "
-    "Execution.run and its messages stay in flight forever",
-    strict=True,
-)
 async def test_a_processor_raising_a_base_exception_loses_no_message() -> None:
     """Even a BaseException from the processor leaves every message dead-lettered, none lost."""
 
@@ -334,4 +329,6 @@ async def test_a_processor_raising_a_base_exception_loses_no_message() -> None:
     await asyncio.sleep(0.02)
     await p.stop()
     assert sorted(letter.message for letter in p.dead_letters) == [1, 2]
+    assert {letter.reason for letter in p.dead_letters} == {"failed"}
+    assert all(isinstance(letter.error, Fatal) for letter in p.dead_letters)
     await stopped_ledger(p)

@@ -185,10 +185,6 @@ async def test_an_oversized_message_travels_alone() -> None:
         assert [c.messages for c in rec.calls] == [["ab"], ["abcdefgh"]]
 
 
-@pytest.mark.xfail(
-    reason="engine bug: a byte cut in a keyed lane orphans the lane; the next message is lost",
-    strict=True,
-)
 async def test_byte_trigger_works_in_keyed_lanes() -> None:
     """The byte trigger cuts keyed lanes too, and the message after a byte cut is not lost."""
     rec = Recorder()
