@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import tomllib
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,10 +15,12 @@ import pytest
 from batchpunk.config import BatchConfig
 from batchpunk.connectors.nats import NatsJetStreamSource
 from batchpunk.deadletter import DeadLetter, MemoryDeadLetters
+from batchpunk.deadletter_sinks import JsonlDeadLetters
 from batchpunk.errors import PartialFailure
 from batchpunk.pipeline import Pipeline
+from batchpunk.pipeline_file import parse_pipeline
 from tests.conftest import require_server
-from tests.contract.cases_nats import NATS_URL, consumer_counts, fresh_stream, unique
+from tests.contract.cases_nats import NATS_URL, consumer_counts, fresh_stream, jetstream, unique
 from tests.contract.harness import take
 
 pytestmark = pytest.mark.integration
@@ -125,3 +129,60 @@ async def test_a_message_at_its_last_delivery_is_dead_lettered_as_redelivered() 
         assert "max_deliver=2" in str(letter.error)
         info = await js.consumer_info(stream, durable)
         assert (info.num_ack_pending, info.num_pending) == (0, 0)
+
+
+EXAMPLE = Path(__file__).parents[2] / "examples" / "nats-to-postgres.toml"
+
+
+async def test_the_example_pipeline_file_moves_orders_from_nats_to_postgres(tmp_path: Path) -> None:
+    """examples/nats-to-postgres.toml, renamed apart, stores each order once and letters the bad."""
+    require_server("postgres")
+    asyncpg = pytest.importorskip("asyncpg")
+    data = tomllib.loads(EXAMPLE.read_text())
+    stream, table = unique("S"), unique("orders_")
+    subject = f"{unique('bp')}.orders"
+    data["source"].update(stream=stream, subject=f"{subject}.>", durable=unique("D"))
+    data["sink"]["table"] = table
+    data["sink"]["create_table"] = data["sink"]["create_table"].replace(" orders ", f" {table} ")
+    data["dead_letter"]["path"] = str(tmp_path / "letters.jsonl")
+    data["batch"].update(max_wait=0.05, retry_delay=0.01)
+    spec = parse_pipeline(data, environ={})
+    orders = [
+        {"id": i, "customer": f"c{i}", "amount_cents": -1 if i == 7 else i} for i in range(40)
+    ]
+    letters_file = tmp_path / "letters.jsonl"
+    db = await asyncpg.connect("postgresql://postgres@127.0.0.1:5432/test")
+    try:
+        async with jetstream() as js:
+            await js.add_stream(name=stream, subjects=[f"{subject}.>"])
+            for order in orders + orders[:5]:  # the first five twice, as a redelivery would
+                await js.publish(f"{subject}.new", json.dumps(order).encode())
+            pipeline = spec.build()
+            task = asyncio.create_task(pipeline.run())
+
+            async def finished() -> bool:
+                if not letters_file.exists() or not letters_file.read_text().strip():
+                    return False
+                found = await db.fetchval("SELECT to_regclass($1)", table)
+                return (
+                    found is not None and await db.fetchval(f"SELECT count(*) FROM {table}") == 39
+                )
+
+            for _ in range(150):
+                if await finished():
+                    break
+                await asyncio.sleep(0.1)
+            await pipeline.stop()
+            await task
+            rows = await db.fetch(f"SELECT id FROM {table} ORDER BY id")
+            assert [r["id"] for r in rows] == [i for i in range(40) if i != 7]
+            async with JsonlDeadLetters(letters_file) as stored:
+                letters = [letter async for letter in stored.read(strict=True)]
+            assert [(x.reason, x.message["id"]) for x in letters] == [("failed", 7)]
+            assert letters[0].headers["stream"] == stream
+            info = await js.consumer_info(stream, data["source"]["durable"])
+            assert (info.num_ack_pending, info.num_pending) == (0, 0)
+            await js.delete_stream(stream)
+    finally:
+        await db.execute(f"DROP TABLE IF EXISTS {table}")
+        await db.close()
