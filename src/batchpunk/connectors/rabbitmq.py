@@ -882,9 +882,9 @@ class RabbitMQSource:
         self._wake()
         if self._resumer is not None:
             self._resumer.cancel()
-        buffered, self._buffer = self._buffer, deque()
-        for _, handle in buffered:
-            handle.settle(_REQUEUE)
+        buffer = self._buffer  # emptied in place: a waiting __anext__ holds this very deque
+        while buffer:
+            buffer.popleft()[1].settle(_REQUEUE)
         if self._consumer_tag is not None:
             self._canceller = asyncio.get_running_loop().create_task(self._cancel_consumer())
 

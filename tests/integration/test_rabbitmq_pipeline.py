@@ -1,0 +1,246 @@
+"""RabbitMQ through a whole Pipeline: poison, malformed and over-delivered messages end as dead
+letters, every good one in the sink, and the queue is left with nothing ready or unacknowledged."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import tomllib
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from batchpunk.config import BatchConfig
+from batchpunk.connectors.rabbitmq import RabbitMQSource
+from batchpunk.deadletter import DeadLetter, MemoryDeadLetters
+from batchpunk.errors import PartialFailure
+from batchpunk.pipeline import Pipeline
+from batchpunk.pipeline_file import parse_pipeline
+from tests.conftest import require_server
+from tests.contract.cases_rabbitmq import (
+    RABBITMQ_URL,
+    delete_queue,
+    publish_json,
+    publish_raw,
+    queue_counts,
+    rabbitmq_channel,
+    unique_queue,
+)
+from tests.contract.harness import take
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def channel() -> AsyncIterator[Any]:
+    """A confirming channel to the local broker (the test is skipped when it is down)."""
+    require_server("rabbitmq")
+    async with rabbitmq_channel() as opened:
+        yield opened
+
+
+class IdSink:
+    """Keeps the ids it wrote (an idempotent store: a redelivered id is counted once) and
+    refuses payloads marked poison, as a database refuses a bad row."""
+
+    def __init__(self, progress: asyncio.Event, delay: float = 0.0) -> None:
+        self.ids: set[int] = set()
+        self.progress = progress
+        self.delay = delay
+
+    async def write(self, batch: Sequence[Any]) -> None:
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        self.ids.update(p["id"] for p in batch if not p.get("poison"))
+        self.progress.set()
+        bad = {i: ValueError(f"poison {p['id']}") for i, p in enumerate(batch) if p.get("poison")}
+        if bad:
+            raise PartialFailure(bad)
+
+    async def close(self) -> None:
+        return None
+
+
+class Letters(MemoryDeadLetters):
+    """Dead letters in memory that wake the test when some arrive."""
+
+    def __init__(self, progress: asyncio.Event) -> None:
+        super().__init__()
+        self.progress = progress
+
+    async def put(self, letters: Sequence[DeadLetter]) -> None:
+        await super().put(letters)
+        self.progress.set()
+
+
+CONFIG = BatchConfig(max_size=50, max_wait=0.05, max_retries=1, retry_delay=0.01, drain_timeout=5)
+
+
+async def run_until(
+    pipeline: Pipeline, done: Callable[[], bool], progress: asyncio.Event, seconds: float = 10.0
+) -> None:
+    """Run the pipeline until ``done()`` holds (checked at each progress), then stop it."""
+    task = asyncio.create_task(pipeline.run())
+    try:
+        async with asyncio.timeout(seconds):
+            while not done():
+                await progress.wait()
+                progress.clear()
+    finally:
+        await pipeline.stop()
+        await task
+
+
+async def settled_counts(channel: Any, queue: str) -> tuple[int, int] | None:
+    """(ready, unacknowledged) once the broker has applied the last acks (rabbitmqctl lags a
+    little behind the socket); None without rabbitmqctl."""
+    counts = await queue_counts(channel, queue)
+    for _ in range(40):
+        if counts is None or counts[1] == 0:
+            break
+        await asyncio.sleep(0.05)
+        counts = await queue_counts(channel, queue)
+    return counts
+
+
+async def test_good_messages_reach_the_sink_and_bad_ones_the_dead_letters(channel: Any) -> None:
+    """300 messages with 4 poison and 2 malformed: 294 ids stored, 6 letters, queue empty."""
+    queue = unique_queue("pipe")
+    poison = {17, 101, 202, 299}
+    raw = [
+        json.dumps({"id": i, "poison": i in poison}).encode() if i not in (50, 250) else b"{oops"
+        for i in range(300)
+    ]
+    await channel.declare_queue(queue, durable=True)
+    try:
+        await publish_raw(channel, queue, raw)
+        progress = asyncio.Event()
+        sink, letters = IdSink(progress), Letters(progress)
+        pipeline = Pipeline(RabbitMQSource(RABBITMQ_URL, queue), sink, CONFIG, dead_letter=letters)
+        await run_until(pipeline, lambda: len(sink.ids) + len(letters) >= 300, progress)
+        assert sink.ids == set(range(300)) - poison - {50, 250}
+        reasons = sorted(letter.reason for letter in letters.letters)
+        assert reasons == ["failed"] * 4 + ["malformed"] * 2
+        failed = {letter.message["id"] for letter in letters.letters if letter.reason == "failed"}
+        assert failed == poison
+        assert {letter.message for letter in letters.letters if letter.reason == "malformed"} == {
+            b"{oops"
+        }
+        assert all(letter.headers["queue"] == queue for letter in letters.letters)
+        assert await settled_counts(channel, queue) in ((0, 0), None)
+        declared = await channel.declare_queue(queue, passive=True)
+        assert declared.declaration_result.message_count == 0
+    finally:
+        await delete_queue(channel, queue)
+
+
+async def test_a_delivery_past_max_deliveries_is_dead_lettered_as_redelivered(
+    channel: Any,
+) -> None:
+    """On a quorum queue a message already delivered max_deliveries times is dead-lettered."""
+    queue = unique_queue("pipe-quorum")
+    first = RabbitMQSource(RABBITMQ_URL, queue, quorum=True, max_deliveries=2, prefetch=10)
+    try:
+        await first.start()
+        await publish_json(channel, queue, [{"id": 1}, {"id": 2}])
+        for _ in range(2):  # two workers took id 1 and died, say
+            envelopes = await take(first, 2 if _ == 0 else 1)
+            for envelope in envelopes:
+                if envelope.payload["id"] == 1:
+                    await envelope.nack(True)
+                else:
+                    await envelope.ack()
+        await first.close()
+        source = RabbitMQSource(RABBITMQ_URL, queue, quorum=True, max_deliveries=2)
+        progress = asyncio.Event()
+        sink, letters = IdSink(progress), Letters(progress)
+        pipeline = Pipeline(source, sink, CONFIG, dead_letter=letters)
+        await run_until(pipeline, lambda: len(letters) >= 1, progress)
+        assert sink.ids == set()
+        [letter] = letters.letters
+        assert (letter.reason, letter.message) == ("redelivered", {"id": 1})
+        # 3, or 4 when id 1 came back a third time before close() requeued it (a quorum
+        # queue counts every return, a prefetched but unprocessed one included)
+        assert letter.headers["delivery_count"] in (3, 4)
+        assert "max_deliveries=2" in str(letter.error)
+        assert await settled_counts(channel, queue) in ((0, 0), None)
+    finally:
+        await delete_queue(channel, queue)
+
+
+async def test_a_graceful_stop_mid_run_requeues_what_was_not_written(channel: Any) -> None:
+    """Stopping a busy pipeline leaves each id either written or back in the queue, none held."""
+    queue = unique_queue("pipe-stop")
+    await channel.declare_queue(queue, durable=True)
+    try:
+        await publish_json(channel, queue, [{"id": i} for i in range(2000)])
+        progress = asyncio.Event()
+        sink, letters = IdSink(progress, delay=0.05), Letters(progress)
+        pipeline = Pipeline(RabbitMQSource(RABBITMQ_URL, queue), sink, CONFIG, dead_letter=letters)
+        await run_until(pipeline, lambda: len(sink.ids) >= 300, progress)
+        assert 300 <= len(sink.ids) < 2000
+        assert len(letters) == 0
+        counts = await settled_counts(channel, queue)
+        if counts is not None:
+            assert counts == (2000 - len(sink.ids), 0)
+        rest = RabbitMQSource(RABBITMQ_URL, queue, prefetch=2000)
+        remaining = await take(rest, 2000 - len(sink.ids))
+        assert {e.payload["id"] for e in remaining} | sink.ids == set(range(2000))
+        await rest.close()
+    finally:
+        await delete_queue(channel, queue)
+
+
+EXAMPLE = Path(__file__).parents[2] / "examples" / "rabbitmq-to-postgres.toml"
+
+
+async def test_the_example_pipeline_file_moves_orders_from_rabbitmq_to_postgres(
+    channel: Any, tmp_path: Path
+) -> None:
+    """The example file, renamed apart, stores each order once and dead-letters the bad one."""
+    require_server("postgres")
+    asyncpg = pytest.importorskip("asyncpg")
+    data = tomllib.loads(EXAMPLE.read_text())
+    queue, table = unique_queue("orders"), f"orders_{uuid.uuid4().hex[:12]}"
+    data["source"]["queue"] = queue
+    data["sink"]["table"] = table
+    data["sink"]["create_table"] = data["sink"]["create_table"].replace(" orders ", f" {table} ")
+    letters_file = tmp_path / "letters.jsonl"
+    data["dead_letter"]["path"] = str(letters_file)
+    data["batch"].update(max_wait=0.05, retry_delay=0.01)
+    spec = parse_pipeline(data, environ={})
+    orders = [
+        {"id": i, "customer": f"c{i}", "amount_cents": -1 if i == 7 else i} for i in range(40)
+    ]
+    db = await asyncpg.connect("postgresql://postgres@127.0.0.1:5432/test")
+    try:
+        await channel.declare_queue(queue, durable=True, arguments={"x-queue-type": "quorum"})
+        await publish_json(channel, queue, orders + orders[:5])  # five twice, as on redelivery
+        pipeline = spec.build()
+        task = asyncio.create_task(pipeline.run())
+
+        async def finished() -> bool:
+            if not letters_file.exists() or not letters_file.read_text().strip():
+                return False
+            found = await db.fetchval("SELECT to_regclass($1)", table)
+            return found is not None and await db.fetchval(f"SELECT count(*) FROM {table}") == 39
+
+        for _ in range(150):
+            if await finished():
+                break
+            await asyncio.sleep(0.1)
+        await pipeline.stop()
+        await task
+        rows = await db.fetch(f"SELECT id FROM {table} ORDER BY id")
+        assert [r["id"] for r in rows] == [i for i in range(40) if i != 7]
+        letters = letters_file.read_text().splitlines()
+        assert len(letters) == 1
+        assert json.loads(letters[0])["message"]["amount_cents"] == -1
+        assert await settled_counts(channel, queue) in ((0, 0), None)
+    finally:
+        await delete_queue(channel, queue)
+        await db.execute(f"DROP TABLE IF EXISTS {table}")
+        await db.close()
