@@ -14,6 +14,7 @@ from batchpunk.config import BatchConfig
 from batchpunk.connectors.nats import NatsJetStreamSink, NatsJetStreamSource
 from batchpunk.errors import ConfigError
 from tests.conftest import require_server
+from tests.contract.cases_nats import unique
 
 
 def source(**overrides: Any) -> NatsJetStreamSource:
@@ -156,7 +157,8 @@ def test_a_wrong_key_file_is_reported_by_field(certificate: tuple[Path, Path]) -
 async def test_tls_is_never_downgraded_to_plaintext(overrides: dict[str, Any]) -> None:
     """With TLS asked for, a server that does not require TLS is refused, not used in clear."""
     require_server("nats")
-    made = source(connect_timeout=2.0, **overrides)
+    names = {"stream": unique("S"), "subject": f"{unique('bp')}.x", "durable": unique("D")}
+    made = source(connect_timeout=2.0, **names, **overrides)
     with pytest.raises(ConnectionError, match="refusing to send credentials and messages"):
         await made.start()
     await made.close()

@@ -4,6 +4,7 @@ dead letters, every good one in the sink, nothing left on the consumer."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import tomllib
 from collections.abc import Callable, Sequence
@@ -182,7 +183,9 @@ async def test_the_example_pipeline_file_moves_orders_from_nats_to_postgres(tmp_
             assert letters[0].headers["stream"] == stream
             info = await js.consumer_info(stream, data["source"]["durable"])
             assert (info.num_ack_pending, info.num_pending) == (0, 0)
-            await js.delete_stream(stream)
     finally:
+        async with jetstream() as js:
+            with contextlib.suppress(Exception):
+                await js.delete_stream(stream)
         await db.execute(f"DROP TABLE IF EXISTS {table}")
         await db.close()
