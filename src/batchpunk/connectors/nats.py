@@ -414,7 +414,8 @@ class NatsJetStreamSource:
             settings. With False both must exist, and the consumer's own ack_wait and
             max_deliver apply.
         max_ack_pending: the consumer's cap on unacknowledged messages across all workers;
-            None for max(1000, 2 x batch x concurrency).
+            None leaves room for ten workers, each with a batch filling while
+            ``max_concurrent_batches`` run: max(1000, 10 x batch x (concurrency + 1)).
         nak_delay: seconds before a nak'd message is redelivered.
         tls, user, password, token: TLS and credentials (see TlsSetting); never logged.
         connect_timeout: seconds the first connection may take.
@@ -600,7 +601,9 @@ class NatsJetStreamSource:
         api = require("nats.js.api", "nats", "NatsJetStreamSource")
         max_ack_pending = self.max_ack_pending
         if max_ack_pending is None:
-            max_ack_pending = max(1000, 2 * self.fetch_size * self._concurrency)
+            # Too small a cap stalls SIZE-triggered workers waiting for a batch that cannot fill;
+            # each worker's own max_pending already bounds what it fetches.
+            max_ack_pending = max(1000, 10 * self.fetch_size * (self._concurrency + 1))
         config = api.ConsumerConfig(
             name=self.durable,
             durable_name=self.durable,
