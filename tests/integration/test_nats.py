@@ -78,6 +78,21 @@ async def test_acked_messages_leave_nothing_pending_or_unacknowledged(sources) -
         assert await settled_counts(js, stream, durable) == (0, 0)
 
 
+async def test_prepare_sizes_fetches_and_the_consumer_then_connects(sources) -> None:
+    """prepare() takes max_size (unless batch was given), sizes max_ack_pending, and binds."""
+    async with fresh_stream() as (js, stream, subject):
+        implicit = make(sources, stream, subject, unique("D"))
+        explicit = make(sources, stream, subject, unique("D"), batch=7, max_ack_pending=50)
+        assert implicit.fetch_size == BatchConfig().max_size
+        config = BatchConfig(max_size=250, max_concurrent_batches=3)
+        await implicit.prepare(config)
+        await explicit.prepare(config)
+        assert (implicit.fetch_size, explicit.fetch_size) == (250, 7)
+        info = await js.consumer_info(stream, implicit.durable)
+        assert info.config.max_ack_pending == 10 * 250 * 4
+        assert (await js.consumer_info(stream, explicit.durable)).config.max_ack_pending == 50
+
+
 async def test_nack_with_requeue_redelivers_the_message(sources) -> None:
     """nack(requeue=True) naks: the same message comes back with its delivery count raised."""
     async with fresh_stream([{"id": 1}]) as (js, stream, subject):

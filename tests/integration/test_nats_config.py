@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 
-from batchpunk.config import BatchConfig
 from batchpunk.connectors.nats import NatsJetStreamSink, NatsJetStreamSource
 from batchpunk.errors import ConfigError
 from tests.conftest import require_server
@@ -93,15 +92,6 @@ def test_credentials_never_show_in_repr() -> None:
     assert "host:4222" in shown
     sink = NatsJetStreamSink("nats://bob:pw-secret@host:4222", "a.b", password="x")
     assert "pw-secret" not in repr(sink)
-
-
-async def test_prepare_takes_max_size_unless_batch_was_given() -> None:
-    """prepare() sizes fetches to the pipeline's max_size, but an explicit batch wins."""
-    implicit, explicit = source(), source(batch=7)
-    assert implicit.fetch_size == BatchConfig().max_size
-    await implicit.prepare(BatchConfig(max_size=250))
-    await explicit.prepare(BatchConfig(max_size=250))
-    assert (implicit.fetch_size, explicit.fetch_size) == (250, 7)
 
 
 def test_servers_accept_a_list_or_a_comma_separated_string() -> None:

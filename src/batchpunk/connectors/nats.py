@@ -515,10 +515,15 @@ class NatsJetStreamSource:
     # -- life cycle ----------------------------------------------------------------------------
 
     async def prepare(self, config: BatchConfig) -> None:
-        """Fetch ``max_size`` messages at a time unless ``batch`` was given explicitly."""
+        """Size fetches to the pipeline's batches, then connect and bind the consumer.
+
+        Fetches ``max_size`` messages at a time unless ``batch`` was given explicitly. Connecting
+        here makes a wrong address, stream or consumer fail before the pipeline consumes.
+        """
         if self.batch is None:
             self.batch = config.max_size
         self._concurrency = config.concurrency
+        await self.start()
 
     @property
     def fetch_size(self) -> int:
@@ -1010,6 +1015,10 @@ class NatsJetStreamSink:
 
     def __repr__(self) -> str:
         return f"NatsJetStreamSink({self._conn.where!r}, subject={self.subject!r})"
+
+    async def prepare(self, config: BatchConfig) -> None:
+        """Connect before the pipeline consumes, so a wrong address fails first."""
+        await self.start()
 
     async def start(self) -> None:
         """Connect now (the first write does it otherwise)."""
