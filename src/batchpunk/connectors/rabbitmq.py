@@ -222,16 +222,32 @@ async def _connect(
     extra: dict[str, Any] = {}
     if reconnect_interval is not None:
         extra["reconnect_interval"] = reconnect_interval
+    # What aio_pika.connect_robust does, keeping hold of the connection so that a failed or
+    # cancelled first attempt can be closed (its reconnection task would otherwise live on).
+    connection = aio_pika.RobustConnection(
+        aio_pika.connection.make_url(url, **extra),
+        ssl_context=context,
+        client_properties={"connection_name": name},
+        **extra,
+    )
     try:
-        return await aio_pika.connect_robust(
-            url,
-            ssl_context=context,
-            client_properties={"connection_name": name},
-            **extra,
-        )
-    except (TimeoutError, OSError, aio_pika.exceptions.AMQPError) as exc:
+        await connection.connect()
+    except BaseException as exc:
+        await _close_quietly(connection)
+        if not isinstance(exc, TimeoutError | OSError | aio_pika.exceptions.AMQPError):
+            raise
         detail = _scrub(f"{type(exc).__name__}: {exc}", url)
         raise RabbitMQError(f"RabbitMQ at {mask_url(url)}: cannot connect ({detail})") from None
+    return connection
+
+
+async def _close_quietly(thing: Any, seconds: float = 5.0) -> None:
+    """Close a connection or channel that is being abandoned; errors only get logged."""
+    try:
+        async with asyncio.timeout(seconds):
+            await thing.close()
+    except Exception as exc:
+        log.debug("RabbitMQ: closing %r failed: %r", type(thing).__name__, exc)
 
 
 def _channel_errors() -> tuple[type[BaseException], ...]:
@@ -656,8 +672,10 @@ class RabbitMQSource:
                 await self._consume()
                 if self.stopping:  # stop_consuming() ran while this was connecting
                     await self._cancel_consumer()
-            except self._errors as exc:
+            except BaseException as exc:
                 await self._abandon_connection()
+                if not isinstance(exc, self._errors):
+                    raise
                 detail = _scrub(f"{type(exc).__name__}: {exc}", self._url)
                 raise RabbitMQError(
                     f"RabbitMQ at {mask_url(self._url)}: cannot consume queue {self.queue!r} "
@@ -941,19 +959,9 @@ class RabbitMQSource:
     async def _abandon_connection(self) -> None:
         channel, self._channel = self._channel, None
         connection, self._connection = self._connection, None
-        for what, thing in (("channel", channel), ("connection", connection)):
-            if thing is None:
-                continue
-            try:
-                async with asyncio.timeout(self.close_timeout):
-                    await thing.close()
-            except self._errors as exc:
-                log.warning(
-                    "RabbitMQ %s of queue %r not closed cleanly (%s)",
-                    what,
-                    self.queue,
-                    type(exc).__name__,
-                )
+        for thing in (channel, connection):
+            if thing is not None:
+                await _close_quietly(thing, self.close_timeout)
         if self._tracker is not None:
             self._tracker.kill()
 
@@ -976,6 +984,7 @@ class _Publisher:
         exchange_type: str,
         queue: str | None,
         tls: ssl.SSLContext | Mapping[str, Any] | None,
+        timeout: float,
         reconnect_interval: float | None,
         close_timeout: float,
     ) -> None:
@@ -991,10 +1000,12 @@ class _Publisher:
             )
         if queue is not None and (not isinstance(queue, str) or not queue):
             raise ConfigError(f"{where}.queue: expected a queue name, got {queue!r}")
+        _check_seconds(timeout, f"{where}.timeout")
         _check_seconds(close_timeout, f"{where}.close_timeout")
         if reconnect_interval is not None:
             _check_seconds(reconnect_interval, f"{where}.reconnect_interval")
         require("aio_pika", "rabbitmq", where)
+        self.timeout = float(timeout)
         self.exchange = exchange
         self.routing_key = routing_key
         self.declare = declare
@@ -1040,8 +1051,10 @@ class _Publisher:
                     queue = await channel.declare_queue(self.queue, durable=True)
                     if self.exchange != "":
                         await queue.bind(exchange, self.routing_key)
-            except _channel_errors() as exc:
-                await connection.close()
+            except BaseException as exc:
+                await _close_quietly(connection, self.close_timeout)
+                if not isinstance(exc, _channel_errors()):
+                    raise
                 detail = _scrub(f"{type(exc).__name__}: {exc}", self._url)
                 raise RabbitMQError(
                     f"{self._where} at {mask_url(self._url)}: cannot open exchange "
@@ -1053,12 +1066,19 @@ class _Publisher:
     async def _publish(self, messages: Sequence[Any]) -> None:
         """Publish all, then wait for every confirm; any failure raises RabbitMQError."""
         aio_pika = require("aio_pika", "rabbitmq", self._where)
-        exchange = self._exchange or await self._open()
         key = self.routing_key
-        results = await asyncio.gather(
-            *(exchange.publish(message, key, mandatory=True) for message in messages),
-            return_exceptions=True,
-        )
+        try:
+            async with asyncio.timeout(self.timeout):
+                exchange = self._exchange or await self._open()
+                results = await asyncio.gather(
+                    *(exchange.publish(message, key, mandatory=True) for message in messages),
+                    return_exceptions=True,
+                )
+        except TimeoutError:
+            raise RabbitMQError(
+                f"{self._where} at {mask_url(self._url)}: {len(messages)} message(s) not "
+                f"confirmed within timeout={self.timeout}s (broker down or blocked?)"
+            ) from None
         failures = [r for r in results if isinstance(r, BaseException)]
         if not failures:
             return
@@ -1070,6 +1090,8 @@ class _Publisher:
             )
         elif isinstance(first, aio_pika.exceptions.DeliveryError):
             why = "nacked by the broker"
+        elif isinstance(first, aio_pika.exceptions.ChannelInvalidStateError):
+            why = "the connection is lost; reconnecting"
         else:
             why = _scrub(f"{type(first).__name__}: {first}", self._url)
         raise RabbitMQError(
@@ -1083,13 +1105,8 @@ class _Publisher:
             self._closed = True
             connection, self._connection = self._connection, None
             self._channel = self._exchange = None
-        if connection is None:
-            return
-        try:
-            async with asyncio.timeout(self.close_timeout):
-                await connection.close()
-        except _channel_errors() as exc:
-            log.warning("%s: connection not closed cleanly (%s)", self._where, type(exc).__name__)
+        if connection is not None:
+            await _close_quietly(connection, self.close_timeout)
 
 
 class RabbitMQSink(_Publisher):
@@ -1109,6 +1126,7 @@ class RabbitMQSink(_Publisher):
             published is unroutable.
         serializer, compression, level, hmac_key: the frame's codec settings (mode="frame").
         tls: an ssl.SSLContext or a dict with ca_file / cert_file / key_file / verify.
+        timeout: seconds a write may wait for the connection and every confirm.
 
     A message the broker nacks or cannot route raises RabbitMQError (retryable) once every
     confirm has arrived; an item that is not JSON in items mode fails alone (PartialFailure).
@@ -1129,6 +1147,7 @@ class RabbitMQSink(_Publisher):
         level: int | None = None,
         hmac_key: bytes | str | None = None,
         tls: ssl.SSLContext | Mapping[str, Any] | None = None,
+        timeout: float = 30.0,
         reconnect_interval: float | None = None,
         close_timeout: float = 5.0,
     ) -> None:
@@ -1145,6 +1164,7 @@ class RabbitMQSink(_Publisher):
             exchange_type=exchange_type,
             queue=queue,
             tls=tls,
+            timeout=timeout,
             reconnect_interval=reconnect_interval,
             close_timeout=close_timeout,
         )
@@ -1219,6 +1239,7 @@ class RabbitMQDeadLetters(_Publisher):
         exchange_type: str = "direct",
         queue: str | None = None,
         tls: ssl.SSLContext | Mapping[str, Any] | None = None,
+        timeout: float = 30.0,
         reconnect_interval: float | None = None,
         close_timeout: float = 5.0,
     ) -> None:
@@ -1231,6 +1252,7 @@ class RabbitMQDeadLetters(_Publisher):
             exchange_type=exchange_type,
             queue=queue,
             tls=tls,
+            timeout=timeout,
             reconnect_interval=reconnect_interval,
             close_timeout=close_timeout,
         )
