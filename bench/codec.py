@@ -121,6 +121,8 @@ def main() -> None:
         f"Python {platform.python_version()} on {platform.machine()}, {os.cpu_count()} CPUs; "
         f"{versions}"
     )
+    if hasattr(os, "getloadavg"):
+        print(f"Load average at start: {os.getloadavg()[0]:.2f} (figures are noisy above ~1)")
     print(
         f"Batch: {EVENTS} events, {reference:,} bytes of compact JSON "
         f"({reference / EVENTS:.0f} bytes/event); MB/s are of those {reference:,} bytes."
@@ -232,6 +234,8 @@ def main() -> None:
         print(
             f"{name:<36} {enc:>12.0f} {enc / base_enc:>9.2f}x {dec:>12.0f} {dec / base_dec:>9.2f}x"
         )
+    if hasattr(os, "getloadavg"):
+        print(f"Load average at end: {os.getloadavg()[0]:.2f}")
     sys.stdout.flush()
 
 

@@ -109,10 +109,13 @@ def _inflate(payload: bytes | memoryview, compression: str, size: int) -> bytear
                             "stream"
                         )
                     return out
+                left = len(pending)
                 pending = inflater.unconsumed_tail
                 # Done with this piece once its input is used up and the output was not capped.
                 if not pending and len(chunk) < limit:
                     break
+                if not chunk and len(pending) == left:  # cannot happen with zlib; never spin
+                    raise FrameError(f"payload does not decompress as {compression}: no progress")
     except zlib.error as exc:
         raise FrameError(f"payload does not decompress as {compression}: {exc}") from exc
     raise FrameError(f"payload is truncated: the {compression} stream does not end")
