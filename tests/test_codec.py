@@ -681,3 +681,23 @@ def test_codec_validates_at_construction() -> None:
         Codec(max_size=0)
     with pytest.raises(ValueError, match=r"^threshold: expected an integer >= 0"):
         Codec(threshold=-5)
+
+
+# -- single values ----------------------------------------------------------------------------
+
+
+def test_single_values_use_the_same_serializers_without_a_frame() -> None:
+    """encode_value/decode_value serialize one value with the frame's semantics and checks."""
+    record = {"id": "x", "n": [1, 2.5, None], "nan": float("nan")}
+    assert codec.decode_value(codec.encode_value(record)) == {**record, "nan": None}
+    assert codec.decode_value(codec.encode_value(b"raw", "msgpack"), "msgpack") == b"raw"
+    pickled = codec.encode_value({1, 2}, "pickle")
+    with pytest.raises(FrameError, match=r"^pickle refused"):
+        codec.decode_value(pickled, "pickle")
+    assert codec.decode_value(pickled, "pickle", allow_pickle=True) == {1, 2}
+    with pytest.raises(FrameError, match=r"^payload does not decode as json"):
+        codec.decode_value(b"{oops")
+    with pytest.raises(ValueError, match=r"^serializer: expected 'json', 'msgpack' or 'pickle'"):
+        codec.encode_value(1, "yaml")
+    with pytest.raises(TypeError, match=r"^value: the json serializer cannot encode it"):
+        codec.encode_value({1, 2})
