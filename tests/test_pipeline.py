@@ -423,7 +423,8 @@ async def test_connector_hooks_prepare_ack_many_and_stop_consuming() -> None:
 
 
 async def test_pipeline_runs_once_and_checks_its_parts() -> None:
-    """A second run() raises ProcessorClosed; a sink without write() is refused up front."""
+    """A second run() raises ProcessorClosed; a sink without write(), or an overflow policy
+    that would make reading fail, is refused up front."""
     log: list[tuple[Any, ...]] = []
     pipeline = Pipeline(RecordingSource([1], log), RecordingSink(log), BatchConfig(max_wait=0.01))
     await pipeline.run()
@@ -431,6 +432,8 @@ async def test_pipeline_runs_once_and_checks_its_parts() -> None:
         await pipeline.run()
     with pytest.raises(ValueError, match="sink"):
         Pipeline(RecordingSource([1], log), object())  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="overflow"):
+        Pipeline(RecordingSource([1], log), RecordingSink(log), BatchConfig(overflow="raise"))
 
 
 def test_prefetch_covers_running_batches_and_one_filling() -> None:

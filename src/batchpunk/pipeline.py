@@ -38,7 +38,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
-from batchpunk.config import BatchConfig
+from batchpunk.config import BatchConfig, OverflowPolicy
 from batchpunk.deadletter import DeadLetter, DeadLetterSink, MemoryDeadLetters
 from batchpunk.envelope import Envelope, Sink, Source
 from batchpunk.errors import BatchpunkError, ProcessorClosed
@@ -206,9 +206,15 @@ class Pipeline:
             raise ValueError(
                 f"dead_letter: expected an object with async put(letters), got {dead_letter!r}"
             )
+        config = config if config is not None else BatchConfig()
+        if config.overflow is OverflowPolicy.RAISE:
+            raise ValueError(
+                "overflow: a pipeline reads its source only when there is room; use 'block' "
+                "(or a drop policy), not 'raise'"
+            )
         self.source = source
         self.sink = sink
-        self.config = config if config is not None else BatchConfig()
+        self.config = config
         self.dead_letter: DeadLetterSink = (
             dead_letter if dead_letter is not None else MemoryDeadLetters()
         )
@@ -239,7 +245,8 @@ class Pipeline:
         self._hard_event = asyncio.Event()
         self._ack_wake = asyncio.Event()
         self._reject_wake = asyncio.Event()
-        self._winding_down = False
+        self._rejects_closing = False
+        self._acks_closing = False
         self._consumer: asyncio.Task[None] | None = None
         self._ack_task: asyncio.Task[None] | None = None
         self._reject_task: asyncio.Task[None] | None = None
@@ -306,6 +313,10 @@ class Pipeline:
                 if task is not None and not task.done():
                     task.cancel()
             await asyncio.gather(*(t for t in tasks if t is not None), return_exceptions=True)
+            leftover, self._to_ack = self._to_ack, []
+            if leftover:  # finished, but the ack task was interrupted: settle them now
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._settle(leftover), ABORT_SECONDS)
             await self._nack_open()
             await self._close_all()
             self._done.set()
@@ -398,7 +409,7 @@ class Pipeline:
             todo, self._to_ack = self._to_ack, []
             if todo:
                 await self._settle(todo)
-            elif self._winding_down:
+            elif self._acks_closing:
                 return
 
     async def _settle(self, envelopes: list[Envelope]) -> None:
@@ -493,7 +504,7 @@ class Pipeline:
                         observer.dead_lettered(count, reason)
                 for _, ticket in todo:
                     ticket.set_result(None)
-            if self._winding_down:
+            if self._rejects_closing:
                 return
 
     # -- stopping ------------------------------------------------------------------------------
@@ -508,7 +519,7 @@ class Pipeline:
         await _first(consumer, self._hard_event)
         if self.aborted:
             return
-        self._winding_down = True
+        self._rejects_closing = True
         self._reject_wake.set()
         task = self._reject_task
         if task is not None and not await _first(task, self._hard_event, timeout=timeout):
@@ -524,6 +535,8 @@ class Pipeline:
                 timeout,
             )
             self._rejects.clear()
+        # Only now: storing the last rejected letters may still have finished envelopes.
+        self._acks_closing = True
         self._ack_wake.set()
         if self._ack_task is not None:
             await _first(self._ack_task, self._hard_event, timeout=timeout)

@@ -99,7 +99,7 @@ class JsonlSource:
             self._settled |= skip
         pos, line_no = self._read_pos
         stream = await self._open(pos)
-        loads = json.loads
+        decode = json.JSONDecoder().decode  # skips loads()' encoding sniffing per line
         key_field, priority_field = self.key_field, self.priority_field
         tracking = self.checkpoint is not None
         remainder = b""
@@ -128,7 +128,7 @@ class JsonlSource:
                     if self.closed:
                         return
                     try:
-                        payload = loads(line)
+                        payload = decode(line.decode())
                     except (ValueError, RecursionError) as exc:
                         text = line.decode("utf-8", "replace").rstrip("\r")
                         envelope = Envelope(

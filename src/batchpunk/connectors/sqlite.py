@@ -7,6 +7,7 @@ with WAL and an idempotency key, a batch redelivered after a crash adds no rows.
 from __future__ import annotations
 
 import json
+import operator
 import os
 import sqlite3
 from collections.abc import Callable, Mapping, Sequence
@@ -22,6 +23,8 @@ __all__ = ["SqliteSink"]
 
 _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 _NATIVE = (str, int, float, bytes, type(None))
+#: Value types bound as they are (the per-row fast path; bool and the rest go through _value).
+_PLAIN = frozenset((str, int, float, bytes, type(None)))
 
 Mapper = Callable[[Any], Mapping[str, Any]]
 
@@ -156,42 +159,62 @@ class SqliteSink:
         self, batch: list[Any]
     ) -> tuple[dict[tuple[str, ...], list[tuple[int, tuple[Any, ...]]]], dict[int, BaseException]]:
         """Group the batch's rows by column set, and the payloads that cannot become rows."""
-        groups: dict[tuple[str, ...], list[tuple[int, tuple[Any, ...]]]] = {}
+        if self.mapper is not None:
+            return self._mapped_rows(batch)
         failures: dict[int, BaseException] = {}
-        fixed = self.columns
+        columns = self.columns
+        get = operator.itemgetter(*columns)
+        single = len(columns) == 1
+        plain = _PLAIN
+        rows: list[tuple[int, tuple[Any, ...]]] = []
         for index, payload in enumerate(batch):
             try:
-                if self.mapper is None:
-                    columns = fixed
-                    try:
-                        values = tuple(payload[c] for c in columns)
-                    except KeyError as exc:
-                        raise PayloadError(
-                            f"payload at index {index} has no column {exc.args[0]!r} "
-                            f"(expected columns: {', '.join(columns)})"
-                        ) from None
-                    except (TypeError, IndexError):
-                        raise PayloadError(
-                            f"payload at index {index} is a {type(payload).__name__}, expected a "
-                            f"mapping with columns {', '.join(columns)}"
-                        ) from None
-                else:
-                    mapped = self.mapper(payload)
-                    if not isinstance(mapped, Mapping) or not mapped:
-                        raise PayloadError(
-                            f"payload at index {index}: columns function returned {mapped!r}, "
-                            "expected a non-empty mapping of column to value"
-                        )
-                    columns = tuple(check_identifier("columns", c) for c in mapped)
-                    values = tuple(mapped.values())
-                groups.setdefault(columns, []).append(
-                    (
-                        index,
-                        tuple(_value(index, c, v) for c, v in zip(columns, values, strict=True)),
-                    )
+                values = get(payload)
+            except KeyError as exc:
+                failures[index] = PayloadError(
+                    f"payload at index {index} has no column {exc.args[0]!r} "
+                    f"(expected columns: {', '.join(columns)})"
                 )
+                continue
+            except (TypeError, IndexError):
+                failures[index] = PayloadError(
+                    f"payload at index {index} is a {type(payload).__name__}, expected a "
+                    f"mapping with columns {', '.join(columns)}"
+                )
+                continue
+            if single:
+                values = (values,)
+            if not plain.issuperset(map(type, values)):  # the fast path: nothing to convert
+                try:
+                    values = tuple(
+                        _value(index, c, v) for c, v in zip(columns, values, strict=True)
+                    )
+                except PayloadError as exc:
+                    failures[index] = exc
+                    continue
+            rows.append((index, values))
+        return ({columns: rows} if rows else {}), failures
+
+    def _mapped_rows(
+        self, batch: list[Any]
+    ) -> tuple[dict[tuple[str, ...], list[tuple[int, tuple[Any, ...]]]], dict[int, BaseException]]:
+        assert self.mapper is not None
+        groups: dict[tuple[str, ...], list[tuple[int, tuple[Any, ...]]]] = {}
+        failures: dict[int, BaseException] = {}
+        for index, payload in enumerate(batch):
+            try:
+                mapped = self.mapper(payload)
+                if not isinstance(mapped, Mapping) or not mapped:
+                    raise PayloadError(
+                        f"payload at index {index}: columns function returned {mapped!r}, "
+                        "expected a non-empty mapping of column to value"
+                    )
+                columns = tuple(check_identifier("columns", c) for c in mapped)
+                values = tuple(_value(index, c, v) for c, v in mapped.items())
             except (PayloadError, ConfigError) as exc:
                 failures[index] = exc
+                continue
+            groups.setdefault(columns, []).append((index, values))
         return groups, failures
 
     def _insert(self, batch: list[Any]) -> dict[int, BaseException]:
@@ -210,7 +233,7 @@ class SqliteSink:
                 sql = f'{verb} INTO "{self.table}" ({names}) VALUES ({marks})'
                 try:
                     db.executemany(sql, [row for _, row in rows])
-                except sqlite3.IntegrityError:
+                except (sqlite3.IntegrityError, OverflowError):
                     # Find the offending rows one by one; a failed statement rolls back alone
                     # and the transaction goes on with the good rows.
                     db.execute("ROLLBACK")
@@ -241,6 +264,10 @@ class SqliteSink:
                     failures[index] = PayloadError(
                         f"payload at index {index} breaks a constraint of table "
                         f"{self.table!r}: {exc}"
+                    )
+                except OverflowError:
+                    failures[index] = PayloadError(
+                        f"payload at index {index} holds an integer beyond SQLite's 64 bits"
                     )
         db.execute("COMMIT")
         return dict(sorted(failures.items()))
@@ -276,6 +303,7 @@ def _value(index: int, column: str, value: Any) -> Any:
                 f"payload at index {index}: column {column!r} cannot be stored as JSON: {exc}"
             ) from None
     raise PayloadError(
-        f"payload at index {index}: column {column!r} holds a value of type {type(value).__name__}, "
-        "expected str, int, float, bytes, None, or a JSON-serializable dict or list"
+        f"payload at index {index}: column {column!r} holds a value of type "
+        f"{type(value).__name__}, expected str, int, float, bytes, None, or a "
+        "JSON-serializable dict or list"
     )
