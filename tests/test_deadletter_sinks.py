@@ -297,6 +297,16 @@ async def test_unstorable_message_fails_the_whole_put_with_a_hint(
         assert await read_all(sink) == []
 
 
+async def test_a_string_utf8_cannot_hold_needs_pickle(open_sink: Callable[..., Sink]) -> None:
+    """A str with a lone surrogate is refused by the default sink and kept by a pickle sink."""
+    async with open_sink() as sink:
+        with pytest.raises(TypeError, match=r"letters\[0\]\.message of type str"):
+            await sink.put([letter("bad \ud800 text")])
+    async with open_sink(serializer="pickle") as sink:
+        await sink.put([letter("bad \ud800 text")])
+        assert [back.message for back in await read_all(sink)] == ["bad \ud800 text"]
+
+
 async def test_pickle_stores_anything_only_when_asked(
     open_sink: Callable[..., Sink], caplog: pytest.LogCaptureFixture
 ) -> None:

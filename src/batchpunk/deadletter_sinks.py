@@ -110,8 +110,10 @@ class MalformedDeadLetter(BatchpunkError, ValueError):
 def _json_exact(value: Any) -> bool:
     """True when ``value`` comes back from JSON as an equal value of the same types."""
     kind = type(value)
-    if value is None or kind is bool or kind is int or kind is str:
+    if value is None or kind is bool or kind is int:
         return True
+    if kind is str:  # isascii() is O(1); other strings must be valid UTF-8 (no lone surrogates)
+        return value.isascii() or _utf8(value)
     if kind is float:
         return math.isfinite(value)
     try:
@@ -122,6 +124,14 @@ def _json_exact(value: Any) -> bool:
     except RecursionError:
         return False
     return False
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class _RecordCodec:
@@ -140,7 +150,10 @@ class _RecordCodec:
         # Asking for pickle is asking to read it back; anyone else must say so.
         self.allow_pickle = serializer == "pickle" if allow_pickle is None else allow_pickle
 
-    def encode(self, letter: Any, index: int, letter_id: str | None) -> dict[str, Any]:
+    def encode(
+        self, letter: Any, index: int, letter_id: str | None
+    ) -> tuple[dict[str, Any], bytes]:
+        """The record of one letter and its JSON text; TypeError naming the letter if it cannot."""
         if not isinstance(letter, DeadLetter):
             raise TypeError(f"letters[{index}]: expected a DeadLetter, got {type(letter).__name__}")
         record: dict[str, Any] = {"v": RECORD_VERSION}
@@ -153,9 +166,9 @@ class _RecordCodec:
             priority=_number(letter.priority, int, 0),
             attempts=_number(letter.attempts, int, 0),
             first_seen=_number(letter.first_seen, float, 0.0),
-            error_type=letter.error_type,
+            error_type=str(letter.error_type),
             error=None if error is None else _error_text(error),
-            traceback=letter.traceback,
+            traceback=str(letter.traceback),
         )
         headers = {k: v for k, v in letter.headers.items() if k != ID_HEADER}
         for name, value in (("message", letter.message), ("key", letter.key), ("headers", headers)):
@@ -178,7 +191,10 @@ class _RecordCodec:
                         f"cannot be stored: {exc}{hint}"
                     ) from exc
                 record[f"{name}_frame"] = base64.b64encode(frame).decode("ascii")
-        return record
+        try:
+            return record, encode_value(record)
+        except TypeError as exc:  # e.g. a str holding a lone surrogate, which UTF-8 cannot hold
+            raise TypeError(f"{self.owner}: letters[{index}] cannot be stored: {exc}") from exc
 
     def decode(self, record: Any, where: str) -> tuple[str | None, DeadLetter]:
         """The id and letter of one record, or MalformedDeadLetter naming ``where``."""
@@ -382,7 +398,7 @@ class JsonlDeadLetters:
 
     def _append(self, letters: list[DeadLetter]) -> None:
         lines = [
-            encode_value(self._records.encode(letter, i, uuid.uuid4().hex)) + b"\n"
+            self._records.encode(letter, i, uuid.uuid4().hex)[1] + b"\n"
             for i, letter in enumerate(letters)
         ]
         data = b"".join(lines)
@@ -636,16 +652,10 @@ class SqliteDeadLetters:
         return self._conn
 
     def _insert(self, letters: list[DeadLetter]) -> None:
-        records = [self._records.encode(letter, i, None) for i, letter in enumerate(letters)]
+        encoded = [self._records.encode(letter, i, None) for i, letter in enumerate(letters)]
         rows = [
-            (
-                r["stored_at"],
-                r["reason"],
-                r["error_type"],
-                r["first_seen"],
-                encode_value(r).decode("utf-8"),
-            )
-            for r in records
+            (r["stored_at"], r["reason"], r["error_type"], r["first_seen"], text.decode("utf-8"))
+            for r, text in encoded
         ]
         conn = self._connection()
         conn.execute("BEGIN IMMEDIATE")
