@@ -263,3 +263,55 @@ def test_demo_stops_on_signals_with_the_documented_exit_codes(tmp_path: Path, si
     else:
         assert process.returncode == 130, stderr
         assert "stopped at once" in stderr
+
+
+def test_run_serves_metrics_and_stats_while_it_runs(tmp_path: Path) -> None:
+    """With [metrics] prometheus_port, `run` serves Prometheus text and the pipeline's /stats
+    JSON while it runs, then drains on SIGTERM with exit 0 and prints its summary."""
+    import urllib.request
+
+    (tmp_path / "p.toml").write_text(
+        """
+[source]
+type = "generator"
+count = 10000000
+rate = 20000
+
+[batch]
+max_size = 100
+max_wait = 0.05
+
+[sink]
+type = "jsonl"
+path = "out.jsonl"
+fsync = false
+
+[metrics]
+prometheus_port = 0
+live = false
+""",
+        encoding="utf-8",
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "batchpunk", "run", "p.toml"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stderr is not None
+    line = process.stderr.readline()
+    assert line.startswith("metrics: http://127.0.0.1:"), line
+    base = line.split()[1].removesuffix("/metrics")
+    time.sleep(1.0)
+    with urllib.request.urlopen(f"{base}/metrics", timeout=10) as response:
+        metrics = response.read().decode()
+    with urllib.request.urlopen(f"{base}/stats", timeout=10) as response:
+        stats = json.loads(response.read())
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=30)
+    assert process.returncode == 0, stderr
+    assert "batchpunk_messages_processed_total" in metrics
+    assert stats["processed"] > 0
+    assert stats["pipeline"]["read"] >= stats["processed"]
+    assert "acknowledged / nacked" in stdout
