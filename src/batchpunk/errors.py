@@ -11,6 +11,7 @@ builtin fits it derives from that too, so callers can catch either::
     ├── ResultMismatch (ValueError)     a processor returned the wrong number of results
     ├── PartialFailure                  raised by a processor: only some messages of a batch failed
     ├── DeadLetterError                 a dead-letter sink could not take letters (retried)
+    ├── DeliveryLimitExceeded           a broker delivered a message past its limit ("redelivered")
     ├── FrameError (ValueError)         bytes that are not a valid batchpunk frame
     ├── ConfigError (ValueError)        a pipeline file or connector setting is wrong
     └── MissingDependency (ImportError) an optional extra is not installed
@@ -29,6 +30,7 @@ __all__ = [
     "BufferFull",
     "ConfigError",
     "DeadLetterError",
+    "DeliveryLimitExceeded",
     "FrameError",
     "MessageExpired",
     "MissingDependency",
@@ -99,6 +101,15 @@ class PartialFailure(BatchpunkError):
 
 class DeadLetterError(BatchpunkError):
     """A dead-letter sink failed to store letters; batchpunk keeps them and retries."""
+
+
+class DeliveryLimitExceeded(BatchpunkError):
+    """A broker delivered a message more times than its limit allows.
+
+    Such a message likely crashes or stalls every worker that takes it, so sources flag it
+    (``headers["batchpunk_redelivered"]``) with this as its error, and the pipeline dead-letters
+    it with reason "redelivered" instead of processing it again.
+    """
 
 
 class FrameError(BatchpunkError, ValueError):

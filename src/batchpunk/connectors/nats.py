@@ -39,7 +39,13 @@ from urllib.parse import urlsplit, urlunsplit
 
 from batchpunk.config import BatchConfig
 from batchpunk.envelope import Envelope
-from batchpunk.errors import BatchpunkError, ConfigError, PartialFailure, require
+from batchpunk.errors import (
+    BatchpunkError,
+    ConfigError,
+    DeliveryLimitExceeded,
+    PartialFailure,
+    require,
+)
 
 __all__ = [
     "DeliveryLimitExceeded",
@@ -65,13 +71,6 @@ REDELIVERED = "batchpunk_redelivered"
 #: TLS: None/False (plain, unless a server URL says tls://), True (system trust store), an
 #: ssl.SSLContext, or a mapping with ``ca_file``, ``cert_file``, ``key_file``, ``verify``.
 TlsSetting = ssl.SSLContext | Mapping[str, Any] | bool | None
-
-
-class DeliveryLimitExceeded(BatchpunkError):
-    """A message reached the consumer's max_deliver: it probably fails or kills every worker.
-
-    The ``error`` of an envelope flagged ``batchpunk_redelivered``, so its dead letter says why.
-    """
 
 
 class NatsPayloadError(BatchpunkError, ValueError):

@@ -36,7 +36,13 @@ from urllib.parse import parse_qsl, urlsplit
 from batchpunk.config import BatchConfig
 from batchpunk.connectors._common import mask_secrets, mask_url
 from batchpunk.envelope import Envelope
-from batchpunk.errors import BatchpunkError, ConfigError, PartialFailure, require
+from batchpunk.errors import (
+    BatchpunkError,
+    ConfigError,
+    DeliveryLimitExceeded,
+    PartialFailure,
+    require,
+)
 
 __all__ = [
     "DeliveryLimitExceeded",
@@ -66,12 +72,6 @@ class StreamEntryLost(BatchpunkError, LookupError):
 
     Its data is gone; the source still yields a malformed envelope for it so the loss shows in
     the dead-letter sink instead of vanishing. Trim with MAXLEN well above the pending backlog.
-    """
-
-
-class DeliveryLimitExceeded(BatchpunkError):
-    """An entry was delivered more than ``max_deliveries`` times: likely a message that crashes
-    or stalls every worker that takes it. Carried as ``Envelope.error`` of a redelivered envelope.
     """
 
 
