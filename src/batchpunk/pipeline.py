@@ -151,6 +151,7 @@ class _Desk:
                 if ticket is not None and ticket.envelope.payload is letter.message:
                     letter.headers = {**ticket.envelope.headers, **letter.headers}
         await self.sink.put(letters)
+        self.pipeline._warn_if_in_memory(letters)
         stored = self._stored
         for letter in letters:
             ident = id(letter.message)
@@ -218,6 +219,7 @@ class Pipeline:
         self.dead_letter: DeadLetterSink = (
             dead_letter if dead_letter is not None else MemoryDeadLetters()
         )
+        self._in_memory = dead_letter is None
         self.metrics_collector = metrics_collector
         #: The engine, once run() started it.
         self.processor: BatchProcessor[Any, Any] | None = None
@@ -437,6 +439,17 @@ class Pipeline:
                 "acknowledging %d message(s) failed (the broker redelivers them): %s", failed, first
             )
 
+    def _warn_if_in_memory(self, letters: Sequence[DeadLetter]) -> None:
+        """Letters kept only in memory are lost at exit: say so, so none vanishes silently."""
+        if self._in_memory and letters:
+            reasons = sorted({letter.reason for letter in letters})
+            log.warning(
+                "%d message(s) dead-lettered (reason: %s); kept in memory only "
+                "(pipeline.dead_letter): pass dead_letter= or add a [dead_letter] section",
+                len(letters),
+                ", ".join(reasons),
+            )
+
     # -- rejected envelopes (malformed, redelivered) --------------------------------------------
 
     def _reject(self, ticket: _Ticket, reason: str, error: BaseException | None = None) -> None:
@@ -469,6 +482,7 @@ class Pipeline:
                 while True:
                     try:
                         await self.dead_letter.put(letters)
+                        self._warn_if_in_memory(letters)
                         break
                     except Exception as exc:
                         attempt += 1
