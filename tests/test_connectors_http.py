@@ -42,7 +42,8 @@ class Server:
                     for k, _, v in (line.partition(":") for line in lines[1:] if line)
                 }
                 body = await reader.readexactly(int(headers.get("content-length", "0")))
-                payload = json.loads(body) if body else None
+                json_body = headers.get("content-type") == "application/json"
+                payload = json.loads(body) if json_body else body
                 status, text = self.answer(payload, len(self.requests) + 1)
                 self.requests.append((headers, payload, status))
                 data = text.encode()
@@ -156,3 +157,16 @@ async def test_pipeline_to_http_retries_503_and_dead_letters_what_gets_400() -> 
     assert len(delivered) > len(accepted)  # the 503s and 400s were real requests
     stats = await pipeline.get_stats()
     assert stats["retries"] >= 2
+
+
+async def test_http_sink_frame_format_posts_a_decodable_batchpunk_frame() -> None:
+    """format="frame" sends the batch as a batchpunk frame that decode_batch reads back."""
+    from batchpunk.codec import decode_batch
+
+    async with serving(lambda body, n: (204, "")) as server:
+        sink = HttpSink(server.url, format="frame")
+        await sink.write([{"id": 1}, {"id": 2}])
+        await sink.close()
+    headers, body, _ = server.requests[0]
+    assert headers["content-type"] == "application/x-batchpunk-frame"
+    assert decode_batch(body) == [{"id": 1}, {"id": 2}]
