@@ -36,6 +36,7 @@ import logging
 import signal
 import time
 from collections.abc import Sequence
+from dataclasses import fields
 from typing import Any, Protocol, runtime_checkable
 
 from batchpunk.config import BatchConfig, OverflowPolicy
@@ -62,6 +63,9 @@ log = logging.getLogger("batchpunk.pipeline")
 #: Header a broker source sets on an envelope delivered more times than its limit: the pipeline
 #: dead-letters it with reason "redelivered" (and its ``error``) instead of processing it.
 REDELIVERED = "batchpunk_redelivered"
+
+#: The default ``Envelope.on_ack``: an envelope carrying it needs no acknowledgement call.
+_NO_ACK = {f.name: f for f in fields(Envelope)}["on_ack"].default
 
 #: Seconds a hard stop waits for queued acknowledgements, the nacks, and the engine.
 ABORT_SECONDS = 2.0
@@ -427,6 +431,8 @@ class Pipeline:
         first: Exception | None = None
         failed = 0
         for envelope in envelopes:
+            if envelope.on_ack is _NO_ACK:
+                continue  # a source without acknowledgements: nothing to send
             try:
                 await envelope.ack()
             except Exception as exc:
