@@ -473,23 +473,37 @@ async def test_a_real_serialization_failure_is_retryable(pg: Any, table: str) ->
     assert await pg.fetchval(f"SELECT body FROM {table} WHERE id = 1") == "theirs"
 
 
-async def test_a_killed_backend_is_retryable_and_the_next_write_recovers(
+async def test_a_backend_killed_mid_write_is_retryable_and_the_next_write_recovers(
     pg: Any, table: str
 ) -> None:
-    """pg_terminate_backend under the pool: that write is retryable, the next one succeeds."""
+    """pg_terminate_backend during a COPY: that write is retryable, the next one succeeds."""
+    import asyncio
+
+    await pg.execute(
+        f"CREATE FUNCTION {table}_raise() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        "IF NEW.body = 'slow' THEN PERFORM pg_sleep(5); END IF; RETURN NEW; END $$; "
+        f"CREATE TRIGGER {table}_raise BEFORE INSERT ON {table} "
+        f"FOR EACH ROW EXECUTE FUNCTION {table}_raise()"
+    )
     app = f"bp_test_{uuid.uuid4().hex[:8]}"
     sink = PostgresSink(f"{DSN}?application_name={app}", table, ("id", "body"), pool_max=1)
     try:
         await sink.write(rows(0, 10))
-        killed = await pg.fetchval(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-            "WHERE application_name = $1",
-            app,
-        )
+        write = asyncio.create_task(sink.write([{"id": 10, "body": "slow"}]))
+        killed = 0
+        for _ in range(200):  # wait until the COPY runs, then kill its backend
+            killed = await pg.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE application_name = $1 AND state = 'active'",
+                app,
+            )
+            if killed:
+                break
+            await asyncio.sleep(0.02)
         assert killed == 1
         with pytest.raises(PostgresRetryable):
-            await sink.write(rows(10, 10))
-        await sink.write(rows(10, 10))
+            await write
+        await sink.write(rows(10, 10))  # the pool replaced the dead connection
     finally:
         await sink.close()
     assert await ids(pg, table) == list(range(20))
