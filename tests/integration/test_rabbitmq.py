@@ -346,6 +346,36 @@ async def test_stale_delivery_tags_after_a_forced_close_do_not_crash(
         await source.close()
 
 
+async def test_a_consumer_cancelled_by_the_broker_consumes_again(channel: Any) -> None:
+    """When the queue is deleted under it, the source declares it again and keeps consuming."""
+    queue = unique_queue("cancelled")
+    source = RabbitMQSource(RABBITMQ_URL, queue)
+    try:
+        await source.start()
+        await publish_json(channel, queue, [{"id": 1}])
+        (first,) = await take(source, 1)
+        await first.ack()
+        await source.flush()
+        await channel.queue_delete(queue)  # the broker cancels every consumer of the queue
+
+        async def declared_again() -> bool:
+            try:
+                async with rabbitmq_channel() as probe:
+                    await probe.declare_queue(queue, passive=True)
+            except Exception:
+                return False
+            return True
+
+        await eventually(declared_again)
+        await publish_json(channel, queue, [{"id": 2}])
+        (second,) = await take(source, 1)
+        assert second.payload == {"id": 2}
+        await second.ack()
+    finally:
+        await source.close()
+        await delete_queue(channel, queue)
+
+
 async def _true(value: bool) -> bool:
     return value
 
