@@ -95,9 +95,7 @@ async def await_rate(n: int) -> float:
     return n / elapsed
 
 
-async def callers(
-    callers: int, per_caller: int, call: Callable[[int], Awaitable[Any]]
-) -> float:
+async def callers(callers: int, per_caller: int, call: Callable[[int], Awaitable[Any]]) -> float:
     async def one(base: int) -> None:
         for i in range(per_caller):
             value = base + i
@@ -199,7 +197,7 @@ async def main(quick: bool) -> None:
     try:
         from batchpunk.metrics import PrometheusMetrics
     except ImportError:
-        PrometheusMetrics = None  # type: ignore[assignment,misc]  # noqa: N806
+        PrometheusMetrics = None  # type: ignore[assignment,misc]
     if PrometheusMetrics is not None:
         from prometheus_client import CollectorRegistry
 

@@ -16,7 +16,7 @@ import random
 import time
 from typing import Any
 
-from batchpunk import Batch, BatchConfig, BatchProcessor
+from batchpunk import BatchConfig, BatchProcessor
 
 SIZE = 1024
 MAX_RETRIES = 3
