@@ -11,12 +11,24 @@ import time
 import traceback as _tb
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from batchpunk.deadletter_sinks import (
+        JsonlDeadLetters,
+        MalformedDeadLetter,
+        SqliteDeadLetters,
+        StoredError,
+    )
 
 __all__ = [
     "DeadLetter",
     "DeadLetterSink",
     "MemoryDeadLetters",
+    "JsonlDeadLetters",
+    "SqliteDeadLetters",
+    "StoredError",
+    "MalformedDeadLetter",
     "REASONS",
 ]
 
@@ -24,7 +36,7 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     # JsonlDeadLetters and SqliteDeadLetters live in deadletter_sinks (they need the codec);
     # they load on first use so that this module, which the engine imports, stays light.
-    if name in ("JsonlDeadLetters", "SqliteDeadLetters", "StoredError"):
+    if name in ("JsonlDeadLetters", "SqliteDeadLetters", "StoredError", "MalformedDeadLetter"):
         from batchpunk import deadletter_sinks
 
         return getattr(deadletter_sinks, name)
