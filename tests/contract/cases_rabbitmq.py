@@ -93,6 +93,27 @@ async def outstanding(channel: Any, queue: str) -> int | None:
     return int(result.message_count)
 
 
+async def wait_ready(channel: Any, queue: str, expected: int, seconds: float = 5.0) -> None:
+    """Wait until the queue has no consumer and exactly ``expected`` ready messages.
+
+    Cheaper than rabbitmqctl: with every consumer closed nothing can be unacknowledged, so the
+    passive declaration's count is the whole story. AssertionError with the last counts if not.
+    """
+    seen = (-1, -1)
+    try:
+        async with asyncio.timeout(seconds):
+            while True:
+                result = (await channel.declare_queue(queue, passive=True)).declaration_result
+                seen = (int(result.consumer_count), int(result.message_count))
+                if seen == (0, expected):
+                    return
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        raise AssertionError(
+            f"{queue}: expected 0 consumers and {expected} ready, last seen {seen}"
+        ) from None
+
+
 async def delete_queue(channel: Any, queue: str) -> None:
     """Delete the queue whatever it holds."""
     await channel.queue_delete(queue)

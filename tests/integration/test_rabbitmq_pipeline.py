@@ -25,9 +25,9 @@ from tests.contract.cases_rabbitmq import (
     delete_queue,
     publish_json,
     publish_raw,
-    queue_counts,
     rabbitmq_channel,
     unique_queue,
+    wait_ready,
 )
 from tests.contract.harness import take
 
@@ -94,18 +94,6 @@ async def run_until(
         await task
 
 
-async def settled_counts(channel: Any, queue: str) -> tuple[int, int] | None:
-    """(ready, unacknowledged) once the broker has applied the last acks (rabbitmqctl lags a
-    little behind the socket); None without rabbitmqctl."""
-    counts = await queue_counts(channel, queue)
-    for _ in range(40):
-        if counts is None or counts[1] == 0:
-            break
-        await asyncio.sleep(0.05)
-        counts = await queue_counts(channel, queue)
-    return counts
-
-
 async def test_good_messages_reach_the_sink_and_bad_ones_the_dead_letters(channel: Any) -> None:
     """300 messages with 4 poison and 2 malformed: 294 ids stored, 6 letters, queue empty."""
     queue = unique_queue("pipe")
@@ -130,9 +118,7 @@ async def test_good_messages_reach_the_sink_and_bad_ones_the_dead_letters(channe
             b"{oops"
         }
         assert all(letter.headers["queue"] == queue for letter in letters.letters)
-        assert await settled_counts(channel, queue) in ((0, 0), None)
-        declared = await channel.declare_queue(queue, passive=True)
-        assert declared.declaration_result.message_count == 0
+        await wait_ready(channel, queue, 0)  # all acked: the closed source returned nothing
     finally:
         await delete_queue(channel, queue)
 
@@ -166,7 +152,7 @@ async def test_a_delivery_past_max_deliveries_is_dead_lettered_as_redelivered(
         # queue counts every return, a prefetched but unprocessed one included)
         assert letter.headers["delivery_count"] in (3, 4)
         assert "max_deliveries=2" in str(letter.error)
-        assert await settled_counts(channel, queue) in ((0, 0), None)
+        await wait_ready(channel, queue, 0)
     finally:
         await delete_queue(channel, queue)
 
@@ -183,9 +169,7 @@ async def test_a_graceful_stop_mid_run_requeues_what_was_not_written(channel: An
         await run_until(pipeline, lambda: len(sink.ids) >= 300, progress)
         assert 300 <= len(sink.ids) < 2000
         assert len(letters) == 0
-        counts = await settled_counts(channel, queue)
-        if counts is not None:
-            assert counts == (2000 - len(sink.ids), 0)
+        await wait_ready(channel, queue, 2000 - len(sink.ids))
         rest = RabbitMQSource(RABBITMQ_URL, queue, prefetch=2000)
         remaining = await take(rest, 2000 - len(sink.ids))
         assert {e.payload["id"] for e in remaining} | sink.ids == set(range(2000))
@@ -239,7 +223,7 @@ async def test_the_example_pipeline_file_moves_orders_from_rabbitmq_to_postgres(
         letters = letters_file.read_text().splitlines()
         assert len(letters) == 1
         assert json.loads(letters[0])["message"]["amount_cents"] == -1
-        assert await settled_counts(channel, queue) in ((0, 0), None)
+        await wait_ready(channel, queue, 0)
     finally:
         await delete_queue(channel, queue)
         await db.execute(f"DROP TABLE IF EXISTS {table}")
