@@ -35,12 +35,13 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 from batchpunk.config import BatchConfig, BatchTrigger
+from batchpunk.connectors._common import PayloadError, fail_payloads, mask_secrets, mask_url
 from batchpunk.deadletter import DeadLetter
 from batchpunk.envelope import Envelope
-from batchpunk.errors import BatchpunkError, ConfigError, DeadLetterError, PartialFailure, require
+from batchpunk.errors import BatchpunkError, ConfigError, DeadLetterError, require
 
 __all__ = [
     "RabbitMQSource",
@@ -82,9 +83,11 @@ _PENDING, _ACK, _REJECT, _REQUEUE, _SENT = 0, 1, 2, 3, 4
 class RabbitMQError(BatchpunkError, ConnectionError):
     """The broker refused, returned or lost a publication, or could not be reached.
 
-    It derives from ConnectionError because every such failure is worth a retry: a nack is
-    transient, and an unroutable message succeeds once the missing binding exists.
+    Retryable (``retryable = True``, and a ConnectionError): a nack is transient, a lost
+    connection comes back, and an unroutable message succeeds once the missing binding exists.
     """
+
+    retryable = True
 
 
 class DeliveryLimitExceeded(BatchpunkError):
@@ -115,27 +118,10 @@ class RabbitMQSourceStats(NamedTuple):
     reconnects: int
 
 
-def mask_url(url: str) -> str:
-    """The URL with its password replaced by ``***``: the only form that may reach a log line."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparsable url>"
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    user = parts.username or ""
-    return urlunsplit((parts.scheme, f"{user}:***@{host}", parts.path, parts.query, ""))
-
-
 def _scrub(text: str, url: str) -> str:
-    """Remove the URL's password from a third-party error message, wherever it appears."""
+    """Mask the URL's password in a third-party error message, in whatever form it appears."""
     password = urlsplit(url).password
-    if password:
-        text = text.replace(password, "***")
-    return text
+    return mask_secrets(text, (password, unquote(password)) if password else ())
 
 
 def _check_url(url: Any, where: str) -> str:
@@ -1129,7 +1115,8 @@ class RabbitMQSink(_Publisher):
         timeout: seconds a write may wait for the connection and every confirm.
 
     A message the broker nacks or cannot route raises RabbitMQError (retryable) once every
-    confirm has arrived; an item that is not JSON in items mode fails alone (PartialFailure).
+    confirm has arrived; an item that is not JSON in items mode fails alone, with a PayloadError
+    that is not retried.
     """
 
     def __init__(
@@ -1205,7 +1192,9 @@ class RabbitMQSink(_Publisher):
             try:
                 body = json.dumps(item, separators=(",", ":")).encode()
             except (TypeError, ValueError) as exc:
-                failures[index] = exc
+                failures[index] = PayloadError(
+                    f"RabbitMQSink: payload {index} of the batch is not JSON: {exc}"
+                )
                 continue
             messages.append(
                 aio_pika.Message(body, content_type="application/json", delivery_mode=persistent)
@@ -1213,7 +1202,7 @@ class RabbitMQSink(_Publisher):
         if messages:
             await self._publish(messages)
         if failures:
-            raise PartialFailure(failures)
+            fail_payloads(failures, len(batch))
 
 
 class RabbitMQDeadLetters(_Publisher):
