@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from batchpunk.codec import decode_batch, encode_batch
+from batchpunk.config import BatchConfig
 from batchpunk.connectors.rabbitmq import (
     DELIVERY_COUNT_HEADER,
     FRAME_CONTENT_TYPE,
@@ -228,6 +229,20 @@ async def test_the_broker_sends_no_more_than_the_prefetch(channel: Any, queue: s
         await first[0].ack()
         sixth = await take(source, 1)
         assert sixth[0].payload == {"id": 5}
+
+
+async def test_prepare_after_start_applies_the_new_prefetch(channel: Any, queue: str) -> None:
+    """A prepare() on a running source changes how many messages the broker sends it."""
+    async with RabbitMQSource(RABBITMQ_URL, queue) as source:
+        assert source.prefetch == BatchConfig().max_size * (BatchConfig().concurrency + 1)
+        await source.prepare(BatchConfig(max_size=2, max_concurrent_batches=1))
+        assert source.prefetch == 4
+        await publish_json(channel, queue, [{"id": i} for i in range(10)])
+        held = await take(source, 4)
+        await asyncio.sleep(0.3)  # room for a fifth delivery, were the broker to send one
+        assert source.stats().delivered == 4
+        for envelope in held:
+            await envelope.ack()
 
 
 async def test_close_requeues_what_was_delivered_but_not_settled(channel: Any, queue: str) -> None:

@@ -570,7 +570,12 @@ class RabbitMQSource:
                     needed,
                 )
         if self._channel is not None:
+            # A consumer keeps the QoS it started with: consume again under the new one. Its
+            # deliveries so far stay valid, being on the same channel.
             await self._channel.set_qos(prefetch_count=self.prefetch)
+            if self._consumer_tag is not None and not self._stopping:
+                await self._cancel_consumer()
+                await self._consume()
 
     def dead_letter_sink(self) -> RabbitMQDeadLetters:
         """A dead-letter sink publishing to ``dead_letter_exchange`` (ConfigError if unset)."""
