@@ -73,6 +73,7 @@ DEAD_LETTERS: dict[str, str] = {
     "memory": "batchpunk.deadletter:MemoryDeadLetters",
     "jsonl": "batchpunk.deadletter_sinks:JsonlDeadLetters",
     "sqlite": "batchpunk.deadletter_sinks:SqliteDeadLetters",
+    "rabbitmq": "batchpunk.connectors.rabbitmq:RabbitMQDeadLetters",
 }
 
 #: The sections a pipeline file may have; [source] and [sink] are required.

@@ -41,7 +41,13 @@ from batchpunk.config import BatchConfig, BatchTrigger
 from batchpunk.connectors._common import PayloadError, fail_payloads, mask_secrets, mask_url
 from batchpunk.deadletter import DeadLetter
 from batchpunk.envelope import Envelope
-from batchpunk.errors import BatchpunkError, ConfigError, DeadLetterError, require
+from batchpunk.errors import (
+    BatchpunkError,
+    ConfigError,
+    DeadLetterError,
+    DeliveryLimitExceeded,
+    require,
+)
 
 __all__ = [
     "RabbitMQSource",
@@ -88,13 +94,6 @@ class RabbitMQError(BatchpunkError, ConnectionError):
     """
 
     retryable = True
-
-
-class DeliveryLimitExceeded(BatchpunkError):
-    """A message was delivered more than ``max_deliveries`` times: likely one that crashes or
-    stalls every worker that takes it. The ``error`` of an envelope flagged REDELIVERED_HEADER,
-    so its dead letter says why.
-    """
 
 
 class RabbitMQSourceStats(NamedTuple):
