@@ -228,6 +228,11 @@ class Place:
     group: str = field(default_factory=lambda: unique("G"))
     subject: str = field(default_factory=lambda: unique("e2e") + ".orders")
 
+    @property
+    def port(self) -> int:
+        """The broker's port on localhost."""
+        return {"rabbitmq": 5672, "redis": 6379, "nats": 4222}[self.broker]
+
     def source_options(self, **extra: Any) -> dict[str, Any]:
         """The [source] table of a pipeline file reading this place.
 
@@ -601,6 +606,16 @@ async def wait_complete(
         await asyncio.sleep(0.5)
 
 
+async def wait_broker_empty(place: Place, *, seconds: float) -> int:
+    """Poll until the broker holds nothing for the consumers (or time runs out); the count."""
+    deadline = time.monotonic() + seconds
+    while True:
+        outstanding = await place.outstanding()
+        if outstanding == 0 or time.monotonic() > deadline:
+            return outstanding
+        await asyncio.sleep(0.5)
+
+
 async def wait_rows(table: OrdersTable, at_least: int, *, seconds: float) -> int:
     """Poll the row count until it reaches ``at_least`` (or time runs out); returns it."""
     deadline = time.monotonic() + seconds
@@ -772,6 +787,42 @@ class Worker:
             await self.process.wait()
             return None, time.monotonic() - began
         return code, time.monotonic() - began
+
+    def connected(self, port: int) -> bool:
+        """True when the process holds an established TCP connection to localhost:``port``.
+
+        A worker's source connects on its first read, after ``batchpunk run`` installed its
+        SIGTERM handler: before that, a SIGTERM ends the process with the default action.
+        """
+        if not self.running:
+            return False
+        assert self.process is not None
+        inodes: set[str] = set()
+        fd_dir = Path(f"/proc/{self.process.pid}/fd")
+        with contextlib.suppress(OSError):
+            for fd in fd_dir.iterdir():
+                with contextlib.suppress(OSError):
+                    target = os.readlink(fd)
+                    if target.startswith("socket:["):
+                        inodes.add(target[8:-1])
+        wanted = f"{port:04X}"
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            with contextlib.suppress(OSError):
+                for line in Path(table).read_text().splitlines()[1:]:
+                    fields = line.split()
+                    remote, state, inode = fields[2], fields[3], fields[9]
+                    if state == "01" and remote.endswith(":" + wanted) and inode in inodes:
+                        return True
+        return False
+
+    async def wait_connected(self, port: int, seconds: float) -> bool:
+        """Poll until ``connected(port)``; False when ``seconds`` pass first."""
+        deadline = time.monotonic() + seconds
+        while not self.connected(port):
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.2)
+        return True
 
     async def wait(self, seconds: float) -> int | None:
         """Wait up to ``seconds`` for the process to exit by itself; its exit code or None."""
