@@ -701,3 +701,20 @@ def test_single_values_use_the_same_serializers_without_a_frame() -> None:
         codec.encode_value(1, "yaml")
     with pytest.raises(TypeError, match=r"^value: the json serializer cannot encode it"):
         codec.encode_value({1, 2})
+
+
+def test_the_hexdumps_in_format_md_are_what_the_codec_writes() -> None:
+    """docs/FORMAT.md's worked example matches the bytes encode_batch produces today."""
+    from pathlib import Path
+
+    text = (Path(__file__).parent.parent / "docs" / "FORMAT.md").read_text(encoding="utf-8")
+    example = text.split("## Worked example", 1)[1].split("## Serializers", 1)[0]
+    dumps = [block for i, block in enumerate(example.split("```")) if i % 2 == 1]
+    frames = [
+        bytes.fromhex(" ".join(line[10:58] for line in block.strip().splitlines()))
+        for block in dumps
+    ]
+    assert frames == [
+        encode_batch([{"id": 1, "ok": True}]),
+        encode_batch([{"id": 1, "ok": True}], hmac_key=b"secret"),
+    ]
