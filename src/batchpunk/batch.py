@@ -64,20 +64,18 @@ class Batch(list[T]):
         Use it to hand a batch to another broker or a file; ``batchpunk.codec.decode_batch``
         reads it back. See docs/FORMAT.md.
         """
-        from batchpunk.codec import encode_batch  # type: ignore[attr-defined,unused-ignore]
+        from batchpunk.codec import encode_batch
 
         config = self._config
         if config is None:
-            return bytes(encode_batch(list(self), hmac_key=hmac_key))
-        return bytes(
-            encode_batch(
-                list(self),
-                serializer=config.serializer,
-                compression=config.compression,
-                level=config.compression_level,
-                threshold=config.compression_threshold,
-                hmac_key=hmac_key,
-            )
+            return encode_batch(list(self), hmac_key=hmac_key)
+        return encode_batch(
+            list(self),
+            serializer=config.serializer,
+            compression=config.compression,
+            level=config.compression_level,
+            threshold=config.compression_threshold,
+            hmac_key=hmac_key,
         )
 
     def __repr__(self) -> str:

@@ -12,13 +12,13 @@ from dataclasses import asdict, dataclass, fields
 from enum import Enum, StrEnum
 from typing import Any
 
+from batchpunk.codec.options import validate_options
+
 __all__ = ["BatchConfig", "BatchTrigger", "OverflowPolicy", "RetryOn"]
 
 #: Which exceptions deserve a retry: a tuple of types, or a predicate taking the exception.
 RetryOn = tuple[type[BaseException], ...] | Callable[[BaseException], bool]
 
-SERIALIZERS = ("json", "msgpack", "pickle")
-COMPRESSIONS = ("none", "zlib", "gzip", "zstd", "lz4")
 
 
 class BatchTrigger(StrEnum):
@@ -152,14 +152,7 @@ class BatchConfig:
         _seconds("circuit_breaker_cooldown", self.circuit_breaker_cooldown)
         if self.message_ttl is not None:
             _seconds("message_ttl", self.message_ttl, positive=True)
-        if self.serializer not in SERIALIZERS:
-            raise ValueError(f"serializer: expected one of {SERIALIZERS}, got {self.serializer!r}")
-        if self.compression not in COMPRESSIONS:
-            raise ValueError(
-                f"compression: expected one of {COMPRESSIONS}, got {self.compression!r}"
-            )
-        if self.compression_level is not None:
-            _int("compression_level", self.compression_level, minimum=-(2**31))
+        validate_options(self.serializer, self.compression, self.compression_level)
 
     @property
     def concurrency(self) -> int:
