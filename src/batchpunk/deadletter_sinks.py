@@ -18,8 +18,9 @@ batchpunk frame (docs/FORMAT.md) holding ``[value]``, written with the sink's se
 
 * "msgpack" (the default, the ``msgpack`` extra): bytes come back as bytes, tuples, sets and
   frozensets as lists, non-str dict keys stay as they were, NaN stays NaN, datetimes stay
-  datetimes, dataclasses come back as dicts. A value msgpack cannot represent makes ``put``
-  raise TypeError (the engine keeps the letter and logs the failure; nothing is dropped).
+  datetimes, dataclasses come back as dicts. A value msgpack cannot represent is stored as its
+  repr (``message_repr``, with ``message_unstorable`` saying why) and a warning is logged, so
+  one odd message never blocks the letters behind it; read() gives that repr text back.
 * "pickle", only when you ask for it: every picklable value comes back as it was. Such a file
   runs code when read: keep it where only trusted writers can reach it.
 
@@ -178,23 +179,19 @@ class _RecordCodec:
                 try:
                     frame = encode_batch([value], serializer=self.serializer)
                 except TypeError as exc:
-                    hint = (
-                        ""
-                        if self.serializer == "pickle"
-                        else (
-                            "; create the sink with serializer='pickle' to store any picklable "
-                            "value (trusted files only)"
-                        )
-                    )
-                    raise TypeError(
-                        f"{self.owner}: letters[{index}].{name} of type {type(value).__name__} "
-                        f"cannot be stored: {exc}{hint}"
-                    ) from exc
+                    _unstorable(record, name, value, exc, self.owner, index)
+                    continue
                 record[f"{name}_frame"] = base64.b64encode(frame).decode("ascii")
         try:
             return record, encode_value(record)
         except TypeError as exc:  # e.g. a str holding a lone surrogate, which UTF-8 cannot hold
-            raise TypeError(f"{self.owner}: letters[{index}] cannot be stored: {exc}") from exc
+            for name in ("message", "key", "headers"):
+                if name in record:
+                    _unstorable(record, name, record.pop(name), exc, self.owner, index)
+            for name in ("error", "traceback", "error_type", "reason"):
+                if isinstance(record.get(name), str):
+                    record[name] = _escaped(record[name])
+            return record, encode_value(record)
 
     def decode(self, record: Any, where: str) -> tuple[str | None, DeadLetter]:
         """The id and letter of one record, or MalformedDeadLetter naming ``where``."""
@@ -244,6 +241,8 @@ class _RecordCodec:
         return letter_id, letter
 
     def _value(self, record: dict[str, Any], name: str, where: str) -> Any:
+        if f"{name}_repr" in record:
+            return record[f"{name}_repr"]
         framed = record.get(f"{name}_frame")
         if framed is None:
             if name == "message" and "message" not in record:
@@ -257,6 +256,34 @@ class _RecordCodec:
         except (binascii.Error, FrameError, ValueError) as exc:
             raise MalformedDeadLetter(where, f"{name}_frame: {exc}") from None
         return value
+
+
+def _escaped(text: str) -> str:
+    """Text UTF-8 can hold: lone surrogates become backslash escapes."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _unstorable(
+    record: dict[str, Any], name: str, value: Any, exc: BaseException, owner: str, index: int
+) -> None:
+    """Keep a value the serializer cannot hold as its repr, rather than refuse the letter.
+
+    A letter that cannot be stored would stall every letter behind it in the engine's outbox;
+    its repr (with ``<name>_unstorable`` saying why) keeps the evidence and lets the rest go on.
+    """
+    record.pop(f"{name}_frame", None)
+    record[f"{name}_repr"] = _escaped(repr(value))
+    record[f"{name}_unstorable"] = _escaped(f"{type(value).__name__}: {exc}")
+    log.warning(
+        "%s: letters[%d].%s of type %s cannot be serialized (%s); stored as its repr. "
+        "Create the sink with serializer='pickle' to keep any picklable value (trusted files "
+        "only)",
+        owner,
+        index,
+        name,
+        type(value).__name__,
+        exc,
+    )
 
 
 def _number(value: Any, kind: type, default: Any) -> Any:
