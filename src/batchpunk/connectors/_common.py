@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import ssl
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NoReturn, TypeVar
@@ -15,6 +16,8 @@ from typing import Any, NoReturn, TypeVar
 from batchpunk.errors import BatchpunkError, ConfigError, PartialFailure
 
 __all__ = [
+    "TLS_KEYS",
+    "tls_context",
     "PayloadError",
     "Worker",
     "check_identifier",
@@ -107,3 +110,61 @@ class Worker:
         executor, self._executor = self._executor, None
         if executor is not None:
             executor.shutdown(wait=True)
+
+
+TLS_KEYS = ("ca_file", "cert_file", "key_file", "verify")
+TLS_ALIASES = {"cafile": "ca_file", "certfile": "cert_file", "keyfile": "key_file"}
+
+
+def tls_context(tls: Any, where: str) -> ssl.SSLContext | None:
+    """An SSLContext from one, or from a table of PEM paths; a wrong key or file names itself.
+
+    ``tls`` is None/False (no TLS), True (the system's trust store), an SSLContext, or a table
+    with ca_file, cert_file, key_file and verify; the ssl module's spellings (cafile, certfile,
+    keyfile) are accepted too. Every broker connector builds its context here, so one pipeline
+    file spells TLS the same way for each.
+    """
+    if tls is None or tls is False or isinstance(tls, ssl.SSLContext):
+        return tls or None
+    if tls is True:
+        return ssl.create_default_context()
+    if not isinstance(tls, Mapping):
+        raise ConfigError(
+            f"{where}.tls: expected true, an ssl.SSLContext or a table with "
+            f"{', '.join(TLS_KEYS)}, got {type(tls).__name__}"
+        )
+    settings: dict[str, Any] = {}
+    for key, value in tls.items():
+        name = TLS_ALIASES.get(key, key)
+        if name not in TLS_KEYS:
+            raise ConfigError(
+                f"{where}.tls: unknown key {key!r}; expected some of {', '.join(TLS_KEYS)}"
+            )
+        if name in settings:
+            raise ConfigError(f"{where}.tls.{name}: given twice (as {name} and {key})")
+        if name == "verify":
+            if not isinstance(value, bool):
+                raise ConfigError(f"{where}.tls.verify: expected true or false, got {value!r}")
+        elif not isinstance(value, str) or not value:
+            raise ConfigError(f"{where}.tls.{name}: expected a file path, got {value!r}")
+        settings[name] = value
+    if "key_file" in settings and "cert_file" not in settings:
+        raise ConfigError(f"{where}.tls.key_file: needs tls.cert_file as well")
+    try:
+        context = ssl.create_default_context(cafile=settings.get("ca_file"))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"{where}.tls.ca_file: cannot load {settings.get('ca_file')!r}: {exc}"
+        ) from None
+    if "cert_file" in settings:
+        try:
+            context.load_cert_chain(settings["cert_file"], settings.get("key_file"))
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                f"{where}.tls.cert_file: cannot load {settings['cert_file']!r} "
+                f"(with key_file {settings.get('key_file')!r}): {exc}"
+            ) from None
+    if settings.get("verify") is False:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context

@@ -38,6 +38,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from batchpunk.config import BatchConfig
+from batchpunk.connectors._common import tls_context
 from batchpunk.envelope import Envelope
 from batchpunk.errors import (
     BatchpunkError,
@@ -80,8 +81,6 @@ class NatsPayloadError(BatchpunkError, ValueError):
 
     retryable = False
 
-
-_TLS_KEYS = ("ca_file", "cert_file", "key_file", "verify")
 
 # The three ways a message can be settled.
 _ACK, _NAK, _TERM = "ack", "nak", "term"
@@ -143,53 +142,6 @@ def _scrub(text: str, secrets: Sequence[str]) -> str:
     for secret in secrets:
         text = text.replace(secret, "***")
     return text
-
-
-def _tls_context(owner: str, tls: Any) -> ssl.SSLContext | None:
-    """Build the client TLS context from the accepted forms, failing on a bad one by name."""
-    if tls is None or tls is False:
-        return None
-    if tls is True:
-        return ssl.create_default_context()
-    if isinstance(tls, ssl.SSLContext):
-        return tls
-    if not isinstance(tls, Mapping):
-        raise ConfigError(
-            f"{owner}.tls: expected true, an ssl.SSLContext or a table with "
-            f"{', '.join(_TLS_KEYS)}, got {type(tls).__name__}"
-        )
-    unknown = sorted(set(tls) - set(_TLS_KEYS))
-    if unknown:
-        raise ConfigError(
-            f"{owner}.tls: unknown key(s) {', '.join(map(repr, unknown))}; "
-            f"expected {', '.join(_TLS_KEYS)}"
-        )
-    verify = tls.get("verify", True)
-    if not isinstance(verify, bool):
-        raise ConfigError(f"{owner}.tls.verify: expected true or false, got {verify!r}")
-    for key in ("ca_file", "cert_file", "key_file"):
-        if tls.get(key) is not None and not isinstance(tls[key], str):
-            raise ConfigError(f"{owner}.tls.{key}: expected a file path, got {tls[key]!r}")
-    if tls.get("key_file") and not tls.get("cert_file"):
-        raise ConfigError(f"{owner}.tls.key_file: needs tls.cert_file as well")
-    try:
-        context = ssl.create_default_context(cafile=tls.get("ca_file"))
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(
-            f"{owner}.tls.ca_file: cannot load {tls.get('ca_file')!r}: {exc.strerror or exc}"
-        ) from None
-    if tls.get("cert_file"):
-        try:
-            context.load_cert_chain(tls["cert_file"], tls.get("key_file"))
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(
-                f"{owner}.tls.cert_file: cannot load {tls['cert_file']!r} "
-                f"(key {tls.get('key_file')!r}): {exc.strerror or exc}"
-            ) from None
-    if not verify:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
 
 
 def _seconds(owner: str, name: str, value: Any) -> float:
@@ -478,7 +430,7 @@ class NatsJetStreamSource:
         self._conn = _Connection(
             owner,
             self.servers,
-            tls=_tls_context(owner, tls),
+            tls=tls_context(tls, owner),
             user=_optional_secret(owner, "user", user),
             password=_optional_secret(owner, "password", password),
             token=_optional_secret(owner, "token", token),
@@ -1000,7 +952,7 @@ class NatsJetStreamSink:
         self._conn = _Connection(
             owner,
             self.servers,
-            tls=_tls_context(owner, tls),
+            tls=tls_context(tls, owner),
             user=_optional_secret(owner, "user", user),
             password=_optional_secret(owner, "password", password),
             token=_optional_secret(owner, "token", token),

@@ -38,7 +38,13 @@ from typing import Any, NamedTuple
 from urllib.parse import unquote, urlsplit
 
 from batchpunk.config import BatchConfig, BatchTrigger
-from batchpunk.connectors._common import PayloadError, fail_payloads, mask_secrets, mask_url
+from batchpunk.connectors._common import (
+    PayloadError,
+    fail_payloads,
+    mask_secrets,
+    mask_url,
+    tls_context,
+)
 from batchpunk.deadletter import DeadLetter
 from batchpunk.envelope import Envelope
 from batchpunk.errors import (
@@ -77,8 +83,6 @@ MAX_PREFETCH = 65535
 
 DECODERS = ("json", "bytes", "text", "frame")
 SINK_MODES = ("frame", "items")
-TLS_KEYS = ("ca_file", "cert_file", "key_file", "verify")
-TLS_ALIASES = {"cafile": "ca_file", "certfile": "cert_file", "keyfile": "key_file"}
 EXCHANGE_TYPES = ("direct", "fanout", "topic", "headers")
 
 # A delivery's outcome, in the order one item of a frame overrides another's: a requeue of any
@@ -138,56 +142,6 @@ def _check_type(value: object, kind: type, field: str, expected: str) -> None:
 def _check_seconds(value: object, field: str) -> None:
     if not isinstance(value, int | float) or isinstance(value, bool) or not 0 < value < 1e9:
         raise ConfigError(f"{field}: expected seconds > 0, got {value!r}")
-
-
-def _tls_context(tls: Any, where: str) -> ssl.SSLContext | None:
-    """An SSLContext from one, or from a table of PEM paths; a wrong key or file names itself.
-
-    The table uses the other connectors' names (ca_file, cert_file, key_file, verify); the
-    ssl module's spellings (cafile, certfile, keyfile) are accepted too.
-    """
-    if tls is None or isinstance(tls, ssl.SSLContext):
-        return tls
-    if not isinstance(tls, Mapping):
-        raise ConfigError(
-            f"{where}.tls: expected an ssl.SSLContext or a table with {', '.join(TLS_KEYS)}, "
-            f"got {type(tls).__name__}"
-        )
-    settings: dict[str, Any] = {}
-    for key, value in tls.items():
-        name = TLS_ALIASES.get(key, key)
-        if name not in TLS_KEYS:
-            raise ConfigError(
-                f"{where}.tls: unknown key {key!r}; expected some of {', '.join(TLS_KEYS)}"
-            )
-        if name in settings:
-            raise ConfigError(f"{where}.tls.{name}: given twice (as {name} and {key})")
-        if name == "verify":
-            if not isinstance(value, bool):
-                raise ConfigError(f"{where}.tls.verify: expected true or false, got {value!r}")
-        elif not isinstance(value, str) or not value:
-            raise ConfigError(f"{where}.tls.{name}: expected a file path, got {value!r}")
-        settings[name] = value
-    if "key_file" in settings and "cert_file" not in settings:
-        raise ConfigError(f"{where}.tls.key_file: needs tls.cert_file as well")
-    try:
-        context = ssl.create_default_context(cafile=settings.get("ca_file"))
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(
-            f"{where}.tls.ca_file: cannot load {settings.get('ca_file')!r}: {exc}"
-        ) from None
-    if "cert_file" in settings:
-        try:
-            context.load_cert_chain(settings["cert_file"], settings.get("key_file"))
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(
-                f"{where}.tls.cert_file: cannot load {settings['cert_file']!r} "
-                f"(with key_file {settings.get('key_file')!r}): {exc}"
-            ) from None
-    if settings.get("verify") is False:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
 
 
 async def _connect(
@@ -506,7 +460,7 @@ class RabbitMQSource:
         self.reconnect_interval = reconnect_interval
         self.close_timeout = float(close_timeout)
         self._tls = tls
-        self._context = _tls_context(tls, where)
+        self._context = tls_context(tls, where)
         self._hmac_key = hmac_key
         self._decode = self._decoder(decode)
         self._frames = decode == "frame"
@@ -1003,7 +957,7 @@ class _Publisher:
         self.queue = queue
         self.reconnect_interval = reconnect_interval
         self.close_timeout = close_timeout
-        self._context = _tls_context(tls, where)
+        self._context = tls_context(tls, where)
         self._connection: Any = None
         self._channel: Any = None
         self._exchange: Any = None
