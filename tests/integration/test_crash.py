@@ -234,13 +234,16 @@ async def test_negative_control_workers_acking_before_the_write_make_the_checker
         source = scene.place.source_options()
         source["inner"] = source.pop("type")
         source["type"] = f"{HARNESS}:EarlyAckSource"
-        sink = scene.table.sink_options(type=f"{HARNESS}:HarnessPostgresSink", delay=0.3)
-        pipeline = scene.pipeline("early-ack", source=source, sink=sink)
+        # One batch of 500 a second per worker, at most 2,000 messages read ahead: the backlog
+        # lasts through several kills, and every kill finds acknowledged, unwritten messages.
+        sink = scene.table.sink_options(type=f"{HARNESS}:HarnessPostgresSink", delay=1.0)
+        batch = {"max_concurrent_batches": 1, "max_pending": 2000}
+        pipeline = scene.pipeline("early-ack", source=source, sink=sink, batch=batch)
         messages = scaled(12_000, minimum=4_000)
         report, kills, codes, _ = await crash_run(
             scene,
             messages=messages,
-            poison=POISON,
+            poison=0,  # poison would only slow the bisection down, one second per write
             seconds=8.0,
             pipeline=pipeline,
             prepublish=True,
