@@ -169,8 +169,8 @@ async def crash_run(
     for worker in workers:
         await worker.start()
     producer = None
-    if not prepublish:  # publishing during the first half of the chaos
-        producer = asyncio.create_task(scene.place.publish_paced(orders, seconds * 0.5))
+    if not prepublish:  # publishing during most of the chaos
+        producer = asyncio.create_task(scene.place.publish_paced(orders, seconds * 0.8))
     kills = await chaos(workers, seconds, random.Random(messages))
     if producer is not None:
         await producer
@@ -223,7 +223,7 @@ async def test_kill_9_every_two_seconds_loses_nothing_and_duplicates_nothing(
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("broker", ["rabbitmq"])
+@pytest.mark.parametrize("broker", BROKERS)
 async def test_negative_control_workers_acking_before_the_write_make_the_checker_report_loss(
     broker: str, tmp_path: Path
 ) -> None:
@@ -317,17 +317,23 @@ async def test_a_crash_between_the_commit_and_the_ack_adds_no_rows_on_redelivery
 async def test_sigterm_under_load_exits_0_within_drain_timeout_with_every_processed_message_acked(
     broker: str, tmp_path: Path
 ) -> None:
-    """SIGTERM while a backlog is being consumed: exit 0 within drain_timeout; the broker holds
-    exactly the messages not processed (none processed and unacknowledged), and a new worker
-    finishes them with nothing lost."""
+    """SIGTERM while batches are being written and a backlog waits: exit 0 within
+    drain_timeout; the broker then holds exactly the messages not processed (none processed
+    and left unacknowledged), and a new worker finishes them with nothing lost."""
     require(broker)
     drain_timeout = 10.0
     messages = scaled(15_000, minimum=3_000)
-    orders, poison = make_orders(messages, POISON)
+    orders, poison = make_orders(messages, 0)
     async with Scene(broker, tmp_path) as scene:
-        pipeline = scene.pipeline("worker", batch={"drain_timeout": drain_timeout})
+        # A database taking 0.5 s per batch: whatever the broker's speed, a backlog remains and
+        # batches are in flight when the signal comes.
+        slow = scene.pipeline(
+            "slow",
+            sink=scene.table.sink_options(type=f"{HARNESS}:HarnessPostgresSink", delay=0.5),
+            batch={"drain_timeout": drain_timeout},
+        )
         await scene.place.publish(orders)
-        worker = scene.worker(pipeline, "worker-0")
+        worker = scene.worker(slow, "worker-0")
         await worker.start()
         rows = await wait_rows(scene.table, messages // 5, seconds=90)
         assert rows >= messages // 5, worker.output()
@@ -338,12 +344,15 @@ async def test_sigterm_under_load_exits_0_within_drain_timeout_with_every_proces
         stopped = await scene.check(range(messages), poison)
         detail = f"{stopped}\n{worker.output()}"
         assert stopped.lost, "the backlog was gone before SIGTERM; nothing was under load"
+        assert stopped.rows > rows, "no batch was in flight at SIGTERM: " + detail
         # Processed messages were all acknowledged; the others are all back on the broker.
         assert stopped.outstanding == len(stopped.lost), detail
         if broker == "rabbitmq":
             assert stopped.unacknowledged == 0, detail
         assert stopped.duplicated == 0, detail
+        assert stopped.dead_letters == 0, detail  # drained in time: nothing dead-lettered
 
+        pipeline = scene.pipeline("worker")
         again = scene.worker(pipeline, "worker-0")
         await again.start()
         report = await scene.wait_complete(range(messages), poison, 120)
@@ -351,8 +360,8 @@ async def test_sigterm_under_load_exits_0_within_drain_timeout_with_every_proces
         assert code == 0, again.output()
         report = await scene.check(range(messages), poison)
         assert report.lost == set(), str(report)
-        assert report.rows == messages - POISON, str(report)
-        assert report.dead_letter_ids == set(poison), str(report)
+        assert report.rows == report.distinct == messages, str(report)
+        assert report.dead_letters == 0, str(report)
         assert report.outstanding == 0, str(report)
 
 
@@ -361,7 +370,7 @@ async def test_rabbitmq_restart_under_load_workers_reconnect_and_lose_nothing(
     tmp_path: Path,
 ) -> None:
     """rabbitmqctl stop_app / start_app while two workers consume a backlog: they reconnect
-    and finish with lost = 0, no duplicate row, dead letters = the poison messages."""
+    and finish with lost = 0, no duplicate row, nothing dead-lettered."""
     require("rabbitmq")
     if shutil.which("rabbitmqctl") is None:
         message = "rabbitmqctl is not installed: cannot restart RabbitMQ"
@@ -369,17 +378,22 @@ async def test_rabbitmq_restart_under_load_workers_reconnect_and_lose_nothing(
             pytest.fail(message)
         pytest.skip(message)
     messages = scaled(20_000, minimum=3_000)
-    orders, poison = make_orders(messages, POISON)
+    orders, poison = make_orders(messages, 0)  # bisection at 1 s a write is too slow
     try:
         async with Scene("rabbitmq", tmp_path) as scene:
-            pipeline = scene.pipeline("worker")
+            # A database taking 1 s per batch keeps a backlog through the restart, whatever
+            # the broker's speed.
+            pipeline = scene.pipeline(
+                "worker",
+                sink=scene.table.sink_options(type=f"{HARNESS}:HarnessPostgresSink", delay=1.0),
+            )
             await scene.place.publish(orders)
             workers = [scene.worker(pipeline, f"worker-{i}") for i in range(2)]
             for worker in workers:
                 await worker.start()
-            rows = await wait_rows(scene.table, messages // 5, seconds=90)
-            assert rows >= messages // 5, scene.output()
-            assert rows < messages - POISON, "the backlog was gone before the restart"
+            rows = await wait_rows(scene.table, messages // 10, seconds=90)
+            assert rows >= messages // 10, scene.output()
+            assert rows < messages, "the backlog was gone before the restart"
 
             code, output = await run_command("rabbitmqctl", "stop_app", seconds=60)
             assert code == 0, output
@@ -395,8 +409,8 @@ async def test_rabbitmq_restart_under_load_workers_reconnect_and_lose_nothing(
             detail = f"{report}\nexits={codes}\n{scene.output()}"
             assert report.lost == set(), detail
             assert report.duplicated == 0, detail
-            assert report.rows == messages - POISON, detail
-            assert report.dead_letter_ids == set(poison), detail
+            assert report.rows == report.distinct == messages, detail
+            assert report.dead_letters == 0, detail
             assert report.outstanding == 0, detail
             assert [code for code, _ in codes] == [0, 0], detail
             logs = [w.output(last=10**7) for w in workers]
