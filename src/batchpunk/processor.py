@@ -275,10 +275,8 @@ class BatchProcessor(Generic[T, R]):
         async def one(letter: DeadLetter) -> BaseException | None:
             try:
                 await self.submit(letter.message, key=letter.key, priority=letter.priority)
-            except BatchpunkError as exc:
-                if isinstance(exc, ProcessorClosed):
-                    raise
-                return exc
+            except ProcessorClosed:
+                raise
             except Exception as exc:
                 return exc
             return None
