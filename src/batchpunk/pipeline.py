@@ -281,6 +281,10 @@ class Pipeline:
         tasks: list[asyncio.Task[None]] = []
         consumer_error: BaseException | None = None
         try:
+            if handle_signals:
+                # Before the prepare hooks: a signal while they connect is a graceful stop
+                # (nothing is consumed, exit 0), not the default action that kills the process.
+                installed = self._install_signals(loop)
             for part in (self.source, self.sink, self.dead_letter):
                 prepare = getattr(part, "prepare", None)
                 if callable(prepare):
@@ -296,8 +300,6 @@ class Pipeline:
             self._ack_task = loop.create_task(self._ack_loop(), name="batchpunk-acks")
             self._reject_task = loop.create_task(self._reject_loop(), name="batchpunk-rejects")
             tasks += [self._ack_task, self._reject_task]
-            if handle_signals:
-                installed = self._install_signals(loop)
             consumer = loop.create_task(self._consume(processor), name="batchpunk-consumer")
             self._consumer = consumer
             await _first(consumer, self._stop_event)

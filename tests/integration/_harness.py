@@ -30,7 +30,6 @@ import asyncio
 import contextlib
 import importlib
 import json
-import math
 import os
 import random
 import shutil
@@ -57,7 +56,6 @@ REDIS_URL = "redis://127.0.0.1:6379/0"
 NATS_URL = "nats://127.0.0.1:4222"
 
 BROKERS = ("rabbitmq", "redis", "nats")
-SERVER_OF = {"rabbitmq": "rabbitmq", "redis": "redis", "nats": "nats"}
 
 #: Exit status of a worker that HarnessPostgresSink stopped right after a commit.
 CRASH_EXIT = 99
@@ -946,6 +944,55 @@ class HarnessPostgresSink(PostgresSink):
             os._exit(CRASH_EXIT)
 
 
+class SlowStartSource:
+    """A source whose ``prepare`` takes ``seconds`` (a slow connect), then never yields.
+
+    It writes ``marker`` when ``prepare`` begins, so a test knows the pipeline is running and
+    can signal it while it is still starting.
+    """
+
+    def __init__(self, marker: str, seconds: float = 5.0) -> None:
+        self._marker = marker
+        self._seconds = seconds
+        self._stop = asyncio.Event()
+
+    async def prepare(self, config: Any) -> None:
+        _touch(self._marker)
+        await asyncio.sleep(self._seconds)
+
+    def stop_consuming(self) -> None:
+        self._stop.set()
+
+    def __aiter__(self) -> SlowStartSource:
+        return self
+
+    async def __anext__(self) -> Envelope:
+        await self._stop.wait()
+        raise StopAsyncIteration
+
+    async def close(self) -> None:
+        self._stop.set()
+
+
+def _exists(path: Path) -> bool:
+    return path.exists()
+
+
+def _touch(path: str) -> None:
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o644))
+
+
+async def wait_file(path: Path, seconds: float) -> bool:
+    """Poll until ``path`` exists; False when ``seconds`` pass first."""
+    deadline = time.monotonic() + seconds
+    while True:
+        if _exists(path):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+
+
 def read_records(path: Path) -> list[list[int]]:
     """The id lists a HarnessPostgresSink recorded, one per committed write, in order."""
     if not path.exists():
@@ -1000,13 +1047,3 @@ async def ensure_rabbitmq_running() -> None:
         return
     await run_command("rabbitmq-server", "-detached", seconds=30)
     await wait_port(5672, 90)
-
-
-def percent(part: float, whole: float) -> str:
-    """``part`` as a percentage of ``whole``, for messages."""
-    return f"{100.0 * part / whole:.0f}%" if whole else "n/a"
-
-
-def expected_seconds(messages: int, per_second: float, floor: float) -> float:
-    """A generous time budget for ``messages`` at ``per_second``, never below ``floor``."""
-    return max(floor, math.ceil(messages / per_second))

@@ -45,6 +45,7 @@ from tests.integration._harness import (
     stop_all,
     wait_broker_empty,
     wait_complete,
+    wait_file,
     wait_port,
     wait_rows,
     write_pipeline_file,
@@ -363,6 +364,29 @@ async def test_sigterm_under_load_exits_0_within_drain_timeout_with_every_proces
         assert report.rows == report.distinct == messages, str(report)
         assert report.dead_letters == 0, str(report)
         assert report.outstanding == 0, str(report)
+
+
+@pytest.mark.timeout(60)
+async def test_sigterm_while_the_worker_is_still_connecting_exits_0(tmp_path: Path) -> None:
+    """A SIGTERM that arrives while the pipeline's prepare hooks still connect is a graceful
+    stop (exit 0), not the default action that kills the process (exit -15)."""
+    marker = tmp_path / "preparing"
+    pipeline = write_pipeline_file(
+        tmp_path / "slow-start.toml",
+        source={"type": f"{HARNESS}:SlowStartSource", "marker": str(marker), "seconds": 3.0},
+        sink={"type": "jsonl", "path": str(tmp_path / "out.jsonl")},
+        batch={"max_wait": 0.1, "drain_timeout": 5.0},
+        dead_letter_path=tmp_path / "dead-letters.jsonl",
+    )
+    worker = Worker(pipeline, tmp_path, "worker-0")
+    await worker.start()
+    try:
+        assert await wait_file(marker, 30), worker.output()
+        code, took = await worker.terminate(20)
+        assert code == 0, f"exit {code} after {took:.1f}s\n{worker.output()}"
+        assert "SIGTERM" in worker.output(), worker.output()
+    finally:
+        await kill_all([worker])
 
 
 @pytest.mark.timeout(300)
