@@ -150,3 +150,24 @@ async def test_without_a_threshold_the_circuit_stays_closed() -> None:
         await p.submit("m")
         assert await _circuit(p) == "closed"
     assert len(handler.starts) == 6
+
+
+async def test_stop_does_not_wait_out_an_open_circuit() -> None:
+    """Batches held by an open circuit are dead-lettered "shutdown" once drain_timeout passes."""
+    handler = Scripted({1: "fail"})
+    cfg = _config(circuit_breaker_threshold=1, circuit_breaker_cooldown=30.0, drain_timeout=0.05)
+    p: BatchProcessor[Any, Any] = BatchProcessor(cfg, handler)
+    await p.start()
+    await p.add_message("retrying")
+    await handler.wait_calls(1)
+    await p.add_message("queued")
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    await p.stop()
+    assert loop.time() - began < 0.05 + 0.4
+    assert sorted((d.message, d.reason) for d in p.dead_letters) == [
+        ("queued", "shutdown"),
+        ("retrying", "shutdown"),
+    ]
+    assert len(handler.starts) == 1
+    await stopped_ledger(p)

@@ -194,3 +194,17 @@ async def test_a_sync_processors_error_reaches_submit() -> None:
     async with BatchProcessor(cfg, failing) as p:
         with pytest.raises(LookupError, match="thread failure"):
             await p.submit("x")
+
+
+async def test_a_cancelled_submit_does_not_disturb_its_batch() -> None:
+    """A submitter that gives up leaves its message to be processed and others get results."""
+    rec = Recorder(result=lambda m: m * 2)
+    async with BatchProcessor(config(max_size=3, max_wait=0.01), rec) as p:
+        gone = asyncio.ensure_future(p.submit(1))
+        kept = asyncio.ensure_future(p.submit(2))
+        await asyncio.sleep(0)
+        gone.cancel()
+        assert await kept == 4
+        stats = await ledger(p)
+    assert rec.processed == [1, 2]
+    assert stats["processed"] == 2

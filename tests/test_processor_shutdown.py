@@ -304,3 +304,29 @@ async def test_async_with_drains_on_exit_even_when_the_body_raises() -> None:
         await body()
     assert rec.processed == [1, 2]
     assert p.closed
+
+
+@pytest.mark.xfail(
+    reason="engine bug: add_message_nowait with the loop not running accepts the message, then "
+    "raises RuntimeError from create_task; the batch never runs and stop() leaves it pending",
+    strict=True,
+)
+def test_add_nowait_while_the_loop_is_not_running_is_all_or_nothing() -> None:
+    """A nowait add from the loop's thread between run_until_complete calls either works or
+    refuses the message whole: it is never half accepted."""
+    loop = asyncio.new_event_loop()
+    try:
+        rec = Recorder()
+        p: BatchProcessor[Any, Any] = BatchProcessor(config(max_size=1, drain_timeout=0.1), rec)
+        loop.run_until_complete(p.start())
+        try:
+            p.add_message_nowait("x")
+            accepted = True
+        except RuntimeError:
+            accepted = False
+        loop.run_until_complete(p.stop())
+        stats = loop.run_until_complete(stopped_ledger(p))
+        assert stats["received"] == int(accepted)
+        assert rec.processed == (["x"] if accepted else [])
+    finally:
+        loop.close()
