@@ -230,3 +230,23 @@ async def test_unbounded_buffer_takes_everything() -> None:
         await p.flush()
         stats = await ledger(p)
     assert stats["processed"] == 12_000
+
+
+async def test_drop_oldest_from_a_waiting_batch_keeps_the_others_results_aligned() -> None:
+    """After the first message of a waiting batch is dropped, the rest still get their results."""
+    rec = Recorder(held=True, result=lambda m: f"r-{m}")
+    cfg = config(
+        max_size=3, max_wait=60.0, max_pending=6, overflow="drop_oldest", max_concurrent_batches=1
+    )
+    async with BatchProcessor(cfg, rec) as p:
+        for message in ["r1", "r2", "r3"]:
+            await p.add_message(message)
+        await rec.wait_running(1)
+        waiting = [asyncio.ensure_future(p.submit(m)) for m in ["w1", "w2", "w3"]]
+        await settle()
+        await p.add_message("new")
+        rec.gate.set()
+        await p.flush()
+        outcomes = await asyncio.gather(*waiting, return_exceptions=True)
+    assert isinstance(outcomes[0], BufferFull)
+    assert outcomes[1:] == ["r-w2", "r-w3"]

@@ -261,3 +261,13 @@ async def test_batch_carries_its_lane_attempt_and_reason() -> None:
         1,
         "size",
     )
+
+
+@pytest.mark.parametrize("trigger", ["timeout", "all"])
+async def test_chunked_lanes_keep_each_submitters_result(trigger: str) -> None:
+    """When a lane is cut into chunks, every submit still gets its own message's result."""
+    rec = Recorder(result=lambda m: -m)
+    async with BatchProcessor(config(trigger=trigger, max_size=2, max_wait=0.01), rec) as p:
+        results = await asyncio.gather(*(p.submit(i) for i in range(7)))
+    assert results == [-i for i in range(7)]
+    assert len(rec.calls) >= 3

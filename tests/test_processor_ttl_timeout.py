@@ -153,3 +153,16 @@ async def test_an_abandoned_sync_call_does_not_block_the_retry_with_one_slot() -
         release.set()
         await settle()
     assert outcome == ["done"]
+
+
+async def test_submitters_of_a_partly_expired_batch_get_their_own_outcome() -> None:
+    """The expired submit raises MessageExpired; the young ones in the same batch get results."""
+    rec = Recorder(result=lambda m: f"ok {m}")
+    cfg = config(trigger="timeout", max_wait=0.05, message_ttl=0.03)
+    async with BatchProcessor(cfg, rec) as p:
+        old = asyncio.ensure_future(p.submit("old"))
+        await asyncio.sleep(0.035)
+        young = [asyncio.ensure_future(p.submit(m)) for m in ("y1", "y2")]
+        outcomes = await asyncio.gather(old, *young, return_exceptions=True)
+    assert isinstance(outcomes[0], MessageExpired)
+    assert outcomes[1:] == ["ok y1", "ok y2"]
