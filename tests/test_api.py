@@ -114,3 +114,40 @@ def test_partial_failure_is_raisable_by_processors() -> None:
     assert partial.failures == {1: error}
     assert list(partial.results or ()) == ["a", None]
     assert batchpunk.PartialFailure({0: error}).results is None
+
+
+async def test_get_stats_reports_every_documented_key() -> None:
+    """get_stats() keeps the original keys and adds the counts issues 2 and 3 name."""
+
+    async def noop(batch: batchpunk.Batch[int]) -> None:
+        return None
+
+    async with batchpunk.BatchProcessor(batchpunk.BatchConfig(max_size=2), noop) as p:
+        await p.add_message(1)
+        await p.add_message(2)
+        await p.flush()
+        stats = await p.get_stats()
+    expected = {
+        "current_batch_size",
+        "batch_age",
+        "is_processing",
+        "config",
+        "received",
+        "processed",
+        "failed",
+        "dead_lettered",
+        "dropped",
+        "batches",
+        "retries",
+        "splits",
+        "pending",
+        "in_flight",
+        "flush_reasons",
+        "circuit",
+    }
+    assert expected <= set(stats)
+    assert stats["received"] == stats["processed"] == 2
+    assert stats["batches"] == 1
+    assert stats["flush_reasons"] == {"size": 1}
+    assert stats["circuit"] == "closed"
+    assert isinstance(stats["config"], dict)
