@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import pytest
@@ -250,3 +251,22 @@ async def test_drop_oldest_from_a_waiting_batch_keeps_the_others_results_aligned
         outcomes = await asyncio.gather(*waiting, return_exceptions=True)
     assert isinstance(outcomes[0], BufferFull)
     assert outcomes[1:] == ["r-w2", "r-w3"]
+
+
+@pytest.mark.parametrize("overflow", ["raise", "drop_newest", "drop_oldest"])
+async def test_refusing_or_dropping_on_an_idle_full_buffer_cuts_for_pressure(
+    overflow: str,
+) -> None:
+    """Under every non-blocking policy, a full buffer of partial lanes is cut ("pressure") when
+    a message is refused or dropped, so room comes back instead of staying full forever."""
+    rec = Recorder()
+    cfg = config(trigger="size", max_size=1000, max_wait=60.0, max_pending=2, overflow=overflow)
+    async with BatchProcessor(cfg, rec) as p:
+        p.add_message_nowait("a", key=1)
+        p.add_message_nowait("b", key=2)
+        with contextlib.suppress(BufferFull):
+            p.add_message_nowait("c", key=3)
+        await rec.wait_calls(1)
+        assert rec.calls[0].flush_reason == "pressure"
+        stats = await ledger(p)
+        assert stats["flush_reasons"]["pressure"] >= 1

@@ -260,3 +260,28 @@ async def test_replay_reports_letters_that_fail_again() -> None:
     assert letter.message == "x"
     assert isinstance(error, Rejected)
     assert [(d.message, d.reason) for d in p.dead_letters] == [("x", "failed")]
+
+
+async def test_sink_retries_follow_the_capped_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Failed writes are retried after min(retry_max_delay, retry_delay * 2**(n-1)) seconds."""
+    real_sleep = asyncio.sleep
+    asked: list[float] = []
+
+    async def fake_sleep(delay: float, result: Any = None) -> Any:
+        if delay > 0:
+            asked.append(delay)
+        return await real_sleep(0, result)
+
+    class FailsFourTimes(DownSink):
+        async def put(self, letters: Sequence[DeadLetter]) -> None:
+            self.down = self.attempts < 4
+            await super().put(letters)
+
+    monkeypatch.setattr(asyncio, "sleep", fake_sleep)
+    sink = FailsFourTimes()
+    cfg = config(**FAST_FAIL, retry_delay=1.0, retry_max_delay=3.0)
+    async with BatchProcessor(cfg, Recorder(fail=_reject_all), dead_letter=sink) as p:
+        await p.add_message("bad")
+        await p.flush()
+    assert asked == [1.0, 2.0, 3.0, 3.0]
+    assert [letter.message for letter in sink.letters] == ["bad"]
