@@ -332,3 +332,34 @@ async def test_a_processor_raising_a_base_exception_loses_no_message() -> None:
     assert {letter.reason for letter in p.dead_letters} == {"failed"}
     assert all(isinstance(letter.error, Fatal) for letter in p.dead_letters)
     await stopped_ledger(p)
+
+
+@pytest.mark.xfail(
+    reason="engine bug: the engine counts and retries the very list it hands the processor; "
+    "a processor that empties its Batch leaves messages in flight forever or retried as []",
+    strict=True,
+)
+@pytest.mark.parametrize("fails", [False, True], ids=["succeeds", "fails"])
+async def test_a_processor_that_consumes_its_batch_loses_nothing(fails: bool) -> None:
+    """A processor may empty the list it is given; every message still ends exactly once,
+    and a retry still sees every message."""
+    seen: list[list[Any]] = []
+
+    async def consume(batch: Batch[Any]) -> None:
+        seen.append(list(batch))
+        while batch:
+            batch.pop()
+        if fails:
+            raise Poison("consumed, then failed")
+
+    cfg = config(max_size=3, max_retries=1, retry_on=(Poison,), enable_partial_batches=False)
+    async with BatchProcessor(cfg, consume) as p:
+        for i in range(3):
+            await p.add_message(i)
+        await p.flush()
+    stats = await stopped_ledger(p)
+    assert all(call == [0, 1, 2] for call in seen)
+    if fails:
+        assert sorted(letter.message for letter in p.dead_letters) == [0, 1, 2]
+    else:
+        assert stats["processed"] == 3
