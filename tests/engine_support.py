@@ -10,6 +10,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import pytest
+
 from batchpunk import Batch, BatchConfig, BatchProcessor
 
 #: How long a test waits for something that should happen at once before calling it a hang.
@@ -135,3 +137,20 @@ async def stopped_ledger(processor: BatchProcessor[Any, Any]) -> dict[str, Any]:
     assert stats["pending"] == 0, stats
     assert stats["in_flight"] == 0, stats
     return stats
+
+
+def record_sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """Make asyncio.sleep record each positive delay asked for and return at once.
+
+    Backoff schedules become exact and instant to check; the loop still turns once per sleep.
+    """
+    real = asyncio.sleep
+    asked: list[float] = []
+
+    async def fake(delay: float, result: Any = None) -> Any:
+        if delay > 0:
+            asked.append(delay)
+        return await real(0, result)
+
+    monkeypatch.setattr(asyncio, "sleep", fake)
+    return asked

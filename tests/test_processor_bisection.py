@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from batchpunk import Batch, BatchProcessor
-from tests.engine_support import config, stopped_ledger
+from tests.engine_support import config, record_sleeps, stopped_ledger
 
 
 class Poison(Exception):
@@ -102,16 +102,7 @@ def test_bisection_dead_letters_exactly_the_poison_messages(
 @pytest.fixture
 def sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     """Records every positive asyncio.sleep the engine asks for, and skips the wait."""
-    real = asyncio.sleep
-    asked: list[float] = []
-
-    async def fake(delay: float, result: Any = None) -> Any:
-        if delay > 0:
-            asked.append(delay)
-        return await real(0, result)
-
-    monkeypatch.setattr(asyncio, "sleep", fake)
-    return asked
+    return record_sleeps(monkeypatch)
 
 
 @pytest.mark.parametrize("position", [0, 511, 512, 777, 1023])

@@ -11,7 +11,15 @@ import pytest
 
 from batchpunk import Batch, BatchProcessor, BufferFull, DeadLetter
 from batchpunk.deadletter import MemoryDeadLetters
-from tests.engine_support import PATIENCE, Recorder, config, ledger, settle, stopped_ledger
+from tests.engine_support import (
+    PATIENCE,
+    Recorder,
+    config,
+    ledger,
+    record_sleeps,
+    settle,
+    stopped_ledger,
+)
 
 
 class Rejected(Exception):
@@ -264,20 +272,13 @@ async def test_replay_reports_letters_that_fail_again() -> None:
 
 async def test_sink_retries_follow_the_capped_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
     """Failed writes are retried after min(retry_max_delay, retry_delay * 2**(n-1)) seconds."""
-    real_sleep = asyncio.sleep
-    asked: list[float] = []
-
-    async def fake_sleep(delay: float, result: Any = None) -> Any:
-        if delay > 0:
-            asked.append(delay)
-        return await real_sleep(0, result)
 
     class FailsFourTimes(DownSink):
         async def put(self, letters: Sequence[DeadLetter]) -> None:
             self.down = self.attempts < 4
             await super().put(letters)
 
-    monkeypatch.setattr(asyncio, "sleep", fake_sleep)
+    asked = record_sleeps(monkeypatch)
     sink = FailsFourTimes()
     cfg = config(**FAST_FAIL, retry_delay=1.0, retry_max_delay=3.0)
     async with BatchProcessor(cfg, Recorder(fail=_reject_all), dead_letter=sink) as p:

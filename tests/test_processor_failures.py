@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from batchpunk import Batch, BatchProcessor, DeadLetter, PartialFailure, ResultMismatch
-from tests.engine_support import Recorder, config, stopped_ledger
+from tests.engine_support import Recorder, config, record_sleeps, stopped_ledger
 
 
 class Flaky(Exception):
@@ -33,16 +33,7 @@ def fail_first(count: int) -> Any:
 @pytest.fixture
 def sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     """Records every positive asyncio.sleep the engine asks for, and skips the wait."""
-    real = asyncio.sleep
-    asked: list[float] = []
-
-    async def fake(delay: float, result: Any = None) -> Any:
-        if delay > 0:
-            asked.append(delay)
-        return await real(0, result)
-
-    monkeypatch.setattr(asyncio, "sleep", fake)
-    return asked
+    return record_sleeps(monkeypatch)
 
 
 async def test_a_batch_that_fails_twice_then_succeeds_is_retried_twice() -> None:
