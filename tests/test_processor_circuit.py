@@ -173,11 +173,6 @@ async def test_stop_does_not_wait_out_an_open_circuit() -> None:
     await stopped_ledger(p)
 
 
-@pytest.mark.xfail(
-    reason="engine bug: a success from a call that started before the circuit opened closes it "
-    "at once, so calls start again before the cooldown",
-    strict=True,
-)
 async def test_a_late_success_from_before_the_opening_does_not_cut_the_cooldown() -> None:
     """Once open, no call starts for the cooldown, even if an older call then succeeds."""
     starts: list[tuple[str, float]] = []

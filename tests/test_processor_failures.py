@@ -325,11 +325,6 @@ async def test_a_processor_raising_a_base_exception_loses_no_message() -> None:
     await stopped_ledger(p)
 
 
-@pytest.mark.xfail(
-    reason="engine bug: the engine counts and retries the very list it hands the processor; "
-    "a processor that empties its Batch leaves messages in flight forever or retried as []",
-    strict=True,
-)
 @pytest.mark.parametrize("fails", [False, True], ids=["succeeds", "fails"])
 async def test_a_processor_that_consumes_its_batch_loses_nothing(fails: bool) -> None:
     """A processor may empty the list it is given; every message still ends exactly once,

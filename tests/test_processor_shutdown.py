@@ -306,11 +306,6 @@ async def test_async_with_drains_on_exit_even_when_the_body_raises() -> None:
     assert p.closed
 
 
-@pytest.mark.xfail(
-    reason="engine bug: add_message_nowait with the loop not running accepts the message, then "
-    "raises RuntimeError from create_task; the batch never runs and stop() leaves it pending",
-    strict=True,
-)
 def test_add_nowait_while_the_loop_is_not_running_is_all_or_nothing() -> None:
     """A nowait add from the loop's thread between run_until_complete calls either works or
     refuses the message whole: it is never half accepted."""

@@ -128,11 +128,6 @@ async def test_a_sync_call_past_batch_timeout_is_abandoned_with_a_warning(
     assert any("abandoned" in record.getMessage() for record in caplog.records)
 
 
-@pytest.mark.xfail(
-    reason="engine bug: with one slot the sync worker pool has one thread; the abandoned call "
-    "holds it, so every retry times out queued behind it (and later runs anyway)",
-    strict=True,
-)
 async def test_an_abandoned_sync_call_does_not_block_the_retry_with_one_slot() -> None:
     """With enable_parallel_processing False, the retry of an abandoned sync call still runs."""
     release = threading.Event()

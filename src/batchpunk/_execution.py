@@ -196,14 +196,15 @@ class Execution:
         batch = node.batch
         batch.attempt = node.calls + 1
         breaker = self.breaker
-        if breaker is not None:
-            await breaker.acquire()
+        ticket = await breaker.acquire() if breaker is not None else 0
         loop = asyncio.get_running_loop()
         started = loop.time()
         self.calls += 1
         node.calls += 1
         try:
-            results = await self._invoke(batch)
+            # The processor gets its own copy: it may consume or reorder the list, while the
+            # engine keeps the messages for results, retries and dead letters.
+            results = await self._invoke(batch.derive(batch))
             if results is not None:
                 if not isinstance(results, Sequence) or isinstance(results, str | bytes):
                     results = list(results)
@@ -217,7 +218,9 @@ class Execution:
             self.observer.call_finished(len(batch), elapsed, False)
             error = self._partial(job, node, partial)
             if breaker is not None:
-                breaker.record(error is None or not is_retryable(error, self.config.retry_on))
+                breaker.record(
+                    error is None or not is_retryable(error, self.config.retry_on), ticket
+                )
             return error
         except Exception as exc:
             elapsed = loop.time() - started
@@ -225,16 +228,16 @@ class Execution:
             node.errors = None
             if breaker is not None:
                 # A poison message proves the downstream answers: only retryable errors count.
-                breaker.record(not is_retryable(exc, self.config.retry_on))
+                breaker.record(not is_retryable(exc, self.config.retry_on), ticket)
             return exc
         except BaseException:
             if breaker is not None:
-                breaker.abandon()
+                breaker.abandon(ticket)
             raise
         elapsed = loop.time() - started
         self.observer.call_finished(len(batch), elapsed, True)
         if breaker is not None:
-            breaker.record(True)
+            breaker.record(True, ticket)
         self._complete(job, node, results)
         return None
 
@@ -262,6 +265,9 @@ class Execution:
         else:
             done, _ = await asyncio.wait({future}, timeout=timeout)
             if not done:
+                # The hung thread keeps running; later calls get a fresh pool, so a pool of
+                # one thread is never blocked behind it.
+                self.close()
                 log.warning(
                     "sync processor call ran past batch_timeout=%ss; its thread is abandoned",
                     timeout,

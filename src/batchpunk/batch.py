@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
@@ -46,7 +47,7 @@ class Batch(list[T]):
         self.flush_reason = flush_reason
         self._config: BatchConfig | None = None
 
-    def derive(self, messages: list[T]) -> Batch[T]:
+    def derive(self, messages: Iterable[T]) -> Batch[T]:
         """A batch of some of these messages that keeps this batch's lane and settings."""
         out: Batch[T] = Batch(
             messages,

@@ -421,7 +421,10 @@ class BatchProcessor(Generic[T, R]):
         self._sched.push(job)
 
     def _start_job(self, job: Job) -> None:
-        task = asyncio.get_running_loop().create_task(self._run(job))
+        # The processor's own loop, not the running one: a nowait add between two
+        # run_until_complete calls schedules the batch for when that loop runs again.
+        assert self._loop is not None
+        task = self._loop.create_task(self._run(job))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

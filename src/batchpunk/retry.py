@@ -79,16 +79,21 @@ class CircuitBreaker:
         self._failures = 0
         self._opened_at = 0.0
         self._trial_running = False
+        self._epoch = 0
         self._changed: asyncio.Future[None] | None = None
 
     def _now(self) -> float:
         return self._clock() if self._clock else asyncio.get_running_loop().time()
 
-    async def acquire(self) -> None:
-        """Return when a call may start; the caller must then call ``record`` or ``abandon``."""
+    async def acquire(self) -> int:
+        """Wait until a call may start; return its ticket for ``record`` or ``abandon``.
+
+        The ticket is the circuit's epoch, which advances each time the circuit opens: an
+        outcome from a call that began before the last opening is stale and changes nothing.
+        """
         while True:
             if self.state == "closed":
-                return
+                return self._epoch
             if self.state == "open":
                 wait = self._opened_at + self.cooldown - self._now()
                 if wait > 0:
@@ -97,12 +102,18 @@ class CircuitBreaker:
                 self._set("half_open")
             if not self._trial_running:
                 self._trial_running = True
-                return
+                return self._epoch
             await self._wait(None)
 
-    def record(self, ok: bool) -> None:
-        """Count the outcome of a call that ``acquire`` let through."""
-        self._trial_running = False
+    def record(self, ok: bool, ticket: int | None = None) -> None:
+        """Count the outcome of a call that ``acquire`` let through with this ticket.
+
+        Without a ticket the outcome counts as current (for callers that never overlap calls).
+        """
+        if ticket is not None and ticket != self._epoch:
+            return  # began before the circuit last opened
+        if self.state == "half_open":
+            self._trial_running = False
         if ok:
             self._failures = 0
             if self.state != "closed":
@@ -111,11 +122,13 @@ class CircuitBreaker:
         self._failures += 1
         if self.state == "half_open" or self._failures >= self.threshold:
             self._opened_at = self._now()
+            self._epoch += 1
             self._set("open")
 
-    def abandon(self) -> None:
+    def abandon(self, ticket: int | None = None) -> None:
         """A let-through call ended without an outcome (cancelled): free the trial slot."""
-        if self._trial_running:
+        current = ticket is None or ticket == self._epoch
+        if current and self.state == "half_open" and self._trial_running:
             self._trial_running = False
             self._set(self.state)
 
