@@ -181,3 +181,29 @@ async def test_an_abandoned_trial_frees_the_slot_for_another() -> None:
     breaker.abandon()
     await asyncio.wait_for(waiting, 1.0)
     assert breaker.state == "half_open"
+
+
+async def test_an_outcome_from_before_the_opening_is_stale() -> None:
+    """A call admitted before the circuit opened cannot close it, or count again, later."""
+    clock = FakeClock()
+    breaker = CircuitBreaker(threshold=1, cooldown=5.0, clock=clock)
+    early = await breaker.acquire()
+    failing = await breaker.acquire()
+    breaker.record(False, failing)
+    assert breaker.state == "open"
+    breaker.record(True, early)
+    assert breaker.state == "open"
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(breaker.acquire(), 0.02)
+
+
+async def test_the_trials_own_ticket_closes_the_circuit() -> None:
+    """The trial admitted in half_open reports with a current ticket, so its success counts."""
+    clock = FakeClock()
+    breaker = CircuitBreaker(threshold=1, cooldown=5.0, clock=clock)
+    breaker.record(False, await breaker.acquire())
+    clock.now += 5.0
+    trial = await asyncio.wait_for(breaker.acquire(), 1.0)
+    assert breaker.state == "half_open"
+    breaker.record(True, trial)
+    assert breaker.state == "closed"
