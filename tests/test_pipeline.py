@@ -263,6 +263,30 @@ async def test_hard_stop_nacks_every_unfinished_envelope_and_acks_none_of_them()
     assert all(entry[2] is True for entry in nacked)
 
 
+async def test_batches_unfinished_at_drain_timeout_go_back_to_the_broker() -> None:
+    """A graceful stop whose drain_timeout runs out nacks the hung batch's envelopes with
+    requeue: none is acknowledged and none is parked in the dead-letter sink."""
+    log: list[tuple[Any, ...]] = []
+    source = RecordingSource([0, 1, 2], log)
+    sink = RecordingSink(log)
+    sink.gate = asyncio.Event()  # never opens: the batch outlives the drain
+    letters = RecordingLetters(log)
+    config = BatchConfig(max_size=3, max_wait=0.01, drain_timeout=0.2)
+    pipeline = Pipeline(source, sink, config, dead_letter=letters)
+    runner = asyncio.create_task(pipeline.run())
+    await asyncio.wait_for(source.until_read(3), 10)
+    await asyncio.sleep(0.05)
+    await asyncio.wait_for(pipeline.stop(), 10)
+    await runner
+    assert not [entry for entry in log if entry[0] in ("ack", "write", "letters")]
+    assert sorted(entry[1:] for entry in log if entry[0] == "nack") == [
+        (0, True),
+        (1, True),
+        (2, True),
+    ]
+    assert letters.letters == []
+
+
 async def test_a_second_signal_stops_at_once_after_the_first_began_a_drain() -> None:
     """run(handle_signals=True): the first SIGTERM starts a drain; a second one while the sink
     hangs stops at once with every unfinished envelope nacked."""

@@ -140,6 +140,10 @@ class _Desk:
 
     The record of stored messages (by identity) lets a ticket tell a letter that reached the
     sink from one the engine gave up on at shutdown, which must not be acknowledged.
+
+    Letters with reason "shutdown" (batches still unfinished when drain_timeout ran out) are not
+    stored: their envelopes are nacked with requeue instead, so the broker redelivers them to
+    the next worker rather than parking them in the dead-letter sink.
     """
 
     def __init__(self, sink: DeadLetterSink, pipeline: Pipeline) -> None:
@@ -148,6 +152,9 @@ class _Desk:
         self._stored: dict[int, int] = {}
 
     async def put(self, letters: Sequence[DeadLetter]) -> None:
+        letters = [letter for letter in letters if letter.reason != "shutdown"]
+        if not letters:
+            return
         by_id = self.pipeline._by_id
         if by_id:
             for letter in letters:
