@@ -325,6 +325,8 @@ async def test_check_constraints_are_enforced_in_the_stage_so_the_row_is_named(
     assert list(caught.value.failures) == [3]
     assert "row 3 (id=3)" in str(caught.value.failures[3])
     assert "check constraint" in str(caught.value.failures[3])
+    assert f'relation "{table}"' in str(caught.value.failures[3])  # the table, not the stage
+    assert "batchpunk_stage" not in str(caught.value.failures[3])
     assert await ids(pg, table) == [0, 1, 2, 4]
 
 

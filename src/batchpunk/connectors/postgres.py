@@ -619,12 +619,16 @@ class PostgresSink:
             match = _COPY_LINE.search(context)
             if match and 1 <= int(match.group(1)) <= len(pending):
                 column = match.group(2) or getattr(exc, "column_name", None)
-                marked = _Located(_server_message(exc), getattr(exc, "sqlstate", None), column)
+                marked = _Located(
+                    _server_message(exc, self._target, self._table),
+                    getattr(exc, "sqlstate", None),
+                    column,
+                )
                 return {int(match.group(1)) - 1: marked}
             column = getattr(exc, "column_name", None)
             if getattr(exc, "sqlstate", None) == "23502" and column in columns:
                 at = columns.index(column)
-                marked = _Located(_server_message(exc), "23502", column)
+                marked = _Located(_server_message(exc, self._target, self._table), "23502", column)
                 return {n: marked for n, (_, row) in enumerate(pending) if row[at] is None}
             return {}
         if isinstance(exc, OSError | asyncpg.InterfaceError):
@@ -677,7 +681,9 @@ class PostgresSink:
         kind = type(exc).__name__
         if isinstance(exc, asyncpg.PostgresError):
             code = str(getattr(exc, "sqlstate", "") or "")
-            text = self._scrub(f"{where}: {_server_message(exc)} [SQLSTATE {code}]")
+            text = self._scrub(
+                f"{where}: {_server_message(exc, self._target, self._table)} [SQLSTATE {code}]"
+            )
             column = getattr(exc, "column_name", None)
             if code in _RETRYABLE_CODES or code[:2] in _RETRYABLE_CLASSES:
                 return PostgresRetryable(text, sqlstate=code, column=column)
@@ -815,10 +821,18 @@ class _Located:
     column: str | None
 
 
-def _server_message(exc: BaseException) -> str:
+def _server_message(exc: BaseException, target: str = "", name: str = "") -> str:
+    """The server's message and detail, speaking of the user's table, not the private stage.
+
+    ``target`` is the quoted table, ``name`` its bare name (stage constraints are named after
+    the stage, as the table's own are after the table).
+    """
     message = str(getattr(exc, "message", "") or exc)
     detail = getattr(exc, "detail", None)
-    return f"{message} ({detail})" if detail else message
+    text = f"{message} ({detail})" if detail else message
+    if target:
+        text = text.replace(f'"{_STAGE}"', target).replace(_STAGE, name)
+    return text
 
 
 def _split_table(table: Any) -> tuple[str | None, str]:
