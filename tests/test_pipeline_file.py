@@ -221,7 +221,7 @@ def test_every_batch_config_field_can_be_set_except_functions() -> None:
         "circuit_breaker_cooldown": 2.0,
         "message_ttl": 60.0,
         "serializer": "json",
-        "compression": "none",
+        "compression": "gzip",
         "compression_level": 1,
     }
     assert set(values) | {"sizer"} == set(BatchConfig.field_names())
