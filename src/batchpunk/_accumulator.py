@@ -185,7 +185,7 @@ class Accumulator:
                 self.cut(lane, "bytes")
         elif self.all_mode and lane.timer is None and self.full(lane):
             # ALL: the deadline already passed while the lane was short; size completes it.
-            self.cut(lane, "size")
+            self.cut(lane, "size" if len(lane.items) >= self.max_size else "bytes")
 
     def full(self, lane: Lane) -> bool:
         """Whether the lane meets the size condition (messages or bytes)."""
