@@ -109,14 +109,11 @@ class Accumulator:
     ``emit`` receives every cut Job, in cut order; the scheduler takes it from there.
     """
 
-    def __init__(
-        self,
-        config: BatchConfig,
-        loop: asyncio.AbstractEventLoop,
-        emit: Callable[[Job], None],
-    ) -> None:
+    #: The event loop whose deadlines time the lanes; bound by ``bind`` when the processor starts.
+    loop: asyncio.AbstractEventLoop
+
+    def __init__(self, config: BatchConfig, emit: Callable[[Job], None]) -> None:
         self.config = config
-        self.loop = loop
         self.emit = emit
         trigger = config.trigger
         self.size_triggers = trigger in (BatchTrigger.SIZE, BatchTrigger.BOTH)
@@ -130,6 +127,10 @@ class Accumulator:
         self.default = self.lane(None, 0)
         self.seq = 0
         self.flush_reasons: dict[str, int] = {}
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Use this loop's clock and timers from now on."""
+        self.loop = loop
 
     # -- lanes -----------------------------------------------------------------------------
     def lane(self, key: Any, priority: int) -> Lane:

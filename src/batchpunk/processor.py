@@ -126,13 +126,32 @@ class BatchProcessor(Generic[T, R]):
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._acc: Accumulator | None = None
-        self._sched: Scheduler | None = None
-        self._exec: Execution | None = None
-        self._outbox: Outbox | None = None
+        # The engine, in the order a message travels; start() binds it to the running loop.
+        self._acc = Accumulator(config, self._emit)
+        self._default: Lane = self._acc.default
+        self._items: list[Any] = self._default.items
+        self._sched = Scheduler(config.concurrency, config.preserve_order, self._start_job)
         self._breaker: CircuitBreaker | None = None
-        self._default: Lane | None = None
-        self._items: list[Any] = []
+        if config.circuit_breaker_threshold is not None:
+            self._breaker = CircuitBreaker(
+                config.circuit_breaker_threshold, config.circuit_breaker_cooldown
+            )
+        self._exec = Execution(
+            config,
+            processor,
+            observer=self._observer,
+            breaker=self._breaker,
+            succeeded=self._succeeded,
+            dead=self._dead_in_flight,
+        )
+        self._outbox: Outbox | None = None
+        if self._put is not None:
+            self._outbox = Outbox(
+                self._put,
+                self._delivered,
+                retry_delay=config.retry_delay,
+                retry_max_delay=config.retry_max_delay,
+            )
 
     def __repr__(self) -> str:
         return (
@@ -147,31 +166,9 @@ class BatchProcessor(Generic[T, R]):
             return
         if self._state is not _State.NEW:
             raise ProcessorClosed("a stopped BatchProcessor cannot start again; create a new one")
-        cfg = self.config
         self._loop = asyncio.get_running_loop()
-        if cfg.circuit_breaker_threshold is not None:
-            self._breaker = CircuitBreaker(
-                cfg.circuit_breaker_threshold, cfg.circuit_breaker_cooldown
-            )
-        self._acc = Accumulator(cfg, self._loop, self._emit)
-        self._default = self._acc.default
-        self._items = self._default.items
-        self._sched = Scheduler(cfg.concurrency, cfg.preserve_order, self._start_job)
-        self._exec = Execution(
-            cfg,
-            self.processor,
-            observer=self._observer,
-            breaker=self._breaker,
-            succeeded=self._succeeded,
-            dead=self._dead_in_flight,
-        )
-        if self._put is not None:
-            self._outbox = Outbox(
-                self._put,
-                self._delivered,
-                retry_delay=cfg.retry_delay,
-                retry_max_delay=cfg.retry_max_delay,
-            )
+        self._acc.bind(self._loop)
+        if self._outbox is not None:
             self._outbox.start()
         self._state = _State.RUNNING
         self._open = True
@@ -227,9 +224,9 @@ class BatchProcessor(Generic[T, R]):
             self._room -= 1
             size = len(items)
             if size == 1:
-                self._acc.arm(self._default)  # type: ignore[union-attr,arg-type]
+                self._acc.arm(self._default)
             if size >= self._cut_at:
-                self._acc.cut(self._default, "size")  # type: ignore[union-attr,arg-type]
+                self._acc.cut(self._default, "size")
             return
         if self._room > 0:
             self._add(message, key, priority, None)
@@ -242,8 +239,18 @@ class BatchProcessor(Generic[T, R]):
         Returns once the message is accepted, never after its batch ran: a producer waits for
         a processor only through the backpressure it configured with max_pending.
         """
-        if self._room > 0:
-            self.add_message_nowait(message, key=key, priority=priority)
+        # The hot path again, inline: a call less is a fifth of this method's cost.
+        if self._room > 0 and key is None and priority == 0 and self._plain:
+            items = self._items
+            items.append(message)
+            self._room -= 1
+            size = len(items)
+            if size == 1:
+                self._acc.arm(self._default)
+            if size >= self._cut_at:
+                self._acc.cut(self._default, "size")
+        elif self._room > 0:
+            self._add(message, key, priority, None)
         else:
             await self._accept(message, key, priority, None)
 
@@ -252,11 +259,27 @@ class BatchProcessor(Generic[T, R]):
 
         Raises the error that finally failed it (after its dead letter was stored).
         """
-        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        if self._room > 0:
-            self._add(message, key, priority, future)
+        if self._room > 0 and key is None and priority == 0 and self._plain:
+            future: asyncio.Future[R] = self._loop.create_future()  # type: ignore[union-attr]
+            lane = self._default
+            items = self._items
+            trackers = lane.trackers
+            if trackers is None:
+                trackers = lane.trackers = {}
+            trackers[len(items)] = future
+            items.append(message)
+            self._room -= 1
+            size = len(items)
+            if size == 1:
+                self._acc.arm(lane)
+            if size >= self._cut_at:
+                self._acc.cut(lane, "size")
         else:
-            await self._accept(message, key, priority, future)
+            future = asyncio.get_running_loop().create_future()
+            if self._room > 0:
+                self._add(message, key, priority, future)
+            else:
+                await self._accept(message, key, priority, future)
         return await future
 
     async def replay(
@@ -297,7 +320,6 @@ class BatchProcessor(Generic[T, R]):
         """
         if self._state is _State.NEW:
             return
-        assert self._acc is not None
         self._acc.cut_all("manual")
         await self._wait_jobs(None)
         if self._outbox is not None:
@@ -338,7 +360,6 @@ class BatchProcessor(Generic[T, R]):
             hash(key)
         except TypeError:
             raise ValueError(f"key: expected a hashable value, got {key!r}") from None
-        assert self._acc is not None
         self._acc.add(message, key, priority, tracker)
         self._room -= 1
 
@@ -379,7 +400,6 @@ class BatchProcessor(Generic[T, R]):
 
     def _drop_oldest(self) -> bool:
         """Dead-letter the oldest message not yet running; False when all are running."""
-        assert self._acc is not None and self._sched is not None
         lane = self._acc.oldest()
         job: Job | None = None
         for waiting in self._sched.waiting():
@@ -406,7 +426,7 @@ class BatchProcessor(Generic[T, R]):
 
     def _relieve_pressure(self) -> None:
         """Full with nothing running or queued: cut the oldest lane, or nobody ever makes room."""
-        if self._unfinished_jobs == 0 and self._acc is not None:
+        if self._unfinished_jobs == 0:
             lane = self._acc.oldest()
             if lane is not None:
                 self._acc.cut(lane, "pressure")
@@ -417,7 +437,6 @@ class BatchProcessor(Generic[T, R]):
         size = len(job.batch)
         self._observer.received(size)
         self._observer.batch_cut(size, job.nbytes, job.batch.flush_reason)
-        assert self._sched is not None
         self._sched.push(job)
 
     def _start_job(self, job: Job) -> None:
@@ -429,7 +448,6 @@ class BatchProcessor(Generic[T, R]):
         task.add_done_callback(self._tasks.discard)
 
     async def _run(self, job: Job) -> None:
-        assert self._exec is not None and self._sched is not None
         self._in_flight += len(job.batch)
         try:
             await self._exec.run(job)
@@ -457,7 +475,6 @@ class BatchProcessor(Generic[T, R]):
         """Wait until every job cut so far finished; False on timeout."""
         if self._unfinished_jobs == 0:
             return True
-        assert self._acc is not None
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._job_waiters.append([self._acc.seq, self._unfinished_jobs, future])
         try:
@@ -520,7 +537,6 @@ class BatchProcessor(Generic[T, R]):
 
     # -- shutdown --------------------------------------------------------------------------
     async def _shutdown(self, drain: bool) -> None:
-        assert self._acc is not None and self._sched is not None and self._exec is not None
         self._open = False
         self._state = _State.CLOSING
         self._room -= _CLOSED
@@ -566,7 +582,6 @@ class BatchProcessor(Generic[T, R]):
 
     def _abandon_waiting(self, error: BaseException) -> None:
         """Dead-letter every message not yet running (lanes and queued batches)."""
-        assert self._acc is not None and self._sched is not None
         for lane in self._acc.take_all():
             entries = _entries(
                 lane.items, lane.key, lane.priority, lane.trackers, lane.first_wall, error
@@ -608,13 +623,13 @@ class BatchProcessor(Generic[T, R]):
 
         Message counts: received = processed + dead_lettered + pending + in_flight.
         """
-        acc, sched, ex = self._acc, self._sched, self._exec
+        acc, sched, ex, outbox = self._acc, self._sched, self._exec, self._outbox
         now = self._loop.time() if self._loop is not None else 0.0
-        oldest = acc.oldest() if acc is not None else None
+        oldest = acc.oldest()
         stats: dict[str, Any] = {
-            "current_batch_size": acc.buffered() if acc is not None else 0,
+            "current_batch_size": acc.buffered(),
             "batch_age": now - oldest.first_seen if oldest is not None else 0.0,
-            "is_processing": bool(sched is not None and sched.running),
+            "is_processing": sched.running > 0,
             "config": self.config.to_dict(),
             "state": self._state.value,
             "received": self.received,
@@ -623,19 +638,17 @@ class BatchProcessor(Generic[T, R]):
             "dead_lettered": self._dead_count,
             "dropped": self._dead_reasons.get("dropped", 0),
             "dead_letter_reasons": dict(self._dead_reasons),
-            "dead_letter_backlog": len(self._outbox) if self._outbox is not None else 0,
-            "dead_letter_write_failures": (
-                self._outbox.failed_writes if self._outbox is not None else 0
-            ),
-            "batches": acc.seq if acc is not None else 0,
-            "batches_waiting": len(sched) if sched is not None else 0,
-            "batches_running": sched.running if sched is not None else 0,
-            "calls": ex.calls if ex is not None else 0,
-            "retries": ex.retries if ex is not None else 0,
-            "splits": ex.splits if ex is not None else 0,
+            "dead_letter_backlog": len(outbox) if outbox is not None else 0,
+            "dead_letter_write_failures": outbox.failed_writes if outbox is not None else 0,
+            "batches": acc.seq,
+            "batches_waiting": len(sched),
+            "batches_running": sched.running,
+            "calls": ex.calls,
+            "retries": ex.retries,
+            "splits": ex.splits,
             "pending": self.pending,
             "in_flight": self._in_flight,
-            "flush_reasons": dict(acc.flush_reasons) if acc is not None else {},
+            "flush_reasons": dict(acc.flush_reasons),
             "circuit": self.circuit,
         }
         stats.update(self._observer.snapshot(history))
