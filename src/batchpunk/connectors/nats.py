@@ -439,16 +439,34 @@ class NatsJetStreamSource:
             reconnect_attempts=_count(owner, "reconnect_attempts", reconnect_attempts, -1),
         )
         self._js: Any = None
+        # The private inbox every pull request of this source replies to (one subscription,
+        # delivered through one callback: no task per message, unlike nats-py's fetch()).
         self._sub: Any = None
+        self._inbox = ""
+        self._next_subject = ""
         # What the consumer really does (the server's values win when create=False).
         self._server_ack_wait = self.ack_wait
         self._server_max_deliver = self.max_deliver
         self._ready: deque[Envelope] = deque()
         self._unsettled: dict[_Delivery, None] = {}
         self._start_lock = asyncio.Lock()
-        # One fetch at a time, run as its own task so that a caller cancelled while waiting for
-        # the next envelope never interrupts a request the server is answering.
-        self._fetcher: asyncio.Task[None] | None = None
+        # At most one pull request is outstanding: its reply subject (None: none), how many
+        # messages it may still bring, how many it brought, and when to give up on it.
+        self._pulls = 0
+        self._pull_reply: str | None = None
+        self._pull_left = 0
+        self._pull_got = 0
+        self._pull_sent = 0.0
+        self._pull_deadline = 0.0
+        self._pull_over = asyncio.Event()
+        self._pull_over.set()
+        # How the last pull ended, read by the reader before it sends the next one.
+        self._last_pull_empty = False
+        self._last_pull_quick = False
+        self._pull_error: str | None = None
+        self._consumer_suspect = False
+        # Set whenever a reader waiting for envelopes should look again.
+        self._wakeup = asyncio.Event()
         self._fetch_failure: BaseException | None = None
         self._stopping = False
         self._returner: asyncio.Task[None] | None = None
@@ -532,7 +550,19 @@ class NatsJetStreamSource:
                 config.filter_subject,
                 self.subject,
             )
-        return await js.pull_subscribe_bind(durable=self.durable, stream=self.stream)
+        return await self._subscribe(js)
+
+    async def _subscribe(self, js: Any) -> Any:
+        """Subscribe to this source's private inbox, where every pull request is answered.
+
+        Each pull gets its own reply subject under the inbox (``<inbox>.<n>``), so a status
+        that answers an old, given-up pull is told apart from one that ends the current pull.
+        """
+        nc = self._conn.nc
+        self._inbox = nc.new_inbox()
+        prefix = getattr(js, "_prefix", None) or "$JS.API"
+        self._next_subject = f"{prefix}.CONSUMER.MSG.NEXT.{self.stream}.{self.durable}"
+        return await nc.subscribe(f"{self._inbox}.*", cb=self._on_message)
 
     async def _ensure_stream(self, js: Any, errors: Any) -> None:
         try:
@@ -583,17 +613,18 @@ class NatsJetStreamSource:
     async def close(self) -> None:
         """Stop fetching, nak every unsettled message, flush and close; safe to call twice.
 
-        An in-flight fetch is let finish (it ends within ``fetch_timeout``) rather than
-        cancelled, so no message the server already sent is left unaccounted for.
+        The pull request in flight is let finish (it ends within ``fetch_timeout``) rather
+        than abandoned, so no message the server already sent is left unaccounted for.
         """
         if self._closing:
             await self._closed.wait()
             return
         self._closing = True
+        self._wakeup.set()
         try:
-            for task in (self._fetcher, self._returner):
-                if task is not None:
-                    await asyncio.wait([task])
+            if self._returner is not None:
+                await asyncio.wait([self._returner])
+            await self._wait_pull_over()
             if self._heartbeat is not None:
                 self._heartbeat.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -619,12 +650,12 @@ class NatsJetStreamSource:
             self._closed.set()
 
     def _drain_client_buffer(self) -> list[Any]:
-        """Messages the server sent for a pull request but no fetch picked up yet.
+        """Messages the server sent to the inbox that the callback had not taken yet.
 
-        nats-py keeps them in the subscription's queue; taking them lets close() nak them now
-        rather than leave them locked until ack_wait expires.
+        nats-py keeps them in the subscription's queue and drops them on unsubscribe; taking
+        them lets close() nak them now rather than leave them locked until ack_wait expires.
         """
-        queue = getattr(getattr(self._sub, "_sub", None), "_pending_queue", None)
+        queue = getattr(self._sub, "_pending_queue", None)
         found: list[Any] = []
         if queue is None:
             return found
@@ -644,8 +675,9 @@ class NatsJetStreamSource:
     async def __anext__(self) -> Envelope:
         """The next envelope; ends (StopAsyncIteration) once close() was called.
 
-        Cancelling the caller is safe: the fetch it waits on goes on, and what it brings is
-        kept for the next call (or nak'd by close()).
+        Cancelling the caller is safe: messages are taken off the connection by the inbox's
+        callback, never by the caller, so what a pull brings is kept for the next call (or
+        nak'd by close()).
         """
         while True:
             if self._closing or self._stopping:
@@ -656,78 +688,186 @@ class NatsJetStreamSource:
                 failure, self._fetch_failure = self._fetch_failure, None
                 raise failure
             await self.start()
-            if self._fetcher is None or self._fetcher.done():
-                self._fetcher = asyncio.create_task(
-                    self._fill(), name=f"batchpunk-nats-fetch:{self.durable}"
-                )
-            await asyncio.shield(self._fetcher)
+            if self._pull_reply is not None and time.monotonic() >= self._pull_deadline:
+                # Neither the messages nor the closing status came (a reconnect lost the
+                # request): give up on it; anything it still brings is taken all the same.
+                self._end_pull()
+            if self._pull_reply is None:
+                await self._before_pull()
+                if self._ready or self._closing or self._stopping:
+                    continue
+                await self._pull()
+            self._wakeup.clear()
+            if self._ready or self._pull_reply is None or self._closing or self._stopping:
+                continue
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, self._pull_deadline - time.monotonic())):
+                    await self._wakeup.wait()
 
     def stop_consuming(self) -> None:
         """End iteration soon while acknowledgements still work (the pipeline's graceful stop).
 
-        No new fetch starts; the one in flight finishes, and whatever was fetched but not yet
+        No new pull starts; the one in flight finishes, and whatever was fetched but not yet
         handed out is nak'd at once so that other workers get it while this one drains.
         """
         if self._stopping or self._closing:
             return
         self._stopping = True
+        self._wakeup.set()
         self._returner = asyncio.get_running_loop().create_task(
             self._return_unread(), name=f"batchpunk-nats-return:{self.durable}"
         )
 
     async def _return_unread(self) -> None:
-        if self._fetcher is not None:
-            await asyncio.wait([self._fetcher])
+        await self._wait_pull_over()
         while self._ready:
             await self._ready.popleft().nack(True)
 
-    async def _fill(self) -> None:
-        """One fetch, its messages registered as unsettled and queued as envelopes."""
-        try:
-            for msg in await self._fetch():
-                delivery, envelopes = self._envelopes(msg)
-                if envelopes:
-                    self._ready.extend(envelopes)
-                else:  # an empty frame: nothing to process, nothing to lose
-                    await self._settle_message(delivery, _ACK)
-        except Exception as exc:  # handed to the next __anext__, never lost in a task
-            self._fetch_failure = exc
+    async def _wait_pull_over(self) -> None:
+        """Wait until the pull in flight has brought all it will, or was given up on."""
+        if self._pull_reply is None:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(0.0, self._pull_deadline - time.monotonic())):
+                await self._pull_over.wait()
+        if self._pull_reply is not None:
+            self._end_pull()
 
-    async def _fetch(self) -> list[Any]:
-        nats = require("nats", "nats", "NatsJetStreamSource")
-        js_errors = require("nats.js.errors", "nats", "NatsJetStreamSource")
-        try:
-            msgs: list[Any] = await self._sub.fetch(self.fetch_size, timeout=self.fetch_timeout)
-        except TimeoutError:  # nats.errors.TimeoutError too: the stream had nothing for us
-            await self._check_consumer_when_idle()
-            return []
-        except nats.errors.ConnectionClosedError:
+    # -- the pull protocol ---------------------------------------------------------------------
+    #
+    # nats-py's PullSubscription.fetch() awaits every message of a batch through a task of its
+    # own, which caps one worker at about 12,000-15,000 messages/s. The source speaks the pull
+    # protocol itself instead, with the request fetch() starts with:
+    # {"batch": n, "expires": ns, "no_wait": true} to $JS.API.CONSUMER.MSG.NEXT.<stream>.
+    # <durable>, replying to a subject under the private inbox. The server sends what the
+    # consumer has, up to n messages, then ends the request with a status message (408 Request
+    # Timeout, 404 No Messages on some versions), or silently when exactly n went out; with
+    # nothing to send it waits up to ``expires`` for the first message. 409 ends a request on a
+    # conflict (leadership change, deleted consumer, too many waiting requests). Messages are
+    # handed out as they arrive; the next request goes out once they are all taken, so one
+    # worker holds at most one batch that no envelope was made for.
+
+    async def _pull(self) -> None:
+        """Send one pull request; its messages arrive through ``_on_message``."""
+        if self._pull_reply is not None or self._ready or self._closing or self._stopping:
+            return  # another reader got here first, or no pull may start any more
+        nc = self._conn.nc
+        if nc is None or nc.is_closed:
             if self._closing:
-                return []
+                return
             raise ConnectionError(
                 f"NatsJetStreamSource: the connection to {self._conn.where} is closed "
                 f"(reconnect_attempts={self._conn.reconnect_attempts} exhausted)"
-            ) from None
-        except js_errors.APIError as exc:
-            log.warning(
-                "NatsJetStreamSource: fetch from %r failed: %s",
-                self.durable,
-                self._conn.scrub(str(exc)),
             )
-            await asyncio.sleep(self.fetch_timeout)
-            await self._check_consumer_when_idle(force=True)
-            return []
-        except (nats.errors.Error, OSError) as exc:
-            # Reconnecting, slow consumer, ...: the client recovers; try again shortly.
+        if not nc.is_connected:
+            # Reconnecting: a request sent now would wait in the client's buffer and go out
+            # with every other one sent meanwhile, each bringing a batch. Wait instead.
+            await asyncio.sleep(min(self.fetch_timeout, 0.25))
+            return
+        self._pulls += 1
+        reply = f"{self._inbox}.{self._pulls}"
+        request = json.dumps(
+            {
+                "batch": self.fetch_size,
+                "expires": int(self.fetch_timeout * 1_000_000_000),
+                "no_wait": True,
+            }
+        ).encode()
+        now = time.monotonic()
+        # Set before publishing: a reader cancelled inside publish() leaves a pull that is
+        # either sent (its messages are taken by the callback) or given up at the deadline.
+        self._pull_reply = reply
+        self._pull_left = self.fetch_size
+        self._pull_got = 0
+        self._pull_sent = now
+        self._pull_deadline = now + self.fetch_timeout + min(1.0, max(0.25, self.fetch_timeout))
+        self._pull_over.clear()
+        try:
+            await nc.publish(self._next_subject, request, reply=reply)
+        except Exception as exc:
+            self._end_pull()
+            nats = require("nats", "nats", "NatsJetStreamSource")
+            if not isinstance(exc, nats.errors.Error | OSError):
+                raise
+            # Reconnecting with a full buffer and the like: the client recovers; retry soon.
             log.warning(
                 "NatsJetStreamSource: fetch from %r failed, retrying: %s",
                 self.durable,
                 self._conn.scrub(f"{type(exc).__name__}: {exc}"),
             )
             await asyncio.sleep(self.fetch_timeout)
-            return []
+
+    async def _before_pull(self) -> None:
+        """Between pulls: report a refused pull, back off, check a consumer that looks idle."""
+        if self._pull_error is not None:
+            error, self._pull_error = self._pull_error, None
+            log.warning(
+                "NatsJetStreamSource: fetch from %r failed: %s",
+                self.durable,
+                self._conn.scrub(error),
+            )
+            await asyncio.sleep(self.fetch_timeout)
+            await self._check_consumer_when_idle(force=True)
+        elif self._last_pull_empty:
+            force, self._consumer_suspect = self._consumer_suspect, False
+            await self._check_consumer_when_idle(force=force)
+            if self._last_pull_quick:
+                # Ended at once without a message (a conflict): do not hammer the server.
+                await asyncio.sleep(min(self.fetch_timeout, 0.25))
+        self._last_pull_empty = self._last_pull_quick = False
+
+    def _end_pull(self) -> None:
+        if self._pull_reply is None:
+            return
+        self._pull_reply = None
+        self._last_pull_empty = self._pull_got == 0
+        self._last_pull_quick = time.monotonic() - self._pull_sent < self.fetch_timeout / 2
+        self._pull_over.set()
+        self._wakeup.set()
+
+    async def _on_message(self, msg: Any) -> None:
+        """Every message sent to the inbox, one after the other, in nats-py's delivery task.
+
+        Does nothing that waits (but for acking an empty frame), so cancelling that task on
+        unsubscribe can never interrupt it halfway through a message.
+        """
+        if not msg.reply:  # a status message ending (or keeping alive) a pull request
+            headers = msg.headers or {}
+            status = headers.get("Status")
+            if status is not None:
+                self._on_status(msg.subject, status, headers.get("Description", ""))
+            return
+        if self._pull_reply is not None:
+            self._pull_got += 1
+            self._pull_left -= 1
+            if self._pull_left <= 0:
+                self._end_pull()
         self._last_check = time.monotonic()
-        return [m for m in msgs if m.reply]
+        try:
+            delivery, envelopes = self._envelopes(msg)
+        except Exception as exc:  # handed to the next __anext__, never lost in a callback
+            self._fetch_failure = exc
+            self._wakeup.set()
+            return
+        if envelopes:
+            self._ready.extend(envelopes)
+            self._wakeup.set()
+        else:  # an empty frame: nothing to process, nothing to lose
+            await self._settle_message(delivery, _ACK)
+
+    def _on_status(self, subject: str, status: str, description: str) -> None:
+        if status == "100":  # idle heartbeat: the request is alive
+            return
+        if subject != self._pull_reply:  # the end of a pull already given up on
+            return
+        if status == "409":
+            # Leadership change, server shutdown, deleted consumer, too many waiting pulls:
+            # pull again (after a pause if nothing came), checking the consumer first.
+            log.debug("NatsJetStreamSource: pull from %r ended: 409 %s", self.durable, description)
+            self._consumer_suspect = "delet" in description.lower()
+        elif status not in ("404", "408"):
+            self._pull_error = f"{status} {description}".strip()
+        self._end_pull()
 
     async def _check_consumer_when_idle(self, force: bool = False) -> None:
         """While idle, make sure the consumer still exists: a deleted one only looks idle."""
@@ -755,15 +895,14 @@ class NatsJetStreamSource:
             log.debug("NatsJetStreamSource: consumer check failed: %s", exc)
 
     def _envelopes(self, msg: Any) -> tuple[_Delivery, list[Envelope]]:
-        metadata = msg.metadata
-        delivered = int(metadata.num_delivered)
+        stream, delivered, stream_seq, consumer_seq, timestamp = _ack_metadata(msg.reply)
         headers: dict[str, Any] = {
             "subject": msg.subject,
-            "stream": metadata.stream,
-            "stream_seq": metadata.sequence.stream,
-            "consumer_seq": metadata.sequence.consumer,
+            "stream": stream,
+            "stream_seq": stream_seq,
+            "consumer_seq": consumer_seq,
             "delivery_count": delivered,
-            "timestamp": metadata.timestamp.timestamp(),
+            "timestamp": timestamp,
         }
         if msg.headers:
             headers["nats_headers"] = dict(msg.headers)
@@ -780,7 +919,7 @@ class NatsJetStreamSource:
         if delivered >= self._server_max_deliver:
             headers[REDELIVERED] = True
             error = error or DeliveryLimitExceeded(
-                f"stream {metadata.stream!r} sequence {metadata.sequence.stream} was delivered "
+                f"stream {stream!r} sequence {stream_seq} was delivered "
                 f"{delivered} times, the consumer's max_deliver={self._server_max_deliver}"
             )
         return delivery, [
@@ -876,9 +1015,35 @@ class NatsJetStreamSource:
 
 def _stream_seq(msg: Any) -> Any:
     try:
-        return msg.metadata.sequence.stream
+        return _ack_metadata(msg.reply)[2]
     except Exception:
         return "?"
+
+
+def _ack_metadata(reply: str) -> tuple[str, int, int, int, float]:
+    """(stream, delivery count, stream sequence, consumer sequence, timestamp) of a message.
+
+    JetStream puts them in the reply subject, ``$JS.ACK.<stream>.<consumer>.<delivered>.
+    <stream seq>.<consumer seq>.<nanoseconds>.<pending>`` (with a domain and an account hash
+    after ``ACK`` on newer servers). Parsed here rather than through nats-py's ``msg.metadata``,
+    which builds a datetime per message; the timestamp is the same float (seconds, rounded to
+    microseconds as that datetime did).
+    """
+    tokens = reply.split(".")
+    count = len(tokens)
+    if tokens[0] != "$JS" or tokens[1] != "ACK" or not (count == 9 or count >= 11):
+        raise ValueError(f"not a JetStream message: reply subject {reply!r}")
+    at = 2 if count == 9 else 4
+    seconds = int(tokens[at + 5]) / 1_000_000_000.0
+    whole = int(seconds)
+    micros = whole * 1_000_000 + round((seconds - whole) * 1e6)
+    return (
+        tokens[at],
+        int(tokens[at + 2]),
+        int(tokens[at + 3]),
+        int(tokens[at + 4]),
+        micros / 1_000_000,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
