@@ -691,7 +691,7 @@ class NatsJetStreamSource:
             if self._pull_reply is not None and time.monotonic() >= self._pull_deadline:
                 # Neither the messages nor the closing status came (a reconnect lost the
                 # request): give up on it; anything it still brings is taken all the same.
-                self._end_pull()
+                self._end_pull(unanswered=True)
             if self._pull_reply is None:
                 await self._before_pull()
                 if self._ready or self._closing or self._stopping:
@@ -808,17 +808,24 @@ class NatsJetStreamSource:
             )
             await asyncio.sleep(self.fetch_timeout)
             await self._check_consumer_when_idle(force=True)
-        elif self._last_pull_empty:
+        elif self._last_pull_empty or self._consumer_suspect:
             force, self._consumer_suspect = self._consumer_suspect, False
             await self._check_consumer_when_idle(force=force)
-            if self._last_pull_quick:
+            if self._last_pull_empty and self._last_pull_quick:
                 # Ended at once without a message (a conflict): do not hammer the server.
                 await asyncio.sleep(min(self.fetch_timeout, 0.25))
         self._last_pull_empty = self._last_pull_quick = False
 
-    def _end_pull(self) -> None:
+    def _end_pull(self, unanswered: bool = False) -> None:
+        """The pull in flight is over; ``unanswered``: given up on, no status ever came.
+
+        A live server always ends a request, so silence means a lost connection or a consumer
+        that no longer exists (requests to it go nowhere): check it before the next pull.
+        """
         if self._pull_reply is None:
             return
+        if unanswered:
+            self._consumer_suspect = True
         self._pull_reply = None
         self._last_pull_empty = self._pull_got == 0
         self._last_pull_quick = time.monotonic() - self._pull_sent < self.fetch_timeout / 2
