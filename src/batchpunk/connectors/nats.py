@@ -358,7 +358,8 @@ class NatsJetStreamSource:
         max_deliver: deliveries before the server gives up on a message; batchpunk flags the
             last one for dead-lettering (reason "redelivered"). At least 2.
         batch: messages per fetch; None takes ``max_size`` from ``prepare(config)``.
-        fetch_timeout: seconds one fetch waits for messages; bounds how long ``close()`` waits.
+        fetch_timeout: seconds one pull waits for a first message; bounds how long ``close()``
+            waits.
         decode: "json" (default), "bytes", "text", or "frame" (a batchpunk frame holding many
             payloads, as written by a frame-encoding sink).
         create: create the stream if missing, and create or update the consumer with these
@@ -744,8 +745,8 @@ class NatsJetStreamSource:
     # Timeout, 404 No Messages on some versions), or silently when exactly n went out; with
     # nothing to send it waits up to ``expires`` for the first message. 409 ends a request on a
     # conflict (leadership change, deleted consumer, too many waiting requests). Messages are
-    # handed out as they arrive; the next request goes out once they are all taken, so one
-    # worker holds at most one batch that no envelope was made for.
+    # handed out as they arrive; the next request goes out once they are all taken, so a
+    # worker holds at most one batch that the pipeline has not taken yet.
 
     async def _pull(self) -> None:
         """Send one pull request; its messages arrive through ``_on_message``."""
@@ -753,8 +754,6 @@ class NatsJetStreamSource:
             return  # another reader got here first, or no pull may start any more
         nc = self._conn.nc
         if nc is None or nc.is_closed:
-            if self._closing:
-                return
             raise ConnectionError(
                 f"NatsJetStreamSource: the connection to {self._conn.where} is closed "
                 f"(reconnect_attempts={self._conn.reconnect_attempts} exhausted)"
