@@ -20,7 +20,6 @@ __all__ = ["BatchConfig", "BatchTrigger", "OverflowPolicy", "RetryOn"]
 RetryOn = tuple[type[BaseException], ...] | Callable[[BaseException], bool]
 
 
-
 class BatchTrigger(StrEnum):
     """When a lane of waiting messages becomes a batch.
 

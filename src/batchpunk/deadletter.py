@@ -42,6 +42,7 @@ def __getattr__(name: str) -> Any:
         return getattr(deadletter_sinks, name)
     raise AttributeError(f"module 'batchpunk.deadletter' has no attribute {name!r}")
 
+
 #: Why a message was dead-lettered.
 REASONS = ("failed", "dropped", "expired", "shutdown", "malformed", "redelivered")
 
