@@ -208,3 +208,36 @@ async def test_a_cancelled_submit_does_not_disturb_its_batch() -> None:
         stats = await ledger(p)
     assert rec.processed == [1, 2]
     assert stats["processed"] == 2
+
+
+async def test_submit_nowait_returns_each_messages_future_at_once() -> None:
+    """submit_nowait accepts at once and its future holds that message's own result."""
+    rec = Recorder(result=lambda m: m * 3)
+    async with BatchProcessor(config(max_size=4), rec) as p:
+        futures = [p.submit_nowait(i, key=i % 2) for i in range(10)]
+        assert all(isinstance(f, asyncio.Future) for f in futures)
+        assert await asyncio.gather(*futures) == [i * 3 for i in range(10)]
+    await stopped_ledger(p)
+
+
+async def test_submit_nowait_refuses_like_add_message_nowait() -> None:
+    """Before start and when full under RAISE it raises; under DROP_NEWEST the future fails."""
+    from batchpunk import BufferFull, ProcessorClosed
+
+    idle = BatchProcessor(config(), Recorder())
+    with pytest.raises(ProcessorClosed):
+        idle.submit_nowait(1)
+    rec = Recorder(held=True)
+    async with BatchProcessor(config(max_pending=1, overflow="raise"), rec) as p:
+        first = p.submit_nowait(1)
+        with pytest.raises(BufferFull):
+            p.submit_nowait(2)
+        rec.gate.set()
+        assert await first is None
+    async with BatchProcessor(config(max_pending=1, overflow="drop_newest"), Recorder()) as p:
+        kept = p.submit_nowait(1)
+        dropped = p.submit_nowait(2)
+        with pytest.raises(BufferFull):
+            await dropped
+        assert await kept is None
+    assert [letter.reason for letter in p.dead_letters] == ["dropped"]

@@ -321,10 +321,14 @@ class Execution:
     # -- settling --------------------------------------------------------------------------
     def _complete(self, job: Job, node: _Node, results: Sequence[Any] | None) -> None:
         trackers = node.trackers
-        if trackers:
+        if trackers and results is None:
+            for tracker in trackers.values():
+                if not tracker.done():
+                    tracker.set_result(None)
+        elif trackers and results is not None:
             for index, tracker in trackers.items():
                 if not tracker.done():
-                    tracker.set_result(results[index] if results is not None else None)
+                    tracker.set_result(results[index])
         latency = asyncio.get_running_loop().time() - job.first_seen
         self._succeeded(len(node.batch), latency)
 

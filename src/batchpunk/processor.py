@@ -257,10 +257,29 @@ class BatchProcessor(Generic[T, R]):
     async def submit(self, message: T, *, key: Any = None, priority: int = 0) -> R:
         """Accept a message and return its own result once its batch ran.
 
-        Raises the error that finally failed it (after its dead letter was stored).
+        Raises the error that finally failed it (after its dead letter was stored). Waits for
+        room under the BLOCK policy, like add_message.
         """
-        if self._room > 0 and key is None and priority == 0 and self._plain:
-            future: asyncio.Future[R] = self._loop.create_future()  # type: ignore[union-attr]
+        if self._room > 0:
+            return await self.submit_nowait(message, key=key, priority=priority)
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        await self._accept(message, key, priority, future)
+        return await future
+
+    def submit_nowait(self, message: T, *, key: Any = None, priority: int = 0) -> asyncio.Future[R]:
+        """Accept a message now and return the future of its own result.
+
+        Never waits: raises BufferFull or ProcessorClosed like add_message_nowait (under the
+        drop policies the future fails with BufferFull once the message's letter is stored).
+        Choose it over ``submit`` for many results at once (``gather`` them): it costs one
+        future per message and no coroutine.
+        """
+        if self._room <= 0:
+            future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+            self._refuse(message, key, priority, future)
+            return future
+        future = self._loop.create_future()  # type: ignore[union-attr]
+        if key is None and priority == 0 and self._plain:
             lane = self._default
             items = self._items
             trackers = lane.trackers
@@ -275,12 +294,8 @@ class BatchProcessor(Generic[T, R]):
             if size >= self._cut_at:
                 self._acc.cut(lane, "size")
         else:
-            future = asyncio.get_running_loop().create_future()
-            if self._room > 0:
-                self._add(message, key, priority, future)
-            else:
-                await self._accept(message, key, priority, future)
-        return await future
+            self._add(message, key, priority, future)
+        return future
 
     async def replay(
         self, letters: Iterable[DeadLetter] | AsyncIterable[DeadLetter]
