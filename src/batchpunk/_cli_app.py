@@ -458,9 +458,10 @@ def dlq_replay(
 
 
 async def _read_file(file: Path) -> list[Any]:
-    from batchpunk._demo import open_dead_letters, read_letters
+    from batchpunk._demo import read_letters
+    from batchpunk.deadletter_sinks import open_dead_letter_file
 
-    store = open_dead_letters(file)
+    store = open_dead_letter_file(file)
     try:
         return await read_letters(store)
     finally:
@@ -468,11 +469,12 @@ async def _read_file(file: Path) -> list[Any]:
 
 
 async def _replay(file: Path, spec: Any, reason: str | None) -> tuple[int, list[Any], int]:
-    from batchpunk._demo import open_dead_letters, read_letters
+    from batchpunk._demo import read_letters
     from batchpunk.deadletter import MemoryDeadLetters
+    from batchpunk.deadletter_sinks import open_dead_letter_file
     from batchpunk.processor import BatchProcessor
 
-    store = open_dead_letters(file)
+    store = open_dead_letter_file(file)
     try:
         letters = await read_letters(store)
         chosen = [letter for letter in letters if reason is None or letter.reason == reason]

@@ -25,7 +25,7 @@ from batchpunk.connectors.sqlite import SqliteSink
 from batchpunk.deadletter import DeadLetter
 from batchpunk.pipeline import Pipeline
 
-__all__ = ["DemoResult", "DemoSink", "demo_config", "open_dead_letters", "read_letters", "run_demo"]
+__all__ = ["DemoResult", "DemoSink", "demo_config", "read_letters", "run_demo"]
 
 _ID = re.compile(r'"id":\s*(\d+)')
 
@@ -105,15 +105,6 @@ class DemoResult:
         """Every generated event is a row or a letter, exactly once, the letters exactly those
         expected (all of them when the run was not stopped early)."""
         return not self.problems
-
-
-def open_dead_letters(path: Path) -> Any:
-    """The dead-letter store for a file: SQLite if it is a SQLite database, else JSON Lines."""
-    from batchpunk import deadletter_sinks
-
-    if path.exists() and path.read_bytes()[:16] == b"SQLite format 3\x00":
-        return deadletter_sinks.SqliteDeadLetters(str(path))
-    return deadletter_sinks.JsonlDeadLetters(str(path))
 
 
 async def read_letters(store: Any) -> list[DeadLetter]:

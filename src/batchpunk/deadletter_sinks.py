@@ -54,6 +54,7 @@ from batchpunk.deadletter import DeadLetter
 from batchpunk.errors import BatchpunkError, DeadLetterError, FrameError
 
 __all__ = [
+    "open_dead_letter_file",
     "JsonlDeadLetters",
     "MalformedDeadLetter",
     "SqliteDeadLetters",
@@ -743,3 +744,17 @@ class SqliteDeadLetters:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+
+def open_dead_letter_file(path: str | Path) -> JsonlDeadLetters | SqliteDeadLetters:
+    """The dead-letter store behind a file: SQLite when it is a SQLite database, else JSON Lines.
+
+    For tools that are handed a file (``batchpunk dlq show`` and ``replay``) and must not guess
+    from its name.
+    """
+    path = Path(path)
+    if path.is_file():
+        with path.open("rb") as handle:
+            if handle.read(16) == b"SQLite format 3\x00":
+                return SqliteDeadLetters(str(path))
+    return JsonlDeadLetters(str(path))
