@@ -279,22 +279,7 @@ class BatchProcessor(Generic[T, R]):
             self._refuse(message, key, priority, future)
             return future
         future = self._loop.create_future()  # type: ignore[union-attr]
-        if key is None and priority == 0 and self._plain:
-            lane = self._default
-            items = self._items
-            trackers = lane.trackers
-            if trackers is None:
-                trackers = lane.trackers = {}
-            trackers[len(items)] = future
-            items.append(message)
-            self._room -= 1
-            size = len(items)
-            if size == 1:
-                self._acc.arm(lane)
-            if size >= self._cut_at:
-                self._acc.cut(lane, "size")
-        else:
-            self._add(message, key, priority, future)
+        self._track(message, key, priority, future)
         return future
 
     async def replay(
@@ -346,7 +331,7 @@ class BatchProcessor(Generic[T, R]):
             if not self._open:
                 raise self._closed_error()
             if self._room > 0:
-                self._add(message, key, priority, tracker)
+                self._track(message, key, priority, tracker)
                 return
             if self.config.overflow is not OverflowPolicy.BLOCK:
                 self._refuse(message, key, priority, tracker)
@@ -364,9 +349,28 @@ class BatchProcessor(Generic[T, R]):
     def _accept_nowait(self, message: Any, key: Any, priority: int, tracker: Tracker) -> None:
         """add_message_nowait with a completion tracker (pipelines use it)."""
         if self._room > 0:
-            self._add(message, key, priority, tracker)
+            self._track(message, key, priority, tracker)
         else:
             self._refuse(message, key, priority, tracker)
+
+    def _track(self, message: Any, key: Any, priority: int, tracker: Tracker) -> None:
+        """Accept a message with a completion tracker; the caller checked there is room."""
+        if key is None and priority == 0 and self._plain:
+            lane = self._default
+            items = self._items
+            trackers = lane.trackers
+            if trackers is None:
+                trackers = lane.trackers = {}
+            trackers[len(items)] = tracker
+            items.append(message)
+            self._room -= 1
+            size = len(items)
+            if size == 1:
+                self._acc.arm(lane)
+            if size >= self._cut_at:
+                self._acc.cut(lane, "size")
+        else:
+            self._add(message, key, priority, tracker)
 
     def _add(self, message: Any, key: Any, priority: int, tracker: Tracker) -> None:
         if type(priority) is not int:

@@ -20,6 +20,7 @@ from functools import partial
 from pathlib import Path
 from typing import IO, Any, cast
 
+from batchpunk.codec import decode_value
 from batchpunk.connectors._common import PayloadError, Worker, fail_payloads
 from batchpunk.envelope import Envelope
 from batchpunk.errors import ConfigError
@@ -99,7 +100,8 @@ class JsonlSource:
             self._settled |= skip
         pos, line_no = self._read_pos
         stream = await self._open(pos)
-        decode = json.JSONDecoder().decode  # skips loads()' encoding sniffing per line
+        # The codec's json path: orjson when installed, with the standard library's meaning.
+        decode = decode_value
         key_field, priority_field = self.key_field, self.priority_field
         tracking = self.checkpoint is not None
         remainder = b""
@@ -128,7 +130,7 @@ class JsonlSource:
                     if self.closed:
                         return
                     try:
-                        payload = decode(line.decode())
+                        payload = decode(line)
                     except (ValueError, RecursionError) as exc:
                         text = line.decode("utf-8", "replace").rstrip("\r")
                         envelope = Envelope(
