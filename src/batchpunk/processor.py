@@ -354,14 +354,15 @@ class BatchProcessor(Generic[T, R]):
             self._refuse(message, key, priority, tracker)
 
     def _track(self, message: Any, key: Any, priority: int, tracker: Tracker) -> None:
-        """Accept a message with a completion tracker; the caller checked there is room."""
+        """Accept a message, with a completion tracker or None; the caller checked for room."""
         if key is None and priority == 0 and self._plain:
             lane = self._default
             items = self._items
-            trackers = lane.trackers
-            if trackers is None:
-                trackers = lane.trackers = {}
-            trackers[len(items)] = tracker
+            if tracker is not None:
+                trackers = lane.trackers
+                if trackers is None:
+                    trackers = lane.trackers = {}
+                trackers[len(items)] = tracker
             items.append(message)
             self._room -= 1
             size = len(items)
