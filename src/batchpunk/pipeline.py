@@ -360,7 +360,7 @@ class Pipeline:
     # -- consuming -----------------------------------------------------------------------------
 
     async def _consume(self, processor: BatchProcessor[Any, Any]) -> None:
-        accept = processor._accept
+        accept, offer = processor._accept, processor._offer
         iterator = self.source.__aiter__()
         next_envelope = iterator.__anext__
         open_tickets, by_id = self._open, self._by_id
@@ -391,7 +391,9 @@ class Pipeline:
                     continue
                 by_id.setdefault(id(envelope.payload), ticket)
             try:
-                await accept(envelope.payload, envelope.key, envelope.priority, ticket)
+                payload, key, priority = envelope.payload, envelope.key, envelope.priority
+                if not offer(payload, key, priority, ticket):
+                    await accept(payload, key, priority, ticket)
             except ProcessorClosed:
                 return  # stop began while this waited for room: it is nacked at shutdown
             except ValueError as exc:  # an unusable key or priority from the source

@@ -346,12 +346,15 @@ class BatchProcessor(Generic[T, R]):
                     waiter.cancel()
                     self._room_waiters.remove(waiter)
 
-    def _accept_nowait(self, message: Any, key: Any, priority: int, tracker: Tracker) -> None:
-        """add_message_nowait with a completion tracker (pipelines use it)."""
+    def _offer(self, message: Any, key: Any, priority: int, tracker: Tracker) -> bool:
+        """Accept with a tracker if there is room now; False means: await ``_accept`` instead.
+
+        Lets a pipeline skip a coroutine per message while the buffer has room.
+        """
         if self._room > 0:
             self._track(message, key, priority, tracker)
-        else:
-            self._refuse(message, key, priority, tracker)
+            return True
+        return False
 
     def _track(self, message: Any, key: Any, priority: int, tracker: Tracker) -> None:
         """Accept a message, with a completion tracker or None; the caller checked for room."""
