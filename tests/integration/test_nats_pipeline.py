@@ -7,22 +7,18 @@ import asyncio
 import contextlib
 import json
 import tomllib
-from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from batchpunk.config import BatchConfig
 from batchpunk.connectors.nats import NatsJetStreamSource
-from batchpunk.deadletter import DeadLetter, MemoryDeadLetters
 from batchpunk.deadletter_sinks import JsonlDeadLetters
-from batchpunk.errors import PartialFailure
 from batchpunk.pipeline import Pipeline
 from batchpunk.pipeline_file import parse_pipeline
 from tests.conftest import require_server
 from tests.contract.cases_nats import NATS_URL, consumer_counts, fresh_stream, jetstream, unique
 from tests.contract.harness import take
+from tests.integration.pipeline_support import CONFIG, IdSink, Letters, run_until
 
 pytestmark = pytest.mark.integration
 
@@ -30,55 +26,6 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(autouse=True)
 def _nats_up() -> None:
     require_server("nats")
-
-
-class IdSink:
-    """Keeps the ids it wrote (an idempotent store: a redelivered id is counted once) and
-    refuses payloads marked poison, as a database refuses a bad row."""
-
-    def __init__(self, progress: asyncio.Event) -> None:
-        self.ids: set[int] = set()
-        self.progress = progress
-
-    async def write(self, batch: Sequence[Any]) -> None:
-        self.ids.update(p["id"] for p in batch if not p.get("poison"))
-        self.progress.set()
-        bad = {i: ValueError(f"poison {p['id']}") for i, p in enumerate(batch) if p.get("poison")}
-        if bad:
-            raise PartialFailure(bad)
-
-    async def close(self) -> None:
-        return None
-
-
-class Letters(MemoryDeadLetters):
-    """Dead letters in memory that wake the test when some arrive."""
-
-    def __init__(self, progress: asyncio.Event) -> None:
-        super().__init__()
-        self.progress = progress
-
-    async def put(self, letters: Sequence[DeadLetter]) -> None:
-        await super().put(letters)
-        self.progress.set()
-
-
-CONFIG = BatchConfig(max_size=50, max_wait=0.05, max_retries=1, retry_delay=0.01, drain_timeout=5)
-
-
-async def run_until(
-    pipeline: Pipeline, done: Callable[[], bool], progress: asyncio.Event, seconds: float = 10.0
-) -> None:
-    """Run the pipeline until ``done()`` holds (checked at each progress), then stop it."""
-    task = asyncio.create_task(pipeline.run())
-    try:
-        async with asyncio.timeout(seconds):
-            while not done():
-                await progress.wait()
-                progress.clear()
-    finally:
-        await pipeline.stop()
-        await task
 
 
 async def test_good_messages_reach_the_sink_and_bad_ones_the_dead_letters() -> None:

@@ -7,16 +7,13 @@ import asyncio
 import json
 import tomllib
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from batchpunk.config import BatchConfig
 from batchpunk.connectors.rabbitmq import RabbitMQSource
-from batchpunk.deadletter import DeadLetter, MemoryDeadLetters
-from batchpunk.errors import PartialFailure
 from batchpunk.pipeline import Pipeline
 from batchpunk.pipeline_file import parse_pipeline
 from tests.conftest import require_server
@@ -30,6 +27,7 @@ from tests.contract.cases_rabbitmq import (
     wait_ready,
 )
 from tests.contract.harness import take
+from tests.integration.pipeline_support import CONFIG, IdSink, Letters, run_until
 
 pytestmark = pytest.mark.integration
 
@@ -40,58 +38,6 @@ async def channel() -> AsyncIterator[Any]:
     require_server("rabbitmq")
     async with rabbitmq_channel() as opened:
         yield opened
-
-
-class IdSink:
-    """Keeps the ids it wrote (an idempotent store: a redelivered id is counted once) and
-    refuses payloads marked poison, as a database refuses a bad row."""
-
-    def __init__(self, progress: asyncio.Event, delay: float = 0.0) -> None:
-        self.ids: set[int] = set()
-        self.progress = progress
-        self.delay = delay
-
-    async def write(self, batch: Sequence[Any]) -> None:
-        if self.delay:
-            await asyncio.sleep(self.delay)
-        self.ids.update(p["id"] for p in batch if not p.get("poison"))
-        self.progress.set()
-        bad = {i: ValueError(f"poison {p['id']}") for i, p in enumerate(batch) if p.get("poison")}
-        if bad:
-            raise PartialFailure(bad)
-
-    async def close(self) -> None:
-        return None
-
-
-class Letters(MemoryDeadLetters):
-    """Dead letters in memory that wake the test when some arrive."""
-
-    def __init__(self, progress: asyncio.Event) -> None:
-        super().__init__()
-        self.progress = progress
-
-    async def put(self, letters: Sequence[DeadLetter]) -> None:
-        await super().put(letters)
-        self.progress.set()
-
-
-CONFIG = BatchConfig(max_size=50, max_wait=0.05, max_retries=1, retry_delay=0.01, drain_timeout=5)
-
-
-async def run_until(
-    pipeline: Pipeline, done: Callable[[], bool], progress: asyncio.Event, seconds: float = 10.0
-) -> None:
-    """Run the pipeline until ``done()`` holds (checked at each progress), then stop it."""
-    task = asyncio.create_task(pipeline.run())
-    try:
-        async with asyncio.timeout(seconds):
-            while not done():
-                await progress.wait()
-                progress.clear()
-    finally:
-        await pipeline.stop()
-        await task
 
 
 async def test_good_messages_reach_the_sink_and_bad_ones_the_dead_letters(channel: Any) -> None:

@@ -7,7 +7,7 @@ import asyncio
 import json
 import tomllib
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +15,11 @@ import pytest
 
 from batchpunk.config import BatchConfig
 from batchpunk.connectors.redis_streams import RedisStreamSource
-from batchpunk.deadletter import DeadLetter, MemoryDeadLetters
-from batchpunk.errors import PartialFailure
 from batchpunk.pipeline import Pipeline
 from batchpunk.pipeline_file import parse_pipeline
 from tests.conftest import require_server
 from tests.contract.cases_redis import REDIS_URL, outstanding, unique_stream
+from tests.integration.pipeline_support import CONFIG, IdSink, Letters, run_until
 
 pytestmark = pytest.mark.integration
 
@@ -42,60 +41,6 @@ async def stream(client: Any) -> AsyncIterator[str]:
     name = unique_stream()
     yield name
     await client.delete(name)
-
-
-class IdSink:
-    """Keeps the ids it wrote (an idempotent store: a redelivered id is counted once) and
-    refuses payloads marked poison, as a database refuses a bad row."""
-
-    def __init__(self, progress: asyncio.Event, delay: float = 0.0) -> None:
-        self.ids: set[int] = set()
-        self.writes = 0
-        self.progress = progress
-        self.delay = delay
-
-    async def write(self, batch: Sequence[Any]) -> None:
-        if self.delay:
-            await asyncio.sleep(self.delay)
-        self.ids.update(p["id"] for p in batch if not p.get("poison"))
-        self.writes += len(batch)
-        self.progress.set()
-        bad = {i: ValueError(f"poison {p['id']}") for i, p in enumerate(batch) if p.get("poison")}
-        if bad:
-            raise PartialFailure(bad)
-
-    async def close(self) -> None:
-        return None
-
-
-class Letters(MemoryDeadLetters):
-    """Dead letters in memory that wake the test when some arrive."""
-
-    def __init__(self, progress: asyncio.Event) -> None:
-        super().__init__()
-        self.progress = progress
-
-    async def put(self, letters: Sequence[DeadLetter]) -> None:
-        await super().put(letters)
-        self.progress.set()
-
-
-CONFIG = BatchConfig(max_size=50, max_wait=0.05, max_retries=1, retry_delay=0.01, drain_timeout=5)
-
-
-async def run_until(
-    pipeline: Pipeline, done: Callable[[], bool], progress: asyncio.Event, seconds: float = 10.0
-) -> None:
-    """Run the pipeline until ``done()`` holds (checked at each progress), then stop it."""
-    task = asyncio.create_task(pipeline.run())
-    try:
-        async with asyncio.timeout(seconds):
-            while not done():
-                await progress.wait()
-                progress.clear()
-    finally:
-        await pipeline.stop()
-        await task
 
 
 def source(stream: str, consumer: str = "w1", **options: Any) -> RedisStreamSource:
