@@ -156,7 +156,7 @@ class Accumulator:
     # -- adding ----------------------------------------------------------------------------
     def add(self, message: Any, key: Any, priority: int, tracker: Tracker | None) -> None:
         """Put one message in its lane and cut the lane if a trigger fires (any path)."""
-        lane = self.lanes.get((key, priority)) or self.lane(key, priority)
+        lane = self.lane(key, priority)
         if self.max_bytes is not None:
             size = self.sizer(message)
             if not isinstance(size, int) or size < 0:

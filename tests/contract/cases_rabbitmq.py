@@ -58,8 +58,11 @@ async def publish_raw(channel: Any, queue: str, bodies: Sequence[bytes], **prope
     )
 
 
-async def queue_counts(channel: Any, queue: str) -> tuple[int, int] | None:
-    """(ready, unacknowledged) messages of the queue, from rabbitmqctl; None without it."""
+async def rabbitmqctl_counts(queue: str) -> tuple[int, int] | None:
+    """(ready, unacknowledged) of the queue from ``rabbitmqctl list_queues``.
+
+    None when rabbitmqctl is not installed; (0, 0) when the queue is not listed.
+    """
     if shutil.which("rabbitmqctl") is None:
         return None
     process = await asyncio.create_subprocess_exec(
@@ -79,6 +82,11 @@ async def queue_counts(channel: Any, queue: str) -> tuple[int, int] | None:
         if len(fields) == 3 and fields[0] == queue:
             return int(fields[1]), int(fields[2])
     return 0, 0
+
+
+async def queue_counts(channel: Any, queue: str) -> tuple[int, int] | None:
+    """(ready, unacknowledged) messages of the queue, from rabbitmqctl; None without it."""
+    return await rabbitmqctl_counts(queue)
 
 
 async def outstanding(channel: Any, queue: str) -> int | None:

@@ -47,6 +47,7 @@ from batchpunk.connectors.postgres import PostgresSink
 from batchpunk.envelope import Envelope
 from batchpunk.errors import PartialFailure
 from batchpunk.pipeline_file import SOURCES
+from tests.contract.cases_rabbitmq import rabbitmqctl_counts
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -448,23 +449,10 @@ async def rabbitmq_counts(queue: str) -> tuple[int, int]:
         async with _rabbit_channel() as channel:
             declared = await channel.declare_queue(queue, passive=True)
             return int(declared.declaration_result.message_count), 0
-    process = await asyncio.create_subprocess_exec(
-        "rabbitmqctl",
-        "list_queues",
-        "-q",
-        "--no-table-headers",
-        "name",
-        "messages_ready",
-        "messages_unacknowledged",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    output, _ = await process.communicate()
-    for line in output.decode().splitlines():
-        fields = line.split()
-        if len(fields) == 3 and fields[0] == queue:
-            return int(fields[1]), int(fields[2])
-    raise LookupError(f"rabbitmqctl list_queues does not show queue {queue!r}")
+    counts = await rabbitmqctl_counts(queue)
+    if counts is None:
+        raise LookupError("rabbitmqctl is not installed")
+    return counts
 
 
 async def _redis_outstanding(client: Any, stream: str, group: str) -> int:
