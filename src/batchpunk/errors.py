@@ -12,6 +12,7 @@ builtin fits it derives from that too, so callers can catch either::
     ├── PartialFailure                  raised by a processor: only some messages of a batch failed
     ├── DeadLetterError                 a dead-letter sink could not take letters (retried)
     ├── DeliveryLimitExceeded           a broker delivered a message past its limit ("redelivered")
+    ├── ConnectorError                  base of every connector's own errors
     ├── FrameError (ValueError)         bytes that are not a valid batchpunk frame
     ├── ConfigError (ValueError)        a pipeline file or connector setting is wrong
     └── MissingDependency (ImportError) an optional extra is not installed
@@ -29,6 +30,7 @@ __all__ = [
     "BatchTimeout",
     "BufferFull",
     "ConfigError",
+    "ConnectorError",
     "DeadLetterError",
     "DeliveryLimitExceeded",
     "FrameError",
@@ -109,6 +111,12 @@ class DeliveryLimitExceeded(BatchpunkError):
     Such a message likely crashes or stalls every worker that takes it, so sources flag it
     (``headers["batchpunk_redelivered"]``) with this as its error, and the pipeline dead-letters
     it with reason "redelivered" instead of processing it again.
+    """
+
+
+class ConnectorError(BatchpunkError):
+    """Base of every connector error. A subclass marks an outage with ``unavailable = True``
+    (retry and wait, never dead-letter) and a message-specific error with ``retryable = False``.
     """
 
 
