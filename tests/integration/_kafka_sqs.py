@@ -24,6 +24,13 @@ KAFKA = "127.0.0.1:9092"
 SQS_ENDPOINT = "http://127.0.0.1:4566"
 SQS_REGION = "us-east-1"
 PARTITIONS = 3
+#: What SqsSource and SqsSink need to talk to the local moto_server (any key works there).
+MOTO = {
+    "endpoint_url": SQS_ENDPOINT,
+    "region": SQS_REGION,
+    "aws_access_key_id": "testing",
+    "aws_secret_access_key": "testing",
+}
 
 
 @dataclass
@@ -166,8 +173,7 @@ class SqsPlace(Place):
         return {
             "type": "sqs",
             "queue_url": self.url,
-            "endpoint_url": SQS_ENDPOINT,
-            "region": SQS_REGION,
+            **MOTO,
             "wait_time": 1,
             "visibility_timeout": self.visibility_timeout,
             "max_receives": 1000,

@@ -398,9 +398,8 @@ class KafkaSource:
                 max_poll_records=self.count,
                 session_timeout_ms=round(self.session_timeout * 1000),
                 heartbeat_interval_ms=max(100, round(self.session_timeout * 1000 / 3)),
-                rebalance_timeout_ms=round(
-                    max(self.session_timeout, self.revoke_timeout + 5) * 1000
-                ),
+                # How long the group waits for members to rejoin: our revoke handling plus margin.
+                rebalance_timeout_ms=round((self.revoke_timeout + 2) * 1000),
                 **self._security,
             )
             consumer.subscribe(topics=self.topics, listener=_listener(self, aiokafka))
