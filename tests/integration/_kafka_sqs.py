@@ -219,6 +219,11 @@ class SqsPlace(Place):
                 client.send_message_batch(QueueUrl=self.url, Entries=entries[s : s + 10])
                 for s in range(0, len(entries), 10)
             ]
+            if self.fifo:  # one call after the other: the queue keeps the publishing order
+                for send in sends:
+                    reply = await send
+                    assert not reply.get("Failed"), reply
+                return
             for start in range(0, len(sends), 20):
                 for reply in await asyncio.gather(*sends[start : start + 20]):
                     assert not reply.get("Failed"), reply

@@ -126,4 +126,3 @@ async def test_kafka_negative_control_commit_on_receipt_makes_the_checker_report
         assert kills >= 3, detail
         assert report.outstanding == 0, detail  # the broker believes everything was handled
         assert len(report.lost) > 0, "the checker failed to see the loss: " + detail
-
