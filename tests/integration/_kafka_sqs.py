@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tests.integration._harness import Place, encode, unique
+from tests.integration._harness import OrdersTable, Place, _pg, encode, unique
 
 KAFKA = "127.0.0.1:9092"
 SQS_ENDPOINT = "http://127.0.0.1:4566"
@@ -262,3 +262,40 @@ def new_sqs_place(*, fifo: bool = False, visibility_timeout: int = 5) -> SqsPlac
     return SqsPlace(
         broker="sqs", name=unique("q"), fifo=fifo, visibility_timeout=visibility_timeout
     )
+
+
+class AppendOnlyOrdersTable(OrdersTable):
+    """The orders table without any unique key (an append-only log of rows), written by
+    PostgresSink with ``positions``: only the positions keep a redelivery from adding a row."""
+
+    def __init__(self, name: str | None = None) -> None:
+        super().__init__(name)
+        self.positions = f"{self.name}_positions"
+
+    async def create(self) -> None:
+        conn = await _pg()
+        try:
+            await conn.execute(
+                f"CREATE TABLE {self.kinds} (kind text PRIMARY KEY);"
+                f"INSERT INTO {self.kinds} VALUES ('a'), ('b');"
+                f"CREATE TABLE {self.name} ("
+                " id bigint NOT NULL,"
+                f" kind text NOT NULL REFERENCES {self.kinds} (kind),"
+                " amount integer NOT NULL CHECK (amount >= 0),"
+                " note text)"
+            )
+        finally:
+            await conn.close()
+
+    async def drop(self) -> None:
+        await super().drop()
+        conn = await _pg()
+        try:
+            await conn.execute(f"DROP TABLE IF EXISTS {self.positions}")
+        finally:
+            await conn.close()
+
+    def sink_options(self, **extra: Any) -> dict[str, Any]:
+        options = super().sink_options(positions=self.positions, **extra)
+        options.pop("idempotency_key")
+        return options

@@ -18,7 +18,7 @@ import pytest
 
 from tests.conftest import require_server
 from tests.integration._harness import make_orders, scaled
-from tests.integration._kafka_sqs import new_kafka_place
+from tests.integration._kafka_sqs import AppendOnlyOrdersTable, new_kafka_place
 from tests.integration.test_crash import HARNESS, Scene, crash_run
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -37,9 +37,11 @@ def require() -> None:
 class KafkaScene(Scene):
     """test_crash's Scene on a fresh Kafka topic (3 partitions) and group."""
 
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, *, append_only: bool = False) -> None:
         super().__init__("kafka", tmp_path)
         self.place = new_kafka_place()
+        if append_only:
+            self.table = AppendOnlyOrdersTable()
 
 
 @pytest.mark.timeout(300)
@@ -94,6 +96,34 @@ async def test_kafka_kill_9_every_two_seconds_loses_nothing_and_duplicates_are_a
         assert report.rows == CRASH_MESSAGES - POISON, detail
         assert report.dead_letter_ids == set(poison), detail
         assert report.wrongly_dead_lettered == set(), detail
+        assert report.outstanding == 0, detail
+        assert [code for code, _ in codes] == [0, 0, 0], detail
+
+
+@pytest.mark.timeout(300)
+async def test_kafka_kill_9_with_positions_on_an_append_only_table_writes_each_message_once(
+    tmp_path: Path,
+) -> None:
+    """The same kill -9 run into a table WITHOUT any unique key, with PostgresSink's
+    ``positions``: lost = 0 and duplicates = 0, because the written offsets commit with the
+    rows and a redelivered message is skipped (effectively once)."""
+    require()
+    async with KafkaScene(tmp_path, append_only=True) as scene:
+        report, kills, codes, poison = await crash_run(
+            scene,
+            messages=CRASH_MESSAGES,
+            poison=POISON,
+            seconds=CRASH_SECONDS,
+            pipeline=scene.pipeline("worker"),
+            prepublish=False,
+            drain_seconds=150,
+        )
+        detail = f"{report}\nkills={kills} exits={codes}\n{scene.output()}"
+        assert kills >= CRASH_SECONDS // 2 - 1, detail
+        assert report.lost == set(), detail
+        assert report.duplicated == 0, detail
+        assert report.rows == report.distinct == CRASH_MESSAGES - POISON, detail
+        assert report.dead_letter_ids == set(poison), detail
         assert report.outstanding == 0, detail
         assert [code for code, _ in codes] == [0, 0, 0], detail
 
