@@ -90,7 +90,7 @@ def test_a_good_file_builds_the_described_pipeline() -> None:
             ('type = "sqlite"', 'type = "sqlit"'),
             "unknown sink type 'sqlit' (did you mean 'sqlite'?)",
         ),
-        (('type = "generator"', 'type = "kafka"'), "[source] type: unknown source type 'kafka'"),
+        (('type = "generator"', 'type = "kinesi"'), "[source] type: unknown source type 'kinesi'"),
         (('type = "memory"', 'type = "jsonll"'), "unknown dead_letter type 'jsonll'"),
         (("[metrics]", "[metric]"), "unknown section [metric] (did you mean 'metrics'?)"),
         (("live = false", "live = false\nprometheus_port = 70000"), "[metrics] prometheus_port"),
