@@ -315,6 +315,7 @@ class KafkaSource:
         self._ready = asyncio.Event()
         self._demand = asyncio.Event()
         self._commit_wake = asyncio.Event()
+        self._acked = asyncio.Event()
         self._started = False
         self._start_lock = asyncio.Lock()
         self._consuming = True
@@ -553,6 +554,7 @@ class KafkaSource:
                 ledger.finish(offset)
         if not self._commit_wake.is_set():
             self._commit_wake.set()
+        self._acked.set()
 
     async def nack_many(self, envelopes: Sequence[Envelope], requeue: bool) -> None:
         """Kafka cannot give one message back: with ``requeue`` the envelope stays unfinished,
@@ -634,7 +636,10 @@ class KafkaSource:
         # settled or handed back everything by then).
         deadline = time.monotonic() + self.revoke_timeout
         while not self._closing and any(led.outstanding for led in ledgers):
-            if time.monotonic() > deadline:
+            self._acked.clear()  # set by ack_many: no polling, a wake-up per settled batch
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._acked.wait(), max(0.0, deadline - time.monotonic()))
+            if time.monotonic() >= deadline and any(led.outstanding for led in ledgers):
                 logger.warning(
                     "%r: %d message(s) of revoked partitions still running after "
                     "revoke_timeout=%ss; their next owner processes them again",
@@ -643,7 +648,6 @@ class KafkaSource:
                     self.revoke_timeout,
                 )
                 break
-            await asyncio.sleep(0.05)
         due = {}
         for ledger in ledgers:
             position = ledger.committable()
