@@ -3,13 +3,15 @@
 - poison messages: every good id lands once, the dead letters are exactly the poison, and the
   group's committed offsets reach the end of every partition;
 - three workers on one group, one killed -9 every 2 s: nothing lost, duplicates absorbed by the
-  idempotent sink; the negative control (commit on receipt) makes the same checker report loss.
+  idempotent sink; with ``positions`` on a table without any unique key, duplicates 0;
+- the negative control: a worker committing on receipt, killed -9, makes the checker report loss.
 
 Sizes scale with BATCHPUNK_E2E_SCALE (see tests/integration/_harness.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import require_server
-from tests.integration._harness import make_orders, scaled
+from tests.integration._harness import make_orders, scaled, wait_broker_empty, wait_rows
 from tests.integration._kafka_sqs import AppendOnlyOrdersTable, new_kafka_place
 from tests.integration.test_crash import HARNESS, Scene, crash_run
 
@@ -132,27 +134,31 @@ async def test_kafka_kill_9_with_positions_on_an_append_only_table_writes_each_m
 async def test_kafka_negative_control_commit_on_receipt_makes_the_checker_report_loss(
     tmp_path: Path,
 ) -> None:
-    """The same kill -9 run with workers that acknowledge (commit) on receipt and a slow
-    database must make the checker report lost > 0: the crash test can see a loss."""
+    """A worker that acknowledges (commits) on receipt, with a slow database, killed -9 while
+    it holds committed, unwritten messages: the next worker starts after them, and the checker
+    reports lost > 0 (so the crash tests above can see a loss)."""
     require()
     async with KafkaScene(tmp_path) as scene:
-        source: dict[str, Any] = scene.place.source_options(session_timeout=3.0, revoke_timeout=1.0)
+        source: dict[str, Any] = scene.place.source_options()
         source["inner"] = source.pop("type")
         source["type"] = f"{HARNESS}:EarlyAckSource"
         sink = scene.table.sink_options(type=f"{HARNESS}:HarnessPostgresSink", delay=1.0)
         batch = {"max_concurrent_batches": 1, "max_pending": 2000}
-        pipeline = scene.pipeline("early-ack", source=source, sink=sink, batch=batch)
-        report, kills, codes, _ = await crash_run(
-            scene,
-            messages=scaled(12_000, minimum=4_000),
-            poison=0,
-            seconds=8.0,
-            pipeline=pipeline,
-            prepublish=True,
-            drain_seconds=60,
-            expect_loss=True,
-        )
-        detail = f"{report}\nkills={kills} exits={codes}\n{scene.output()}"
-        assert kills >= 3, detail
-        assert report.outstanding == 0, detail  # the broker believes everything was handled
+        early = scene.pipeline("early-ack", source=source, sink=sink, batch=batch)
+        messages = scaled(6_000, minimum=4_000)
+        orders, _ = make_orders(messages, 0)
+        await scene.place.publish(orders)
+        first = scene.worker(early, "worker-0")
+        await first.start()
+        # One batch of 500 a second: once 500 rows are in, ~2,000 more are committed, unwritten.
+        assert await wait_rows(scene.table, 500, seconds=90) >= 500, first.output()
+        await asyncio.sleep(1.0)  # the commit interval passed: what it acked is committed
+        await first.kill()
+        second = scene.worker(scene.pipeline("worker"), "worker-1")
+        await second.start()
+        await wait_broker_empty(scene.place, seconds=120)
+        code, _ = await second.terminate(60)
+        report = await scene.check(range(messages), frozenset())
+        detail = f"{report}\nexit={code}\n{scene.output()}"
+        assert report.outstanding == 0, detail  # Kafka believes everything was handled
         assert len(report.lost) > 0, "the checker failed to see the loss: " + detail
