@@ -25,7 +25,7 @@ from tests.integration.test_crash import HARNESS, Scene, crash_run
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-MESSAGES = scaled(20_000, minimum=1_000)
+MESSAGES = scaled(100_000, minimum=1_000)
 CRASH_MESSAGES = scaled(10_000, minimum=2_000)
 CRASH_SECONDS = 16.0
 POISON = 17
@@ -50,7 +50,7 @@ class KafkaScene(Scene):
 async def test_kafka_every_good_message_lands_once_and_every_poison_one_is_dead_lettered(
     tmp_path: Path,
 ) -> None:
-    """20,000 messages (17 poison) on 3 partitions -> batchpunk run -> PostgreSQL: rows = the
+    """100,000 messages (17 poison) on 3 partitions -> batchpunk run -> PostgreSQL: rows = the
     good ids, each once; dead letters = exactly the poison; every partition committed to its end."""
     require()
     async with KafkaScene(tmp_path) as scene:
