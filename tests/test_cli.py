@@ -181,7 +181,7 @@ def test_every_command_has_help_with_examples() -> None:
 
 
 def store_letters(path: Path, messages: list[object], reason: str = "failed") -> None:
-    from batchpunk.deadletter_sinks import JsonlDeadLetters
+    from batchpunk.deadletter import JsonlDeadLetters
 
     async def put() -> None:
         sink = JsonlDeadLetters(str(path))

@@ -143,7 +143,7 @@ async def test_jsonl_to_sqlite_end_to_end_with_poison_and_malformed_lines(tmp_pa
     """3,000 JSONL lines with 6 malformed and 9 poison lines: the table holds exactly the 2,985
     good ids once, the durable dead-letter file exactly the 15 bad lines (reasons malformed and
     failed, each with its line number), and every line was acknowledged."""
-    from batchpunk.deadletter_sinks import JsonlDeadLetters
+    from batchpunk.deadletter import JsonlDeadLetters
 
     malformed = {10, 500, 1000, 1500, 2000, 2999}
     poison = {3, 7, 250, 251, 1234, 1998, 2500, 2501, 2777}

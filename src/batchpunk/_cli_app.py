@@ -459,7 +459,7 @@ def dlq_replay(
 
 async def _read_file(file: Path) -> list[Any]:
     from batchpunk._demo import read_letters
-    from batchpunk.deadletter_sinks import open_dead_letter_file
+    from batchpunk.deadletter import open_dead_letter_file
 
     store = open_dead_letter_file(file)
     try:
@@ -470,8 +470,7 @@ async def _read_file(file: Path) -> list[Any]:
 
 async def _replay(file: Path, spec: Any, reason: str | None) -> tuple[int, list[Any], int]:
     from batchpunk._demo import read_letters
-    from batchpunk.deadletter import MemoryDeadLetters
-    from batchpunk.deadletter_sinks import open_dead_letter_file
+    from batchpunk.deadletter import MemoryDeadLetters, open_dead_letter_file
     from batchpunk.processor import BatchProcessor
 
     store = open_dead_letter_file(file)

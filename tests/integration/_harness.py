@@ -190,7 +190,7 @@ async def _pg() -> Any:
 
 async def read_dead_letters(paths: Iterable[Path]) -> list[Any]:
     """Every letter stored in these JSONL dead-letter files (a missing file holds none)."""
-    from batchpunk.deadletter_sinks import JsonlDeadLetters
+    from batchpunk.deadletter import JsonlDeadLetters
 
     letters: list[Any] = []
     for path in paths:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from batchpunk.connectors.nats import NatsJetStreamSource
-from batchpunk.deadletter_sinks import JsonlDeadLetters
+from batchpunk.deadletter import JsonlDeadLetters
 from batchpunk.pipeline import Pipeline
 from batchpunk.pipeline_file import parse_pipeline
 from tests.conftest import require_server
