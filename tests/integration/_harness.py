@@ -870,13 +870,12 @@ class EarlyAckSource:
 
     async def __anext__(self) -> Envelope:
         envelope: Envelope = await self._inner.__anext__()
-        await envelope.ack()
+        await self._inner.ack_many([envelope])
         return Envelope(
             envelope.payload,
             key=envelope.key,
             priority=envelope.priority,
             headers=envelope.headers,
-            malformed=envelope.malformed,
             error=envelope.error,
         )
 

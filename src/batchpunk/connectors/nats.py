@@ -8,11 +8,12 @@ or killing workers needs no rebalancing.
 
 The delivery contract (at least once):
 
-- a message is acknowledged only when the pipeline calls ``Envelope.ack()``, after its batch
-  succeeded or its dead letter was stored;
-- ``nack(requeue=True)`` naks it with ``nak_delay`` (shutdown, or giving it back);
-  ``nack(requeue=False)`` terminates it (``term``): the server never delivers it again, which is
-  what the pipeline does after dead-lettering a poison message;
+- a message is acknowledged only when the pipeline passes its envelope to ``ack_many``, after
+  its batch succeeded or its dead letter was stored (one ack publish per message, written in
+  order by the caller: no task per message);
+- ``nack_many(requeue=True)`` naks it with ``nak_delay`` (shutdown, or giving it back);
+  ``nack_many(requeue=False)`` terminates it (``term``): the server never delivers it again,
+  which is what the pipeline does after dead-lettering a poison message;
 - while a message waits in batchpunk (buffered, batching, or inside a slow batch), a background
   task tells the server it is still in progress every ``ack_wait / 3``, so a slow batch is not
   redelivered to another worker halfway through;
@@ -39,7 +40,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from batchpunk.config import BatchConfig
 from batchpunk.connectors._common import tls_context
-from batchpunk.envelope import Envelope
+from batchpunk.envelope import REDELIVERED, Envelope
 from batchpunk.errors import (
     BatchpunkError,
     ConfigError,
@@ -65,9 +66,6 @@ log = logging.getLogger(__name__)
 DECODINGS = ("json", "bytes", "text", "frame")
 #: How a Sink turns payloads into message bytes.
 ENCODINGS = ("json", "bytes", "text", "frame")
-#: Header set (True) on an envelope delivered ``max_deliver`` times: dead-letter it, reason
-#: "redelivered", instead of processing it.
-REDELIVERED = "batchpunk_redelivered"
 
 #: TLS: None/False (plain, unless a server URL says tls://), True (system trust store), an
 #: ssl.SSLContext, or a mapping with ``ca_file``, ``cert_file``, ``key_file``, ``verify``.
@@ -309,14 +307,15 @@ class _Connection:
 
 
 class _Delivery:
-    """One fetched message that batchpunk has not settled with the server yet.
+    """The parts ledger of one fetched "frame" message that carries several payloads.
 
-    A "frame" message carries several payloads, hence several envelopes: the message is
-    settled once all of them are, with the gentlest outcome that loses nothing (nak if any
-    asked for a requeue, ack if any succeeded, term only if all were terminated).
+    Its envelopes share it as their receipt: the message is settled once all of them are, with
+    the gentlest outcome that loses nothing (nak if any asked for a requeue, ack if any
+    succeeded, term only if all were terminated). A message with one payload needs no ledger:
+    its receipt is the nats-py message itself.
     """
 
-    __slots__ = ("acks", "msg", "naks", "open_parts", "settled", "terms")
+    __slots__ = ("acks", "msg", "naks", "open_parts", "terms")
 
     def __init__(self, msg: Any, parts: int) -> None:
         self.msg = msg
@@ -324,7 +323,6 @@ class _Delivery:
         self.acks = 0
         self.naks = 0
         self.terms = 0
-        self.settled = False
 
     def record(self, how: str) -> str | None:
         """Count one envelope's outcome; the message's outcome once every envelope has one."""
@@ -449,7 +447,9 @@ class NatsJetStreamSource:
         self._server_ack_wait = self.ack_wait
         self._server_max_deliver = self.max_deliver
         self._ready: deque[Envelope] = deque()
-        self._unsettled: dict[_Delivery, None] = {}
+        # Messages handed out and not yet settled, by reply subject (unique per delivery): the
+        # message itself, or the parts ledger of a frame message.
+        self._unsettled: dict[str, Any] = {}
         self._start_lock = asyncio.Lock()
         # At most one pull request is outstanding: its reply subject (None: none), how many
         # messages it may still bring, how many it brought, and when to give up on it.
@@ -634,10 +634,10 @@ class NatsJetStreamSource:
                 with contextlib.suppress(Exception):
                     await self._sub.unsubscribe()
                 for msg in self._drain_client_buffer():
-                    self._unsettled[_Delivery(msg, 1)] = None
+                    self._unsettled[msg.reply] = msg
             self._ready.clear()
             returned = 0
-            for delivery in list(self._unsettled):
+            for delivery in list(self._unsettled.values()):
                 await self._settle_message(delivery, _NAK)
                 returned += 1
             if returned:
@@ -721,8 +721,9 @@ class NatsJetStreamSource:
 
     async def _return_unread(self) -> None:
         await self._wait_pull_over()
-        while self._ready:
-            await self._ready.popleft().nack(True)
+        unread = list(self._ready)
+        self._ready.clear()
+        await self.nack_many(unread, True)
 
     async def _wait_pull_over(self) -> None:
         """Wait until the pull in flight has brought all it will, or was given up on."""
@@ -900,8 +901,37 @@ class NatsJetStreamSource:
         except Exception as exc:  # the next fetch reports a lasting problem
             log.debug("NatsJetStreamSource: consumer check failed: %s", exc)
 
-    def _envelopes(self, msg: Any) -> tuple[_Delivery, list[Envelope]]:
-        stream, delivered, stream_seq, consumer_seq, timestamp = _ack_metadata(msg.reply)
+    def _envelopes(self, msg: Any) -> tuple[Any, list[Envelope]]:
+        reply = msg.reply
+        stream, delivered, stream_seq, _, _ = _ack_metadata(reply)
+        data: bytes = msg.data
+        payloads: list[Any]
+        malformed: BaseException | None = None
+        try:
+            payloads = self._decode(data)
+        except Exception as exc:
+            payloads, malformed = [data], exc
+        # Headers only for what a plain first delivery lacks: headers_of() gives a dead letter
+        # the subject, stream and sequences, so a plain message costs no dict.
+        headers: dict[str, Any] | None = None
+        if delivered > 1 or msg.headers or malformed is not None:
+            headers = self._headers(msg, reply)
+        receipt: Any = msg
+        if len(payloads) > 1:
+            receipt = _Delivery(msg, len(payloads))
+        self._unsettled[reply] = receipt
+        error = malformed
+        if delivered >= self._server_max_deliver:
+            headers = headers or self._headers(msg, reply)
+            headers[REDELIVERED] = True
+            error = error or DeliveryLimitExceeded(
+                f"stream {stream!r} sequence {stream_seq} was delivered "
+                f"{delivered} times, the consumer's max_deliver={self._server_max_deliver}"
+            )
+        return receipt, [Envelope(p, None, 0, headers, receipt, error) for p in payloads]
+
+    def _headers(self, msg: Any, reply: str) -> dict[str, Any]:
+        stream, delivered, stream_seq, consumer_seq, timestamp = _ack_metadata(reply)
         headers: dict[str, Any] = {
             "subject": msg.subject,
             "stream": stream,
@@ -912,25 +942,16 @@ class NatsJetStreamSource:
         }
         if msg.headers:
             headers["nats_headers"] = dict(msg.headers)
-        data: bytes = msg.data
-        payloads: list[Any]
-        malformed: BaseException | None = None
+        return headers
+
+    def headers_of(self, envelope: Envelope) -> dict[str, Any]:
+        """The headers a dead letter of ``envelope`` carries: subject, stream, sequences."""
+        receipt = envelope.receipt
+        msg = receipt.msg if isinstance(receipt, _Delivery) else receipt
         try:
-            payloads = self._decode(data)
-        except Exception as exc:
-            payloads, malformed = [data], exc
-        delivery = _Delivery(msg, max(1, len(payloads)))
-        self._unsettled[delivery] = None
-        error = malformed
-        if delivered >= self._server_max_deliver:
-            headers[REDELIVERED] = True
-            error = error or DeliveryLimitExceeded(
-                f"stream {stream!r} sequence {stream_seq} was delivered "
-                f"{delivered} times, the consumer's max_deliver={self._server_max_deliver}"
-            )
-        return delivery, [
-            self._envelope(delivery, p, headers, error, malformed is not None) for p in payloads
-        ]
+            return self._headers(msg, msg.reply)
+        except (AttributeError, ValueError):
+            return {}
 
     def _decode(self, data: bytes) -> list[Any]:
         if self.decode == "json":
@@ -943,50 +964,31 @@ class NatsJetStreamSource:
         items: list[Any] = codec.decode_batch(data, hmac_key=self._hmac_key)
         return items
 
-    def _envelope(
-        self,
-        delivery: _Delivery,
-        payload: Any,
-        headers: dict[str, Any],
-        error: BaseException | None,
-        malformed: bool,
-    ) -> Envelope:
-        settled = False
-
-        async def on_ack() -> None:
-            nonlocal settled
-            if not settled:
-                settled = True
-                await self._settle_part(delivery, _ACK)
-
-        async def on_nack(requeue: bool) -> None:
-            nonlocal settled
-            if not settled:
-                settled = True
-                await self._settle_part(delivery, _NAK if requeue else _TERM)
-
-        return Envelope(
-            payload=payload,
-            headers=headers,
-            malformed=malformed,
-            error=error,
-            on_ack=on_ack,
-            on_nack=on_nack,
-        )
-
     # -- settlement ----------------------------------------------------------------------------
 
-    async def _settle_part(self, delivery: _Delivery, how: str) -> None:
-        if delivery.settled:  # close() already gave it back
-            return
-        outcome = delivery.record(how)
-        if outcome is not None:
-            await self._settle_message(delivery, outcome)
+    async def ack_many(self, envelopes: Sequence[Envelope]) -> None:
+        """Acknowledge these envelopes' messages (a frame message once all its parts are)."""
+        await self._settle(envelopes, _ACK)
 
-    async def _settle_message(self, delivery: _Delivery, how: str) -> None:
-        delivery.settled = True
-        self._unsettled.pop(delivery, None)
-        msg = delivery.msg
+    async def nack_many(self, envelopes: Sequence[Envelope], requeue: bool) -> None:
+        """Nak (``requeue``: redelivered after ``nak_delay``) or terminate these messages."""
+        await self._settle(envelopes, _NAK if requeue else _TERM)
+
+    async def _settle(self, envelopes: Sequence[Envelope], how: str) -> None:
+        """One ack publish per message, written in order, with no task per message."""
+        for envelope in envelopes:
+            receipt = envelope.receipt
+            if isinstance(receipt, _Delivery):
+                outcome = receipt.record(how)
+                if outcome is not None:
+                    await self._settle_message(receipt, outcome)
+            elif receipt is not None:
+                await self._settle_message(receipt, how)
+
+    async def _settle_message(self, delivery: Any, how: str) -> None:
+        msg = delivery.msg if isinstance(delivery, _Delivery) else delivery
+        if self._unsettled.pop(msg.reply, None) is None:
+            return  # settled already (close() gave it back, or a second settlement)
         try:
             if how == _ACK:
                 await msg.ack()
@@ -1009,11 +1011,12 @@ class NatsJetStreamSource:
         interval = max(0.05, self._server_ack_wait / 3)
         while True:
             await asyncio.sleep(interval)
-            for delivery in list(self._unsettled):
-                if delivery.settled:
+            for delivery in list(self._unsettled.values()):
+                msg = delivery.msg if isinstance(delivery, _Delivery) else delivery
+                if msg.reply not in self._unsettled:
                     continue
                 try:
-                    await delivery.msg.in_progress()
+                    await msg.in_progress()
                 except Exception as exc:  # disconnected: the server redelivers, nothing is lost
                     log.debug("NatsJetStreamSource: in_progress failed: %s", exc)
                     break
