@@ -312,13 +312,13 @@ class _Delivery:
     Its envelopes share it as their receipt: the message is settled once all of them are, with
     the gentlest outcome that loses nothing (nak if any asked for a requeue, ack if any
     succeeded, term only if all were terminated). A message with one payload needs no ledger:
-    its receipt is the nats-py message itself.
+    its receipt is the message's reply subject (a str, which the collector does not track).
     """
 
-    __slots__ = ("acks", "msg", "naks", "open_parts", "terms")
+    __slots__ = ("acks", "naks", "open_parts", "reply", "terms")
 
-    def __init__(self, msg: Any, parts: int) -> None:
-        self.msg = msg
+    def __init__(self, reply: str, parts: int) -> None:
+        self.reply = reply
         self.open_parts = parts
         self.acks = 0
         self.naks = 0
@@ -400,6 +400,7 @@ class NatsJetStreamSource:
         self.servers = _servers(owner, servers)
         self.stream = _name(owner, "stream", stream)
         self.subject = _name(owner, "subject", subject)
+        self._wildcard = "*" in self.subject or ">" in self.subject
         self.durable = _name(owner, "durable", durable)
         if any(c in self.stream for c in ".*>") or any(c in self.durable for c in ".*>"):
             raise ConfigError(
@@ -424,6 +425,10 @@ class NatsJetStreamSource:
         if not isinstance(nak_delay, int | float) or isinstance(nak_delay, bool) or nak_delay < 0:
             raise ConfigError(f"{owner}.nak_delay: expected seconds >= 0, got {nak_delay!r}")
         self.nak_delay = float(nak_delay)
+        nak = b"-NAK"
+        if self.nak_delay:  # what Msg.nak(delay=...) sends
+            nak += b" " + json.dumps({"delay": int(self.nak_delay * 10**9)}).encode()
+        self._nak_payload = nak
         self._hmac_key = _hmac_key(owner, hmac_key)
         self._concurrency = 1
         self._conn = _Connection(
@@ -447,9 +452,10 @@ class NatsJetStreamSource:
         self._server_ack_wait = self.ack_wait
         self._server_max_deliver = self.max_deliver
         self._ready: deque[Envelope] = deque()
-        # Messages handed out and not yet settled, by reply subject (unique per delivery): the
-        # message itself, or the parts ledger of a frame message.
-        self._unsettled: dict[str, Any] = {}
+        # Messages handed out and not yet settled, by reply subject (unique per delivery): None,
+        # or the parts ledger of a frame message. Acks are published to the reply subject
+        # directly, so no nats-py message object outlives its arrival.
+        self._unsettled: dict[str, _Delivery | None] = {}
         self._start_lock = asyncio.Lock()
         # At most one pull request is outstanding: its reply subject (None: none), how many
         # messages it may still bring, how many it brought, and when to give up on it.
@@ -634,11 +640,11 @@ class NatsJetStreamSource:
                 with contextlib.suppress(Exception):
                     await self._sub.unsubscribe()
                 for msg in self._drain_client_buffer():
-                    self._unsettled[msg.reply] = msg
+                    self._unsettled[msg.reply] = None
             self._ready.clear()
             returned = 0
-            for delivery in list(self._unsettled.values()):
-                await self._settle_message(delivery, _NAK)
+            for reply in list(self._unsettled):
+                await self._settle_message(reply, _NAK)
                 returned += 1
             if returned:
                 log.info(
@@ -901,7 +907,7 @@ class NatsJetStreamSource:
         except Exception as exc:  # the next fetch reports a lasting problem
             log.debug("NatsJetStreamSource: consumer check failed: %s", exc)
 
-    def _envelopes(self, msg: Any) -> tuple[Any, list[Envelope]]:
+    def _envelopes(self, msg: Any) -> tuple[str, list[Envelope]]:
         reply = msg.reply
         stream, delivered, stream_seq, _, _ = _ack_metadata(reply)
         data: bytes = msg.data
@@ -914,43 +920,47 @@ class NatsJetStreamSource:
         # Headers only for what a plain first delivery lacks: headers_of() gives a dead letter
         # the subject, stream and sequences, so a plain message costs no dict.
         headers: dict[str, Any] | None = None
-        if delivered > 1 or msg.headers or malformed is not None:
-            headers = self._headers(msg, reply)
-        receipt: Any = msg
+        if delivered > 1 or msg.headers or malformed is not None or self._wildcard:
+            headers = self._headers(msg.subject, reply, msg.headers)
+        receipt: str | _Delivery = reply
         if len(payloads) > 1:
-            receipt = _Delivery(msg, len(payloads))
-        self._unsettled[reply] = receipt
+            ledger = _Delivery(reply, len(payloads))
+            self._unsettled[reply] = receipt = ledger
+        else:
+            self._unsettled[reply] = None
         error = malformed
         if delivered >= self._server_max_deliver:
-            headers = headers or self._headers(msg, reply)
+            headers = headers or self._headers(msg.subject, reply, msg.headers)
             headers[REDELIVERED] = True
             error = error or DeliveryLimitExceeded(
                 f"stream {stream!r} sequence {stream_seq} was delivered "
                 f"{delivered} times, the consumer's max_deliver={self._server_max_deliver}"
             )
-        return receipt, [Envelope(p, None, 0, headers, receipt, error) for p in payloads]
+        return reply, [Envelope(p, None, 0, headers, receipt, error) for p in payloads]
 
-    def _headers(self, msg: Any, reply: str) -> dict[str, Any]:
+    def _headers(self, subject: str, reply: str, nats_headers: Any = None) -> dict[str, Any]:
         stream, delivered, stream_seq, consumer_seq, timestamp = _ack_metadata(reply)
         headers: dict[str, Any] = {
-            "subject": msg.subject,
+            "subject": subject,
             "stream": stream,
             "stream_seq": stream_seq,
             "consumer_seq": consumer_seq,
             "delivery_count": delivered,
             "timestamp": timestamp,
         }
-        if msg.headers:
-            headers["nats_headers"] = dict(msg.headers)
+        if nats_headers:
+            headers["nats_headers"] = dict(nats_headers)
         return headers
 
     def headers_of(self, envelope: Envelope) -> dict[str, Any]:
         """The headers a dead letter of ``envelope`` carries: subject, stream, sequences."""
         receipt = envelope.receipt
-        msg = receipt.msg if isinstance(receipt, _Delivery) else receipt
+        reply = receipt.reply if isinstance(receipt, _Delivery) else receipt
         try:
-            return self._headers(msg, msg.reply)
-        except (AttributeError, ValueError):
+            # Without a wildcard the filter subject is every message's subject; with one,
+            # each envelope carries its own headers.
+            return self._headers(self.subject, str(reply))
+        except (IndexError, ValueError):
             return {}
 
     def _decode(self, data: bytes) -> list[Any]:
@@ -985,24 +995,26 @@ class NatsJetStreamSource:
             elif receipt is not None:
                 await self._settle_message(receipt, how)
 
-    async def _settle_message(self, delivery: Any, how: str) -> None:
-        msg = delivery.msg if isinstance(delivery, _Delivery) else delivery
-        if self._unsettled.pop(msg.reply, None) is None:
+    async def _settle_message(self, delivery: str | _Delivery, how: str) -> None:
+        reply = delivery.reply if isinstance(delivery, _Delivery) else delivery
+        unsettled = self._unsettled
+        if reply not in unsettled:
             return  # settled already (close() gave it back, or a second settlement)
+        del unsettled[reply]
+        # What nats-py's Msg.ack/term/nak publish, sent straight to the reply subject.
+        payload = b"" if how == _ACK else b"+TERM" if how == _TERM else self._nak_payload
         try:
-            if how == _ACK:
-                await msg.ack()
-            elif how == _TERM:
-                await msg.term()
-            else:
-                await msg.nak(delay=self.nak_delay or None)
+            nc = self._conn.nc
+            if nc is None:
+                raise ConnectionError("not connected")
+            await nc.publish(reply, payload)
         except Exception as exc:
             # Never lost: an unsettled message comes back after ack_wait (a duplicate at worst).
             log.warning(
                 "NatsJetStreamSource: %s of stream sequence %s failed, the server will "
                 "redeliver it after ack_wait: %s",
                 how,
-                _stream_seq(msg),
+                _stream_seq(reply),
                 self._conn.scrub(f"{type(exc).__name__}: {exc}"),
             )
 
@@ -1011,20 +1023,20 @@ class NatsJetStreamSource:
         interval = max(0.05, self._server_ack_wait / 3)
         while True:
             await asyncio.sleep(interval)
-            for delivery in list(self._unsettled.values()):
-                msg = delivery.msg if isinstance(delivery, _Delivery) else delivery
-                if msg.reply not in self._unsettled:
+            nc = self._conn.nc
+            for reply in list(self._unsettled):
+                if reply not in self._unsettled or nc is None:
                     continue
                 try:
-                    await msg.in_progress()
+                    await nc.publish(reply, b"+WPI")  # what Msg.in_progress() sends
                 except Exception as exc:  # disconnected: the server redelivers, nothing is lost
                     log.debug("NatsJetStreamSource: in_progress failed: %s", exc)
                     break
 
 
-def _stream_seq(msg: Any) -> Any:
+def _stream_seq(reply: str) -> Any:
     try:
-        return _ack_metadata(msg.reply)[2]
+        return _ack_metadata(reply)[2]
     except Exception:
         return "?"
 
