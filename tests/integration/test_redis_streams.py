@@ -291,6 +291,26 @@ async def test_frame_entries_fan_out_and_are_acked_when_every_message_is(
     assert await pending(client, stream) == 0
 
 
+async def test_frames_are_checked_against_the_hmac_key(
+    client: Any, stream: str, sources: Callable[..., RedisStreamSource]
+) -> None:
+    """With hmac_key, a frame signed with that key fans out; an unsigned one or one signed with
+    another key comes out as one malformed envelope (Redis used to skip the check)."""
+    codec = pytest.importorskip("batchpunk.codec")
+    await client.xadd(stream, {"data": codec.encode_batch([{"n": 1}, {"n": 2}], hmac_key=b"k")})
+    await client.xadd(stream, {"data": codec.encode_batch([{"n": 3}])})
+    await client.xadd(stream, {"data": codec.encode_batch([{"n": 4}], hmac_key=b"other")})
+    source = sources(decode="frame", hmac_key="k")
+    one, two, unsigned, forged = await take(source, 4)
+    assert [one.payload, two.payload] == [{"n": 1}, {"n": 2}]
+    assert unsigned.malformed
+    assert "signature missing" in str(unsigned.error)
+    assert forged.malformed
+    await source.ack_many([one, two, unsigned, forged])
+    await source.close()
+    assert await pending(client, stream) == 0
+
+
 async def test_nack_requeue_keeps_the_entry_pending_and_claimable_at_once(
     client: Any, stream: str, sources: Callable[..., RedisStreamSource]
 ) -> None:

@@ -40,10 +40,21 @@ from urllib.parse import urlsplit, urlunsplit
 
 from batchpunk.config import BatchConfig
 from batchpunk.connectors._common import tls_context
-from batchpunk.envelope import REDELIVERED, Envelope
+from batchpunk.connectors._toolkit import (
+    ACK,
+    DECODINGS,
+    REDELIVERED,
+    REJECT,
+    REQUEUE,
+    Parts,
+    delivery_limit_error,
+    hmac_key_option,
+    payload_decoder,
+)
+from batchpunk.envelope import Envelope
 from batchpunk.errors import (
-    BatchpunkError,
     ConfigError,
+    ConnectorError,
     DeliveryLimitExceeded,
     PartialFailure,
     require,
@@ -63,7 +74,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: How a Source turns message bytes into payloads.
-DECODINGS = ("json", "bytes", "text", "frame")
 #: How a Sink turns payloads into message bytes.
 ENCODINGS = ("json", "bytes", "text", "frame")
 
@@ -72,7 +82,7 @@ ENCODINGS = ("json", "bytes", "text", "frame")
 TlsSetting = ssl.SSLContext | Mapping[str, Any] | bool | None
 
 
-class NatsPayloadError(BatchpunkError, ValueError):
+class NatsPayloadError(ConnectorError, ValueError):
     """A payload the sink can never publish: it does not encode, or exceeds the server's
     max_payload. Not retryable, so the engine dead-letters it at once instead of backing off.
     """
@@ -82,6 +92,8 @@ class NatsPayloadError(BatchpunkError, ValueError):
 
 # The three ways a message can be settled.
 _ACK, _NAK, _TERM = "ack", "nak", "term"
+_OUTCOME = {_ACK: ACK, _NAK: REQUEUE, _TERM: REJECT}
+_HOW = {ACK: _ACK, REQUEUE: _NAK, REJECT: _TERM}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,12 +180,7 @@ def _name(owner: str, name: str, value: Any) -> str:
 
 
 def _hmac_key(owner: str, value: Any) -> bytes | None:
-    if value is None or isinstance(value, bytes):
-        return value
-    if isinstance(value, str) and value:
-        return value.encode()
-    # Never echo the value: it is a secret.
-    raise ConfigError(f"{owner}.hmac_key: expected bytes or a non-empty string")
+    return hmac_key_option(owner, value)
 
 
 def _optional_secret(owner: str, name: str, value: Any) -> str | None:
@@ -306,40 +313,6 @@ class _Connection:
 # ---------------------------------------------------------------------------------------------
 
 
-class _Delivery:
-    """The parts ledger of one fetched "frame" message that carries several payloads.
-
-    Its envelopes share it as their receipt: the message is settled once all of them are, with
-    the gentlest outcome that loses nothing (nak if any asked for a requeue, ack if any
-    succeeded, term only if all were terminated). A message with one payload needs no ledger:
-    its receipt is the message's reply subject (a str, which the collector does not track).
-    """
-
-    __slots__ = ("acks", "naks", "open_parts", "reply", "terms")
-
-    def __init__(self, reply: str, parts: int) -> None:
-        self.reply = reply
-        self.open_parts = parts
-        self.acks = 0
-        self.naks = 0
-        self.terms = 0
-
-    def record(self, how: str) -> str | None:
-        """Count one envelope's outcome; the message's outcome once every envelope has one."""
-        if how == _ACK:
-            self.acks += 1
-        elif how == _NAK:
-            self.naks += 1
-        else:
-            self.terms += 1
-        self.open_parts -= 1
-        if self.open_parts > 0:
-            return None
-        if self.naks:
-            return _NAK
-        return _ACK if self.acks else _TERM
-
-
 class NatsJetStreamSource:
     """Envelopes from a durable JetStream pull consumer; run many workers on one ``durable``.
 
@@ -430,6 +403,7 @@ class NatsJetStreamSource:
             nak += b" " + json.dumps({"delay": int(self.nak_delay * 10**9)}).encode()
         self._nak_payload = nak
         self._hmac_key = _hmac_key(owner, hmac_key)
+        self._decoder = payload_decoder(owner, self.decode, self._hmac_key)
         self._concurrency = 1
         self._conn = _Connection(
             owner,
@@ -455,7 +429,7 @@ class NatsJetStreamSource:
         # Messages handed out and not yet settled, by reply subject (unique per delivery): None,
         # or the parts ledger of a frame message. Acks are published to the reply subject
         # directly, so no nats-py message object outlives its arrival.
-        self._unsettled: dict[str, _Delivery | None] = {}
+        self._unsettled: dict[str, Parts | None] = {}
         self._start_lock = asyncio.Lock()
         # At most one pull request is outstanding: its reply subject (None: none), how many
         # messages it may still bring, how many it brought, and when to give up on it.
@@ -922,9 +896,9 @@ class NatsJetStreamSource:
         headers: dict[str, Any] | None = None
         if delivered > 1 or msg.headers or malformed is not None or self._wildcard:
             headers = self._headers(msg.subject, reply, msg.headers)
-        receipt: str | _Delivery = reply
+        receipt: str | Parts = reply
         if len(payloads) > 1:
-            ledger = _Delivery(reply, len(payloads))
+            ledger = Parts(reply, len(payloads))  # the frame's parts ledger
             self._unsettled[reply] = receipt = ledger
         else:
             self._unsettled[reply] = None
@@ -932,9 +906,11 @@ class NatsJetStreamSource:
         if delivered >= self._server_max_deliver:
             headers = headers or self._headers(msg.subject, reply, msg.headers)
             headers[REDELIVERED] = True
-            error = error or DeliveryLimitExceeded(
-                f"stream {stream!r} sequence {stream_seq} was delivered "
-                f"{delivered} times, the consumer's max_deliver={self._server_max_deliver}"
+            error = error or delivery_limit_error(
+                f"stream {stream!r} sequence {stream_seq}",
+                delivered,
+                self._server_max_deliver,
+                "the consumer's max_deliver",
             )
         return reply, [Envelope(p, None, 0, headers, receipt, error) for p in payloads]
 
@@ -955,7 +931,7 @@ class NatsJetStreamSource:
     def headers_of(self, envelope: Envelope) -> dict[str, Any]:
         """The headers a dead letter of ``envelope`` carries: subject, stream, sequences."""
         receipt = envelope.receipt
-        reply = receipt.reply if isinstance(receipt, _Delivery) else receipt
+        reply = receipt.key if isinstance(receipt, Parts) else receipt
         try:
             # Without a wildcard the filter subject is every message's subject; with one,
             # each envelope carries its own headers.
@@ -964,15 +940,7 @@ class NatsJetStreamSource:
             return {}
 
     def _decode(self, data: bytes) -> list[Any]:
-        if self.decode == "json":
-            return [json.loads(data)]
-        if self.decode == "bytes":
-            return [bytes(data)]
-        if self.decode == "text":
-            return [data.decode("utf-8")]
-        codec = importlib.import_module("batchpunk.codec")
-        items: list[Any] = codec.decode_batch(data, hmac_key=self._hmac_key)
-        return items
+        return self._decoder(data)
 
     # -- settlement ----------------------------------------------------------------------------
 
@@ -988,15 +956,15 @@ class NatsJetStreamSource:
         """One ack publish per message, written in order, with no task per message."""
         for envelope in envelopes:
             receipt = envelope.receipt
-            if isinstance(receipt, _Delivery):
-                outcome = receipt.record(how)
-                if outcome is not None:
-                    await self._settle_message(receipt, outcome)
+            if isinstance(receipt, Parts):
+                verdict = receipt.settle(_OUTCOME[how])
+                if verdict is not None:
+                    await self._settle_message(receipt, _HOW[verdict])
             elif receipt is not None:
                 await self._settle_message(receipt, how)
 
-    async def _settle_message(self, delivery: str | _Delivery, how: str) -> None:
-        reply = delivery.reply if isinstance(delivery, _Delivery) else delivery
+    async def _settle_message(self, delivery: str | Parts, how: str) -> None:
+        reply = delivery.key if isinstance(delivery, Parts) else delivery
         unsettled = self._unsettled
         if reply not in unsettled:
             return  # settled already (close() gave it back, or a second settlement)

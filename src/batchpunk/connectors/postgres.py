@@ -42,7 +42,7 @@ from operator import itemgetter
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
-from batchpunk.errors import BatchpunkError, ConfigError, PartialFailure, require
+from batchpunk.errors import ConfigError, ConnectorError, PartialFailure, require
 
 if TYPE_CHECKING:
     from batchpunk.config import BatchConfig
@@ -82,7 +82,7 @@ _PROBE_ROW = re.compile(r"argument \$(\d+) in element #(\d+)")
 # --------------------------------------------------------------------------------------- errors
 
 
-class PostgresSinkError(BatchpunkError):
+class PostgresSinkError(ConnectorError):
     """A PostgresSink failure that no retry fixes: a missing table, a privilege, bad SQL.
 
     Fix the cause, then replay the dead letters. Subclasses tell transient failures and rows the
@@ -119,6 +119,7 @@ class PostgresRetryable(PostgresSinkError, ConnectionError):
     """
 
     retryable: ClassVar[bool] = True
+    unavailable: ClassVar[bool] = True
 
 
 class PostgresDataError(PostgresSinkError, ValueError):

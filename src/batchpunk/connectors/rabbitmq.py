@@ -46,11 +46,20 @@ from batchpunk.connectors._common import (
     mask_url,
     tls_context,
 )
+from batchpunk.connectors._toolkit import (
+    ACK,
+    REDELIVERED,
+    REJECT,
+    REQUEUE,
+    Parts,
+    hmac_key_option,
+    payload_decoder,
+)
 from batchpunk.deadletter import DeadLetter
 from batchpunk.envelope import Envelope
 from batchpunk.errors import (
-    BatchpunkError,
     ConfigError,
+    ConnectorError,
     DeadLetterError,
     DeliveryLimitExceeded,
     require,
@@ -73,7 +82,7 @@ log = logging.getLogger(__name__)
 
 #: Envelope header set to True on a delivery past ``max_deliveries``: dead-letter it as
 #: "redelivered" (without processing it), then ack it.
-REDELIVERED_HEADER = "batchpunk_redelivered"
+REDELIVERED_HEADER = REDELIVERED
 #: Envelope header: how many times the broker has delivered this message, this time included
 #: (quorum queues only; classic queues do not count).
 DELIVERY_COUNT_HEADER = "delivery_count"
@@ -86,12 +95,13 @@ DECODERS = ("json", "bytes", "text", "frame")
 SINK_MODES = ("frame", "items")
 EXCHANGE_TYPES = ("direct", "fanout", "topic", "headers")
 
-# A delivery's outcome, in the order one item of a frame overrides another's: a requeue of any
-# item returns the whole message, a reject of any item rejects it, otherwise it is acked.
+# A delivery's state; a frame's items are combined by the toolkit's Parts ledger.
 _PENDING, _ACK, _REJECT, _REQUEUE, _SENT = 0, 1, 2, 3, 4
+_TO_PARTS = {_ACK: ACK, _REJECT: REJECT, _REQUEUE: REQUEUE}
+_FROM_PARTS = {ACK: _ACK, REJECT: _REJECT, REQUEUE: _REQUEUE}
 
 
-class RabbitMQError(BatchpunkError, ConnectionError):
+class RabbitMQError(ConnectorError, ConnectionError):
     """The broker refused, returned or lost a publication, or could not be reached.
 
     Retryable (``retryable = True``, and a ConnectionError): a nack is transient, a lost
@@ -99,6 +109,7 @@ class RabbitMQError(BatchpunkError, ConnectionError):
     """
 
     retryable = True
+    unavailable = True
 
 
 class RabbitMQSourceStats(NamedTuple):
@@ -205,8 +216,9 @@ class _Tracker:
     """The deliveries of one AMQP channel, in delivery-tag order, until each is sent settled.
 
     One byte of state per delivery (``states[tag - base]``), no object per message. A frame
-    message yields several envelopes; ``parts`` holds, for such a message only, how many are
-    unsettled and the strongest outcome so far (requeue over reject over ack).
+    message yields several envelopes; ``parts`` holds, for such a message only, its parts
+    ledger (the toolkit's rule: requeue if any part asked, else ack if any part was processed,
+    reject only when all were rejected).
 
     Once the channel closes the tracker is dead: its tags mean nothing on any other channel.
     """
@@ -230,7 +242,7 @@ class _Tracker:
         self.gen = gen
         self.base = 0
         self.states = bytearray()
-        self.parts: dict[int, list[int]] = {}
+        self.parts: dict[int, Parts] = {}
         self.dead = False
         self.dirty = False
         # Settled but unsent deliveries behind an unsettled one (acks wait for the gap to close).
@@ -251,7 +263,7 @@ class _Tracker:
 
     def split(self, tag: int, parts: int) -> None:
         """The delivery ``tag`` holds ``parts`` messages: settle it once all of them are."""
-        self.parts[tag] = [parts, _ACK]
+        self.parts[tag] = Parts(tag, parts)
 
     def settle(self, tag: int, outcome: int) -> None:
         if self.dead:
@@ -261,13 +273,11 @@ class _Tracker:
         if parts:
             ledger = parts.get(tag)
             if ledger is not None:
-                if outcome > ledger[1]:
-                    ledger[1] = outcome
-                ledger[0] -= 1
-                if ledger[0]:
+                verdict = ledger.settle(_TO_PARTS[outcome])
+                if verdict is None:
                     return
                 del parts[tag]
-                outcome = ledger[1]
+                outcome = _FROM_PARTS[verdict]
         index = tag - self.base
         states = self.states
         if index < 0 or index >= len(states) or states[index] != _PENDING:
@@ -838,14 +848,9 @@ class RabbitMQSource:
             return lambda body: body.decode("utf-8")
         if decode == "bytes":
             return _identity
-        codec = require("batchpunk.codec", "all", "RabbitMQSource(decode='frame')")
-        key = self._hmac_key
-
-        def frame(body: bytes) -> Any:
-            items = codec.decode_batch(body, hmac_key=key)
-            return items
-
-        return frame
+        require("batchpunk.codec", "all", "RabbitMQSource(decode='frame')")
+        key = hmac_key_option("RabbitMQSource", self._hmac_key)
+        return payload_decoder("RabbitMQSource", "frame", key)
 
     # -- settlement ----------------------------------------------------------------------
 

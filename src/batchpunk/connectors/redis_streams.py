@@ -35,10 +35,22 @@ from urllib.parse import parse_qsl, urlsplit
 
 from batchpunk.config import BatchConfig
 from batchpunk.connectors._common import mask_secrets, mask_url
-from batchpunk.envelope import REDELIVERED, Envelope
+from batchpunk.connectors._toolkit import (
+    ACK,
+    DECODINGS,
+    REDELIVERED,
+    REQUEUE,
+    Parts,
+    delivery_limit_error,
+    hmac_key_option,
+    payload_decoder,
+    reconnect_delay,
+)
+from batchpunk.envelope import Envelope
 from batchpunk.errors import (
     BatchpunkError,
     ConfigError,
+    ConnectorError,
     DeliveryLimitExceeded,
     PartialFailure,
     require,
@@ -55,7 +67,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-DECODINGS = ("json", "bytes", "text", "frame")
 ENCODINGS = ("json", "bytes", "text", "frame")
 
 _ONE = 1  # the value in _held of an entry holding one message (no parts ledger)
@@ -65,7 +76,7 @@ _MAX_BACKOFF = 5.0
 _DEFAULT_COUNT = 100  # BatchConfig().max_size, until prepare() says otherwise
 
 
-class StreamEntryLost(BatchpunkError, LookupError):
+class StreamEntryLost(ConnectorError, LookupError):
     """A pending entry was trimmed or deleted from the stream before it was acknowledged.
 
     Its data is gone; the source still yields a malformed envelope for it so the loss shows in
@@ -184,22 +195,6 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-class _Entry:
-    """The parts ledger of one stream entry holding a frame of many messages.
-
-    Its envelopes share it as their receipt; the entry is acknowledged (or requeued, if any part
-    was) once every part is settled. An entry holding one message needs no ledger: its receipt
-    is the entry id itself.
-    """
-
-    __slots__ = ("entry_id", "remaining", "requeue")
-
-    def __init__(self, entry_id: str, pieces: int) -> None:
-        self.entry_id = entry_id
-        self.remaining = pieces
-        self.requeue = False
-
-
 class RedisStreamSource:
     """Reads a Redis stream through a consumer group, acknowledging entries after their batch.
 
@@ -227,6 +222,8 @@ class RedisStreamSource:
         tls: None to follow the URL scheme, True for TLS with the system CAs, or a mapping with
             any of ca_file, ca_path, ca_data, cert_file, key_file, key_password, verify,
             check_hostname.
+        hmac_key: with decode="frame", the key every frame must be signed with (a frame
+            without a valid signature comes out malformed); a signed frame needs it.
     """
 
     def __init__(
@@ -245,6 +242,7 @@ class RedisStreamSource:
         create_group: bool = True,
         start_id: str = "0",
         tls: bool | Mapping[str, Any] | None = None,
+        hmac_key: bytes | str | None = None,
     ) -> None:
         owner = "RedisStreamSource"
         self._client_kwargs = _client_kwargs(owner, url, tls)
@@ -267,7 +265,7 @@ class RedisStreamSource:
             raise ConfigError(f"{owner}.create_group: expected true or false")
         self.create_group = create_group
         self.start_id = _name(owner, "start_id", start_id)
-        self._decoder = self._make_decoder(decode)
+        self._decoder = payload_decoder(owner, decode, hmac_key_option(owner, hmac_key))
 
         self._client: Any = None
         self._errors: Any = None
@@ -279,7 +277,7 @@ class RedisStreamSource:
         self._buffer: deque[Envelope] = deque()
         # Entries handed out and not yet settled: the janitor keeps them claimed. The value is
         # the parts ledger of a frame entry, or _ONE for an entry holding one message.
-        self._held: dict[str, _Entry | int] = {}
+        self._held: dict[str, Parts | int] = {}
         self._ready = asyncio.Event()
         self._demand = asyncio.Event()
         self._stop_reading = asyncio.Event()  # set by stop_consuming() and close()
@@ -507,20 +505,9 @@ class RedisStreamSource:
         )
 
     async def _retry_later(self, failures: int) -> None:
-        await _wait(self._stop_reading, min(_MAX_BACKOFF, 0.1 * 2**failures))
+        await _wait(self._stop_reading, reconnect_delay(failures + 1, cap=_MAX_BACKOFF))
 
     # -- turning entries into envelopes ----------------------------------------------------
-
-    def _make_decoder(self, decode: str) -> Callable[[bytes], list[Any]]:
-        if decode == "json":
-            return lambda raw: [json.loads(raw)]
-        if decode == "bytes":
-            return lambda raw: [raw]
-        if decode == "text":
-            return lambda raw: [raw.decode("utf-8")]
-        # Imported by name at first use: the codec is a sibling module that may load late.
-        decode_batch = importlib.import_module("batchpunk.codec").decode_batch
-        return lambda raw: list(decode_batch(raw))
 
     def _envelopes(
         self, entry_id: str, fields: Mapping[bytes, bytes], count: int
@@ -560,14 +547,16 @@ class RedisStreamSource:
         if count > self.max_deliveries:
             headers = self._headers(entry_id, count)
             headers[REDELIVERED] = True
-            error = DeliveryLimitExceeded(
-                f"stream entry {entry_id} of {self.stream!r} was delivered {count} times, "
-                f"more than max_deliveries={self.max_deliveries}"
+            error = delivery_limit_error(
+                f"stream entry {entry_id} of {self.stream!r}",
+                count,
+                self.max_deliveries,
+                "max_deliveries",
             )
         if len(payloads) == 1:
             self._held[entry_id] = _ONE
             return [Envelope(payloads[0], None, 0, headers, entry_id, error)]
-        entry = _Entry(entry_id, len(payloads))
+        entry = Parts(entry_id, len(payloads))
         self._held[entry_id] = entry
         return [Envelope(p, None, 0, headers, entry, error) for p in payloads]
 
@@ -581,7 +570,7 @@ class RedisStreamSource:
         pipeline asks for these only when it writes a dead letter.
         """
         receipt = envelope.receipt
-        entry_id = receipt.entry_id if isinstance(receipt, _Entry) else str(receipt)
+        entry_id = receipt.key if isinstance(receipt, Parts) else str(receipt)
         return self._headers(entry_id, 1)
 
     def _lost(self, entry_id: str) -> Envelope:
@@ -606,16 +595,14 @@ class RedisStreamSource:
         out = self._requeues if requeue else self._acks
         for envelope in envelopes:
             receipt = envelope.receipt
-            if isinstance(receipt, _Entry):
-                if requeue:
-                    receipt.requeue = True
-                receipt.remaining -= 1
-                if receipt.remaining:
+            if isinstance(receipt, Parts):
+                verdict = receipt.settle(REQUEUE if requeue else ACK)
+                if verdict is None:
                     continue
-                entry_id = receipt.entry_id
+                entry_id = receipt.key
                 if held.get(entry_id) is receipt:
                     del held[entry_id]
-                (self._requeues if receipt.requeue else self._acks).append(entry_id)
+                (self._requeues if verdict == REQUEUE else self._acks).append(entry_id)
             elif isinstance(receipt, str):
                 held.pop(receipt, None)
                 out.append(receipt)
@@ -782,10 +769,7 @@ class RedisStreamSource:
         """Give back entries read ahead that iteration will never hand out (it has ended)."""
         unhanded = list(self._buffer)
         self._buffer.clear()
-        ids = (
-            e.receipt.entry_id if isinstance(e.receipt, _Entry) else str(e.receipt)
-            for e in unhanded
-        )
+        ids = (e.receipt.key if isinstance(e.receipt, Parts) else str(e.receipt) for e in unhanded)
         for entry_id in dict.fromkeys(ids):
             if self._held.pop(entry_id, None) is not None:
                 self._requeues.append(entry_id)
@@ -841,6 +825,7 @@ class RedisStreamSink:
             UTF-8) or "frame" (each item as a one-message batchpunk frame).
         approximate: trim with ``MAXLEN ~`` (much cheaper; the stream may keep a few more).
         tls: as for RedisStreamSource.
+        hmac_key: with encode="frame", sign every frame with this key (sources then need it).
 
     ``write`` returns the new entry ids, one per item. An item that cannot be encoded fails alone
     (PartialFailure); the others are still written.
@@ -856,8 +841,10 @@ class RedisStreamSink:
         encode: str = "json",
         approximate: bool = True,
         tls: bool | Mapping[str, Any] | None = None,
+        hmac_key: bytes | str | None = None,
     ) -> None:
         owner = "RedisStreamSink"
+        self._hmac_key = hmac_key_option(owner, hmac_key)
         self._client_kwargs = _client_kwargs(owner, url, tls)
         self._url = url
         self.stream = _name(owner, "stream", stream)
@@ -896,7 +883,8 @@ class RedisStreamSink:
 
             return text
         encode_batch = importlib.import_module("batchpunk.codec").encode_batch
-        return lambda item: bytes(encode_batch([item]))
+        key = self._hmac_key
+        return lambda item: bytes(encode_batch([item], hmac_key=key))
 
     async def write(self, batch: Sequence[Any]) -> list[str | None]:
         """XADD every item in one pipeline; the entry ids, in order (None where encoding failed)."""
