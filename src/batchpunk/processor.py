@@ -261,8 +261,26 @@ class BatchProcessor(Generic[T, R]):
         room under the BLOCK policy, like add_message.
         """
         if self._room > 0:
-            return await self.submit_nowait(message, key=key, priority=priority)
-        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+            # submit_nowait and _track written out: two Python calls are a fifth of the cost.
+            future: asyncio.Future[R] = self._loop.create_future()  # type: ignore[union-attr]
+            if key is None and priority == 0 and self._plain:
+                lane = self._default
+                items = self._items
+                trackers = lane.trackers
+                if trackers is None:
+                    trackers = lane.trackers = {}
+                trackers[len(items)] = future
+                items.append(message)
+                self._room -= 1
+                size = len(items)
+                if size == 1:
+                    self._acc.arm(lane)
+                if size >= self._cut_at:
+                    self._acc.cut(lane, "size")
+            else:
+                self._add(message, key, priority, future)
+            return await future
+        future = asyncio.get_running_loop().create_future()
         await self._accept(message, key, priority, future)
         return await future
 
