@@ -9,8 +9,9 @@ Choose it when a broker's messages end as rows. Two write paths:
   arrays) for batches up to ``UNNEST_MAX_ROWS`` rows; larger batches, and any batch the unnest
   statement refuses, go through COPY into a temporary stage table (dropped at commit, holding
   the table's CHECK constraints on the written columns) and ``INSERT INTO t SELECT ... FROM stage
-  ON CONFLICT (key) DO NOTHING``, whose errors name the row at fault. bench/postgres_sink.py
-  measures the two statements and executemany at several batch sizes and sets the crossover.
+  ON CONFLICT (key) DO NOTHING``, whose errors name the row at fault.
+  bench/postgres_statements.py measures the two statements and executemany at several batch
+  sizes and sets the crossover.
   A batch redelivered after a crash between the commit and the broker ack adds no rows.
 
 Errors are translated at the seam into three classes that carry ``retryable``::
@@ -80,8 +81,9 @@ _DATA_CLASSES = frozenset({"22", "23"})
 
 _STAGE = "batchpunk_stage"
 #: Largest idempotent batch written with the unnest statement; larger ones use the staged COPY.
-#: Measured by bench/postgres_sink.py (docs/brokers.md has the figures): unnest wins below.
-UNNEST_MAX_ROWS = 5000
+#: Measured by bench/postgres_statements.py (figures in docs/brokers.md): unnest is faster up to
+#: about 10,000 rows, where the two meet and unnest's per-column arrays only cost memory.
+UNNEST_MAX_ROWS = 10_000
 _COPY_LINE = re.compile(r"COPY [^,]+, line (\d+)(?:, column ([^:\s]+))?")
 _PROBE_ROW = re.compile(r"argument \$(\d+) in element #(\d+)")
 
