@@ -16,7 +16,6 @@ here (the kombu pattern, docs/ARCHITECTURE.md):
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from typing import Any
 
@@ -66,8 +65,11 @@ def payload_decoder(
     without one: the check cannot be skipped by the sender.
     """
     if decode == "json":
-        loads = json.loads
-        return lambda raw: [loads(raw)]
+        # The codec's json: the standard library's meaning at orjson's speed (a fifth of the
+        # per-message cost with json.loads), falling back to json where orjson would differ.
+        from batchpunk.codec.serializers import deserialize
+
+        return lambda raw: [deserialize(raw, "json")]
     if decode == "bytes":
         return lambda raw: [bytes(raw)]
     if decode == "text":

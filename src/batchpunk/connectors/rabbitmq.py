@@ -843,7 +843,9 @@ class RabbitMQSource:
         if callable(decode):
             return decode
         if decode == "json":
-            return json.loads
+            from batchpunk.codec.serializers import deserialize
+
+            return lambda body: deserialize(body, "json")
         if decode == "text":
             return lambda body: body.decode("utf-8")
         if decode == "bytes":
