@@ -20,14 +20,16 @@ write idempotent: ON CONFLICT DO NOTHING) by, in turn within each round:
 
 Each is timed on the wall clock from its start (connecting included) until every row is
 committed and every message acknowledged (checked afterwards: row count, and nothing pending on
-the broker); closing connections afterwards is not timed, for any contender. Ratios are medians of same-round ratios against the hand-written loop;
-client CPU (this process's CPU time) per message stands beside, with the load average.
+the broker); closing connections afterwards is not timed, for any contender. Ratios are
+medians of same-round ratios against the hand-written loop; client CPU (this process's CPU
+time) per message stands beside, with the load average.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib.util
 import json
 import os
@@ -51,6 +53,8 @@ COLUMNS = ("id", "customer", "amount_cents")
 BATCH = 500
 CONFIG = BatchConfig(max_size=BATCH, max_wait=0.2, max_concurrent_batches=4, retry_delay=0.1)
 TARGETS = {"redis": 1.3, "rabbitmq": 1.2, "nats": 1.2}
+#: Whether batchpunk runs with the collector tuned as `batchpunk run` tunes it (--collector).
+TUNED = True
 
 
 def orders(count: int) -> list[bytes]:
@@ -237,7 +241,7 @@ async def batchpunk(place: Place, table: str, count: int, finish: Callable[[], N
     """A Pipeline moves ``count`` messages into the table; stops once all are acknowledged."""
     sink = CountingSink(count, DSN, table, COLUMNS, idempotency_key="id", pool_max=4)
     pipeline = Pipeline(place.source(), sink, CONFIG)
-    with tuned_collector():
+    with tuned_collector() if TUNED else contextlib.nullcontext():
         task = asyncio.create_task(pipeline.run())
         try:
             await asyncio.wait_for(sink.done.wait(), timeout=max(120.0, count / 200))
@@ -446,7 +450,15 @@ async def main() -> None:
     parser.add_argument("--brokers", default=",".join(BROKERS), help="comma-separated subset")
     parser.add_argument("--messages", type=int, help="messages per contender and round")
     parser.add_argument("--rounds", type=int, help="interleaved rounds")
+    parser.add_argument(
+        "--collector",
+        choices=("tuned", "default"),
+        default="tuned",
+        help="batchpunk's collector: as `batchpunk run` sets it, or CPython's defaults",
+    )
     args = parser.parse_args()
+    global TUNED
+    TUNED = args.collector == "tuned"
     brokers = [b.strip() for b in args.brokers.split(",") if b.strip()]
     for broker in brokers:
         if broker not in BROKERS:
@@ -462,9 +474,9 @@ async def main() -> None:
         version = await admin.fetchval("SHOW server_version")
         print(
             f"broker -> PostgreSQL {version}, {messages:,} JSON orders per run, idempotent on "
-            f"id; {rounds} interleaved round(s); msg/s = best round (wall clock), ratio = "
-            "median of same-round ratios to the hand-written loop; client CPU per message = "
-            "median"
+            f"id; {rounds} interleaved round(s); batchpunk's collector {args.collector}; "
+            "msg/s = best round (wall clock), ratio = median of same-round ratios to the "
+            "hand-written loop; client CPU per message = median"
         )
         print(f"  before: {load()}")
         print(f"  {'broker':<10}{'contender':<16}{'msg/s':>10}{'ratio':>8}{'CPU us/msg':>12}")

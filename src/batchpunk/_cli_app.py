@@ -232,6 +232,9 @@ async def _run_pipeline(spec: Any, live: bool) -> int:
         err.print(f"metrics: {server.url}/metrics  stats: {server.url}/stats")
     error: BaseException | None = None
     began = time.perf_counter()
+    from batchpunk._memory import tune_collector
+
+    tune_collector()  # start-up is over: see batchpunk/_memory.py for the choice and figures
     try:
         if live:
             view = _live(f"batchpunk run {Path(spec.path).name}", spec.metrics.refresh_per_second)
