@@ -39,10 +39,14 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from batchpunk._memory import tuned_collector
 from batchpunk.config import BatchConfig
 from batchpunk.connectors.postgres import PostgresSink
 from batchpunk.pipeline import Pipeline
+
+try:
+    from batchpunk._memory import tuned_collector
+except ImportError:  # a batchpunk from before issue 12 (for "before" figures): default collector
+    tuned_collector = contextlib.nullcontext  # type: ignore[assignment]
 
 DSN = "postgresql://postgres@127.0.0.1:5432/test"
 RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672/"

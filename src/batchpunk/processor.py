@@ -21,8 +21,9 @@ from enum import Enum
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
-from batchpunk._accumulator import Accumulator, Job, Lane, Tracker, Trackers, pick
+from batchpunk._accumulator import Accumulator, Lane
 from batchpunk._execution import Execution
+from batchpunk._jobs import Job, Tracker, Trackers, pick
 from batchpunk._outbox import Entry, Outbox, as_put
 from batchpunk._scheduler import Scheduler
 from batchpunk.batch import Batch
