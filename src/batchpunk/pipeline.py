@@ -640,7 +640,8 @@ class Pipeline:
 
         received = processed + dead_lettered + pending + in_flight holds for these numbers.
         ``pipeline`` holds what only the pipeline knows: envelopes read, rejected by reason,
-        acknowledged, failed acknowledgements, nacked, unfinished, elapsed seconds.
+        acknowledged, failed acknowledgements, nacked, unfinished, elapsed seconds, and whether
+        the source is connected (``source_connected``).
         """
         stats: dict[str, Any] = {}
         if self.processor is not None:
@@ -653,6 +654,9 @@ class Pipeline:
             "nacked": self._nacked,
             "unfinished": self._unfinished(),
             "undelivered_letters": len(self.undelivered),
+            # Contract 4: a source may expose ``connected`` (bool); one that does not counts as
+            # connected while the pipeline runs.
+            "source_connected": bool(getattr(self.source, "connected", True)),
             "elapsed": time.monotonic() - self._began if self._began else 0.0,
         }
         return stats
