@@ -463,6 +463,8 @@ async def main() -> None:
     args = parser.parse_args()
     global TUNED
     TUNED = args.collector == "tuned"
+    if tuned_collector is contextlib.nullcontext:  # type: ignore[comparison-overlap]
+        args.collector = "default (this batchpunk has no _memory)"
     brokers = [b.strip() for b in args.brokers.split(",") if b.strip()]
     for broker in brokers:
         if broker not in BROKERS:
