@@ -12,9 +12,9 @@ builtin fits it derives from that too, so callers can catch either::
     ├── PartialFailure                  raised by a processor: only some messages of a batch failed
     ├── DeadLetterError                 a dead-letter sink could not take letters (retried)
     ├── DeliveryLimitExceeded           a broker delivered a message past its limit ("redelivered")
-    ├── ConnectorError                  base of every connector's own errors
     ├── FrameError (ValueError)         bytes that are not a valid batchpunk frame
     ├── ConfigError (ValueError)        a pipeline file or connector setting is wrong
+    ├── ConnectorError                  a connector failed talking to its broker or store
     └── MissingDependency (ImportError) an optional extra is not installed
 
 Error messages name the field or input at fault and what was expected.
@@ -114,18 +114,22 @@ class DeliveryLimitExceeded(BatchpunkError):
     """
 
 
-class ConnectorError(BatchpunkError):
-    """Base of every connector error. A subclass marks an outage with ``unavailable = True``
-    (retry and wait, never dead-letter) and a message-specific error with ``retryable = False``.
-    """
-
-
 class FrameError(BatchpunkError, ValueError):
     """Bytes that cannot be read as a batchpunk frame; the message says exactly why."""
 
 
 class ConfigError(BatchpunkError, ValueError):
     """A pipeline file, section or connector setting is wrong; the message names where."""
+
+
+class ConnectorError(BatchpunkError):
+    """Base of every error a connector raises on purpose (broker, database, file, HTTP).
+
+    What a failure means is a class attribute, read by the retry policy: ``unavailable = True``
+    marks an outage of the downstream (retried whole and waited out, never dead-lettered);
+    ``retryable = False`` marks a failure of one message that no retry can fix. A subclass sets
+    the one that fits; this base claims neither.
+    """
 
 
 class MissingDependency(BatchpunkError, ImportError):

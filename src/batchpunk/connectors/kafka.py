@@ -37,6 +37,7 @@ from typing import Any, Protocol
 from batchpunk.config import BatchConfig
 from batchpunk.connectors._common import PayloadError, mask_secrets, tls_context
 from batchpunk.connectors._envelope_shim import make_envelope, receipt_of
+from batchpunk.connectors._toolkit import payload_decoder, reconnect_delay
 from batchpunk.envelope import Envelope
 from batchpunk.errors import ConfigError, ConnectorError, PartialFailure, require
 
@@ -56,7 +57,6 @@ ENCODINGS = ("json", "text", "bytes")
 BATCH_KEYS = ("key", "partition", "none")
 
 _DEFAULT_COUNT = 500
-_MAX_BACKOFF = 5.0
 
 
 class KafkaError(ConnectorError):
@@ -440,8 +440,8 @@ class KafkaSource:
                 raise
             except _unavailable(errors) as exc:
                 logger.warning("%s; retrying", self._translate(exc, "fetching"))
-                await asyncio.sleep(min(_MAX_BACKOFF, 0.1 * 2**failures))
                 failures += 1
+                await asyncio.sleep(reconnect_delay(failures))
                 continue
             except Exception as exc:
                 error = self._translate(exc, "fetching")
@@ -475,14 +475,29 @@ class KafkaSource:
         are dropped unread: their next owner reads them from the committed offset."""
         buffer = self._buffer
         before = len(buffer)
+        assigned: Any = None
         for tp, batch in records.items():
             ledger = self._ledgers.get(tp)
-            if ledger is None or not ledger.alive:
+            if ledger is None:
+                # aiokafka fetches a new assignment before it calls on_partitions_assigned:
+                # records of a partition that is ours must be kept (its fetch position has
+                # moved past them), records of one that is not are dropped.
+                assigned = assigned if assigned is not None else self._consumer.assignment()
+                if tp not in assigned:
+                    continue
+                ledger = self._ledgers[tp] = _Ledger(tp)
+            if not ledger.alive:
                 continue
             for record in batch:
                 offset = record.offset
                 if ledger.end is not None and offset < ledger.end:
-                    continue  # already seen (a fetch raced a seek): never hand out twice
+                    # The fetch position moved back (a reset or a seek): start a new ledger so
+                    # offsets stay increasing; acks of the old one are ignored, and its messages
+                    # come again here (a duplicate at worst, never a skipped message).
+                    ledger.alive = False
+                    fresh = _Ledger(tp)
+                    fresh.skip, fresh.committed = ledger.skip, ledger.committed
+                    ledger = self._ledgers[tp] = fresh
                 if ledger.skip and ledger.written(offset):
                     ledger.end = offset + 1  # written before: finished without processing
                     continue
@@ -535,11 +550,8 @@ class KafkaSource:
         )
 
     def _make_decoder(self, decode: str) -> Callable[[bytes], Any]:
-        if decode == "json":
-            return json.loads
-        if decode == "text":
-            return lambda raw: raw.decode("utf-8")
-        return bytes
+        decoder = payload_decoder("KafkaSource", decode)  # the toolkit's: one per project
+        return lambda raw: decoder(raw)[0]
 
     # -- settling ------------------------------------------------------------------------------
 
@@ -606,8 +618,8 @@ class KafkaSource:
                 )
                 logger.log(level, "%s; retrying", self._translate(exc, "committing"))
                 self._commit_wake.set()
-                await asyncio.sleep(min(_MAX_BACKOFF, 0.1 * 2**failures))
                 failures += 1
+                await asyncio.sleep(reconnect_delay(failures))
 
     # -- rebalancing (called by aiokafka through _listener) ------------------------------------
 
@@ -627,7 +639,8 @@ class KafkaSource:
                 dropped[id(ledger)] = offset if first is None or offset < first else first
             else:
                 kept.append(envelope)
-        self._buffer = kept
+        self._buffer.clear()  # in place: a waiting __anext__ holds this very deque
+        self._buffer.extend(kept)
         for ledger in ledgers:
             first = dropped.get(id(ledger))
             if first is not None:

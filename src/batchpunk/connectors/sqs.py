@@ -35,11 +35,16 @@ from typing import Any
 from batchpunk.config import BatchConfig
 from batchpunk.connectors._common import PayloadError, mask_secrets
 from batchpunk.connectors._envelope_shim import make_envelope, receipt_of
+from batchpunk.connectors._toolkit import (
+    REDELIVERED,
+    delivery_limit_error,
+    payload_decoder,
+    reconnect_delay,
+)
 from batchpunk.envelope import Envelope
 from batchpunk.errors import (
     ConfigError,
     ConnectorError,
-    DeliveryLimitExceeded,
     PartialFailure,
     require,
 )
@@ -48,7 +53,6 @@ __all__ = ["SqsError", "SqsSink", "SqsSource", "SqsUnavailable"]
 
 logger = logging.getLogger(__name__)
 
-REDELIVERED = "batchpunk_redelivered"
 DECODINGS = ("json", "text")
 ENCODINGS = ("json", "text")
 
@@ -56,7 +60,6 @@ ENCODINGS = ("json", "text")
 BATCH_ENTRIES = 10
 MAX_BYTES = 262_144
 
-_MAX_BACKOFF = 5.0
 _DEFAULT_COUNT = 100
 _OUTAGE_CODES = {
     "ServiceUnavailable",
@@ -277,7 +280,8 @@ class SqsSource:
             read_timeout=self.wait_time + 15,
             connections=30,
         )
-        self._decoder: Callable[[str], Any] = json.loads if decode == "json" else str
+        decoder = payload_decoder(owner, decode)  # the toolkit's: one per project
+        self._decoder: Callable[[str], Any] = lambda body: decoder(body.encode())[0]
         self._buffer: deque[Envelope] = deque()
         self._held: dict[str, _Held] = {}  # receipt handle -> held message
         self._by_id: dict[str, _Held] = {}  # message id -> held message
@@ -392,11 +396,9 @@ class SqsSource:
                 error = _translate(repr(self), exc, "receiving", self._secrets)
                 if isinstance(error, SqsUnavailable):
                     logger.warning("%s; retrying", error)
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(
-                            self._stop.wait(), min(_MAX_BACKOFF, 0.1 * 2**failures)
-                        )
                     failures += 1
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._stop.wait(), reconnect_delay(failures))
                     continue
                 logger.error("%s; the source stops", error)
                 self._failure = error
@@ -459,9 +461,8 @@ class SqsSource:
         if error is None and count > self.max_receives:
             self.redelivered += 1
             headers[REDELIVERED] = True
-            error = DeliveryLimitExceeded(
-                f"SQS message {message_id} was received {count} times, more than "
-                f"max_receives={self.max_receives}"
+            error = delivery_limit_error(
+                f"SQS message {message_id}", count, self.max_receives, "max_receives"
             )
         key = group if self.batch_key == "group" else None
         return make_envelope(self, payload, key=key, headers=headers, receipt=held, error=error)
