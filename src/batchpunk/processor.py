@@ -28,7 +28,7 @@ from batchpunk._scheduler import Scheduler
 from batchpunk.batch import Batch
 from batchpunk.config import BatchConfig, BatchTrigger, OverflowPolicy
 from batchpunk.deadletter import DeadLetter
-from batchpunk.errors import BatchpunkError, BufferFull, ProcessorClosed
+from batchpunk.errors import BatchpunkError, BufferFull, ConfigError, ProcessorClosed
 from batchpunk.metrics import Observer
 from batchpunk.retry import CircuitBreaker
 
@@ -90,9 +90,9 @@ class BatchProcessor(Generic[T, R]):
         if config is None:
             config = BatchConfig()
         if not isinstance(config, BatchConfig):
-            raise ValueError(f"config: expected a BatchConfig, got {config!r}")
+            raise ConfigError(f"config: expected a BatchConfig, got {config!r}")
         if processor is None or not callable(processor):
-            raise ValueError(f"processor: expected a callable taking a Batch, got {processor!r}")
+            raise ConfigError(f"processor: expected a callable taking a Batch, got {processor!r}")
         self.config = config
         self.processor = processor
         #: Dead letters kept in memory: all of them without a sink, else those never stored.
