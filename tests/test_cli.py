@@ -97,8 +97,8 @@ def test_demo_runs_in_a_subprocess_and_its_summary_adds_up(tmp_path: Path) -> No
     letters = letters_in(tmp_path / "dead-letters.jsonl")
     assert rows + len(letters) == 40_000
     assert len(letters) == 17
-    assert f"rows in database         │ {rows:,}" in done.stdout
-    assert "dead letters             │ 17 (failed 12, malformed 5)" in done.stdout
+    assert f"rows in database: {rows:,}" in done.stdout
+    assert "dead letters: 17 (failed 12, malformed 5)" in done.stdout
 
 
 def test_sigterm_drains_exits_0_and_a_rerun_completes_without_duplicates(tmp_path: Path) -> None:

@@ -56,10 +56,16 @@ def is_secret_name(name: str) -> bool:
     return bool(_SECRET_NAME.search(name)) or name.lower() in {"user_password"}
 
 
+#: Variables whose names look like credentials but are not (the shell's working directory).
+_NOT_SECRETS = frozenset({"PWD", "OLDPWD", "SSH_AUTH_SOCK"})
+
+
 def env_secrets(environ: Mapping[str, str] | None = None) -> frozenset[str]:
     """Values of environment variables named like credentials (``*_PASSWORD``, ``*_TOKEN``...)."""
     env = os.environ if environ is None else environ
-    return frozenset(v for k, v in env.items() if v and is_secret_name(k))
+    return frozenset(
+        v for k, v in env.items() if v and k.upper() not in _NOT_SECRETS and is_secret_name(k)
+    )
 
 
 def _variants(secret: str) -> set[str]:
@@ -85,8 +91,6 @@ def _pair(match: re.Match[str]) -> str:
 
 def redact(text: str, secrets: Iterable[str] = ()) -> str:
     """``text`` with URL userinfo, credential-named pairs and every given secret masked."""
-    if not isinstance(text, str):
-        text = str(text)
     known: set[str] = set()
     for secret in secrets:
         if isinstance(secret, str) and secret:
