@@ -100,7 +100,11 @@ def _say(text: str, secrets: Any = (), *, stderr: bool = False) -> None:
 
 
 def _one_line(text: str) -> str:
-    return " ".join(text.split()) if "\n" in text or "\r" in text else text
+    """One line: line breaks become spaces, other control characters backslash escapes."""
+    if text.isprintable():
+        return text
+    text = " ".join(text.replace("\t", "\\t").split())
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _fail(message: str, code: int = EXIT_FAILED, secrets: Any = ()) -> NoReturn:

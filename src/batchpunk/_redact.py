@@ -19,6 +19,7 @@ which delegate here.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -36,16 +37,24 @@ _SECRET_WORDS = (
 )
 _SECRET_NAME = re.compile(rf"(?:^|[^a-z])(?:{_SECRET_WORDS})(?:$|[^a-z])", re.IGNORECASE)
 
-# scheme://userinfo@host: the userinfo is everything up to the last '@' that is followed by a
-# host and a delimiter, so a password holding '/', '@' or ':' is masked whole.
+# scheme://userinfo@host: a user name (no '/', '?', '#' or '@'), then optionally ':' and a
+# password that runs up to the last '@' followed by a host and a delimiter, so a password
+# holding '/', '@' or ':' is masked whole, while an '@' in a path or query is not userinfo.
 _URL_USERINFO = re.compile(
-    r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*://)(?P<userinfo>(?:[^\s\"]|\"(?![,:}\]]))*)@"
+    r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*://)"
+    r"(?P<userinfo>[^\s/?#@:\"]*(?::\S*)?)@"
     r"(?P<host>[^\s'\"<>/?#@\\,;]*)(?=[/?#\s'\"<>\\,;)\]}]|$)"
 )
 _PAIR = re.compile(
     rf"(?P<head>(?<![A-Za-z0-9_.\-])(?P<name>(?:[A-Za-z0-9_.\-]*[_.\-])?(?:{_SECRET_WORDS})"
     r"(?:[_.\-][A-Za-z0-9_.\-]*)?)"
     r"(?P<sep>\s*[=:]\s*))(?P<value>'[^']*'|\"[^\"]*\"|[^\s&;,'\"}\])]+)",
+    re.IGNORECASE,
+)
+# In a URL's query a value runs to the next '&', '#', quote or space, whatever it holds.
+_QUERY = re.compile(
+    rf"(?P<head>[?&;](?P<name>(?:[A-Za-z0-9_.\-]*[_.\-])?(?:{_SECRET_WORDS})"
+    r"(?:[_.\-][A-Za-z0-9_.\-]*)?)=)(?P<value>[^&#\s'\"]+)",
     re.IGNORECASE,
 )
 _AUTH_SCHEME = re.compile(r"\b(?P<scheme>Bearer|Basic|Token|Digest)\s+(?P<cred>[^\s'\",;]+)")
@@ -69,8 +78,12 @@ def env_secrets(environ: Mapping[str, str] | None = None) -> frozenset[str]:
 
 
 def _variants(secret: str) -> set[str]:
-    """A secret and the forms it takes inside URLs, so a quoted copy is masked too."""
-    return {secret, quote(secret, safe=""), quote_plus(secret, safe="")}
+    """A secret and the forms it takes in text: quoted in URLs, escaped by repr() and JSON."""
+    forms = {secret, quote(secret, safe=""), quote_plus(secret, safe="")}
+    forms.add(repr(secret)[1:-1])
+    forms.add(json.dumps(secret)[1:-1])
+    forms.add(json.dumps(secret, ensure_ascii=False)[1:-1])
+    return forms
 
 
 def _userinfo(match: re.Match[str]) -> str:
@@ -102,10 +115,12 @@ def redact(text: str, secrets: Iterable[str] = ()) -> str:
             text = text.replace(secret, MASK)
         else:  # a short value ("5", "on") is masked as a whole word, not inside other words
             text = re.sub(rf"(?<![\w]){re.escape(secret)}(?![\w])", MASK, text)
+    text = _AUTH_SCHEME.sub(lambda m: f"{m.group('scheme')} {MASK}", text)
+    text = _QUERY.sub(_pair, text)  # before userinfo: a query value may hold an '@'
+    text = _PAIR.sub(_pair, text)
     if "://" in text:
         text = _URL_USERINFO.sub(_userinfo, text)
-    text = _AUTH_SCHEME.sub(lambda m: f"{m.group('scheme')} {MASK}", text)
-    return _PAIR.sub(_pair, text)
+    return text
 
 
 def redact_value(value: Any, secrets: Iterable[str] = ()) -> Any:

@@ -186,7 +186,7 @@ class BatchConfig:
 def _enum(kind: type[Any], name: str, value: Any) -> Any:
     try:
         return kind(value)
-    except ValueError:
+    except (ValueError, TypeError):
         allowed = ", ".join(repr(m.value) for m in kind)
         raise ConfigError(f"{name}: expected one of {allowed}, got {value!r}") from None
 

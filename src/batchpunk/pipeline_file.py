@@ -29,6 +29,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from batchpunk._redact import redact_value
 from batchpunk.config import BatchConfig
@@ -296,7 +297,7 @@ def parse_pipeline(
             raise ConfigError(f"{path}: [{name}] must be a table (a [{name}] header), got a value")
         resolved[name] = {}
         for key, value in table.items():
-            new, used = _substitute(value, env, f"[{name}] {key}", secrets)
+            new, used = _substitute(value, env, f"[{name}] {_name(key)}", secrets)
             if used:
                 from_env.add((name, key))
             resolved[name][key] = new
@@ -354,7 +355,7 @@ def _substitute(
         items = [_substitute(v, env, where, secrets) for v in value]
         return [v for v, _ in items], any(u for _, u in items)
     if isinstance(value, dict):
-        pairs = {k: _substitute(v, env, f"{where}.{k}", secrets) for k, v in value.items()}
+        pairs = {k: _substitute(v, env, f"{where}.{_name(k)}", secrets) for k, v in value.items()}
         return {k: v for k, (v, _) in pairs.items()}, any(u for _, u in pairs.values())
     return value, False
 
@@ -580,7 +581,9 @@ def _matches(value: Any, hint: Any) -> bool | None:
     if hint is str:
         return isinstance(value, str)
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
-        return isinstance(value, hint) or value in {m.value for m in hint}
+        if isinstance(value, hint):
+            return True
+        return isinstance(value, str | int) and value in {m.value for m in hint}
     if hint is os.PathLike or origin is os.PathLike:
         return isinstance(value, str)
     container = origin or hint
@@ -679,11 +682,11 @@ def _check_value(where: str, key: str, value: Any, shown: str, param: inspect.Pa
     """Range and meaning beyond the type: finite numbers, 64-bit integers, sane durations."""
     _check_numbers(where, value, shown)
     if isinstance(value, bool) or not isinstance(value, int | float):
-        if isinstance(value, str):
-            if "\x00" in value:
-                raise ConfigError(f"{where}: a NUL character cannot appear in a setting")
-            if param.default is param.empty and not value.strip():
-                raise ConfigError(f"{where}: expected a non-empty string, got {shown}")
+        if isinstance(value, str) and "\x00" in value:
+            raise ConfigError(f"{where}: a NUL character cannot appear in a setting")
+        for text in value if isinstance(value, list) else [value]:
+            if isinstance(text, str) and "://" in text:
+                _check_url(where, text)
         return
     if key not in _SIGNED and value < 0:
         raise ConfigError(f"{where}: expected a number >= 0, got {shown}")
@@ -691,6 +694,18 @@ def _check_value(where: str, key: str, value: Any, shown: str, param: inspect.Pa
         raise ConfigError(f"{where}: expected at most {_MAX_SECONDS:.0e} seconds, got {shown}")
     if _POSITIVE.search(key) and value == 0:
         raise ConfigError(f"{where}: expected a number > 0, got {shown}")
+
+
+def _check_url(where: str, url: str) -> None:
+    """A URL the connectors' parsers accept: a password with '[', '/' or '#' must be quoted."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - parsing the port is the check
+    except ValueError as exc:
+        raise ConfigError(
+            f"{where}: not a valid URL ({exc}); percent-encode special characters in the "
+            "user name and password (urllib.parse.quote)"
+        ) from None
 
 
 def _check_numbers(where: str, value: Any, shown: str) -> None:
@@ -735,6 +750,11 @@ def _check_paths(section: str, kwargs: Mapping[str, Any]) -> None:
 
 
 # -- small helpers ----------------------------------------------------------------------------
+
+
+def _name(key: str) -> str:
+    """A key as a message shows it: plain names as they are, anything else quoted."""
+    return key if key.isidentifier() else repr(key)
 
 
 def _suggest(word: str, choices: Any) -> str:
