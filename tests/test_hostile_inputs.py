@@ -10,6 +10,7 @@ examples per property (default 40 for CI; the counts run are printed at the end)
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sqlite3
 import string
@@ -159,7 +160,16 @@ def test_what_validate_accepts_run_accepts(
         result = invoke(["run", str(path), "--no-live"], env)
         COUNTS["run"] += 1
     assert_clean(result, secret, env)
-    assert result.exit_code in (0, 1), f"validate accepted, run refused:\n{result.output}"
+    if result.exit_code == 2:
+        # Only a check against the downstream itself (a table that is not there, found once
+        # the sink opens its database) may refuse what validate, which connects to nothing,
+        # accepted; never a check of the file.
+        assert not re.match(rf"error: ({re.escape(str(path))}: )?\[[a-z_]+\]", result.stderr), (
+            f"validate accepted, run refused:\n{result.output}"
+        )
+        COUNTS["run refused by the downstream"] += 1
+    else:
+        assert result.exit_code in (0, 1), result.output
 
 
 # -- command lines ----------------------------------------------------------------------------
