@@ -141,7 +141,7 @@ def test_validate_refuses_bad_files_in_one_line_naming_section_and_key(
             assert any(names(message, s, k) for s, k in named), (mutated, message)
 
 
-@settings(HOSTILE, max_examples=EXAMPLES * 3)
+@settings(HOSTILE, max_examples=EXAMPLES * 5)
 @given(case=pipeline_cases(runnable=True), secret=SECRETS)
 def test_what_validate_accepts_run_accepts(
     case: tuple[dict[str, Any], list[tuple[str, str]]], secret: str

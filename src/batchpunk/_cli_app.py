@@ -149,11 +149,10 @@ class _Redact(logging.Filter):
         if masked != message:
             record.msg, record.args = masked, ()
         if record.exc_info and record.exc_info[1] is not None:
-            error = record.exc_info[1]
-            record.msg = f"{record.msg}: {type(error).__name__}: " + redact(
-                str(error), self.secrets
-            )
-            record.exc_info = record.exc_text = None  # a traceback could carry a secret
+            # A traceback quotes the error and source lines: it goes through the redactor too.
+            text = logging.Formatter().formatException(record.exc_info)
+            record.exc_text = _printable(redact(text, self.secrets))
+            record.exc_info = None
         return True
 
 
