@@ -86,11 +86,21 @@ def _variants(secret: str) -> set[str]:
     return forms
 
 
+#: Schemes whose URLs carry a token as the whole userinfo (``nats://TOKEN@host``,
+#: ``https://TOKEN@host``); elsewhere a userinfo without ':' is a user name and stays.
+_TOKEN_SCHEMES = frozenset({"nats", "tls", "ws", "wss", "http", "https", "git", "ssh"})
+
+
 def _userinfo(match: re.Match[str]) -> str:
-    userinfo = match.group("userinfo")
-    user, colon, _ = userinfo.partition(":")
-    shown = f"{user}:{MASK}" if colon and user and "/" not in user and "@" not in user else MASK
-    return f"{match.group('scheme')}{shown}@{match.group('host')}"
+    scheme = match.group("scheme")
+    user, colon, _ = match.group("userinfo").partition(":")
+    if colon:
+        shown = f"{user}:{MASK}"
+    elif scheme[:-3].lower() in _TOKEN_SCHEMES:
+        shown = MASK
+    else:
+        shown = user
+    return f"{scheme}{shown}@{match.group('host')}"
 
 
 def _pair(match: re.Match[str]) -> str:
