@@ -231,7 +231,7 @@ def pipeline_cases(draw: st.DrawFn, *, runnable: bool = False) -> tuple[dict[str
     sections["metrics"] = {"live": False}
     kinds = {name: table.get("type") for name, table in sections.items()}
     mutated: list[tuple[str, str]] = []
-    for _ in range(draw(st.integers(min_value=1, max_value=2))):
+    for _ in range(draw(st.integers(min_value=0, max_value=2))):
         section = draw(st.sampled_from(sorted(sections)))
         kind = kinds.get(section)
         choices = keys_of(section, kind) + ["type"] * (kind is not None)

@@ -19,6 +19,7 @@ import tracemalloc
 import zlib
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -110,15 +111,46 @@ def test_the_bases_cover_every_registered_type() -> None:
         assert sorted(BASES[section]) == sorted(registry), section
 
 
+def strings_in(value: Any) -> list[str]:
+    """Every key and string value in a nested structure."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [t for k, v in value.items() for t in [str(k), *strings_in(v)]]
+    if isinstance(value, list):
+        return [t for v in value for t in strings_in(v)]
+    return []
+
+
+def written_in(sections: dict[str, Any], secret: str) -> dict[str, Any]:
+    """The sections with the secret written into the file itself (URL-quoted, as a URL needs
+    it) instead of taken from the environment: the redactor must find it by shape."""
+    reference = "${" + SECRET_VAR + "}"
+
+    def swap(value: Any) -> Any:
+        if isinstance(value, str) and "://" in value:
+            return value.replace(reference, quote(secret, safe=""))
+        if isinstance(value, list):
+            return [swap(v) for v in value]
+        return value
+
+    return {name: {k: swap(v) for k, v in table.items()} for name, table in sections.items()}
+
+
 @HOSTILE
-@given(case=pipeline_cases(), secret=SECRETS)
+@given(case=pipeline_cases(), secret=SECRETS, literal=st.booleans())
 def test_validate_refuses_bad_files_in_one_line_naming_section_and_key(
-    case: tuple[dict[str, Any], list[tuple[str, str]]], secret: str
+    case: tuple[dict[str, Any], list[tuple[str, str]]], secret: str, literal: bool
 ) -> None:
     """`validate` on a generated file: exit 0 or 2 (3 for a missing extra), never a
-    traceback, never a secret; a refusal is one line naming a mutated section and key."""
+    traceback, never a secret (from the environment, or written in a URL of the file); a
+    refusal is one line naming a mutated section and key."""
     sections, mutated = case
     env = env_for(secret)
+    if literal:  # the secret only in the file, so that nothing knows its value
+        assume(not any(secret in text for text in strings_in(sections)))  # typed in plain
+        sections = written_in(sections, secret)
+        env[SECRET_VAR] = "Env-Value-1"
     with tempfile.TemporaryDirectory() as folder:
         path = write_pipeline(sections, Path(folder))
         result = invoke(["validate", str(path)], env)
