@@ -465,7 +465,7 @@ def _keywords(
                 f"[{section}] {key}: expected {_describe(param, hint)}, got {shown}"
                 f" ({type(value).__name__})"
             )
-        _check_value(f"[{section}] {key}", key, value, shown, param)
+        _check_value(f"[{section}] {key}", key, value, shown)
         out[key] = value
     missing = [
         name
@@ -678,7 +678,7 @@ _ROLE_METHODS = {"source": "__aiter__", "sink": "write", "dead_letter": "put"}
 _MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 
-def _check_value(where: str, key: str, value: Any, shown: str, param: inspect.Parameter) -> None:
+def _check_value(where: str, key: str, value: Any, shown: str) -> None:
     """Range and meaning beyond the type: finite numbers, 64-bit integers, sane durations."""
     _check_numbers(where, value, shown)
     if isinstance(value, bool) or not isinstance(value, int | float):
@@ -716,12 +716,9 @@ def _check_numbers(where: str, value: Any, shown: str) -> None:
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"{where}: expected a finite number, got {shown}")
     if isinstance(value, list):
+        hidden = shown.startswith("a value from the environment")
         for item in value:
-            _check_numbers(
-                where,
-                item,
-                "an item " + ("out of range" if shown.startswith("a value") else repr(item)),
-            )
+            _check_numbers(where, item, "an item out of range" if hidden else repr(item))
     elif isinstance(value, dict):
         for name, item in value.items():
             _check_numbers(f"{where}.{name}", item, repr(item))
