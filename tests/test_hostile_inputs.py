@@ -270,7 +270,8 @@ def command_lines(draw: st.DrawFn) -> list[str]:
     names = ["missing", "folder", "empty", "binary", "corrupt", "plain_db", "letters",
              "letters_db", "pipeline"]  # fmt: skip
     file = "@" + draw(st.sampled_from(names))
-    shape = draw(st.sampled_from(["validate", "show", "replay", "run", "version", "help", "junk"]))
+    shapes = ["validate", "show", "replay", "run", "demo", "version", "help", "junk"]
+    shape = draw(st.sampled_from(shapes))
     if shape == "validate":
         return ["validate", file, *draw(st.sampled_from([[], ["--json"]]))]
     if shape == "show":
@@ -286,6 +287,9 @@ def command_lines(draw: st.DrawFn) -> list[str]:
     if shape == "run":
         argv = ["run", file, "--no-live"]
         return argv + (["--log-level", draw(_TEXT)] if draw(st.booleans()) else [])
+    if shape == "demo":
+        events = draw(st.sampled_from(["-5", "0", "abc", "99999999999999999999", "300", "1e3"]))
+        return ["demo", "--events", events, "--no-live", "--dir", "@folder"]
     if shape == "version":
         return ["--version"]
     if shape == "help":
