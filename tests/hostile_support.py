@@ -148,8 +148,9 @@ HOSTILE = st.one_of(
 SECRETS = st.text(
     alphabet=string.ascii_letters + string.digits + string.punctuation, min_size=8, max_size=24
 ).filter(
-    # a letter and a punctuation mark, so that no help text or number happens to hold it
-    lambda s: any(c.isalpha() for c in s) and any(not c.isalnum() for c in s) and "${" not in s
+    # a letter and one of ^`~| (no message or help text holds those), so that no output
+    # happens to contain the secret by coincidence ("ression_" is in "compression_level")
+    lambda s: any(c.isalpha() for c in s) and any(c in "^`~|" for c in s) and "${" not in s
 )
 
 
