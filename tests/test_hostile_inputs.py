@@ -211,8 +211,7 @@ def _files(folder: Path) -> dict[str, Path]:
     """Files a user might hand any command, good and bad."""
     import asyncio
 
-    from batchpunk.deadletter import DeadLetter
-    from batchpunk.deadletter_sinks import JsonlDeadLetters, SqliteDeadLetters
+    from batchpunk.deadletter import DeadLetter, JsonlDeadLetters, SqliteDeadLetters
 
     files = {
         "missing": folder / "missing.jsonl",

@@ -25,8 +25,7 @@ from batchpunk._cli_app import app
 from batchpunk._redact import redact
 from batchpunk.config import BatchConfig
 from batchpunk.connectors import JsonlSink, JsonlSource, SqliteSink
-from batchpunk.deadletter import DeadLetter
-from batchpunk.deadletter_sinks import JsonlDeadLetters, SqliteDeadLetters
+from batchpunk.deadletter import DeadLetter, JsonlDeadLetters, SqliteDeadLetters
 from batchpunk.errors import ConfigError, FrameError, PartialFailure
 from batchpunk.pipeline import Pipeline
 from batchpunk.processor import BatchProcessor

@@ -116,7 +116,7 @@ def _guard(action: Callable[[], T], secrets: Any = ()) -> T:
     """Run ``action``; what goes wrong becomes one line on stderr and an exit code, never a
     traceback: 2 for a mistake in the input, 3 for a missing extra, 1 for a runtime failure
     (an unreachable server, a full disk), 130 for an interrupt."""
-    from batchpunk.deadletter_sinks import MalformedDeadLetter
+    from batchpunk.deadletter import MalformedDeadLetter
 
     try:
         return action()
@@ -336,6 +336,9 @@ async def _run_pipeline(spec: Any, live: bool) -> int:
         _say(f"metrics: {server.url}/metrics  stats: {server.url}/stats", stderr=True)
     error: BaseException | None = None
     began = time.perf_counter()
+    from batchpunk._memory import tune_collector
+
+    tune_collector()  # start-up is over: see batchpunk/_memory.py for the choice and figures
     try:
         if live:
             view = _live(f"batchpunk run {Path(spec.path).name}", spec.metrics.refresh_per_second)
@@ -598,7 +601,7 @@ async def _read_file(file: Path) -> list[Any]:
     import sqlite3
 
     from batchpunk._demo import read_letters
-    from batchpunk.deadletter_sinks import MalformedDeadLetter, open_dead_letter_file
+    from batchpunk.deadletter import MalformedDeadLetter, open_dead_letter_file
 
     store = open_dead_letter_file(file, readonly=True)
     try:
@@ -613,8 +616,8 @@ async def _replay(
     file: Path, spec: Any, reason: str | None
 ) -> tuple[int, list[Any], list[str], int]:
     from batchpunk._demo import read_letters
-    from batchpunk.deadletter import MemoryDeadLetters
-    from batchpunk.deadletter_sinks import UNSTORABLE_HEADER, open_dead_letter_file
+    from batchpunk.deadletter import MemoryDeadLetters, open_dead_letter_file
+    from batchpunk.deadletter._files import UNSTORABLE_HEADER
     from batchpunk.processor import BatchProcessor
 
     store = open_dead_letter_file(file)

@@ -15,7 +15,7 @@ from typing import Any, NoReturn, TypeVar
 
 from batchpunk._identifiers import SQL_KEYWORDS
 from batchpunk._redact import redact
-from batchpunk.errors import BatchpunkError, ConfigError, PartialFailure
+from batchpunk.errors import ConfigError, ConnectorError, PartialFailure
 
 __all__ = [
     "TLS_KEYS",
@@ -33,7 +33,7 @@ R = TypeVar("R")
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
-class PayloadError(BatchpunkError, ValueError):
+class PayloadError(ConnectorError, ValueError):
     """A payload this sink can never write (a missing column, a value it cannot encode).
 
     ``retryable`` is False: the engine skips the retries and isolates the payload at once, so it

@@ -53,7 +53,7 @@ from urllib.parse import quote
 from batchpunk._identifiers import SQL_KEYWORDS as _SQL_KEYWORDS
 from batchpunk._redact import MASK, is_secret_name, redact
 from batchpunk.codec import decode_batch, decode_value, encode_batch, encode_value
-from batchpunk.deadletter import DeadLetter
+from batchpunk.deadletter._record import DeadLetter
 from batchpunk.errors import BatchpunkError, DeadLetterError, FrameError
 
 __all__ = [
