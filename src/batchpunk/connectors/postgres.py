@@ -755,9 +755,7 @@ class PostgresSink:
         return ", ".join(shown) if shown else _short(dict(values))
 
     def _scrub(self, text: str) -> str:
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        return text
+        return mask_secrets(text, self._secrets)
 
     def _cause(self, exc: BaseException) -> BaseException | None:
         """Chain the driver's error unless its text carries a secret."""
