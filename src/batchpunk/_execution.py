@@ -249,8 +249,9 @@ class Execution:
         cfg, down, breaker = self.config, self.downstream, self.breaker
         error = node.error
         assert error is not None
-        if not node.root and down.available and down.answered > node.last:
-            # A half held while its sibling got an answer: the failure is this half's own.
+        if not node.root and not node.waits and down.available and down.answered > node.last:
+            # A half that failed once, then its sibling got an answer: the failure is this
+            # half's own. (A half held through an outage retries whole first instead.)
             self._unhold(node)
             self._settle_failure(job, node, todo, error)
             return False
