@@ -38,6 +38,22 @@ _NETWORK_ERRNOS = frozenset(
     if hasattr(errno, name)
 )
 
+#: Drivers' connection-level exceptions that do not derive from the builtin ConnectionError or
+#: TimeoutError, as (module, class name): matched by name so that no driver is imported.
+_DRIVER_OUTAGES = frozenset(
+    {
+        ("redis.exceptions", "ConnectionError"),  # BusyLoadingError derives from it
+        ("redis.exceptions", "TimeoutError"),
+        ("nats.errors", "ConnectionClosedError"),
+        ("nats.errors", "NoServersError"),
+        ("nats.errors", "StaleConnectionError"),
+        ("nats.errors", "ConnectionReconnectingError"),
+        ("nats.js.errors", "ServiceUnavailableError"),
+        ("asyncpg.exceptions", "CannotConnectNowError"),
+        ("asyncpg.exceptions", "ConnectionDoesNotExistError"),
+    }
+)
+
 CircuitState = Literal["closed", "open", "half_open"]
 
 
@@ -86,8 +102,9 @@ def is_outage(error: BaseException, unavailable_on: RetryOn | None) -> bool:
     ``unavailable_on`` decides alone. Otherwise an exception class's own ``unavailable``
     attribute decides, then ``retryable = False`` (a message's fault) rules an outage out, then
     the types: ``unavailable_on`` when given, else the built-in rule: ConnectionError (refused,
-    reset, aborted, broken pipe), TimeoutError (BatchTimeout included), and OSErrors whose errno
-    says the network or host is unreachable.
+    reset, aborted, broken pipe), TimeoutError (BatchTimeout included), OSErrors whose errno
+    says the network or host is unreachable, and the drivers' connection errors that derive
+    from neither (redis, nats, asyncpg; listed in ``_DRIVER_OUTAGES``).
     """
     if unavailable_on is not None and not isinstance(unavailable_on, tuple):
         return bool(unavailable_on(error))
@@ -100,7 +117,9 @@ def is_outage(error: BaseException, unavailable_on: RetryOn | None) -> bool:
         return isinstance(error, unavailable_on)
     if isinstance(error, ConnectionError | TimeoutError):
         return True
-    return isinstance(error, OSError) and error.errno in _NETWORK_ERRNOS
+    if isinstance(error, OSError) and error.errno in _NETWORK_ERRNOS:
+        return True
+    return any((k.__module__, k.__qualname__) in _DRIVER_OUTAGES for k in type(error).__mro__)
 
 
 class CircuitBreaker:

@@ -35,12 +35,14 @@ class HttpStatusError(BatchpunkError):
         self.status = status
         self.body = body
         self.retryable = status == 429 or status >= 500
+        self.unavailable = status in (429, 502, 503, 504)  # overloaded or gone: an outage
 
 
 class HttpTransportError(BatchpunkError, ConnectionError):
     """The request did not get an answer (connection refused, timeout, TLS failure); retryable."""
 
     retryable = True
+    unavailable = True
 
 
 class HttpSink:

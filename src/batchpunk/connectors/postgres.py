@@ -119,6 +119,7 @@ class PostgresRetryable(PostgresSinkError, ConnectionError):
     """
 
     retryable: ClassVar[bool] = True
+    unavailable: ClassVar[bool] = True  # an outage: held and retried whole, never bisected
 
 
 class PostgresDataError(PostgresSinkError, ValueError):

@@ -98,6 +98,7 @@ class RabbitMQError(BatchpunkError, ConnectionError):
     """
 
     retryable = True
+    unavailable = True  # an outage: held and retried whole, never bisected
 
 
 class RabbitMQSourceStats(NamedTuple):
