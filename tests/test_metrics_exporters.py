@@ -39,6 +39,10 @@ def feed(observer: Observer) -> None:
     observer.dead_lettered(1, "failed")
     observer.dead_lettered(1, "dropped")
     observer.gauges(7, 3, "open")
+    observer.outage()
+    observer.probed()
+    observer.probed()
+    observer.downstream(True, 40)
 
 
 def samples_by_name(text: str) -> dict[str, list[Any]]:
@@ -282,6 +286,10 @@ def test_opentelemetry_collector_records_through_an_in_memory_reader() -> None:
     assert single("batchpunk.pending").value == 7
     assert single("batchpunk.in_flight").value == 3
     assert single("batchpunk.circuit_state").value == 2
+    assert single("batchpunk.downstream.unavailable").value == 1
+    assert single("batchpunk.downstream.held").value == 40
+    assert single("batchpunk.downstream.probes").value == 2
+    assert single("batchpunk.downstream.outages").value == 1
 
 
 def test_opentelemetry_collector_refuses_unknown_names() -> None:

@@ -19,6 +19,8 @@ import logging
 import time
 from typing import Any
 
+from batchpunk.metrics import Observer
+
 __all__ = ["Downstream"]
 
 log = logging.getLogger("batchpunk")
@@ -27,7 +29,8 @@ log = logging.getLogger("batchpunk")
 class Downstream:
     """Counts answers, held messages, probes and outages; see the module docstring."""
 
-    def __init__(self) -> None:
+    def __init__(self, observer: Observer | None = None) -> None:
+        self._observer = observer
         #: Calls that got an answer from the downstream so far (a health clock for bisection).
         self.answered = 0
         self.available = True
@@ -56,6 +59,7 @@ class Downstream:
                 self.probes,
                 extra={"reason": "recovered", "size": self._peak},
             )
+            self._report()
         answer, self._answer = self._answer, None
         if answer is not None and not answer.done():
             answer.set_result(None)
@@ -76,19 +80,30 @@ class Downstream:
             error,
             extra={"reason": "unavailable", "size": self.held},
         )
+        if self._observer is not None:
+            self._observer.outage()
+        self._report()
 
     def hold(self, count: int) -> None:
         self.held += count
         if self.held > self._peak:
             self._peak = self.held
+        self._report()
 
     def release(self, count: int) -> None:
         self.held -= count
+        self._report()
 
     def probe(self) -> None:
         """A call starts: while unavailable it is a probe of the downstream."""
         if not self.available:
             self.probes += 1
+            if self._observer is not None:
+                self._observer.probed()
+
+    def _report(self) -> None:
+        if self._observer is not None:
+            self._observer.downstream(not self.available, self.held)
 
     async def wait_answer(self, seconds: float) -> None:
         """Sleep up to ``seconds``, returning early once any call gets an answer."""

@@ -129,7 +129,7 @@ class Execution:
         self.fn = fn
         self.observer = observer
         self.breaker = breaker
-        self.downstream = downstream if downstream is not None else Downstream()
+        self.downstream = downstream if downstream is not None else Downstream(observer)
         self._succeeded = succeeded
         self._dead = dead
         self._is_async = is_async_callable(fn)

@@ -104,6 +104,34 @@ OTEL_METRICS: Mapping[str, tuple[str, str, str, str, tuple[float, ...] | None]] 
         "Circuit breaker state: 0 closed, 1 half_open, 2 open.",
         None,
     ),
+    "downstream_unavailable": (
+        "gauge",
+        "batchpunk.downstream.unavailable",
+        "1",
+        "1 while the downstream is unavailable (an outage holds batches), else 0.",
+        None,
+    ),
+    "downstream_held": (
+        "gauge",
+        "batchpunk.downstream.held",
+        "{message}",
+        "Messages of batches held by an outage.",
+        None,
+    ),
+    "downstream_probes": (
+        "counter",
+        "batchpunk.downstream.probes",
+        "{call}",
+        "Processor calls made while the downstream was unavailable.",
+        None,
+    ),
+    "downstream_outages": (
+        "counter",
+        "batchpunk.downstream.outages",
+        "{outage}",
+        "Outages begun.",
+        None,
+    ),
 }
 
 
