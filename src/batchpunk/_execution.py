@@ -14,8 +14,9 @@ A failure is one of two kinds, and each gets its own treatment:
   halves are tried at once (no backoff), so a poison message costs about two calls per halving
   level and no good message sleeps.
 
-A batch held with no other evidence (nothing else running) is split once as a probe: if one half
-succeeds the downstream answers and bisection goes on; if both fail the halves are held whole.
+A batch held with no other evidence (nothing else running, circuit closed) is halved as a probe,
+at most three levels deep: once a part succeeds the downstream answers and bisection goes on; if
+every part fails, the parts (an eighth of the batch at the smallest) are held whole.
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ log = logging.getLogger("batchpunk")
 
 Entry = tuple[DeadLetter, Tracker | None]
 
+#: Levels of probe splits of a held batch (parts of 1/8 at most): enough to find a clean part when
+#: a few messages raise connection-looking errors in an idle processor, never singles.
+_PROBE_LEVELS = 3
 #: Shortest wait between two calls of a held batch, so retry_delay=0 never spins on an outage.
 _MIN_HOLD = 0.05
 
@@ -72,7 +76,7 @@ class _Node:
         "held",
         "last",
         "mark",
-        "probed",
+        "probes",
         "root",
         "trackers",
         "waits",
@@ -85,7 +89,7 @@ class _Node:
         calls: int,
         root: bool,
         mark: int | None = None,
-        probed: bool = False,
+        probes: int = 0,
     ) -> None:
         self.batch = batch
         self.trackers = trackers
@@ -98,8 +102,9 @@ class _Node:
         self.mark = mark
         # The answer count when this node's last failed call began.
         self.last = 0
-        # Split once already as a probe of an outage: halves are then held whole.
-        self.probed = probed
+        # Probe splits left: with no other evidence, a held node is halved to see whether a
+        # part gets an answer, at most this many levels deep; then its parts are held whole.
+        self.probes = probes
         # Messages counted in Downstream.held for this node (0 when not held).
         self.held = 0
         self.waits = 0
@@ -143,7 +148,7 @@ class Execution:
     # -- a job's life ----------------------------------------------------------------------
     async def run(self, job: Job) -> None:
         """Process a job until every one of its messages succeeded or was dead-lettered."""
-        todo = [_Node(job.batch, job.trackers, 0, root=True)]
+        todo = [_Node(job.batch, job.trackers, 0, root=True, probes=_PROBE_LEVELS)]
         held: list[_Node] = []
         current: _Node | None = None
         timeout = self.config.delivery_timeout
@@ -256,7 +261,7 @@ class Execution:
             self._settle_failure(job, node, todo, error)
             return False
         if (
-            not node.probed
+            node.probes > 0
             and cfg.enable_partial_batches
             and len(node.batch) > 1
             and (breaker is None or breaker.state == "closed")
@@ -264,7 +269,7 @@ class Execution:
             # Nothing else tells whether the downstream answers: try each half once. An
             # answer to one means bisection may go on; two outage failures hold both halves.
             self._unhold(node)
-            self._split(node, todo, probed=True)
+            self._split(node, todo, probes=node.probes - 1)
             return False
         loop = asyncio.get_running_loop()
         node.waits += 1
@@ -303,11 +308,11 @@ class Execution:
     ) -> None:
         """Bisect a failed node (the halves go next), or dead-letter a single message."""
         if node.errors is None and len(node.batch) > 1 and self.config.enable_partial_batches:
-            self._split(node, todo, probed=node.probed)
+            self._split(node, todo, probes=node.probes)
             return
         self._dead_letter(job, node, "failed", error)
 
-    def _split(self, node: _Node, todo: list[_Node], *, probed: bool) -> None:
+    def _split(self, node: _Node, todo: list[_Node], *, probes: int) -> None:
         # Both halves go next (left first), each a fresh node with no backoff.
         self.splits += 1
         self.observer.split()
@@ -319,7 +324,7 @@ class Execution:
                 node.calls,
                 root=False,
                 mark=node.mark,
-                probed=probed,
+                probes=probes,
             )
             todo.append(half)
 
