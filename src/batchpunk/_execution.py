@@ -273,11 +273,13 @@ class Execution:
             return False
         loop = asyncio.get_running_loop()
         node.waits += 1
+        # With a circuit breaker the wait is at most its cooldown: the breaker then lets one
+        # trial call through per cooldown and the other held batches wait on it, so the
+        # downstream's return is noticed within a cooldown, not a long backoff.
+        cap = cfg.retry_max_delay if breaker is None else min(cfg.retry_max_delay, breaker.cooldown)
         delay = max(
             _MIN_HOLD,
-            backoff_delay(
-                node.waits, base=cfg.retry_delay, cap=cfg.retry_max_delay, jitter=cfg.retry_jitter
-            ),
+            backoff_delay(node.waits, base=cfg.retry_delay, cap=cap, jitter=cfg.retry_jitter),
         )
         if deadline is not None:
             delay = min(delay, deadline - loop.time())
