@@ -174,6 +174,8 @@ class Run:
     outages: int = 0
     drained_after: float | None = None
     report: Report | None = None
+    #: (seconds since the outage began, calls, held, probes, circuit, readyz) per poll.
+    timeline: list[tuple[float, int, int, int, str, int]] = field(default_factory=list)
 
     @property
     def dead_letters(self) -> Path:
@@ -207,19 +209,34 @@ class Run:
             return status, json.loads(body)
         return status, None
 
-    async def watch(self, until: asyncio.Event) -> None:
-        """Poll /readyz and /stats every 0.5 s until ``until`` is set."""
-        while not until.is_set():
+    async def watch(self, until: asyncio.Event, began: float, *, extra: float = 0.0) -> None:
+        """Poll /readyz and /stats every 0.5 s until ``extra`` seconds after ``until`` is set."""
+        over: float | None = None
+        while over is None or time.monotonic() < over + extra:
+            if over is None and until.is_set():
+                over = time.monotonic()
             with contextlib.suppress(OSError, TimeoutError, ValueError, IndexError):
                 status, _ = await self.get("/readyz")
-                self.readyz_during.add(status)
                 _, stats = await self.get("/stats")
-                downstream = (stats or {}).get("downstream") or {}
-                self.held_max = max(self.held_max, int(downstream.get("held") or 0))
-                self.probes = max(self.probes, int(downstream.get("probes") or 0))
+                stats = stats or {}
+                downstream = stats.get("downstream") or {}
+                held = int(downstream.get("held") or 0)
+                if over is None:
+                    self.readyz_during.add(status)
+                    self.held_max = max(self.held_max, held)
+                    self.probes = max(self.probes, int(downstream.get("probes") or 0))
                 self.outages = int(downstream.get("outages") or 0)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(until.wait(), 0.5)
+                self.timeline.append(
+                    (
+                        time.monotonic() - began,
+                        int(stats.get("calls") or 0),
+                        held,
+                        int(downstream.get("probes") or 0),
+                        str(stats.get("circuit")),
+                        status,
+                    )
+                )
+            await asyncio.sleep(0.5)
 
 
 @contextlib.asynccontextmanager
@@ -273,9 +290,11 @@ async def test_postgres_stopped_30s_under_load_loses_nothing_and_dead_letters_on
             asyncio.create_task(run.place.publish_paced(rest, OUTAGE_SECONDS * 1.2)) for run in runs
         ]
         outage_over = asyncio.Event()
-        watchers = [asyncio.create_task(run.watch(outage_over)) for run in runs]
-        private_postgres.stop()
         stopped_at = time.monotonic()
+        watchers = [
+            asyncio.create_task(run.watch(outage_over, stopped_at, extra=10.0)) for run in runs
+        ]
+        private_postgres.stop()
         await asyncio.sleep(OUTAGE_SECONDS)
         private_postgres.start()
         restarted = time.monotonic()
@@ -311,6 +330,9 @@ async def test_postgres_stopped_30s_under_load_loses_nothing_and_dead_letters_on
         for r in runs
     ]
     print("\n" + "\n".join(figures))
+    print("timeline (rabbitmq): seconds since the stop, calls, held, probes, circuit, /readyz")
+    for at, calls, held, probes, circuit, ready in runs[0].timeline:
+        print(f"  {at:6.1f} {calls:6d} {held:6d} {probes:4d} {circuit:<9} {ready}")
     for run, (code, _) in zip(runs, codes, strict=True):
         report = run.report
         assert report is not None
