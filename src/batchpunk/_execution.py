@@ -15,8 +15,9 @@ A failure is one of two kinds, and each gets its own treatment:
   level and no good message sleeps.
 
 A batch held with no other evidence (nothing else running, circuit closed) is halved as a probe,
-at most three levels deep: once a part succeeds the downstream answers and bisection goes on; if
-every part fails, the parts (an eighth of the batch at the smallest) are held whole.
+at most three levels deep and never into parts under four messages: once a part succeeds the
+downstream answers and bisection goes on; if every part fails, the parts are held whole. A held
+part that fails again after others got answers is bisected as possible poison.
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ Entry = tuple[DeadLetter, Tracker | None]
 #: Levels of probe splits of a held batch (parts of 1/8 at most): enough to find a clean part when
 #: a few messages raise connection-looking errors in an idle processor, never singles.
 _PROBE_LEVELS = 3
+#: Smallest part a probe split makes: probing never shreds a batch into single messages.
+_MIN_PROBE_PART = 4
 #: Shortest wait between two calls of a held batch, so retry_delay=0 never spins on an outage.
 _MIN_HOLD = 0.05
 
@@ -254,16 +257,10 @@ class Execution:
         cfg, down, breaker = self.config, self.downstream, self.breaker
         error = node.error
         assert error is not None
-        if not node.root and not node.waits and down.available and down.answered > node.last:
-            # A half that failed once, then its sibling got an answer: the failure is this
-            # half's own. (A half held through an outage retries whole first instead.)
-            self._unhold(node)
-            self._settle_failure(job, node, todo, error)
-            return False
         if (
             node.probes > 0
             and cfg.enable_partial_batches
-            and len(node.batch) > 1
+            and len(node.batch) >= 2 * _MIN_PROBE_PART
             and (breaker is None or breaker.state == "closed")
         ):
             # Nothing else tells whether the downstream answers: try each half once. An
@@ -296,11 +293,15 @@ class Execution:
             self._unhold(node)
             self._expire_held(job, node, error)
             return False
+        previous = node.last
         error = await self._call(job, node, ticket)
         if error is None:
             return False
-        if node.held and not (down.available and down.answered > node.last):
+        if node.held and not (down.available and down.answered > previous):
+            # Still nothing answered since this node last failed: still an outage.
             return True
+        # Others got answers between this node's failures, or it failed otherwise: the failure
+        # is its own, so bisect it (or dead-letter a single message).
         self._unhold(node)
         self._settle_failure(job, node, todo, error)
         return False
@@ -381,6 +382,16 @@ class Execution:
             error = self._partial(job, node, partial)
             # Some messages of the batch got an answer: the downstream is there.
             down.answer()
+            if error is not None and node.errors and all(map(self._outage, node.errors)):
+                # ...and then it went away (a connection lost mid-batch): the rest of the
+                # batch is held as an outage, measured from after that answer.
+                node.errors = None
+                self._mark_outage(node, error, down.answered)
+                if breaker is not None:
+                    breaker.record(False, ticket)
+                    if breaker.state == "open":
+                        down.unavailable(error)
+                return error
             if breaker is not None:
                 breaker.record(True, ticket)
             return error
@@ -411,6 +422,16 @@ class Execution:
         self._complete(job, node, results)
         return None
 
+    def _mark_outage(self, node: _Node, error: BaseException, answered: int) -> None:
+        """The node's last call failed by an outage; ``answered`` is the count before it."""
+        node.error = error
+        node.last = answered
+        if node.mark is None:
+            node.mark = answered
+        if not node.held:
+            node.held = len(node.batch)
+            self.downstream.hold(node.held)
+
     def _failed(
         self, node: _Node, exc: BaseException, started: float, answered: int, ticket: int
     ) -> BaseException:
@@ -422,12 +443,7 @@ class Execution:
         down, breaker = self.downstream, self.breaker
         outage = self._outage(exc)
         if outage:
-            node.last = answered
-            if node.mark is None:
-                node.mark = answered
-            if not node.held:
-                node.held = len(node.batch)
-                down.hold(node.held)
+            self._mark_outage(node, exc, answered)
         else:
             # A message's own error proves the downstream answers.
             self._unhold(node)
