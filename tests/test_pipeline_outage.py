@@ -96,3 +96,35 @@ def test_pipeline_files_default_to_the_breaker_and_zero_turns_it_off() -> None:
     custom = batch(circuit_breaker_threshold=3, circuit_breaker_cooldown=1.0)
     assert (custom.circuit_breaker_threshold, custom.circuit_breaker_cooldown) == (3, 1.0)
     assert batch(unavailable_on=[]).unavailable_on == ()
+
+
+async def test_stop_during_an_outage_nacks_the_held_messages_back_to_the_source() -> None:
+    """stop() while batches are held: after drain_timeout they go back to the broker (nack,
+    requeue), none acknowledged, none stored as a dead letter."""
+    from tests.test_pipeline import RecordingLetters, RecordingSource
+
+    log: list[tuple[Any, ...]] = []
+    source = RecordingSource(list(range(300)), log)
+    sink = DownSink()
+    config = BatchConfig(
+        max_size=50,
+        max_wait=0.01,
+        max_pending=200,
+        retry_delay=0.01,
+        retry_max_delay=0.05,
+        circuit_breaker_threshold=5,
+        circuit_breaker_cooldown=0.1,
+        drain_timeout=0.3,
+    )
+    pipeline = Pipeline(source, sink, config, dead_letter=RecordingLetters(log))
+    running = asyncio.create_task(pipeline.run())
+    async with asyncio.timeout(10):
+        while sink.refused < 8:  # noqa: ASYNC110 - a test polling its own fake
+            await asyncio.sleep(0.01)
+    await pipeline.stop()
+    await running
+    nacked = {entry[1] for entry in log if entry[0] == "nack"}
+    assert all(entry[2] is True for entry in log if entry[0] == "nack")
+    assert not [entry for entry in log if entry[0] in ("ack", "letters")]
+    assert nacked == set(range(source.read))
+    assert sink.written == []
