@@ -341,3 +341,34 @@ async def test_a_connection_lost_mid_batch_holds_the_rest_instead_of_dead_letter
     await stopped_ledger(p)
     assert p.dead_letters == []
     assert sorted(written) == list(range(16))
+
+
+async def test_held_parts_retry_at_once_when_the_downstream_answers_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Once one held part gets an answer, the other parts retry without sleeping a backoff."""
+    from batchpunk._downstream import Downstream
+
+    waits: list[float] = []
+    original = Downstream.wait_answer
+
+    async def recording(self: Downstream, seconds: float) -> None:
+        waits.append(seconds)
+        await original(self, seconds)
+
+    monkeypatch.setattr(Downstream, "wait_answer", recording)
+    sink = FlakyDownstream()
+    cfg = _config(
+        max_size=64, max_concurrent_batches=1, max_retries=0, retry_delay=0.2, retry_max_delay=60.0
+    )
+    async with BatchProcessor(cfg, sink) as p:
+        futures = [p.submit_nowait(i) for i in range(64)]
+        # 1 call on the batch, then probe splits into 2, 4 and 8 parts: 15 refusals, all held.
+        await sink.wait(lambda: sink.refused >= 15, within=10 * PATIENCE)
+        held_waits = len(waits)
+        sink.down = False
+        await asyncio.wait_for(asyncio.gather(*futures), 10 * PATIENCE)
+    assert sorted(sink.written) == list(range(64))
+    after = waits[held_waits:]
+    # At most the first part waits out its backoff; the others go at once.
+    assert after.count(0.0) >= 7, waits

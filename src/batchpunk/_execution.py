@@ -278,7 +278,9 @@ class Execution:
             _MIN_HOLD,
             backoff_delay(node.waits, base=cfg.retry_delay, cap=cap, jitter=cfg.retry_jitter),
         )
-        if deadline is not None:
+        if down.answered > node.last:
+            delay = 0.0  # something got an answer since this node failed: try again now
+        elif deadline is not None:
             delay = min(delay, deadline - loop.time())
         await down.wait_answer(delay)
         ticket: int | None = None
