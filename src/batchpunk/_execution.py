@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import queue
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -141,12 +142,14 @@ class Execution:
         self._succeeded = succeeded
         self._dead = dead
         self._is_async = is_async_callable(fn)
+        self._threads = _DaemonThreads()
         self.retries = 0
         self.splits = 0
         self.calls = 0
 
     def close(self) -> None:
-        """Nothing to release: sync calls run on daemon threads that end with their call."""
+        """End the idle worker threads of a sync processor (a hung call is abandoned)."""
+        self._threads.close()
 
     # -- a job's life ----------------------------------------------------------------------
     async def run(self, job: Job) -> None:
@@ -470,7 +473,7 @@ class Execution:
                         f"processor call ran past batch_timeout={timeout}s and was cancelled"
                     ) from exc
                 raise
-        future = _in_daemon_thread(self.fn, batch)
+        future = self._threads.run(self.fn, batch)
         if timeout is None:
             result = await future
         else:
@@ -574,34 +577,72 @@ class Execution:
         self._dead(entries)
 
 
-def _in_daemon_thread(fn: Callable[..., Any], arg: Any) -> asyncio.Future[Any]:
-    """Run a sync processor call on a daemon thread of its own; its future resolves on the loop.
+class _DaemonThreads:
+    """Reusable worker threads for sync processor calls, all daemons.
 
     Not a ThreadPoolExecutor: the interpreter joins an executor's threads at exit, so one call
-    hung past batch_timeout would keep the process alive forever. A thread costs tens of
-    microseconds to start, nothing beside a call that handles a whole batch.
+    hung past batch_timeout would keep the process alive forever. A thread starts when no idle
+    one is waiting (the scheduler bounds the calls running at once, so the pool stays at
+    ``concurrency`` plus the calls abandoned by a timeout) and ends after a minute idle.
     """
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[Any] = loop.create_future()
 
-    def settle(value: Any, error: BaseException | None) -> None:
-        if future.done():
-            return
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(value)
+    _IDLE_SECONDS = 60.0
 
-    def work() -> None:
-        try:
-            value, error = fn(arg), None
-        except BaseException as exc:  # handed to the loop, which raises it in the caller
-            value, error = None, exc
-        with contextlib.suppress(RuntimeError):  # the loop closed while the call hung
-            loop.call_soon_threadsafe(settle, value, error)
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._idle = 0
+        self._lock = threading.Lock()
 
-    threading.Thread(target=work, name="batchpunk-call", daemon=True).start()
-    return future
+    def run(self, fn: Callable[..., Any], arg: Any) -> asyncio.Future[Any]:
+        """Call ``fn(arg)`` on a worker thread; the future resolves on the running loop."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        with self._lock:
+            spawn = self._idle == 0
+            if not spawn:
+                self._idle -= 1  # reserved: that idle thread takes this job
+        self._jobs.put((loop, future, fn, arg))
+        if spawn:
+            threading.Thread(target=self._work, name="batchpunk-call", daemon=True).start()
+        return future
+
+    def close(self) -> None:
+        """Let the idle threads end now (busy or hung ones end when their call returns)."""
+        with self._lock:
+            idle, self._idle = self._idle, 0
+        for _ in range(idle):
+            self._jobs.put(None)
+
+    def _work(self) -> None:
+        while True:
+            try:
+                job = self._jobs.get(timeout=self._IDLE_SECONDS)
+            except queue.Empty:
+                with self._lock:
+                    if self._idle > 0:  # not reserved meanwhile: leave
+                        self._idle -= 1
+                        return
+                continue  # reserved just as the wait ended: its job is on the queue
+            if job is None:
+                return
+            loop, future, fn, arg = job
+            try:
+                value, error = fn(arg), None
+            except BaseException as exc:  # handed to the loop, which raises it in the caller
+                value, error = None, exc
+            with contextlib.suppress(RuntimeError):  # the loop closed while the call hung
+                loop.call_soon_threadsafe(_settle, future, value, error)
+            with self._lock:
+                self._idle += 1
+
+
+def _settle(future: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
+    if future.done():
+        return  # abandoned after batch_timeout
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(value)
 
 
 def _extra(job: Job, node: _Node, reason: str) -> dict[str, Any]:
