@@ -35,11 +35,11 @@ _REASONS = {
     200: "OK",
     400: "Bad Request",
     404: "Not Found",
-    503: "Service Unavailable",
     405: "Method Not Allowed",
     408: "Request Timeout",
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
+    503: "Service Unavailable",
 }
 
 
