@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from batchpunk._accumulator import Job, Tracker, Trackers, pick
+from batchpunk._outbox import build_letter
 from batchpunk.batch import Batch
 from batchpunk.config import BatchConfig
 from batchpunk.deadletter import DeadLetter
@@ -340,12 +341,12 @@ class Execution:
         trackers = node.trackers or {}
         entries: list[Entry] = [
             (
-                DeadLetter(
-                    message=message,
-                    key=batch.key,
-                    priority=batch.priority,
-                    reason=reason,
-                    error=err,
+                build_letter(
+                    message,
+                    batch.key,
+                    batch.priority,
+                    reason,
+                    err,
                     attempts=node.calls,
                     first_seen=job.first_wall,
                 ),
