@@ -27,8 +27,6 @@ Three choices here are not the obvious ones:
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import json
 import logging
 import ssl
@@ -55,7 +53,7 @@ from batchpunk.connectors._toolkit import (
     hmac_key_option,
     payload_decoder,
 )
-from batchpunk.deadletter import DeadLetter
+from batchpunk.deadletter import DeadLetter, letter_record
 from batchpunk.envelope import Envelope
 from batchpunk.errors import (
     ConfigError,
@@ -1222,8 +1220,10 @@ class RabbitMQSink(_Publisher):
 class RabbitMQDeadLetters(_Publisher):
     """A DeadLetterSink that publishes each letter as a persistent, confirmed JSON message.
 
-    The body is a JSON object: message, message_encoding ("json", "utf-8", "base64"), reason,
-    error, error_type, attempts, first_seen, key, priority, headers, traceback. The AMQP headers
+    The body is the dead-letter record every store writes (docs/FORMAT.md: v, id, reason,
+    error, error_type, attempts, first_seen, traceback, message, key, headers; values JSON
+    cannot hold exactly as ``*_frame`` fields), so ``batchpunk dlq show`` / ``dlq replay`` read
+    a file of these bodies, one per line, and ``letter_from_record`` reads one. The AMQP headers
     repeat x-batchpunk-reason, x-batchpunk-error, x-batchpunk-error-type, x-batchpunk-attempts,
     so a consumer can route or filter without parsing the body. ``put`` returns only once the
     broker confirmed every letter; otherwise it raises DeadLetterError and batchpunk retries.
@@ -1288,41 +1288,10 @@ class RabbitMQDeadLetters(_Publisher):
 
 
 def letter_to_json(letter: DeadLetter) -> bytes:
-    """A dead letter as the JSON body RabbitMQDeadLetters publishes."""
-    message: Any = letter.message
-    encoding = "json"
-    if isinstance(message, bytes | bytearray | memoryview):
-        raw = bytes(message)
-        try:
-            message, encoding = raw.decode("utf-8"), "utf-8"
-        except UnicodeDecodeError:
-            message, encoding = base64.b64encode(raw).decode("ascii"), "base64"
-    else:
-        try:
-            json.dumps(message)
-        except (TypeError, ValueError):
-            message, encoding = repr(message), "repr"
-    document = {
-        "message": message,
-        "message_encoding": encoding,
-        "reason": letter.reason,
-        "error": None if letter.error is None else str(letter.error),
-        "error_type": letter.error_type,
-        "attempts": letter.attempts,
-        "first_seen": letter.first_seen,
-        "key": letter.key,
-        "priority": letter.priority,
-        "headers": letter.headers,
-        "traceback": letter.traceback,
-    }
-    return json.dumps(document, default=_json_fallback).encode()
+    """A dead letter as the body RabbitMQDeadLetters publishes: the stored dead-letter record.
 
-
-def _json_fallback(value: Any) -> Any:
-    """Headers and keys may hold AMQP types JSON lacks (bytes, datetime, Decimal)."""
-    if isinstance(value, bytes | bytearray):
-        try:
-            return bytes(value).decode("utf-8")
-        except UnicodeDecodeError:
-            return binascii.b2a_base64(bytes(value), newline=False).decode("ascii")
-    return str(value)
+    The same record as a line of JsonlDeadLetters' file (docs/FORMAT.md), so that the bodies of
+    a dead-letter queue, appended to a ``.jsonl`` file one per line, are what ``batchpunk dlq
+    show`` and ``dlq replay`` read; ``batchpunk.deadletter.letter_from_record`` reads one body.
+    """
+    return letter_record(letter)
