@@ -52,6 +52,7 @@ from batchpunk.connectors._toolkit import (
     Parts,
     hmac_key_option,
     payload_decoder,
+    reconnect_delay,
 )
 from batchpunk.deadletter import DeadLetter, letter_record
 from batchpunk.envelope import Envelope
@@ -96,6 +97,9 @@ EXCHANGE_TYPES = ("direct", "fanout", "topic", "headers")
 # A delivery's state; a frame's items are combined by the toolkit's Parts ledger.
 _PENDING, _ACK, _REJECT, _REQUEUE, _SENT = 0, 1, 2, 3, 4
 _TO_PARTS = {_ACK: ACK, _REJECT: REJECT, _REQUEUE: REQUEUE}
+#: Resuming a cancelled or lost consumer: reconnect_delay from 0.5 s, capped at 10 s, jittered.
+_RESUME_BASE = 0.5
+_RESUME_CAP = 10.0
 _FROM_PARTS = {ACK: _ACK, REJECT: _REJECT, REQUEUE: _REQUEUE}
 
 
@@ -721,7 +725,7 @@ class RabbitMQSource:
             self._resumer = asyncio.get_running_loop().create_task(self._resume_loop(redeclare))
 
     async def _resume_loop(self, redeclare: bool) -> None:
-        delay = 0.5
+        failures = 0
         while not self._stopping:
             try:
                 await self._channel.ready()
@@ -734,6 +738,8 @@ class RabbitMQSource:
                 await self._consume()
                 return
             except self._errors as exc:
+                failures += 1
+                delay = reconnect_delay(failures, base=_RESUME_BASE, cap=_RESUME_CAP)
                 log.warning(
                     "RabbitMQ consumer of queue %r could not resume (%s: %s); retrying in %.1fs",
                     self.queue,
@@ -741,8 +747,7 @@ class RabbitMQSource:
                     _scrub(str(exc), self._url),
                     delay,
                 )
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 10.0)
+                await asyncio.sleep(delay)
 
     async def _on_message(self, message: Any) -> None:
         """aiormq calls this (in a task of its own) for each delivery, in tag order."""
