@@ -18,6 +18,7 @@ from batchpunk.errors import (
     ResultMismatch,
 )
 from batchpunk.processor import BatchProcessor, ReplayReport
+from batchpunk.spool import Spool
 
 __version__ = "0.1.0"
 
@@ -30,6 +31,7 @@ __all__ = [
     "DeadLetter",
     "PartialFailure",
     "ReplayReport",
+    "Spool",
     "BatchpunkError",
     "BufferFull",
     "ProcessorClosed",

@@ -45,6 +45,7 @@ from batchpunk.envelope import Envelope, Sink, Source
 from batchpunk.errors import BatchpunkError, ProcessorClosed
 from batchpunk.processor import BatchProcessor
 from batchpunk.retry import backoff_delay
+from batchpunk.spool import Spool
 
 __all__ = [
     "Envelope",
@@ -209,6 +210,7 @@ class Pipeline:
         *,
         dead_letter: DeadLetterSink | None = None,
         metrics_collector: object | None = None,
+        spool: Spool | None = None,
     ) -> None:
         if not callable(getattr(source, "__aiter__", None)):
             raise ValueError(f"source: expected an async iterator of Envelopes, got {source!r}")
@@ -232,6 +234,8 @@ class Pipeline:
         )
         self._in_memory = dead_letter is None
         self.metrics_collector = metrics_collector
+        #: The durable spool between the source and the engine (docs/spool.md), or None.
+        self.spool = spool
         #: The engine, once run() started it.
         self.processor: BatchProcessor[Any, Any] | None = None
         #: Letters of rejected envelopes that could not be stored before shutdown.
@@ -301,6 +305,7 @@ class Pipeline:
                 self.sink.write,
                 self.metrics_collector,
                 dead_letter=self._desk,
+                spool=self.spool,
             )
             self.processor = processor
             await processor.start()
@@ -364,6 +369,8 @@ class Pipeline:
         iterator = self.source.__aiter__()
         next_envelope = iterator.__anext__
         open_tickets, by_id = self._open, self._by_id
+        spool = self.spool
+        ack_on_write = _acks_on_write(spool, self.source)
         while not self.stop_requested:
             self._in_next = True
             try:
@@ -392,8 +399,17 @@ class Pipeline:
                 by_id.setdefault(id(envelope.payload), ticket)
             try:
                 payload, key, priority = envelope.payload, envelope.key, envelope.priority
-                if not offer(payload, key, priority, ticket):
-                    await accept(payload, key, priority, ticket)
+                tracker: _Ticket | None = ticket
+                if spool is not None:
+                    payload = await spool.admit(payload, key, priority)
+                    if payload is None:  # spool full, drop policy: dead-lettered (no headers)
+                        spool.settle_dropped(ticket.set_result)
+                        continue
+                    if ack_on_write:  # durable now: settle with the source at once
+                        tracker = None
+                        ticket.set_result(None)
+                if not offer(payload, key, priority, tracker):
+                    await accept(payload, key, priority, tracker)
             except ProcessorClosed:
                 return  # stop began while this waited for room: it is nacked at shutdown
             except ValueError as exc:  # an unusable key or priority from the source
@@ -699,6 +715,15 @@ async def _first(
     finally:
         waiter.cancel()
     return task.done()
+
+
+def _acks_on_write(spool: Spool | None, source: Any) -> bool:
+    """Whether envelopes are settled once in the spool (the spool's setting, else the source's)."""
+    if spool is None:
+        return False
+    if spool.ack_on_write is not None:
+        return spool.ack_on_write
+    return bool(getattr(source, "ack_on_spool_write", False))
 
 
 def _hashable(value: Any) -> bool:
