@@ -33,6 +33,7 @@ import os
 import struct
 import time
 import zlib
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,6 +104,17 @@ class _Record:
 
     def __repr__(self) -> str:
         return f"SpoolRecord({self.mark!r}, {self.message!r})"
+
+
+class _Chunk:
+    """Records appended since the last write, and the future their producers wait on."""
+
+    __slots__ = ("data", "future", "seqs")
+
+    def __init__(self, future: asyncio.Future[None]) -> None:
+        self.data = bytearray()
+        self.seqs: list[int] = []
+        self.future = future
 
 
 class _Segment:
@@ -428,12 +440,13 @@ class Spool:
         self._next_number = 1
         # seq -> the segment holding it, or None while its write is not yet done.
         self._where: dict[Any, _Segment | None] = {}
-        self._buf = bytearray()
-        self._buf_seqs: list[int] = []
+        # Appended records not yet written, in chunks of at most _chunk_bytes (one write each).
+        self._chunks: deque[_Chunk] = deque()
+        self._buffered = 0
+        self._chunk_bytes = min(1 << 20, segment_bytes)
         self._marks: list[int] = []
         self._settle: list[tuple[int, int]] = []
         self._disk = 0  # bytes in segment files
-        self._commit: asyncio.Future[None] | None = None
         self._wake: asyncio.Future[None] | None = None
         self._space: asyncio.Event | None = None
         self._full_error: BaseException | None = None
@@ -613,9 +626,7 @@ class Spool:
                 raise error
             return None
         record = self._append(body, message)
-        commit = self._commit
-        assert commit is not None
-        await asyncio.shield(commit)
+        await asyncio.shield(self._chunks[-1].future)
         return record
 
     def admit_nowait(self, message: Any, key: Any, priority: int, room: bool) -> Any:
@@ -660,7 +671,7 @@ class Spool:
     def _full(self, size: int) -> bool:
         if self._full_error is not None:
             return True
-        return self._disk + len(self._buf) + size + 64 > self.max_bytes
+        return self._disk + self._buffered + size + 64 > self.max_bytes
 
     def _refusal(self) -> BufferFull:
         if self._full_error is not None:
@@ -678,12 +689,19 @@ class Spool:
         self._next_seq = seq + 1
         head = _KIND_LEN.pack(MESSAGE, len(body) + _MSG_PREFIX.size)
         prefix = _MSG_PREFIX.pack(seq, self._serializer_id)
-        buf = self._buf
+        chunks = self._chunks
+        if not chunks or len(chunks[-1].data) >= self._chunk_bytes:
+            assert self._loop is not None
+            chunks.append(_Chunk(self._loop.create_future()))
+        chunk = chunks[-1]
+        buf = chunk.data
+        before = len(buf)
         buf += _CRC.pack(zlib.crc32(body, zlib.crc32(prefix, zlib.crc32(head))))
         buf += head
         buf += prefix
         buf += body
-        self._buf_seqs.append(seq)
+        chunk.seqs.append(seq)
+        self._buffered += len(buf) - before
         self._where[seq] = None
         self.stats["appended"] += 1
         if self._wake is not None and not self._wake.done():
@@ -741,7 +759,7 @@ class Spool:
         loop = asyncio.get_running_loop()
         failures = 0
         while True:
-            if not self._buf and not self._marks and not self._settle:
+            if not self._chunks and not self._marks and not self._settle:
                 if not self._open:
                     return
                 self._wake = loop.create_future()
@@ -749,20 +767,22 @@ class Spool:
                 self._wake = None
                 if self.commit_interval:
                     await asyncio.sleep(self.commit_interval)
-            data, seqs = bytes(self._buf), self._buf_seqs
+            chunk = self._chunks.popleft() if self._chunks else None
+            if chunk is not None:
+                data, seqs, waiter = bytes(chunk.data), chunk.seqs, chunk.future
+                self._buffered -= len(data)
+            else:
+                data, seqs, waiter = b"", [], None
             marks, settle = self._marks, self._settle
-            self._buf.clear()
-            self._buf_seqs, self._marks, self._settle = [], [], []
+            self._marks, self._settle = [], []
             tail = _marker_records(marks, settle)
-            waiter = self._commit
-            self._commit = loop.create_future()
             segment = self._target()
             began = time.perf_counter()
             try:
                 await loop.run_in_executor(self._pool, self._write, segment, data + tail)
             except OSError as exc:
                 failures += 1
-                self._requeue_after_failure(exc, data, seqs, marks, settle, waiter)
+                self._requeue_after_failure(exc, chunk, marks, settle)
                 delay = min(1.0, 0.01 * 2**failures)
                 await asyncio.sleep(delay)
                 continue
@@ -788,11 +808,9 @@ class Spool:
     def _requeue_after_failure(
         self,
         exc: OSError,
-        data: bytes,
-        seqs: list[int],
+        chunk: _Chunk | None,
         marks: list[int],
         settle: list[tuple[int, int]],
-        waiter: asyncio.Future[None] | None,
     ) -> None:
         """A failed write (the file was cut back to its last good size): keep what must stay."""
         self._marks[:0] = marks
@@ -802,22 +820,21 @@ class Spool:
             # Close this segment so that, once its messages finish, it can be deleted.
             if self._active is not None and self._active.size > 0:
                 self._seal(self._active)
-        blocking = self._policy is OverflowPolicy.BLOCK
-        if blocking or not data:
-            # The same bytes go out with the next commit: its waiters and these are the same.
-            self._buf[:0] = data
-            self._buf_seqs[:0] = seqs
-            later = self._commit
-            if waiter is not None and later is not None:
-                later.add_done_callback(lambda done: _copy_outcome(done, waiter))
+        if chunk is None:
+            return
+        if self._policy is OverflowPolicy.BLOCK:
+            # The same chunk goes out again first; its producers keep waiting.
+            self._chunks.appendleft(chunk)
+            self._buffered += len(chunk.data)
             log.warning("spool %s: write failed (%s); retrying, producers wait", self.path, exc)
             return
         # Refusing policies: the waiting producers get BufferFull; their messages never entered
         # the engine. Messages added without waiting stay in the engine, in memory only.
-        for seq in seqs:
+        for seq in chunk.seqs:
             self._where.pop(seq, None)
-        self.stats["refused"] += len(seqs)
-        if waiter is not None and not waiter.done():
+        self.stats["refused"] += len(chunk.seqs)
+        waiter = chunk.future
+        if not waiter.done():
             waiter.set_exception(BufferFull(f"spool {self.path}: the disk is full ({exc})"))
             waiter.exception()  # retrieved: nobody may be waiting on it
         log.warning("spool %s: write failed (%s); refusing new messages", self.path, exc)
@@ -894,7 +911,6 @@ class Spool:
         self._disk = sum(s.size for s in recovered.segments)
         self.stats["torn"] = len(recovered.torn)
         self._space = asyncio.Event()
-        self._commit = loop.create_future()
         self._open = True
         self._task = loop.create_task(self._commit_loop(), name="batchpunk-spool")
         for segment, offset, raw in recovered.damaged:
@@ -986,17 +1002,6 @@ async def _finish_later(spool: Spool, batch: Any, result: Any) -> Any:
     if value is None or len(value) == len(batch):
         spool._finish_many([record.mark for record in batch])
     return value
-
-
-def _copy_outcome(source: asyncio.Future[None], target: asyncio.Future[None]) -> None:
-    if target.done():
-        return
-    error = source.exception()
-    if error is None:
-        target.set_result(None)
-    else:
-        target.set_exception(error)
-        target.exception()  # retrieved: the producers may have stopped waiting
 
 
 def _marker_records(marks: list[int], settle: list[tuple[int, int]]) -> bytes:
