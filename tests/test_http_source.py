@@ -83,11 +83,13 @@ async def test_processed_mode_answers_after_the_sink_wrote(tmp_path: Path) -> No
     """With reply_after="processed" a 202 means the sink already holds the events."""
     store = Store()
     source = HttpSource(port=0, reply_after="processed")
-    async with serving(source, store, None) as (url, _):
-        async with aiohttp.ClientSession() as http:
-            async with http.post(url, data=b'{"a": 1}\n{"a": 2}\n') as reply:
-                assert reply.status == 202
-                assert [row["a"] for row in store.rows] == [1, 2]
+    async with (
+        serving(source, store, None) as (url, _),
+        aiohttp.ClientSession() as http,
+        http.post(url, data=b'{"a": 1}\n{"a": 2}\n') as reply,
+    ):
+        assert reply.status == 202
+        assert [row["a"] for row in store.rows] == [1, 2]
 
 
 async def test_bad_input_is_refused_naming_the_problem(tmp_path: Path) -> None:
@@ -95,37 +97,39 @@ async def test_bad_input_is_refused_naming_the_problem(tmp_path: Path) -> None:
     store = Store()
     source = HttpSource(port=0, token="s3cret", max_body_bytes=2000, max_events=50, max_queue=60)
     auth = {"Authorization": "Bearer s3cret"}
-    async with serving(source, store, Spool(tmp_path / "s"), max_pending=200) as (url, _):
-        async with aiohttp.ClientSession() as http:
-            async with http.post(url, data=b'{"a": 1}') as reply:
-                assert reply.status == 401
-            async with http.post(url, data=b'{"a": 1}', headers={"Authorization": "Bearer no"}):
-                pass
-            body = b'{"a": 1}\n{"a": 2}\n{"a": 3\n'
+    async with (
+        serving(source, store, Spool(tmp_path / "s"), max_pending=200) as (url, _),
+        aiohttp.ClientSession() as http,
+    ):
+        async with http.post(url, data=b'{"a": 1}') as reply:
+            assert reply.status == 401
+        async with http.post(url, data=b'{"a": 1}', headers={"Authorization": "Bearer no"}):
+            pass
+        body = b'{"a": 1}\n{"a": 2}\n{"a": 3\n'
+        async with http.post(url, data=body, headers=auth) as reply:
+            assert reply.status == 400
+            assert (await reply.json())["error"].startswith("line 3: not valid JSON")
+        async with http.post(url, data=b"[1, 2", headers=auth) as reply:
+            assert reply.status == 400
+        async with http.post(url, data=b"x" * 5000, headers=auth) as reply:
+            assert reply.status == 413
+        many = b"\n".join(b"1" for _ in range(51))
+        async with http.post(url, data=many, headers=auth) as reply:
+            assert reply.status == 413
+        # Hold the sink shut and fill the engine: the pipeline stops reading, the queue fills.
+        store.open.clear()
+        body = b"\n".join(b'{"x": 1}' for _ in range(50))
+
+        async def post() -> tuple[int, str | None]:
             async with http.post(url, data=body, headers=auth) as reply:
-                assert reply.status == 400
-                assert (await reply.json())["error"].startswith("line 3: not valid JSON")
-            async with http.post(url, data=b"[1, 2", headers=auth) as reply:
-                assert reply.status == 400
-            async with http.post(url, data=b"x" * 5000, headers=auth) as reply:
-                assert reply.status == 413
-            many = b"\n".join(b"1" for _ in range(51))
-            async with http.post(url, data=many, headers=auth) as reply:
-                assert reply.status == 413
-            # Hold the sink shut and fill the engine: the pipeline stops reading, the queue fills.
-            store.open.clear()
-            body = b"\n".join(b'{"x": 1}' for _ in range(50))
+                return reply.status, reply.headers.get("Retry-After")
 
-            async def post() -> tuple[int, str | None]:
-                async with http.post(url, data=body, headers=auth) as reply:
-                    return reply.status, reply.headers.get("Retry-After")
-
-            posts = [asyncio.ensure_future(post()) for _ in range(12)]
-            await asyncio.sleep(0.5)
-            store.open.set()
-            replies = await asyncio.gather(*posts)
-            assert (429, "1") in replies
-            assert {status for status, _ in replies} == {202, 429}
+        posts = [asyncio.ensure_future(post()) for _ in range(12)]
+        await asyncio.sleep(0.5)
+        store.open.set()
+        replies = await asyncio.gather(*posts)
+        assert (429, "1") in replies
+        assert {status for status, _ in replies} == {202, 429}
     assert source.replies[401] == 2
 
 
@@ -137,7 +141,9 @@ async def test_requests_waiting_at_stop_get_503(tmp_path: Path) -> None:
     config = BatchConfig(max_size=100, max_wait=0.01, drain_timeout=0.2)
     pipeline = Pipeline(source, store, config)
     task = asyncio.ensure_future(pipeline.run())
-    while source._runner is None:
+    for _ in range(500):
+        if source._runner is not None:
+            break
         await asyncio.sleep(0.01)
     url = f"http://127.0.0.1:{source.port}/events"
     async with aiohttp.ClientSession() as http:
@@ -165,7 +171,8 @@ commit_interval = 0.002
 """
     spec = parse_pipeline(text)
     pipeline = spec.build()
-    assert isinstance(pipeline.spool, Spool) and pipeline.spool.commit_interval == 0.002
+    assert isinstance(pipeline.spool, Spool)
+    assert pipeline.spool.commit_interval == 0.002
     assert isinstance(pipeline.source, HttpSource)
     with pytest.raises(ConfigError, match=r"\[spool\] unknown key 'max_byte'"):
         parse_pipeline(text + "max_byte = 3\n")

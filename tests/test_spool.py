@@ -107,13 +107,14 @@ async def test_a_sync_handler_and_keys_and_priorities_survive_the_spool(tmp_path
     async with BatchProcessor(config(), handler, spool=Spool(path)) as p:
         assert await p.submit("b", key="k") == "B"
         await p.flush()
-    assert ("a", ("tenant", 1), 3) in seen and ("b", "k", 0) in seen
+    assert ("a", ("tenant", 1), 3) in seen
+    assert ("b", "k", 0) in seen
 
 
 async def test_a_partial_failure_finishes_the_good_and_dead_letters_the_bad(
     tmp_path: Path,
 ) -> None:
-    """Only the failed message becomes a dead letter (with the user's message); the spool empties."""
+    """Only the failed message becomes a dead letter (the user's message); the spool empties."""
     letters = MemoryDeadLetters()
 
     async def handler(batch: Batch[Any]) -> None:
@@ -144,10 +145,15 @@ async def test_a_second_owner_gets_a_clear_error(tmp_path: Path) -> None:
             "    async with BatchProcessor(None, print, spool=Spool(sys.argv[1])): pass\n"
             "asyncio.run(main())\n"
         )
-        done = subprocess.run(
-            [sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60
+        done = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-c", code, str(path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
-        assert done.returncode != 0 and "in use by another process" in done.stderr
+        assert done.returncode != 0
+        assert "in use by another process" in done.stderr
     async with BatchProcessor(config(), Recorder(), spool=Spool(path)):
         pass  # released at stop
 
@@ -164,8 +170,7 @@ async def test_a_torn_tail_is_cut_at_every_byte_offset_of_the_last_record(tmp_pa
     for cut in range(start, len(data) + 1):
         path = tmp_path / f"cut{cut}"
         shutil.copytree(source, path)
-        with open(segments(path)[-1], "r+b") as handle:
-            handle.truncate(cut)
+        os.truncate(segments(path)[-1], cut)
         recorder, letters = await replay(path)
         expected = 6 if cut == len(data) else 5
         assert [m["n"] for m in recorder.seen] == list(range(expected)), cut
@@ -189,16 +194,19 @@ async def test_a_flipped_byte_in_the_middle_is_one_malformed_letter_with_its_byt
     data[spot] ^= 0x55
     seg.write_bytes(bytes(data))
     report = inspect_spool(path)
-    assert report.unfinished == 9 and len(report.damaged) == 1
+    assert report.unfinished == 9
+    assert len(report.damaged) == 1
     recorder, letters = await replay(path)
     assert [m["n"] for m in recorder.seen] == [0, 1, 2, 3, 5, 6, 7, 8, 9]
     assert [letter.reason for letter in letters.letters] == ["malformed"]
     letter = letters.letters[0]
-    assert len(letter.message) == len(original) and letter.message != original
+    assert len(letter.message) == len(original)
+    assert letter.message != original
     assert "do not check out" in str(letter.error)
     # Stored and settled: a second start finds nothing left to do.
     again, more = await replay(path)
-    assert again.seen == [] and len(more) == 0
+    assert again.seen == []
+    assert len(more) == 0
 
 
 async def test_a_damaged_record_at_the_end_that_is_complete_is_dead_lettered(
@@ -221,9 +229,13 @@ async def test_max_bytes_refuses_under_raise_and_waits_under_block(tmp_path: Pat
     cfg = config(overflow=OverflowPolicy.RAISE, max_pending=100_000)
     spool = Spool(tmp_path / "raise", max_bytes=8192, segment_bytes=4096)
     async with BatchProcessor(cfg, never, spool=spool) as processor:
-        with pytest.raises(BufferFull, match="max_bytes=8192"):
+
+        async def fill() -> None:
             for i in range(10_000):
                 await processor.add_message({"i": i, "pad": "y" * 40})
+
+        with pytest.raises(BufferFull, match="max_bytes=8192"):
+            await fill()
     gate = asyncio.Event()
     recorder = Recorder()
 
@@ -256,7 +268,8 @@ async def test_a_drop_policy_dead_letters_the_new_message_when_the_spool_is_full
             await processor.add_message({"i": i, "pad": "z" * 40})
     kept = inspect_spool(tmp_path / "s").unfinished
     dropped = sum(letter.reason == "dropped" for letter in letters.letters)
-    assert dropped > 0 and kept + dropped == 300
+    assert dropped > 0
+    assert kept + dropped == 300
 
 
 def _mount_tmpfs(path: Path) -> None:
@@ -311,14 +324,16 @@ async def test_a_full_disk_blocks_or_refuses_and_never_corrupts(
             await asyncio.wait_for(producer, 60)
             await processor.flush()
         report = inspect_spool(path)
-        assert report.damaged == [] and report.unfinished == 0
+        assert report.damaged == []
+        assert report.unfinished == 0
         assert sorted(m["i"] for m in recorder.seen) == sorted(accepted)
         if policy is OverflowPolicy.BLOCK:
-            assert refused == 0 and len(accepted) == 8000
+            assert refused == 0
+            assert len(accepted) == 8000
         else:
             assert refused > 0
     finally:
-        subprocess.run(["umount", str(mount)], check=False)
+        await asyncio.to_thread(subprocess.run, ["umount", str(mount)], check=False)
 
 
 async def test_records_are_checksummed_and_carry_the_codec_payload(tmp_path: Path) -> None:
@@ -328,7 +343,8 @@ async def test_records_are_checksummed_and_carry_the_codec_payload(tmp_path: Pat
     data = segments(path)[0].read_bytes()
     assert b'[{"hello":"world"},null,0]' in data[HEADER_SIZE:]
     report = inspect_spool(path)
-    assert report.unfinished == 1 and report.oldest_age is not None
+    assert report.unfinished == 1
+    assert report.oldest_age is not None
     assert report.segments[0][2:] == (1, 1)
 
 

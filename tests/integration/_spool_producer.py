@@ -24,6 +24,7 @@ import sqlite3
 import sys
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from batchpunk import BatchConfig, BatchProcessor, PartialFailure, Spool
@@ -165,8 +166,7 @@ async def serve(db: str, spool_path: str, portfile: str, dlq: str) -> None:
         dead_letter=JsonlDeadLetters(dlq),
         spool=Spool(spool_path, segment_bytes=1 << 20),
     )
-    with open(portfile + ".tmp", "w") as handle:
-        handle.write(str(source.port))
+    Path(portfile + ".tmp").write_text(str(source.port))  # noqa: ASYNC240 - one tiny write
     os.replace(portfile + ".tmp", portfile)
     await pipeline.run(handle_signals=True)
 

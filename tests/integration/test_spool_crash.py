@@ -212,7 +212,9 @@ def test_kill_9_ten_times_every_http_request_answered_202_is_stored(tmp_path: Pa
         proc, port = serve()
         seconds = rng.uniform(0.3, 1.2)
 
-        async def round_(proc: subprocess.Popen[bytes] = proc, port: int = port) -> None:
+        async def round_(
+            proc: subprocess.Popen[bytes] = proc, port: int = port, seconds: float = seconds
+        ) -> None:
             traffic = asyncio.ensure_future(clients(port, seconds + 2))
             await asyncio.sleep(seconds)
             proc.send_signal(signal.SIGKILL)
