@@ -42,7 +42,7 @@ from typing import Any, Protocol, runtime_checkable
 from batchpunk.config import BatchConfig, OverflowPolicy
 from batchpunk.deadletter import DeadLetter, DeadLetterSink, MemoryDeadLetters
 from batchpunk.envelope import Envelope, Sink, Source
-from batchpunk.errors import BatchpunkError, ProcessorClosed
+from batchpunk.errors import BatchpunkError, BufferFull, ProcessorClosed
 from batchpunk.processor import BatchProcessor
 from batchpunk.retry import backoff_delay
 from batchpunk.spool import Spool
@@ -401,13 +401,23 @@ class Pipeline:
                 payload, key, priority = envelope.payload, envelope.key, envelope.priority
                 tracker: _Ticket | None = ticket
                 if spool is not None:
-                    payload = await spool.admit(payload, key, priority)
+                    # Appended now, durable by the next group commit: reading the source goes
+                    # on meanwhile, so one commit covers many envelopes.
+                    durable = False
+                    try:
+                        payload = spool.admit_nowait(payload, key, priority, True)
+                    except BufferFull:  # the spool is full: wait for room (BLOCK)
+                        payload = await spool.admit(payload, key, priority)
+                        durable = True
                     if payload is None:  # spool full, drop policy: dead-lettered (no headers)
                         spool.settle_dropped(ticket.set_result)
                         continue
-                    if ack_on_write:  # durable now: settle with the source at once
-                        tracker = None
-                        ticket.set_result(None)
+                    if ack_on_write and payload.mark is not None:
+                        tracker = None  # settled with the source once durable
+                        if durable:
+                            ticket.set_result(None)
+                        else:
+                            spool.when_durable(ticket.set_result)
                 if not offer(payload, key, priority, tracker):
                     await accept(payload, key, priority, tracker)
             except ProcessorClosed:

@@ -36,6 +36,7 @@ import zlib
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -68,6 +69,8 @@ _MSG_PREFIX = struct.Struct("<QB")
 _DAMAGE = struct.Struct("<QQ")
 _CRC = struct.Struct("<I")
 _KIND_LEN = struct.Struct("<BI")
+#: Type, length, sequence number, serializer id: a message record's bytes after its CRC.
+_MSG_HEAD = struct.Struct("<BIQB")
 MESSAGE, FINISHED, DAMAGE_SETTLED = 1, 2, 3
 _SERIALIZER_IDS = {"json": 1, "msgpack": 2, "pickle": 3}
 _SERIALIZER_NAMES = {v: k for k, v in _SERIALIZER_IDS.items()}
@@ -75,6 +78,13 @@ _SERIALIZER_NAMES = {v: k for k, v in _SERIALIZER_IDS.items()}
 MAX_RECORD = 64 * 2**20
 _SUFFIX = ".seg"
 _SYNC_MODES = ("data", "full", "none")
+#: Seconds finish markers wait for a message commit to ride along with before going alone.
+MARKER_DELAY = 0.05
+#: Bytes appended that start a write at once when none is running (else: at the end of this
+#: loop iteration): small enough that producers fill the next group while this one syncs.
+KICK_BYTES = 32 << 10
+#: Seconds close() waits for the last writes (a full disk under BLOCK may never drain).
+CLOSE_SECONDS = 10.0
 
 
 class SpoolError(BatchpunkError):
@@ -106,12 +116,25 @@ class _Record:
         return f"SpoolRecord({self.mark!r}, {self.message!r})"
 
 
+class _Shared(asyncio.Future[None]):
+    """The future every producer of one commit awaits; cancelling one of them cannot cancel it.
+
+    (A Task cancelled while awaiting a future cancels that future; with one future shared by a
+    thousand producers that would fail them all. Refusing the cancel makes the cancelled task
+    raise CancelledError once the commit is done, a few milliseconds later, and is cheaper than
+    ``asyncio.shield``, which costs a future and two callbacks per producer.)
+    """
+
+    def cancel(self, msg: Any = None) -> bool:
+        return False
+
+
 class _Chunk:
     """Records appended since the last write, and the future their producers wait on."""
 
     __slots__ = ("data", "future", "seqs")
 
-    def __init__(self, future: asyncio.Future[None]) -> None:
+    def __init__(self, future: _Shared) -> None:
         self.data = bytearray()
         self.seqs: list[int] = []
         self.future = future
@@ -426,7 +449,8 @@ class Spool:
         self.sync = sync
         self.serializer = serializer
         self.ack_on_write = ack_on_write
-        self._serializer_id = _SERIALIZER_IDS[serializer]
+        self._sid = _SERIALIZER_IDS[serializer]
+        self._fast = _fast_json() if serializer == "json" else None
         self._processor: BatchProcessor[Any, Any] | None = None
         self._policy = OverflowPolicy.BLOCK
         self._open = False
@@ -442,21 +466,27 @@ class Spool:
         self._where: dict[Any, _Segment | None] = {}
         # Appended records not yet written, in chunks of at most _chunk_bytes (one write each).
         self._chunks: deque[_Chunk] = deque()
+        self._last: _Chunk = None  # type: ignore[assignment]  # the chunk of the last append
+        self._retry_timer: asyncio.TimerHandle | None = None
         self._buffered = 0
         self._chunk_bytes = min(1 << 20, segment_bytes)
         self._marks: list[int] = []
         self._settle: list[tuple[int, int]] = []
         self._disk = 0  # bytes in segment files
-        self._wake: asyncio.Future[None] | None = None
+        self._writing = False
+        self._retrying = False
+        self._kick_pending = False
+        self._failures = 0
+        self._marker_timer: asyncio.TimerHandle | None = None
+        self._closer: asyncio.Future[None] | None = None
         self._space: asyncio.Event | None = None
         self._full_error: BaseException | None = None
-        self._task: asyncio.Task[None] | None = None
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._dropped: tuple[asyncio.Future[None], BaseException] = (None, None)  # type: ignore[assignment]
         #: Counts: appended, finished, replayed, damaged, commits, fsync seconds.
         self.stats: dict[str, float] = {
-            "appended": 0,
+            "written": 0,
             "finished": 0,
             "replayed": 0,
             "damaged": 0,
@@ -626,7 +656,7 @@ class Spool:
                 raise error
             return None
         record = self._append(body, message)
-        await asyncio.shield(self._chunks[-1].future)
+        await self._last.future  # a _Shared future: one producer's cancel spares the others
         return record
 
     def admit_nowait(self, message: Any, key: Any, priority: int, room: bool) -> Any:
@@ -651,6 +681,19 @@ class Spool:
             self._dropped = (stored, error)
             return None
         return self._append(body, message)
+
+    def when_durable(self, callback: Callable[[Any], None]) -> None:
+        """Call ``callback(None)`` once the last appended message is durable (not if refused).
+
+        Pipelines use it to settle a source's message once it is in the spool without waiting
+        for each message's commit in turn.
+        """
+
+        def done(future: asyncio.Future[None]) -> None:
+            if future.exception() is None:
+                callback(None)
+
+        self._last.future.add_done_callback(done)
 
     def settle_dropped(self, callback: Callable[[Any], None]) -> None:
         """Call ``callback(None)`` once the last dropped message's letter is stored."""
@@ -682,30 +725,31 @@ class Spool:
         )
 
     def _encode(self, message: Any, key: Any, priority: int) -> bytes:
+        fast = self._fast
+        if fast is not None:
+            try:
+                data: bytes = fast([message, key, priority])
+                return data
+            except TypeError:
+                pass  # orjson refused: the codec's reference path decides (and names the fault)
         return serialize([message, key, priority], self.serializer, "message")
 
     def _append(self, body: bytes, message: Any) -> _Record:
         seq = self._next_seq
         self._next_seq = seq + 1
-        head = _KIND_LEN.pack(MESSAGE, len(body) + _MSG_PREFIX.size)
-        prefix = _MSG_PREFIX.pack(seq, self._serializer_id)
+        rest = _MSG_HEAD.pack(MESSAGE, len(body) + _MSG_PREFIX.size, seq, self._sid) + body
         chunks = self._chunks
         if not chunks or len(chunks[-1].data) >= self._chunk_bytes:
             assert self._loop is not None
-            chunks.append(_Chunk(self._loop.create_future()))
-        chunk = chunks[-1]
+            chunks.append(_Chunk(_Shared(loop=self._loop)))
+        chunk = self._last = chunks[-1]
         buf = chunk.data
-        before = len(buf)
-        buf += _CRC.pack(zlib.crc32(body, zlib.crc32(prefix, zlib.crc32(head))))
-        buf += head
-        buf += prefix
-        buf += body
+        buf += _CRC.pack(zlib.crc32(rest))
+        buf += rest
         chunk.seqs.append(seq)
-        self._buffered += len(buf) - before
+        self._buffered += len(rest) + 4
         self._where[seq] = None
-        self.stats["appended"] += 1
-        if self._wake is not None and not self._wake.done():
-            self._wake.set_result(None)
+        self._schedule(chunk)
         return _Record(seq, message)
 
     # -- finishing ----------------------------------------------------------------------------
@@ -714,24 +758,26 @@ class Spool:
         """Mark records finished: written at the next commit; drained segments are deleted."""
         where = self._where
         drained = False
+        pop, missing, done = where.pop, _MISSING, self._marks.append
+        count = 0
         for mark in marks:
-            if mark is None:
-                continue
-            segment = where.pop(mark, _MISSING)
-            if segment is _MISSING:
-                continue  # finished already (a retried marker), or never spooled
+            segment = pop(mark, missing)
+            if segment is missing:
+                continue  # finished already (a retried marker), or never spooled (None)
+            count += 1
             if type(mark) is tuple:
                 self._settle.append(mark)
             else:
-                self._marks.append(mark)
-            self.stats["finished"] += 1
+                done(mark)
             if segment is not None:
                 segment.live -= 1
-                drained = drained or segment.live == 0
+                if segment.live == 0:
+                    drained = True
+        self.stats["finished"] += count
         if drained:
             self._delete_drained()
-        if (self._marks or self._settle) and self._wake is not None and not self._wake.done():
-            self._wake.set_result(None)
+        if count and not self._writing:
+            self._kick()  # nothing to ride along with: arms the marker delay
 
     def _delete_drained(self) -> None:
         """Delete the oldest segments while they are closed and hold nothing unfinished.
@@ -755,55 +801,123 @@ class Spool:
 
     # -- group commit ---------------------------------------------------------------------------
 
-    async def _commit_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        failures = 0
-        while True:
-            if not self._chunks and not self._marks and not self._settle:
-                if not self._open:
-                    return
-                self._wake = loop.create_future()
-                await self._wake
-                self._wake = None
-                if self.commit_interval:
-                    await asyncio.sleep(self.commit_interval)
-            chunk = self._chunks.popleft() if self._chunks else None
-            if chunk is not None:
-                data, seqs, waiter = bytes(chunk.data), chunk.seqs, chunk.future
-                self._buffered -= len(data)
+    # Commits are driven by callbacks, not a task: the first records appended start a write at
+    # once (or at the end of this loop iteration), and each finished write starts the next with
+    # whatever arrived meanwhile. So producers fill the next group while the writer thread syncs
+    # the current one: the CPU work and the fsync overlap instead of taking turns.
+
+    def _schedule(self, chunk: _Chunk) -> None:
+        """After an append: make sure a write will carry it."""
+        if self._writing or self._retrying:
+            return  # the running write's completion starts the next one
+        if not self.commit_interval and len(chunk.data) >= KICK_BYTES:
+            self._kick()
+            return
+        if not self._kick_pending:
+            self._kick_pending = True
+            loop = self._loop
+            assert loop is not None
+            if self.commit_interval:
+                loop.call_later(self.commit_interval, self._kick_soon)
             else:
-                data, seqs, waiter = b"", [], None
-            marks, settle = self._marks, self._settle
-            self._marks, self._settle = [], []
-            tail = _marker_records(marks, settle)
-            segment = self._target()
-            began = time.perf_counter()
-            try:
-                await loop.run_in_executor(self._pool, self._write, segment, data + tail)
-            except OSError as exc:
-                failures += 1
-                self._requeue_after_failure(exc, chunk, marks, settle)
-                delay = min(1.0, 0.01 * 2**failures)
-                await asyncio.sleep(delay)
-                continue
-            failures = 0
-            if self._full_error is not None:
-                self._full_error = None
-                if self._space is not None:
-                    self._space.set()
-            self.stats["commits"] += 1
-            self.stats["commit_seconds"] += time.perf_counter() - began
-            segment.size += len(data) + len(tail)
-            self._disk += len(data) + len(tail)
+                loop.call_soon(self._kick_soon)
+
+    def _kick_soon(self) -> None:
+        self._kick_pending = False
+        self._kick()
+
+    def _markers_due(self) -> None:
+        self._marker_timer = None
+        self._kick(markers=True)
+
+    def _kick(self, *, markers: bool = False) -> None:
+        """Start one write if none runs: the oldest chunk, plus every finish marker so far.
+
+        Finish markers alone wait MARKER_DELAY for a message write to ride along with: they are
+        not urgent (a lost one costs a duplicate after a crash, never a message).
+        """
+        if self._writing or self._retrying or self._pool is None:
+            return
+        has_markers = bool(self._marks or self._settle)
+        if not self._chunks and not (markers and has_markers):
+            if has_markers and self._marker_timer is None and self._loop is not None:
+                self._marker_timer = self._loop.call_later(MARKER_DELAY, self._markers_due)
+            return
+        loop = self._loop
+        assert loop is not None
+        chunk = self._chunks.popleft() if self._chunks else None
+        data = bytes(chunk.data) if chunk is not None else b""
+        self._buffered -= len(data)
+        marks, settle = self._marks, self._settle
+        self._marks, self._settle = [], []
+        payload = data + _marker_records(marks, settle)
+        segment = self._target()
+        self._writing = True
+        # Finish markers alone are written without a sync: the next message commit syncs them.
+        future = loop.run_in_executor(self._pool, self._write, segment, payload, bool(data))
+        future.add_done_callback(
+            partial(self._written, chunk, segment, marks, settle, len(payload), time.perf_counter())
+        )
+
+    def _written(
+        self,
+        chunk: _Chunk | None,
+        segment: _Segment,
+        marks: list[int],
+        settle: list[tuple[int, int]],
+        size: int,
+        began: float,
+        future: asyncio.Future[None],
+    ) -> None:
+        """On the loop, once a write returned: settle its producers, then start the next one."""
+        self._writing = False
+        error = future.exception()
+        if error is not None:
+            if not isinstance(error, OSError):
+                error = OSError(errno.EIO, f"spool write failed: {error!r}")
+            self._failures += 1
+            self._requeue_after_failure(error, chunk, marks, settle)
+            self._retrying = True
+            assert self._loop is not None
+            delay = min(1.0, 0.01 * 2**self._failures)
+            self._retry_timer = self._loop.call_later(delay, self._retry)
+            self._wake_closer()
+            return
+        self._failures = 0
+        if self._full_error is not None:
+            self._full_error = None
+            if self._space is not None:
+                self._space.set()
+        stats = self.stats
+        stats["commits"] += 1
+        stats["commit_seconds"] += time.perf_counter() - began
+        segment.size += size
+        self._disk += size
+        if chunk is not None:
+            stats["written"] += len(chunk.seqs)
             where = self._where
-            for seq in seqs:
+            live = 0
+            for seq in chunk.seqs:
                 if seq in where:
                     where[seq] = segment
-                    segment.live += 1
-            if segment.size >= self.segment_bytes:
-                self._seal(segment)
-            if waiter is not None and not waiter.done():
-                waiter.set_result(None)
+                    live += 1
+            segment.live += live
+        if segment.size >= self.segment_bytes:
+            self._seal(segment)
+        if chunk is not None and not chunk.future.done():
+            chunk.future.set_result(None)
+        self._kick()
+        self._wake_closer()
+
+    def _retry(self) -> None:
+        self._retry_timer = None
+        self._retrying = False
+        self._kick(markers=True)
+
+    def _wake_closer(self) -> None:
+        closer = self._closer
+        if closer is not None and not closer.done():
+            closer.set_result(None)
 
     def _requeue_after_failure(
         self,
@@ -861,7 +975,7 @@ class Spool:
         if segment.live == 0:
             self._delete_drained()
 
-    def _write(self, segment: _Segment, data: bytes) -> None:
+    def _write(self, segment: _Segment, data: bytes, sync: bool = True) -> None:
         """On the writer thread: append to the segment and sync; cut back on any failure."""
         if self._fd_segment is not segment:
             if self._fd is not None:
@@ -878,9 +992,9 @@ class Spool:
             while view:
                 written = os.write(fd, view)
                 view = view[written:]
-            if self.sync == "data":
+            if sync and self.sync == "data":
                 os.fdatasync(fd)
-            elif self.sync == "full":
+            elif sync and self.sync == "full":
                 os.fsync(fd)
         except OSError:
             with contextlib.suppress(OSError):
@@ -912,7 +1026,6 @@ class Spool:
         self.stats["torn"] = len(recovered.torn)
         self._space = asyncio.Event()
         self._open = True
-        self._task = loop.create_task(self._commit_loop(), name="batchpunk-spool")
         for segment, offset, raw in recovered.damaged:
             mark = (segment.number, offset)
             self._where[mark] = segment
@@ -946,20 +1059,26 @@ class Spool:
         self._open = False
         if self._space is not None:
             self._space.set()
-        if self._wake is not None and not self._wake.done():
-            self._wake.set_result(None)
-        if self._task is not None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CLOSE_SECONDS
+        while self._writing or self._retrying or self._chunks or self._marks or self._settle:
+            self._kick(markers=True)
+            self._closer = loop.create_future()
             try:
-                await asyncio.wait_for(asyncio.shield(self._task), 10.0)
+                await asyncio.wait_for(self._closer, max(0.0, deadline - loop.time()))
             except TimeoutError:
                 log.error(
-                    "spool %s: the last commit did not finish; finish markers are "
-                    "lost, so those messages are replayed on the next start",
+                    "spool %s: the last writes did not finish within %ss; their finish "
+                    "markers are lost, so those messages are replayed on the next start",
                     self.path,
+                    CLOSE_SECONDS,
                 )
-                self._task.cancel()
-            except Exception as exc:
-                log.error("spool %s: the commit task failed: %s", self.path, exc)
+                break
+        for timer in (self._marker_timer, self._retry_timer):
+            if timer is not None:
+                timer.cancel()
+        self._marker_timer = self._retry_timer = None
+        self._retrying = False
         if self._active is not None and self._active.size > 0 and not self._where:
             self._seal(self._active)
         if self._fd is not None:
@@ -967,7 +1086,8 @@ class Spool:
             self._fd = None
         self._fd_segment = None
         if self._pool is not None:
-            self._pool.shutdown(wait=True)
+            pool, self._pool = self._pool, None
+            pool.shutdown(wait=True)
         self._unlock()
 
     def _lock(self) -> None:
@@ -1015,6 +1135,21 @@ def _marker_records(marks: list[int], settle: list[tuple[int, int]]) -> bytes:
         body = struct.pack("<BI", DAMAGE_SETTLED, len(payload)) + payload
         out += struct.pack("<I", zlib.crc32(body)) + body
     return bytes(out)
+
+
+def _fast_json() -> Callable[[Any], bytes] | None:
+    """orjson.dumps with the codec's options (same bytes as the codec's json path), if installed."""
+    from functools import partial
+
+    from batchpunk.codec.serializers import _orjson_options, _refuse, orjson_module
+
+    orjson = orjson_module()
+    if orjson is None:
+        return None
+    encode: Callable[[Any], bytes] = partial(
+        orjson.dumps, default=_refuse, option=_orjson_options(orjson)
+    )
+    return encode
 
 
 def _sync_dir(directory: Path) -> None:
