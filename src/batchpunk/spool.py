@@ -132,20 +132,24 @@ class _Shared(asyncio.Future[None]):
 class _Chunk:
     """Records appended since the last write, and the future their producers wait on."""
 
-    __slots__ = ("data", "future", "seqs")
+    __slots__ = ("data", "early", "future", "segment", "seqs")
 
     def __init__(self, future: _Shared) -> None:
         self.data = bytearray()
         self.seqs: list[int] = []
         self.future = future
+        #: The segment that holds these records once written; messages finished before that.
+        self.segment: _Segment | None = None
+        self.early = 0
 
 
 class _Segment:
     """One file of the log; ``live`` counts its unfinished records (damage included)."""
 
-    __slots__ = ("live", "number", "path", "sealed", "size")
+    __slots__ = ("live", "number", "path", "sealed", "segment", "size")
 
     def __init__(self, number: int, path: Path, size: int = 0) -> None:
+        self.segment = self  # so that a record's holder (chunk or segment) names its segment
         self.number = number
         self.path = path
         self.size = size
@@ -463,7 +467,8 @@ class Spool:
         self._next_seq = 1
         self._next_number = 1
         # seq -> the segment holding it, or None while its write is not yet done.
-        self._where: dict[Any, _Segment | None] = {}
+        # mark -> what holds it: its chunk (which knows its segment once written) or segment.
+        self._where: dict[Any, _Chunk | _Segment] = {}
         # Appended records not yet written, in chunks of at most _chunk_bytes (one write each).
         self._chunks: deque[_Chunk] = deque()
         self._last: _Chunk = None  # type: ignore[assignment]  # the chunk of the last append
@@ -748,8 +753,9 @@ class Spool:
         buf += rest
         chunk.seqs.append(seq)
         self._buffered += len(rest) + 4
-        self._where[seq] = None
-        self._schedule(chunk)
+        self._where[seq] = chunk
+        if not self._writing:
+            self._schedule(chunk)
         return _Record(seq, message)
 
     # -- finishing ----------------------------------------------------------------------------
@@ -761,15 +767,18 @@ class Spool:
         pop, missing, done = where.pop, _MISSING, self._marks.append
         count = 0
         for mark in marks:
-            segment = pop(mark, missing)
-            if segment is missing:
+            holder = pop(mark, missing)
+            if holder is missing:
                 continue  # finished already (a retried marker), or never spooled (None)
             count += 1
             if type(mark) is tuple:
                 self._settle.append(mark)
             else:
                 done(mark)
-            if segment is not None:
+            segment = holder.segment
+            if segment is None:
+                holder.early += 1  # finished before its write returned
+            else:
                 segment.live -= 1
                 if segment.live == 0:
                     drained = True
@@ -895,13 +904,8 @@ class Spool:
         self._disk += size
         if chunk is not None:
             stats["written"] += len(chunk.seqs)
-            where = self._where
-            live = 0
-            for seq in chunk.seqs:
-                if seq in where:
-                    where[seq] = segment
-                    live += 1
-            segment.live += live
+            chunk.segment = segment
+            segment.live += len(chunk.seqs) - chunk.early
         if segment.size >= self.segment_bytes:
             self._seal(segment)
         if chunk is not None and not chunk.future.done():
