@@ -229,6 +229,9 @@ def test_kill_9_ten_times_every_http_request_answered_202_is_stored(tmp_path: Pa
     assert proc.returncode == 0, err.decode()[-3000:]
     rows, attempts = sqlite_state(db)
     report = check(confirmed, rows, attempts, dead_ids(dlq))
-    print(f"http: {report}; replies {answers}")
+    print(
+        f"http: confirmed {report.acked:,}, missing {len(report.missing):,}, "
+        f"duplicates {report.duplicates:,}; replies {answers}"
+    )
     assert report.acked > 1000
     assert report.missing == [], str(report)
