@@ -374,3 +374,75 @@ def test_spool_inspect_command_prints_segments_and_damage(tmp_path: Path) -> Non
     assert done.returncode == 0, done.stderr
     assert "3 unfinished message(s)" in done.stdout
     assert "torn tail" in done.stdout
+
+
+async def test_the_byte_trigger_measures_the_users_messages_not_the_records(
+    tmp_path: Path,
+) -> None:
+    """max_bytes batching with a spool sizes the user's messages (default sizer: len of str)."""
+    recorder = Recorder()
+    cfg = config(max_bytes=30, max_size=1000, max_wait=5.0)
+    async with BatchProcessor(cfg, recorder, spool=Spool(tmp_path / "s")) as processor:
+        for _ in range(9):
+            await processor.add_message("x" * 10)
+        await processor.flush()
+    assert [len(batch) for batch in recorder.batches] == [3, 3, 3]
+
+
+class AckingSource:
+    """A broker-like source over a list, recording what it acknowledged and when."""
+
+    def __init__(self, payloads: list[Any]) -> None:
+        from batchpunk.envelope import Envelope
+
+        self.envelopes = [Envelope(p) for p in payloads]
+        self.acked: list[Any] = []
+
+    def __aiter__(self) -> AckingSource:
+        self._it = iter(self.envelopes)
+        return self
+
+    async def __anext__(self) -> Any:
+        try:
+            return next(self._it)
+        except StopIteration:
+            raise StopAsyncIteration from None
+
+    async def ack_many(self, envelopes: Any) -> None:
+        self.acked.extend(e.payload for e in envelopes)
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_a_broker_source_may_be_acknowledged_once_its_messages_are_in_the_spool(
+    tmp_path: Path,
+) -> None:
+    """With ack_on_write every message is acknowledged while the sink is still held shut."""
+    from batchpunk.pipeline import Pipeline
+
+    gate = asyncio.Event()
+    written: list[Any] = []
+
+    class Sink:
+        async def write(self, batch: Any) -> None:
+            await gate.wait()
+            written.extend(batch)
+
+        async def close(self) -> None:
+            return None
+
+    source = AckingSource(list(range(50)))
+    spool = Spool(tmp_path / "s", ack_on_write=True)
+    pipeline = Pipeline(source, Sink(), config(drain_timeout=5.0), spool=spool)
+    run = asyncio.ensure_future(pipeline.run())
+    for _ in range(500):
+        if len(source.acked) == 50:
+            break
+        await asyncio.sleep(0.01)
+    assert sorted(source.acked) == list(range(50))
+    assert written == []
+    gate.set()
+    await run
+    assert sorted(written) == list(range(50))
+    assert inspect_spool(tmp_path / "s").unfinished == 0
