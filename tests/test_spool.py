@@ -446,3 +446,30 @@ async def test_a_broker_source_may_be_acknowledged_once_its_messages_are_in_the_
     await run
     assert sorted(written) == list(range(50))
     assert inspect_spool(tmp_path / "s").unfinished == 0
+
+
+async def test_a_payload_the_spool_cannot_write_is_dead_lettered_and_the_pipeline_goes_on(
+    tmp_path: Path,
+) -> None:
+    """Under json a bytes payload is refused by the spool: a "malformed" letter, not a crash."""
+    from batchpunk.pipeline import Pipeline
+
+    written: list[Any] = []
+
+    class Sink:
+        async def write(self, batch: Any) -> None:
+            written.extend(batch)
+
+        async def close(self) -> None:
+            return None
+
+    letters = MemoryDeadLetters()
+    source = AckingSource([1, b"\x00raw", 2])
+    pipeline = Pipeline(source, Sink(), config(), dead_letter=letters, spool=Spool(tmp_path / "s"))
+    await pipeline.run()
+    assert sorted(written) == [1, 2]
+    assert [(letter.reason, letter.message) for letter in letters.letters] == [
+        ("malformed", b"\x00raw")
+    ]
+    assert "json serializer cannot encode" in str(letters.letters[0].error)
+    assert sorted(source.acked, key=repr) == sorted([1, 2, b"\x00raw"], key=repr)

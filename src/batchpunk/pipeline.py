@@ -422,7 +422,8 @@ class Pipeline:
                     await accept(payload, key, priority, tracker)
             except ProcessorClosed:
                 return  # stop began while this waited for room: it is nacked at shutdown
-            except ValueError as exc:  # an unusable key or priority from the source
+            except (ValueError, TypeError) as exc:  # an unusable key or priority, or a payload
+                # the spool's serializer cannot write (bytes under json: use msgpack)
                 self._reject(ticket, "malformed", exc)
 
     def _end_consumption(self) -> None:
