@@ -6,17 +6,28 @@ builtin fits it derives from that too, so callers can catch either::
     BatchpunkError
     ├── BufferFull                      the buffer is at max_pending and the policy refuses to wait
     ├── ProcessorClosed                 the processor is stopping or stopped (or not started)
-    ├── BatchTimeout (TimeoutError)     one processor call ran past batch_timeout
-    ├── MessageExpired (TimeoutError)   a message waited past message_ttl before its first attempt
+    ├── BatchTimeout (TimeoutError)     one processor call ran past batch_timeout (an outage)
+    ├── MessageExpired (TimeoutError)   past message_ttl before its first attempt, or held by an
+    │                                   outage past delivery_timeout (reason "expired")
+    ├── DownstreamUnavailable           base for "the downstream did not answer" errors: an outage,
+    │   (ConnectionError)               retried whole and waited out, never bisected
+    ├── CallCancelled                   a processor call raised CancelledError nobody asked for
     ├── ResultMismatch (ValueError)     a processor returned the wrong number of results
     ├── PartialFailure                  raised by a processor: only some messages of a batch failed
     ├── DeadLetterError                 a dead-letter sink could not take letters (retried)
     ├── DeliveryLimitExceeded           a broker delivered a message past its limit ("redelivered")
     ├── FrameError (ValueError)         bytes that are not a valid batchpunk frame
     ├── ConfigError (ValueError)        a pipeline file or connector setting is wrong
+    ├── ConnectorError                  a connector failed talking to its broker or store
     └── MissingDependency (ImportError) an optional extra is not installed
 
 Error messages name the field or input at fault and what was expected.
+
+Two class attributes classify any exception, batchpunk's or not: ``retryable = False`` says the
+failure belongs to the message and no retry helps; ``unavailable = True`` says the downstream did
+not answer (an outage): the batch is held and retried whole until the downstream answers or
+``delivery_timeout`` passes, and is never split into dead letters. ``unavailable = False`` says an
+error that looks like a connection failure may still belong to a message.
 """
 
 from __future__ import annotations
@@ -28,9 +39,12 @@ __all__ = [
     "BatchpunkError",
     "BatchTimeout",
     "BufferFull",
+    "CallCancelled",
     "ConfigError",
+    "ConnectorError",
     "DeadLetterError",
     "DeliveryLimitExceeded",
+    "DownstreamUnavailable",
     "FrameError",
     "MessageExpired",
     "MissingDependency",
@@ -62,6 +76,27 @@ class BatchTimeout(BatchpunkError, TimeoutError):
 
 class MessageExpired(BatchpunkError, TimeoutError):
     """A message waited longer than ``message_ttl`` before its first attempt (reason "expired")."""
+
+
+class DownstreamUnavailable(BatchpunkError, ConnectionError):
+    """The downstream did not answer: refused, reset, lost, timed out, overloaded (429/503).
+
+    Raise it (or subclass it) from a processor to say "not this batch's fault": the engine holds
+    the batch and retries it whole with backoff, one probe at a time behind the circuit breaker,
+    until the downstream answers again or the messages reach ``delivery_timeout``.
+    """
+
+    retryable = True
+    unavailable = True
+
+
+class CallCancelled(BatchpunkError):
+    """A processor call raised CancelledError although nothing was cancelling the batch.
+
+    A library inside the processor let an internal cancellation escape. It is a failure of that
+    one call (retried, then isolated like any error), not a shutdown: the messages are not lost
+    as "shutdown" letters while the processor keeps running.
+    """
 
 
 class ResultMismatch(BatchpunkError, ValueError):
@@ -118,6 +153,16 @@ class FrameError(BatchpunkError, ValueError):
 
 class ConfigError(BatchpunkError, ValueError):
     """A pipeline file, section or connector setting is wrong; the message names where."""
+
+
+class ConnectorError(BatchpunkError):
+    """Base of every error a connector raises on purpose (broker, database, file, HTTP).
+
+    What a failure means is a class attribute, read by the retry policy: ``unavailable = True``
+    marks an outage of the downstream (retried whole and waited out, never dead-lettered);
+    ``retryable = False`` marks a failure of one message that no retry can fix. A subclass sets
+    the one that fits; this base claims neither.
+    """
 
 
 class MissingDependency(BatchpunkError, ImportError):

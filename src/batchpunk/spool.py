@@ -455,6 +455,10 @@ class Spool:
         self.ack_on_write = ack_on_write
         self._sid = _SERIALIZER_IDS[serializer]
         self._fast = _fast_json() if serializer == "json" else None
+        #: Set by a Pipeline, whose engine carries envelopes: what of a message is written (its
+        #: payload), and what a replayed (message, key, priority) becomes (a new envelope).
+        self.extract: Callable[[Any], Any] | None = None
+        self.rebuild: Callable[[Any, Any, int], Any] | None = None
         self._processor: BatchProcessor[Any, Any] | None = None
         self._policy = OverflowPolicy.BLOCK
         self._open = False
@@ -730,6 +734,8 @@ class Spool:
         )
 
     def _encode(self, message: Any, key: Any, priority: int) -> bytes:
+        if self.extract is not None:
+            message = self.extract(message)
         fast = self._fast
         if fast is not None:
             try:
@@ -1052,6 +1058,8 @@ class Spool:
                 processor.reject(_Record(seq, raw), "malformed", exc)
                 continue
             self.stats["replayed"] += 1
+            if self.rebuild is not None:
+                message = self.rebuild(message, key, priority)
             await processor.add_message(_Record(seq, message), key=key, priority=priority)
         if replay:
             log.info("spool %s: replayed %d unfinished message(s)", self.path, len(replay))

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from batchpunk import BatchConfig, BatchProcessor, PartialFailure, Spool
-from batchpunk.deadletter_sinks import JsonlDeadLetters
+from batchpunk.deadletter import JsonlDeadLetters
 
 POISON = 997
 

@@ -14,14 +14,14 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from batchpunk.connectors._common import PayloadError, mask_secrets, mask_url
-from batchpunk.errors import BatchpunkError, ConfigError, require
+from batchpunk.errors import ConfigError, ConnectorError, require
 
 __all__ = ["HttpSink", "HttpStatusError", "HttpTransportError"]
 
 _FORMATS = ("json", "frame")
 
 
-class HttpStatusError(BatchpunkError):
+class HttpStatusError(ConnectorError):
     """The endpoint answered with a status that is not a success.
 
     Attributes:
@@ -35,12 +35,14 @@ class HttpStatusError(BatchpunkError):
         self.status = status
         self.body = body
         self.retryable = status == 429 or status >= 500
+        self.unavailable = status in (429, 502, 503, 504)  # overloaded or gone: an outage
 
 
-class HttpTransportError(BatchpunkError, ConnectionError):
+class HttpTransportError(ConnectorError, ConnectionError):
     """The request did not get an answer (connection refused, timeout, TLS failure); retryable."""
 
     retryable = True
+    unavailable = True
 
 
 class HttpSink:

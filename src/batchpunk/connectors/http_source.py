@@ -39,33 +39,6 @@ log = logging.getLogger("batchpunk.connectors.http_source")
 _REPLY_AFTER = ("durable", "processed")
 
 
-# -- compatibility shim (contract 1): remove once envelope.py has the ``receipt`` slot -----------
-_NEW_ENVELOPE = "receipt" in getattr(Envelope, "__slots__", ())
-
-
-class _CompatEnvelope(Envelope):
-    """The old dataclass Envelope plus a receipt, with nack routed to ``nack_many``."""
-
-    __slots__ = ("receipt",)
-    receipt: Any
-
-
-def _envelope(payload: Any, key: Any, receipt: _Request, source: HttpSource) -> Envelope:
-    if _NEW_ENVELOPE:
-        return Envelope(payload, key=key, receipt=receipt)  # type: ignore[call-arg]
-    envelope = _CompatEnvelope(payload, key=key)
-    envelope.receipt = receipt
-
-    async def on_nack(requeue: bool) -> None:
-        await source.nack_many([envelope], requeue)
-
-    envelope.on_nack = on_nack
-    return envelope
-
-
-# ---------------------------------------------------------------------------------------------
-
-
 class _Request:
     """One POST waiting for its events: the reply goes out when ``left`` reaches 0."""
 
@@ -228,7 +201,7 @@ class HttpSource:
     async def ack_many(self, envelopes: Sequence[Envelope]) -> None:
         """These events are safe (durable, or processed): answer requests whose last one it was."""
         for envelope in envelopes:
-            request: _Request = envelope.receipt  # type: ignore[attr-defined]
+            request: _Request = envelope.receipt
             request.left -= 1
             if request.left == 0 and not request.future.done():
                 request.future.set_result(True)
@@ -236,7 +209,7 @@ class HttpSource:
     async def nack_many(self, envelopes: Sequence[Envelope], requeue: bool) -> None:
         """These events were not kept: their requests get 503 so that the clients send again."""
         for envelope in envelopes:
-            request: _Request = envelope.receipt  # type: ignore[attr-defined]
+            request: _Request = envelope.receipt
             if not request.future.done():
                 request.future.set_result(False)
 
@@ -284,7 +257,7 @@ class HttpSource:
         queue = self._queue
         for event in events:
             key = event.get(key_field) if key_field and isinstance(event, dict) else None
-            queue.append(_envelope(event, key, pending, self))
+            queue.append(Envelope(event, key, 0, None, pending))
         self._pending.add(pending)
         self._wake()
         try:
