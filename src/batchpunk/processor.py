@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from batchpunk._accumulator import Accumulator, Lane
 from batchpunk._execution import Execution
 from batchpunk._jobs import Job, Tracker, Trackers, pick
-from batchpunk._outbox import Entry, Outbox, as_put
+from batchpunk._outbox import Entry, Outbox, as_put, build_letter
 from batchpunk._scheduler import Scheduler
 from batchpunk.batch import Batch
 from batchpunk.config import BatchConfig, BatchTrigger, OverflowPolicy
@@ -418,18 +418,10 @@ class BatchProcessor(Generic[T, R]):
         if not isinstance(reason, str) or not reason:
             raise ValueError(f"reason: expected a non-empty str, got {reason!r}")
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        letter = DeadLetter(
-            message=message,
-            key=key,
-            priority=priority,
-            reason=reason,
-            error=error,
-            attempts=0,
-            headers=dict(headers) if headers else {},
-        )
+        rejected = build_letter(message, key, priority, reason, error, headers=headers)
         self._room -= 1  # accepted, and unfinished until its letter is stored
         self._observer.received(1)  # never cut, so _emit() does not count it
-        self._send_dead([(letter, _Stored(future))])
+        self._send_dead([(rejected, _Stored(future))])
         return future
 
     def _offer(self, message: Any, key: Any, priority: int, tracker: Tracker) -> bool:
@@ -496,16 +488,11 @@ class BatchProcessor(Generic[T, R]):
         self._send_dead([(self._dropped_letter(message, key, priority), tracker)])
 
     def _dropped_letter(self, message: Any, key: Any, priority: int) -> DeadLetter:
-        return DeadLetter(
-            message=message,
-            key=key,
-            priority=priority,
-            reason="dropped",
-            error=BufferFull(
-                f"dropped by overflow={self.config.overflow.value}: "
-                f"max_pending={self.config.max_pending} messages were unfinished"
-            ),
+        error = BufferFull(
+            f"dropped by overflow={self.config.overflow.value}: "
+            f"max_pending={self.config.max_pending} messages were unfinished"
         )
+        return build_letter(message, key, priority, "dropped", error)
 
     def _drop_oldest(self) -> bool:
         """Dead-letter the oldest message not yet running; False when all are running."""
@@ -802,15 +789,7 @@ def _entries(
     marks = trackers or {}
     return [
         (
-            DeadLetter(
-                message=message,
-                key=key,
-                priority=priority,
-                reason="shutdown",
-                error=error,
-                attempts=0,
-                first_seen=first_wall,
-            ),
+            build_letter(message, key, priority, "shutdown", error, first_seen=first_wall),
             marks.get(index),
         )
         for index, message in enumerate(batch)
