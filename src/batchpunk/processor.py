@@ -19,7 +19,7 @@ from collections.abc import AsyncIterable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from types import TracebackType
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from batchpunk._accumulator import Accumulator, Lane
 from batchpunk._admission import Admission
@@ -33,6 +33,9 @@ from batchpunk.deadletter import DeadLetter
 from batchpunk.errors import BatchpunkError, ProcessorClosed
 from batchpunk.metrics import Observer
 from batchpunk.retry import CircuitBreaker
+
+if TYPE_CHECKING:
+    from batchpunk.spool import Spool
 
 __all__ = ["BatchProcessor", "ReplayReport"]
 
@@ -88,6 +91,7 @@ class BatchProcessor(Admission, Generic[T, R]):
         metrics_collector: object | None = None,
         *,
         dead_letter: object | None = None,
+        spool: Spool | None = None,
     ) -> None:
         if config is None:
             config = BatchConfig()
@@ -95,6 +99,10 @@ class BatchProcessor(Admission, Generic[T, R]):
             raise ValueError(f"config: expected a BatchConfig, got {config!r}")
         if processor is None or not callable(processor):
             raise ValueError(f"processor: expected a callable taking a Batch, got {processor!r}")
+        #: The durable spool (batchpunk.spool): the engine then carries its records.
+        self.spool = spool
+        if spool is not None:
+            config, processor, dead_letter = spool.bind(self, config, processor, dead_letter)
         self.config = config
         self.processor = processor
         #: Dead letters kept in memory: all of them without a sink, else those never stored.
@@ -178,6 +186,8 @@ class BatchProcessor(Admission, Generic[T, R]):
         self._open = self._started = True
         self._room += self._room_shift
         self._room_shift = 0
+        if self.spool is not None:
+            await self.spool.open(self)  # replays unfinished messages before any new one
 
     async def stop(self, drain: bool = True) -> None:
         """Stop accepting, finish or dead-letter every accepted message, then return.
@@ -196,6 +206,8 @@ class BatchProcessor(Admission, Generic[T, R]):
         if self._stopping is None:
             self._stopping = asyncio.get_running_loop().create_task(self._shutdown(drain))
         await asyncio.shield(self._stopping)
+        if self.spool is not None:
+            await self.spool.close()
 
     async def __aenter__(self) -> BatchProcessor[T, R]:
         await self.start()
@@ -219,8 +231,13 @@ class BatchProcessor(Admission, Generic[T, R]):
         """Accept a message without ever waiting.
 
         Raises BufferFull when max_pending messages are unfinished under BLOCK or RAISE (the
-        drop policies dead-letter instead), ProcessorClosed once stop() has begun.
+        drop policies dead-letter instead), ProcessorClosed once stop() has begun. With a spool
+        the message is durable by the next group commit, not when this returns.
         """
+        if self.spool is not None:
+            message = self.spool.admit_nowait(message, key, priority, self._room > 0)
+            if message is None:
+                return  # the spool is full and the drop policy dead-lettered it
         # The hot path: shared lane, nothing per message but the list slot and one count.
         if self._room > 0 and key is None and priority == 0 and self._plain:
             items = self._items
@@ -241,8 +258,13 @@ class BatchProcessor(Admission, Generic[T, R]):
         """Accept a message, waiting for room under the BLOCK policy.
 
         Returns once the message is accepted, never after its batch ran: a producer waits for
-        a processor only through the backpressure it configured with max_pending.
+        a processor only through the backpressure it configured with max_pending. With a
+        spool it returns only once the message is durable in it.
         """
+        if self.spool is not None:
+            message = await self.spool.admit(message, key, priority)
+            if message is None:
+                return  # the spool is full and the drop policy dead-lettered it
         # The hot path again, inline: a call less is a fifth of this method's cost.
         if self._room > 0 and key is None and priority == 0 and self._plain:
             items = self._items
@@ -264,6 +286,8 @@ class BatchProcessor(Admission, Generic[T, R]):
         Raises the error that finally failed it (after its dead letter was stored). Waits for
         room under the BLOCK policy, like add_message.
         """
+        if self.spool is not None:
+            message = await self.spool.admit(message, key, priority, submit=True)
         if self._room > 0:
             # submit_nowait and _track written out: two Python calls are a fifth of the cost.
             # The loop's create_future is bound once at start: one lookup less per call.
@@ -298,6 +322,10 @@ class BatchProcessor(Admission, Generic[T, R]):
         Choose it over ``submit`` for many results at once (``gather`` them): it costs one
         future per message and no coroutine.
         """
+        if self.spool is not None:
+            message = self.spool.admit_nowait(message, key, priority, self._room > 0)
+            if message is None:
+                return self.spool.dropped_future()
         if self._room <= 0:
             future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
             self._refuse(message, key, priority, future)
