@@ -43,6 +43,7 @@ NAMED_SECRET_VAR = "BP_HOSTILE_API_TOKEN"
 BASES: dict[str, dict[str, dict[str, Any]]] = {
     "source": {
         "generator": {"count": 20},
+        "http": {"port": 18080, "token": "${BP_HOSTILE_SECRET}"},
         "jsonl": {"path": "@TMP@/events.jsonl"},
         "rabbitmq": {"url": "amqp://guest:${BP_HOSTILE_SECRET}@127.0.0.1:5672/", "queue": "q"},
         "redis_streams": {

@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import math
+import signal
 import sys
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
@@ -400,7 +401,19 @@ def demo(
 
     _logging(_log_level(log_level))
     factory = _live("batchpunk demo", 4.0) if live else None
-    result = _guard(lambda: _run(run_demo(events, directory=directory, seed=seed, live=factory)))
+    try:
+        result = _guard(
+            lambda: _run(run_demo(events, directory=directory, seed=seed, live=factory))
+        )
+    except KeyboardInterrupt:
+        # A second SIGINT after the pipeline had already drained and given its signals back
+        # (the check was under way): the user still asked to stop at once.
+        _say(_LATE_SECOND_SIGNAL, stderr=True)
+        raise typer.Exit(EXIT_ABORTED) from None
+    # From here to the exit a second SIGINT is noted, not raised: a KeyboardInterrupt in the
+    # summary, or the default action during interpreter exit, would hide the exit code.
+    late: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: late.append(signum))
     rows = [
         *_summary_rows(result.stats),
         ("rows in database", f"{result.rows:,}  ({result.db_path})"),
@@ -417,13 +430,30 @@ def demo(
     _pairs("batchpunk demo", rows)
     if result.aborted:
         _say("stopped at once by a second signal: unfinished events were given back", stderr=True)
-        raise typer.Exit(EXIT_ABORTED)
+        _demo_exit(EXIT_ABORTED, late)
     for problem in result.problems:
         _say(f"check failed: {problem}", stderr=True)
     if not result.consistent:
-        raise typer.Exit(EXIT_FAILED)
+        _demo_exit(EXIT_FAILED, late)
     _say(f"inspect the dead letters: batchpunk dlq show {result.dead_letter_path}")
-    raise typer.Exit(EXIT_OK)
+    _demo_exit(EXIT_OK, late)
+
+
+#: A second SIGINT that came after the pipeline had drained: the exit code still says it came.
+_LATE_SECOND_SIGNAL = "stopped at once by a second signal: the drain had already finished"
+
+
+def _demo_exit(code: int, late: list[int]) -> NoReturn:
+    """Exit the demo with ``code``, 130 instead of 0 if a second SIGINT came after the drain.
+
+    SIGINT is ignored from here on: the exit code is decided, and Python restores the default
+    action while it finalizes, which would otherwise let a signal kill the process (-2).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if late and code == EXIT_OK:
+        _say(_LATE_SECOND_SIGNAL, stderr=True)
+        code = EXIT_ABORTED
+    raise typer.Exit(code)
 
 
 @app.command(epilog=_EXIT_CODES)
@@ -696,3 +726,70 @@ def _jsonable(value: Any) -> Any:
 
 def _short(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
+
+
+# -- spool (issue 16): a self-contained command block ------------------------------------------
+
+spool_app = typer.Typer(
+    help=(
+        "Look into a durable spool directory (docs/spool.md).\n\n"
+        "\b\nExamples:\n"
+        "  batchpunk spool inspect /var/lib/orders/spool\n\n" + _EXIT_CODES
+    ),
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.add_typer(spool_app, name="spool")
+
+
+@spool_app.command("inspect", epilog=_EXIT_CODES)
+def spool_inspect(
+    path: Annotated[Path, typer.Argument(help="The spool directory.", show_default=False)],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Show a spool's segments, its unfinished messages, the oldest one's age, and any damage.
+
+    Read-only: safe while the owning process runs.
+
+    \b
+    Examples:
+      batchpunk spool inspect ./spool
+      batchpunk spool inspect ./spool --json | jq .unfinished
+    """
+    from dataclasses import asdict
+
+    from batchpunk.spool import SpoolError, inspect_spool
+
+    try:
+        report = inspect_spool(path)
+    except SpoolError as exc:
+        _fail(str(exc), EXIT_USAGE)
+    if as_json:
+        sys.stdout.write(json.dumps(asdict(report)) + "\n")
+        raise typer.Exit(EXIT_OK)
+    age = "-" if report.oldest_age is None else _seconds(report.oldest_age)
+    owner = f"owned by pid {report.locked_by}" if report.locked_by else "not in use"
+    title = f"{report.path}: {report.unfinished:,} unfinished message(s), oldest {age}, {owner}"
+    columns = ("segment", "bytes", "messages", "unfinished")
+    if _is_terminal(sys.stdout):
+        table = Table(title=escape(title), title_justify="left")
+        for column in columns:
+            table.add_column(column, justify="left" if column == "segment" else "right")
+        for name, size, messages, unfinished in report.segments:
+            table.add_row(escape(name), f"{size:,}", f"{messages:,}", f"{unfinished:,}")
+        Console(highlight=False).print(table)
+    else:  # plain, one line per segment (see "Output" in docs/cli.md)
+        _say(title)
+        _say("\t".join(columns))
+        for name, size, messages, unfinished in report.segments:
+            _say(f"{name}\t{size}\t{messages}\t{unfinished}")
+    for name, offset, length, torn in report.damaged:
+        if torn:
+            _say(f"torn tail: {name}: {length:,} byte(s) (cut on the next start)")
+        else:
+            _say(
+                f"damaged: {name} at offset {offset:,}: {length:,} byte(s) "
+                "(dead-lettered as malformed on the next start)"
+            )
+    raise typer.Exit(EXIT_OK)

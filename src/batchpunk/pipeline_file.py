@@ -58,6 +58,7 @@ SOURCES: dict[str, str] = {
     "rabbitmq": "batchpunk.connectors.rabbitmq:RabbitMQSource",
     "redis_streams": "batchpunk.connectors.redis_streams:RedisStreamSource",
     "nats": "batchpunk.connectors.nats:NatsJetStreamSource",
+    "http": "batchpunk.connectors.http_source:HttpSource",
 }
 
 #: Sink ``type`` names and where their classes live.
@@ -80,7 +81,7 @@ DEAD_LETTERS: dict[str, str] = {
 }
 
 #: The sections a pipeline file may have; [source] and [sink] are required.
-SECTIONS = ("source", "batch", "sink", "dead_letter", "metrics")
+SECTIONS = ("source", "batch", "sink", "dead_letter", "metrics", "spool")
 
 _REGISTRIES = {"source": SOURCES, "sink": SINKS, "dead_letter": DEAD_LETTERS}
 _ENV = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -154,7 +155,7 @@ class ConnectorSpec:
         Files it reads must exist and files it writes must have a folder: checked here rather
         than when the file is parsed, so ``dlq replay`` can use a file's [sink] alone.
         """
-        _check_paths(self.section, self.kwargs)
+        _check_paths(self.section, self.kind, self.kwargs)
         try:
             return self.cls(**self.kwargs)
         except ConfigError as exc:
@@ -196,6 +197,8 @@ class PipelineSpec:
     dead_letter: ConnectorSpec | None
     metrics: MetricsSpec
     secrets: frozenset[str] = field(default=frozenset(), repr=False)
+    #: The [spool] section's keywords for batchpunk.Spool, or None (docs/spool.md).
+    spool: Mapping[str, Any] | None = None
 
     def build(self, *, metrics_collector: object | None = None) -> Pipeline:
         """A new Pipeline with fresh connectors, ready to ``run()``; nothing connects yet.
@@ -204,21 +207,24 @@ class PipelineSpec:
         exactly what ``batchpunk run`` starts with.
         """
         from batchpunk.pipeline import Pipeline
+        from batchpunk.spool import Spool
 
         source = self.source.build()
         sink = self.sink.build()
         dead_letter = self.build_dead_letter()
         try:
+            spool = Spool(**self.spool) if self.spool is not None else None
             return Pipeline(
                 source,
                 sink,
                 self.batch,
                 dead_letter=dead_letter,
                 metrics_collector=metrics_collector,
+                spool=spool,
             )
         except ConfigError:
             raise
-        except ValueError as exc:
+        except (ValueError, TypeError) as exc:
             raise ConfigError(self.redact(f"{self.path}: {exc}")) from None
 
     def check(self) -> None:
@@ -320,9 +326,24 @@ def parse_pipeline(
         metrics = MetricsSpec(
             **_keywords("metrics", MetricsSpec, resolved.get("metrics", {}), from_env, frozen)
         )
+        spool = _spool(resolved["spool"], from_env, frozen) if "spool" in resolved else None
     except ConfigError as exc:
         raise ConfigError(mask_secrets(f"{path}: {exc}", frozen)) from None
-    return PipelineSpec(path, source, sink, batch, dead_letter, metrics, frozen)
+    return PipelineSpec(path, source, sink, batch, dead_letter, metrics, frozen, spool)
+
+
+def _spool(
+    table: dict[str, Any], from_env: set[tuple[str, str]], secrets: frozenset[str]
+) -> dict[str, Any]:
+    """The [spool] section: Spool's keywords, checked by building one (nothing is opened)."""
+    from batchpunk.spool import Spool
+
+    kwargs = _keywords("spool", Spool, table, from_env, secrets)
+    try:
+        Spool(**kwargs)
+    except ValueError as exc:
+        raise ConfigError(f"[spool] {exc}") from None
+    return kwargs
 
 
 # -- environment substitution -----------------------------------------------------------------
@@ -735,9 +756,19 @@ def _check_numbers(where: str, value: Any, shown: str) -> None:
             _check_numbers(f"{where}.{name}", item, repr(item))
 
 
-def _check_paths(section: str, kwargs: Mapping[str, Any]) -> None:
+#: Keys that name local files, by section and type ("path" of the HTTP source is a URL path).
+_FILE_KEYS: dict[tuple[str, str], tuple[str, ...]] = {
+    ("source", "jsonl"): ("path", "checkpoint"),
+    ("sink", "jsonl"): ("path",),
+    ("sink", "sqlite"): ("path",),
+    ("dead_letter", "jsonl"): ("path",),
+    ("dead_letter", "sqlite"): ("path",),
+}
+
+
+def _check_paths(section: str, kind: str, kwargs: Mapping[str, Any]) -> None:
     """Files a connector reads must exist; files it writes must have an existing folder."""
-    for key in ("path", "checkpoint"):
+    for key in _FILE_KEYS.get((section, kind), ()):
         value = kwargs.get(key)
         if not isinstance(value, str) or value in ("-", ":memory:") or not value:
             continue
