@@ -97,7 +97,7 @@ def test_a_good_file_builds_the_described_pipeline() -> None:
         (("live = false", 'live = "no"'), "[metrics] live: expected bool"),
         (('"ConnectionError"', '"NoSuchError"'), "[batch] retry_on: 'NoSuchError' is not an"),
         (("max_size = 50", 'sizer = "len"'), "[batch] sizer: a function cannot come from"),
-        (("count = 100", "count = -1"), "[source] type 'generator': count: expected"),
+        (("count = 100", "count = -1"), "[source] count: expected a number >= 0, got -1"),
         (('table = "events"', 'table = "events; drop"'), "[sink] table: expected a plain SQL"),
     ],
 )
@@ -162,8 +162,17 @@ def test_secrets_from_the_environment_never_appear_in_errors_or_descriptions() -
 
 def test_registries_name_every_connector_and_custom_types_load_by_path() -> None:
     """Every issue-6 and issue-7 connector has a type name; 'module:Class' loads any class."""
-    assert set(SOURCES) >= {"generator", "jsonl", "rabbitmq", "redis_streams", "nats"}
-    assert {"kafka", "sqs"} <= set(SOURCES) & set(SINKS)  # issue 15
+    assert set(SOURCES) == {
+        "generator",
+        "jsonl",
+        "rabbitmq",
+        "redis_streams",
+        "nats",
+        "http",
+        "kafka",
+        "sqs",
+    }
+    assert {"kafka", "sqs"} <= set(SINKS)  # issue 15
     assert set(SINKS) >= {
         "sqlite",
         "jsonl",
@@ -221,6 +230,8 @@ def test_every_batch_config_field_can_be_set_except_functions() -> None:
         "circuit_breaker_threshold": 5,
         "circuit_breaker_cooldown": 2.0,
         "message_ttl": 60.0,
+        "unavailable_on": ["ConnectionRefusedError"],
+        "delivery_timeout": 120.0,
         "serializer": "json",
         "compression": "gzip",
         "compression_level": 1,
@@ -234,4 +245,5 @@ def test_every_batch_config_field_can_be_set_except_functions() -> None:
     config = parse_pipeline(data, environ={}).batch
     assert config.overflow.value == "drop_newest"
     assert config.retry_on == (OSError,)
+    assert config.unavailable_on == (ConnectionRefusedError,)
     assert config.max_wait == 1

@@ -12,12 +12,14 @@ from batchpunk.errors import (
     BatchpunkError,
     BatchTimeout,
     BufferFull,
+    DownstreamUnavailable,
     MessageExpired,
     PartialFailure,
     ProcessorClosed,
     ResultMismatch,
 )
 from batchpunk.processor import BatchProcessor, ReplayReport
+from batchpunk.spool import Spool
 
 __version__ = "0.1.0"
 
@@ -30,10 +32,12 @@ __all__ = [
     "DeadLetter",
     "PartialFailure",
     "ReplayReport",
+    "Spool",
     "BatchpunkError",
     "BufferFull",
     "ProcessorClosed",
     "BatchTimeout",
     "MessageExpired",
     "ResultMismatch",
+    "DownstreamUnavailable",
 ]

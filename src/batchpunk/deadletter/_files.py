@@ -48,12 +48,17 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequenc
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any, TypeVar
+from urllib.parse import quote
 
+from batchpunk._identifiers import SQL_KEYWORDS as _SQL_KEYWORDS
+from batchpunk._redact import MASK, is_secret_name, redact
 from batchpunk.codec import decode_batch, decode_value, encode_batch, encode_value
 from batchpunk.deadletter._record import DeadLetter
 from batchpunk.errors import BatchpunkError, DeadLetterError, FrameError
 
 __all__ = [
+    "letter_from_record",
+    "letter_record",
     "open_dead_letter_file",
     "JsonlDeadLetters",
     "MalformedDeadLetter",
@@ -69,6 +74,9 @@ RECORD_VERSION = 1
 READ_CHUNK = 500
 #: The header key under which read() returns each letter's stable id.
 ID_HEADER = "dlq_id"
+#: Set by read() on a letter whose message was stored only as its repr (why, as text): such a
+#: letter does not carry the original message and must not be replayed.
+UNSTORABLE_HEADER = "dlq_message_unstorable"
 
 _STORED_SERIALIZERS = ("msgpack", "pickle")
 _T = TypeVar("_T")
@@ -169,10 +177,14 @@ class _RecordCodec:
             attempts=_number(letter.attempts, int, 0),
             first_seen=_number(letter.first_seen, float, 0.0),
             error_type=str(letter.error_type),
-            error=None if error is None else _error_text(error),
-            traceback=str(letter.traceback),
+            error=None if error is None else redact(_error_text(error)),
+            traceback=redact(str(letter.traceback)),
         )
-        headers = {k: v for k, v in letter.headers.items() if k != ID_HEADER}
+        headers = {
+            k: MASK if isinstance(k, str) and is_secret_name(k) and v else v
+            for k, v in letter.headers.items()
+            if k != ID_HEADER
+        }
         for name, value in (("message", letter.message), ("key", letter.key), ("headers", headers)):
             if _json_exact(value):
                 record[name] = value
@@ -211,6 +223,8 @@ class _RecordCodec:
             headers = {}
         if not isinstance(headers, dict):
             raise MalformedDeadLetter(where, f"headers: expected an object, got {headers!r}")
+        if "message_repr" in record:  # only the repr was kept: replaying it would send text
+            headers = {**headers, UNSTORABLE_HEADER: str(record.get("message_unstorable", ""))}
         letter_id = record.get("id")
         if letter_id is not None and not isinstance(letter_id, str):
             raise MalformedDeadLetter(where, f"id: expected a string, got {letter_id!r}")
@@ -474,14 +488,10 @@ class JsonlDeadLetters:
                 continue
             where = f"{self.path}:{line_no}"
             try:
-                record = _parse_line(line, where)
-                letter_id, letter = self._records.decode(record, where)
-                if letter_id is None:
-                    raise MalformedDeadLetter(where, "no 'id' field")
+                letter = _letter_of(self._records, line, where)
             except MalformedDeadLetter as problem:
                 _report(problem, strict)
                 continue
-            letter.headers[ID_HEADER] = letter_id
             letters.append(letter)
         return letters, line_no, False
 
@@ -508,6 +518,39 @@ class JsonlDeadLetters:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(temp)
             return removed
+
+
+def letter_record(letter: DeadLetter, *, serializer: str = "msgpack") -> bytes:
+    """One letter as the stored record, with a fresh id: one JSON Lines line, without its newline.
+
+    Every dead-letter store writes this record (a line of JsonlDeadLetters' file, the ``record``
+    column of SqliteDeadLetters, the body of a RabbitMQDeadLetters message), so whatever holds
+    letters can be read by ``batchpunk dlq show`` and ``dlq replay``: append the bodies to a
+    ``.jsonl`` file, one per line. ``serializer`` is as for JsonlDeadLetters.
+    """
+    codec = _RecordCodec("dead-letter record", serializer, None)
+    return codec.encode(letter, 0, uuid.uuid4().hex)[1]
+
+
+def letter_from_record(
+    data: bytes | str, where: str = "dead-letter record", *, allow_pickle: bool | None = None
+) -> DeadLetter:
+    """The letter of one stored record, its id in ``headers["dlq_id"]``: what ``dlq`` reads.
+
+    The same parse as each line of JsonlDeadLetters.read(); MalformedDeadLetter naming
+    ``where`` when the record is not one. Pickled values load only with ``allow_pickle=True``.
+    """
+    line = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+    return _letter_of(_RecordCodec(where, "msgpack", bool(allow_pickle)), line, where)
+
+
+def _letter_of(codec: _RecordCodec, line: bytes, where: str) -> DeadLetter:
+    record = _parse_line(line, where)
+    letter_id, letter = codec.decode(record, where)
+    if letter_id is None:
+        raise MalformedDeadLetter(where, "no 'id' field")
+    letter.headers[ID_HEADER] = letter_id
+    return letter
 
 
 def _parse_line(line: bytes, where: str) -> Any:
@@ -584,13 +627,19 @@ class SqliteDeadLetters:
         table: str = "dead_letters",
         serializer: str = "msgpack",
         allow_pickle: bool | None = None,
+        readonly: bool = False,
     ) -> None:
         if not isinstance(path, str | os.PathLike):
             raise ValueError(f"path: expected a file path, got {path!r}")
         if not isinstance(table, str) or not _IDENTIFIER.match(table):
             raise ValueError(f"table: expected a plain SQL identifier, got {table!r}")
+        if table.lower() in _SQL_KEYWORDS:
+            raise ValueError(f"table: {table!r} is an SQL keyword; choose another table name")
         self.path = Path(path)
         self.table = table
+        #: Read only (``dlq show``): the file is opened with mode=ro, nothing is created or
+        #: changed (no table, no WAL switch), and a database without the table is refused.
+        self.readonly = readonly
         self._records = _RecordCodec(
             f"SqliteDeadLetters({str(self.path)!r})", serializer, allow_pickle
         )
@@ -657,6 +706,24 @@ class SqliteDeadLetters:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def _connection(self) -> sqlite3.Connection:
+        if self._conn is None and self.readonly:
+            uri = f"file:{quote(str(self.path.absolute()))}?mode=ro"
+            conn = sqlite3.connect(uri, uri=True, timeout=30.0, isolation_level=None)
+            try:
+                found = conn.execute(
+                    "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?",
+                    (self.table,),
+                ).fetchone()
+            except BaseException:
+                conn.close()
+                raise
+            if found is None or "record TEXT" not in str(found[0]):
+                conn.close()
+                raise MalformedDeadLetter(
+                    str(self.path),
+                    f"not a batchpunk dead-letter database (no table {self.table!r} of letters)",
+                )
+            self._conn = conn
         if self._conn is None:
             if str(self.path) != ":memory:":
                 self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -746,15 +813,42 @@ class SqliteDeadLetters:
             self._conn = None
 
 
-def open_dead_letter_file(path: str | Path) -> JsonlDeadLetters | SqliteDeadLetters:
+def open_dead_letter_file(
+    path: str | Path, *, readonly: bool = False
+) -> JsonlDeadLetters | SqliteDeadLetters:
     """The dead-letter store behind a file: SQLite when it is a SQLite database, else JSON Lines.
 
     For tools that are handed a file (``batchpunk dlq show`` and ``replay``) and must not guess
-    from its name.
+    from its name. A file that is neither (a pipeline file, an ordinary database without a
+    table of letters) is refused with MalformedDeadLetter before anything is written to it;
+    ``readonly`` opens an SQLite store without ever writing to it.
     """
     path = Path(path)
     if path.is_file():
         with path.open("rb") as handle:
-            if handle.read(16) == b"SQLite format 3\x00":
-                return SqliteDeadLetters(str(path))
+            head = handle.read(16)
+            if head == b"SQLite format 3\x00":
+                probe = SqliteDeadLetters(str(path), readonly=True)
+                try:
+                    probe._connection()  # refuses a database without a table of letters
+                except sqlite3.DatabaseError as exc:
+                    raise MalformedDeadLetter(str(path), f"unreadable SQLite file: {exc}") from None
+                finally:
+                    probe._disconnect()
+                    probe._executor.shutdown(wait=False)
+                return SqliteDeadLetters(str(path), readonly=readonly)
+            handle.seek(0)
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = decode_value(line)
+                except FrameError:
+                    record = None
+                if not (isinstance(record, dict) and "v" in record):
+                    raise MalformedDeadLetter(
+                        f"{path}:{number}",
+                        "not a batchpunk dead-letter file (expected one JSON record per line)",
+                    )
+                break
     return JsonlDeadLetters(str(path))

@@ -19,6 +19,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from batchpunk.errors import require
+from batchpunk.metrics._health import liveness, readiness
+from batchpunk.metrics._prometheus import pipeline_exposition
 
 __all__ = ["MetricsServer", "StatsSource", "serve", "stats_json"]
 
@@ -37,6 +39,7 @@ _REASONS = {
     408: "Request Timeout",
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
+    503: "Service Unavailable",
 }
 
 
@@ -105,8 +108,22 @@ async def serve(
         prometheus_client, "CONTENT_TYPE_PLAIN_0_0_4", prometheus_client.CONTENT_TYPE_LATEST
     )
 
-    def metrics() -> tuple[int, str, bytes]:
-        return 200, content_type, prometheus_client.generate_latest(registry)
+    async def metrics() -> tuple[int, str, bytes]:
+        body = prometheus_client.generate_latest(registry)
+        if processor is not None:  # the pipeline's own counts, read at scrape time
+            try:
+                body += pipeline_exposition(await processor.get_stats()).encode()
+            except Exception:
+                logger.exception("/metrics: get_stats() failed; serving the registry alone")
+        return 200, content_type, body
+
+    async def healthz() -> tuple[int, str, bytes]:
+        status, data = liveness()
+        return status, "application/json", json.dumps(data).encode()
+
+    async def readyz() -> tuple[int, str, bytes]:
+        status, data = readiness(await processor.get_stats() if processor is not None else {})
+        return status, "application/json", json.dumps(data).encode()
 
     async def stats() -> tuple[int, str, bytes]:
         if processor is None:
@@ -115,8 +132,10 @@ async def serve(
         return 200, "application/json", stats_json(data).encode()
 
     routes: dict[str, Callable[[], Awaitable[tuple[int, str, bytes]]]] = {
-        "/metrics": _as_async(metrics),
+        "/metrics": metrics,
         "/stats": stats,
+        "/healthz": healthz,
+        "/readyz": readyz,
     }
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -132,15 +151,6 @@ async def serve(
     server = await asyncio.start_server(handle, host, port, limit=_MAX_HEAD)
     bound = server.sockets[0].getsockname()
     return MetricsServer(server, str(bound[0]), int(bound[1]))
-
-
-def _as_async(
-    function: Callable[[], tuple[int, str, bytes]],
-) -> Callable[[], Awaitable[tuple[int, str, bytes]]]:
-    async def call() -> tuple[int, str, bytes]:
-        return function()
-
-    return call
 
 
 async def _answer(
