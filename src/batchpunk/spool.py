@@ -698,6 +698,13 @@ class Spool:
         if not self._open:
             return _Record(None, message)
         body = self._encode(message, key, priority)
+        if self._full_error is None and (
+            self._disk + self._buffered + len(body) + 64 <= self.max_bytes
+        ):
+            # The common case first, with _full's test written out: one call less per message.
+            record = self._append(body, message)
+            await self._last.future  # a _Shared future: one producer's cancel spares the others
+            return record
         while self._full(len(body)):
             policy = self._policy
             if policy is OverflowPolicy.BLOCK:
