@@ -729,6 +729,25 @@ class Spool:
         await self._last.future  # a _Shared future: one producer's cancel spares the others
         return record
 
+    def admit_now(self, message: Any, key: Any, priority: int) -> tuple[Any, _Shared] | None:
+        """The common case of ``admit`` without a coroutine: (record, commit future) or None.
+
+        Appends the message and returns its record with the future of its group commit, which
+        the caller awaits before handing the record to the engine. None leaves every other case
+        (a replayed record, a closed spool, a full disk or max_bytes) to ``admit``, before
+        anything was appended. ``add_message`` calls this first: one coroutine and one frame
+        less per durable message, since every producer of a commit suspends and resumes.
+        """
+        if type(message) is _Record or not self._open:
+            return None
+        body = self._encode(message, key, priority)
+        if self._full_error is not None or (
+            self._disk + self._buffered + len(body) + 64 > self.max_bytes
+        ):
+            return None
+        record = self._append(body, message)
+        return record, self._last.future
+
     def admit_nowait(self, message: Any, key: Any, priority: int, room: bool) -> Any:
         """The record to hand to the engine now (durable by the next commit); None if dropped.
 
