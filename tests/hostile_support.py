@@ -58,6 +58,20 @@ BASES: dict[str, dict[str, dict[str, Any]]] = {
             "subject": "s.x",
             "durable": "d",
         },
+        "kafka": {  # issue 15
+            "bootstrap_servers": "127.0.0.1:9092",
+            "topics": ["t"],
+            "group_id": "g",
+            "sasl_mechanism": "PLAIN",
+            "sasl_username": "u",
+            "sasl_password": "${BP_HOSTILE_SECRET}",
+        },
+        "sqs": {  # issue 15
+            "queue_url": "https://sqs.us-east-1.amazonaws.com/123456789012/q",
+            "region": "us-east-1",
+            "aws_access_key_id": "AKIAEXAMPLE",
+            "aws_secret_access_key": "${BP_HOSTILE_SECRET}",
+        },
     },
     "sink": {
         "sqlite": {"path": "@TMP@/out.db", "table": "events", "columns": ["id", "user", "amount"]},
@@ -77,6 +91,19 @@ BASES: dict[str, dict[str, dict[str, Any]]] = {
             "dsn": "postgresql://app:${BP_HOSTILE_SECRET}@127.0.0.1:5432/t",
             "table": "e",
             "columns": ["id"],
+        },
+        "kafka": {  # issue 15
+            "bootstrap_servers": "127.0.0.1:9092",
+            "topic": "t",
+            "sasl_mechanism": "PLAIN",
+            "sasl_username": "u",
+            "sasl_password": "${BP_HOSTILE_SECRET}",
+        },
+        "sqs": {  # issue 15
+            "queue_url": "https://sqs.us-east-1.amazonaws.com/123456789012/q",
+            "region": "us-east-1",
+            "aws_access_key_id": "AKIAEXAMPLE",
+            "aws_secret_access_key": "${BP_HOSTILE_SECRET}",
         },
     },
     "dead_letter": {

@@ -90,7 +90,7 @@ def test_a_good_file_builds_the_described_pipeline() -> None:
             ('type = "sqlite"', 'type = "sqlit"'),
             "unknown sink type 'sqlit' (did you mean 'sqlite'?)",
         ),
-        (('type = "generator"', 'type = "kafka"'), "[source] type: unknown source type 'kafka'"),
+        (('type = "generator"', 'type = "kinesi"'), "[source] type: unknown source type 'kinesi'"),
         (('type = "memory"', 'type = "jsonll"'), "unknown dead_letter type 'jsonll'"),
         (("[metrics]", "[metric]"), "unknown section [metric] (did you mean 'metrics'?)"),
         (("live = false", "live = false\nprometheus_port = 70000"), "[metrics] prometheus_port"),
@@ -162,8 +162,18 @@ def test_secrets_from_the_environment_never_appear_in_errors_or_descriptions() -
 
 def test_registries_name_every_connector_and_custom_types_load_by_path() -> None:
     """Every issue-6 and issue-7 connector has a type name; 'module:Class' loads any class."""
-    assert set(SOURCES) == {"generator", "jsonl", "rabbitmq", "redis_streams", "nats", "http"}
-    assert set(SINKS) == {
+    assert set(SOURCES) == {
+        "generator",
+        "jsonl",
+        "rabbitmq",
+        "redis_streams",
+        "nats",
+        "http",
+        "kafka",
+        "sqs",
+    }
+    assert {"kafka", "sqs"} <= set(SINKS)  # issue 15
+    assert set(SINKS) >= {
         "sqlite",
         "jsonl",
         "http",

@@ -318,6 +318,7 @@ class Pipeline:
                 prepare = getattr(part, "prepare", None)
                 if callable(prepare):
                     await prepare(self.config)
+            _hand_positions(self.source, self.sink)  # issue 15: effectively once (Kafka)
             processor: BatchProcessor[Any, Any] = BatchProcessor(
                 _envelope_config(self.config),
                 self._write,
@@ -789,3 +790,11 @@ def _hashable(value: Any) -> bool:
     except TypeError:
         return False
     return True
+
+
+def _hand_positions(source: Any, sink: Any) -> None:
+    """Issue 15: a sink storing stream positions (PostgresSink ``positions``) is handed to a
+    source that can resume after them (KafkaSource.use_positions), before the first message."""
+    use_positions = getattr(source, "use_positions", None)
+    if getattr(sink, "positions", None) is not None and callable(use_positions):
+        use_positions(sink)

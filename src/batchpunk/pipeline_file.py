@@ -59,6 +59,8 @@ SOURCES: dict[str, str] = {
     "redis_streams": "batchpunk.connectors.redis_streams:RedisStreamSource",
     "nats": "batchpunk.connectors.nats:NatsJetStreamSource",
     "http": "batchpunk.connectors.http_source:HttpSource",
+    "kafka": "batchpunk.connectors.kafka:KafkaSource",
+    "sqs": "batchpunk.connectors.sqs:SqsSource",
 }
 
 #: Sink ``type`` names and where their classes live.
@@ -70,6 +72,8 @@ SINKS: dict[str, str] = {
     "redis_streams": "batchpunk.connectors.redis_streams:RedisStreamSink",
     "nats": "batchpunk.connectors.nats:NatsJetStreamSink",
     "postgres": "batchpunk.connectors.postgres:PostgresSink",
+    "kafka": "batchpunk.connectors.kafka:KafkaSink",
+    "sqs": "batchpunk.connectors.sqs:SqsSink",
 }
 
 #: Dead-letter sink ``type`` names and where their classes live.

@@ -113,6 +113,8 @@ async def test_acked_messages_stay_gone_and_unsettled_ones_come_back(
         by_id = {key(e.payload): e for e in envelopes}
         acked = set(range(0, 24, 2))
         nacked = set(range(1, 12, 2))
+        if not source_case.acks_out_of_order:  # Kafka: a committed prefix, the rest again
+            acked, nacked = set(range(12)), set(range(12, 18))
         await ack(first, [by_id[i] for i in sorted(acked)])
         await nack(first, [by_id[i] for i in sorted(nacked)])
         await first.close()

@@ -22,6 +22,10 @@ _WHERE = {
     "NatsJetStreamSource": "nats",
     "NatsJetStreamSink": "nats",
     "PostgresSink": "postgres",
+    "KafkaSource": "kafka",
+    "KafkaSink": "kafka",
+    "SqsSource": "sqs",
+    "SqsSink": "sqs",
 }
 
 __all__ = sorted(_WHERE)

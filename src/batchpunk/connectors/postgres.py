@@ -52,6 +52,7 @@ from batchpunk.errors import ConfigError, ConnectorError, PartialFailure, requir
 
 if TYPE_CHECKING:
     from batchpunk.config import BatchConfig
+    from batchpunk.envelope import Envelope
 
 __all__ = ["PostgresDataError", "PostgresRetryable", "PostgresSink", "PostgresSinkError"]
 
@@ -248,6 +249,9 @@ class PostgresSink:
             statement; passing it is a retryable failure.
         tls: an ``ssl.SSLContext`` or a mode ("require", "verify-full", ...); None takes
             ``sslmode`` from the DSN, else asyncpg's "prefer".
+        positions: a table name: store each stream partition's written offsets in it, in the
+            same transaction as the rows, for effectively-once writes from a source that
+            resumes after them (KafkaSource). See connectors/_pg_positions.py.
 
     The pool opens on the first ``write()`` or on ``await open()``; call ``open()`` at start-up
     to fail early on a wrong DSN, table or column. ``close()`` is idempotent.
@@ -266,6 +270,7 @@ class PostgresSink:
         create_table: str | None = None,
         timeout: float = 30.0,
         tls: ssl.SSLContext | str | None = None,
+        positions: str | None = None,
     ) -> None:
         if not isinstance(dsn, str) or not dsn.startswith(("postgresql://", "postgres://")):
             shown = mask_secrets(dsn) if isinstance(dsn, str) else type(dsn).__name__
@@ -313,6 +318,8 @@ class PostgresSink:
         self._closed = False
         self._lock = asyncio.Lock()
         self._getter = itemgetter(*self._columns) if self._columns is not None else None
+        # Issue 15, effectively once: see the "positions" section at the end of the class.
+        self.positions = _positions_table(positions)
 
     def __repr__(self) -> str:
         key = f", idempotency_key={self._key!r}" if self._key else ""
@@ -822,6 +829,33 @@ class PostgresSink:
                 )
         return info
 
+    # -- positions (issue 15): effectively-once writes; the logic is in _pg_positions.py -----
+
+    async def write_envelopes(self, envelopes: Sequence[Envelope]) -> None:
+        """Write the envelopes' payloads; with ``positions``, skip and record stream positions
+        in the same transaction (contract 1b: the pipeline calls this instead of write)."""
+        if self.positions is None:
+            return await self.write([envelope.payload for envelope in envelopes])
+        await self.positions.write(self, envelopes)
+        return None
+
+    async def load_positions(
+        self, stream: str, floors: Mapping[int, int]
+    ) -> dict[int, list[tuple[int, int]]]:
+        """The offset ranges already written per partition at or above ``floors`` (the
+        source's committed offsets); ranges below are forgotten. Empty without ``positions``."""
+        if self.positions is None:
+            return {}
+        await self.open()
+        pool = self._pool
+        if pool is None:
+            raise PostgresRetryable(f"PostgresSink for {self._target} is closed")
+        async with pool.acquire(timeout=self._timeout) as conn:
+            result: dict[int, list[tuple[int, int]]] = await self.positions.load(
+                conn, stream, floors
+            )
+            return result
+
 
 @dataclass(frozen=True, slots=True)
 class _Located:
@@ -894,3 +928,15 @@ def _check_key(key: Any, columns: tuple[str, ...] | None) -> tuple[str, ...] | N
                 f"({', '.join(columns)})"
             )
     return tuple(names)
+
+
+def _positions_table(name: str | None) -> Any:
+    """The PositionTable for ``positions``, or None (issue 15)."""
+    if name is None:
+        return None
+    from batchpunk.connectors._pg_positions import PositionTable
+
+    try:
+        return PositionTable(name)
+    except (ValueError, ConfigError) as exc:
+        raise ConfigError(f"PostgresSink positions: {exc}") from None

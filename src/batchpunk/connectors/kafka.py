@@ -1,0 +1,966 @@
+"""Kafka: a consumer-group Source whose commits never skip a message, and a batch producer Sink.
+
+Choose Kafka when the log already is your system of record: partitions give order and scale,
+consumer groups share them among workers. Both connectors use aiokafka (the ``kafka`` extra).
+
+How the source keeps its promise (every message ends processed or durably dead-lettered, and a
+committed offset never passes one that did not):
+
+- Each assigned partition has a ``_Ledger``: the offsets handed out, in order, and those finished.
+  The committable position is the first unfinished offset (or one past the last delivered when
+  all are finished), so concurrent batches may finish in any order and a commit still never
+  passes an unfinished message. A committer task commits what advanced, coalesced over
+  ``commit_interval`` seconds.
+- One fetch task calls ``getmany`` and fills a buffer that ``__anext__`` drains. When the buffer
+  holds ``buffer_size`` records (the pipeline is full: a slow or unavailable downstream), the
+  task pauses every assigned partition, so aiokafka stops prefetching too; it resumes them when
+  the pipeline reads again. Memory stays bounded and the group membership stays alive.
+- On a rebalance, the revoked partitions' buffered records are dropped (never handed out), the
+  batches already running get ``revoke_timeout`` seconds to finish, the committable positions
+  are committed, and only then does aiokafka release the partitions. Acknowledgements that come
+  later for a released partition are ignored; its next owner reads those messages again.
+- With a position store (``PostgresSink(positions=...)``, wired by the pipeline), a newly
+  assigned partition skips the offsets the store says were already written: effectively once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+from batchpunk.config import BatchConfig
+from batchpunk.connectors._common import PayloadError, mask_secrets, tls_context
+from batchpunk.connectors._envelope_shim import make_envelope, receipt_of
+from batchpunk.connectors._toolkit import payload_decoder, reconnect_delay
+from batchpunk.envelope import Envelope
+from batchpunk.errors import ConfigError, ConnectorError, PartialFailure, require
+
+__all__ = [
+    "KafkaError",
+    "KafkaSink",
+    "KafkaSource",
+    "KafkaUnavailable",
+    "MessageTooLarge",
+    "PositionStore",
+]
+
+logger = logging.getLogger(__name__)
+
+DECODINGS = ("json", "text", "bytes")
+ENCODINGS = ("json", "text", "bytes")
+BATCH_KEYS = ("key", "partition", "none")
+
+_DEFAULT_COUNT = 500
+
+
+class KafkaError(ConnectorError):
+    """Something Kafka refused that retrying will not fix (a bad setting, an unknown topic)."""
+
+
+class KafkaUnavailable(KafkaError, ConnectionError):
+    """Kafka could not be reached or did not answer in time: an outage, retried and waited out."""
+
+    unavailable = True
+
+
+class MessageTooLarge(KafkaError, ValueError):
+    """A record larger than ``max_message_bytes``: dead-lettered as malformed, never processed."""
+
+    retryable = False
+
+
+class PositionStore(Protocol):
+    """Where a sink records the stream positions it wrote, in the same transaction as the rows.
+
+    ``load_positions`` returns, per partition, the ranges of offsets ``(first, last)`` already
+    written at or above ``floors[partition]`` (the committed offset), and may forget the ranges
+    below it. ``PostgresSink(positions=...)`` implements it.
+    """
+
+    async def load_positions(
+        self, stream: str, floors: Mapping[int, int]
+    ) -> dict[int, list[tuple[int, int]]]: ...
+
+
+# -- the offset ledger -----------------------------------------------------------------------
+
+
+class _Ledger:
+    """The offsets of one partition handed out and finished, for commits that never skip one.
+
+    ``committable()`` is the offset to commit (Kafka commits the next offset to read): the first
+    offset handed out and not finished, or one past the last one delivered. Offsets arrive in
+    increasing order (with gaps after compaction), so the unfinished ones are a queue whose
+    head only moves forward.
+    """
+
+    __slots__ = ("alive", "committed", "end", "finished", "outstanding", "partition", "skip", "tp")
+
+    def __init__(self, tp: Any, start: int | None = None) -> None:
+        self.tp = tp
+        self.partition: int = getattr(tp, "partition", 0)
+        self.outstanding: deque[int] = deque()
+        self.finished: set[int] = set()
+        self.end = start  # one past the highest offset delivered; None before the first
+        self.committed = start  # the last offset committed, None before the first commit
+        self.alive = True  # False once revoked: late acks are ignored
+        self.skip: list[tuple[int, int]] = []  # ranges a position store says are written
+
+    def deliver(self, offset: int) -> None:
+        """Record an offset handed out (in increasing order)."""
+        self.outstanding.append(offset)
+        self.end = offset + 1
+
+    def finish(self, offset: int) -> None:
+        """Record an offset finished: processed, or its dead letter stored."""
+        outstanding = self.outstanding
+        if outstanding and outstanding[0] == offset:
+            outstanding.popleft()
+            finished = self.finished
+            while outstanding and outstanding[0] in finished:
+                finished.discard(outstanding.popleft())
+        elif outstanding and offset > outstanding[0]:
+            self.finished.add(offset)
+
+    def forget_from(self, offset: int) -> None:
+        """Drop ``offset`` and later from the ledger (buffered, never handed out)."""
+        outstanding = self.outstanding
+        while outstanding and outstanding[-1] >= offset:
+            self.finished.discard(outstanding.pop())
+        self.end = offset if self.end is None or offset < self.end else self.end
+
+    def committable(self) -> int | None:
+        """The offset to commit: no message below it is unfinished."""
+        if self.outstanding:
+            return self.outstanding[0]
+        return self.end
+
+    def written(self, offset: int) -> bool:
+        """True when the position store said this offset was already written."""
+        return any(first <= offset <= last for first, last in self.skip)
+
+
+# -- settings --------------------------------------------------------------------------------
+
+
+def _servers(owner: str, value: Any) -> list[str]:
+    if isinstance(value, str) and value:
+        return [s.strip() for s in value.split(",") if s.strip()]
+    if isinstance(value, list | tuple) and value and all(isinstance(v, str) and v for v in value):
+        return list(value)
+    raise ConfigError(
+        f"{owner}.bootstrap_servers: expected 'host:port' or a list of them, got {value!r}"
+    )
+
+
+def _seconds(owner: str, field: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1e9:
+        raise ConfigError(f"{owner}.{field}: expected a number of seconds > 0, got {value!r}")
+    return float(value)
+
+
+def _count(owner: str, field: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{owner}.{field}: expected an integer >= 1, got {value!r}")
+    return value
+
+
+def _security(
+    owner: str,
+    tls: Any,
+    sasl_mechanism: str | None,
+    sasl_username: str | None,
+    sasl_password: str | None,
+) -> dict[str, Any]:
+    """aiokafka's security keywords from our TLS table and SASL settings."""
+    context = tls_context(tls, owner)
+    kwargs: dict[str, Any] = {}
+    if sasl_mechanism is not None:
+        if sasl_mechanism not in ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"):
+            raise ConfigError(
+                f"{owner}.sasl_mechanism: expected PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512, "
+                f"got {sasl_mechanism!r}"
+            )
+        if not sasl_username or not sasl_password:
+            raise ConfigError(f"{owner}.sasl_username / sasl_password: both are needed for SASL")
+        kwargs.update(
+            sasl_mechanism=sasl_mechanism,
+            sasl_plain_username=sasl_username,
+            sasl_plain_password=sasl_password,
+            security_protocol="SASL_SSL" if context else "SASL_PLAINTEXT",
+        )
+    elif context is not None:
+        kwargs["security_protocol"] = "SSL"
+    if context is not None:
+        kwargs["ssl_context"] = context
+    return kwargs
+
+
+def _text_or_bytes(value: bytes | None) -> str | bytes | None:
+    if value is None:
+        return None
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return value
+
+
+def _unavailable(errors: Any) -> tuple[type[BaseException], ...]:
+    return (errors.KafkaConnectionError, errors.KafkaTimeoutError, OSError, TimeoutError)
+
+
+# -- the source ------------------------------------------------------------------------------
+
+
+class KafkaSource:
+    """Reads topics through a consumer group and commits only offsets below which all is done.
+
+    Args:
+        bootstrap_servers: "host:port" (comma-separated for several) or a list.
+        topics: a topic name or a list of them.
+        group_id: the consumer group; workers in one group share the partitions.
+        decode: "json" (default), "text" (UTF-8) or "bytes" (raw).
+        batch_key: what becomes the envelope's lane key: "key" (the Kafka key, default: per-key
+            order with ``preserve_order``; many distinct keys make many small batches),
+            "partition" (per-partition order with ``preserve_order``), or "none" (one lane).
+        max_message_bytes: a record whose value is larger is dead-lettered as malformed
+            (MessageTooLarge) instead of decoded; None accepts any size.
+        count: records per fetch; None takes the pipeline's ``max_size``.
+        buffer_size: records read ahead before the partitions are paused; None: 2 x count.
+        fetch_timeout: seconds one fetch waits for records.
+        commit_interval: seconds over which acknowledgements are coalesced into one commit.
+        revoke_timeout: seconds a rebalance waits for the revoked partitions' running batches
+            before it commits what finished and lets them go (keep it below session_timeout).
+        session_timeout: seconds without heartbeat after which the group drops this worker.
+        auto_offset_reset: where a group without a committed offset starts: "earliest" (default:
+            nothing published before the first worker started is missed) or "latest".
+        client_id: shown in the broker's logs and metrics.
+        tls: None, True (system CAs) or a table of ca_file, cert_file, key_file, verify.
+        sasl_mechanism, sasl_username, sasl_password: SASL PLAIN or SCRAM authentication.
+    """
+
+    def __init__(
+        self,
+        bootstrap_servers: str | Sequence[str],
+        topics: str | Sequence[str],
+        group_id: str,
+        *,
+        decode: str = "json",
+        batch_key: str = "key",
+        max_message_bytes: int | None = None,
+        count: int | None = None,
+        buffer_size: int | None = None,
+        fetch_timeout: float = 0.5,
+        commit_interval: float = 0.2,
+        revoke_timeout: float = 5.0,
+        session_timeout: float = 10.0,
+        auto_offset_reset: str = "earliest",
+        client_id: str | None = None,
+        tls: Any = None,
+        sasl_mechanism: str | None = None,
+        sasl_username: str | None = None,
+        sasl_password: str | None = None,
+    ) -> None:
+        owner = "KafkaSource"
+        self.bootstrap_servers = _servers(owner, bootstrap_servers)
+        if isinstance(topics, str):
+            topics = [topics]
+        if not topics or not all(isinstance(t, str) and t for t in topics):
+            raise ConfigError(f"{owner}.topics: expected a topic name or a list, got {topics!r}")
+        self.topics = list(topics)
+        if not isinstance(group_id, str) or not group_id:
+            raise ConfigError(f"{owner}.group_id: expected a non-empty string, got {group_id!r}")
+        self.group_id = group_id
+        if decode not in DECODINGS:
+            raise ConfigError(f"{owner}.decode: expected one of {DECODINGS}, got {decode!r}")
+        self.decode = decode
+        if batch_key not in BATCH_KEYS:
+            raise ConfigError(f"{owner}.batch_key: expected one of {BATCH_KEYS}, got {batch_key!r}")
+        self.batch_key = batch_key
+        self.max_message_bytes = (
+            None
+            if max_message_bytes is None
+            else _count(owner, "max_message_bytes", max_message_bytes)
+        )
+        self._count_given = None if count is None else _count(owner, "count", count)
+        self.count = self._count_given or _DEFAULT_COUNT
+        self._buffer_given = (
+            None if buffer_size is None else _count(owner, "buffer_size", buffer_size)
+        )
+        self.fetch_timeout = _seconds(owner, "fetch_timeout", fetch_timeout)
+        self.commit_interval = _seconds(owner, "commit_interval", commit_interval)
+        self.revoke_timeout = _seconds(owner, "revoke_timeout", revoke_timeout)
+        self.session_timeout = _seconds(owner, "session_timeout", session_timeout)
+        if auto_offset_reset not in ("earliest", "latest"):
+            raise ConfigError(
+                f"{owner}.auto_offset_reset: expected 'earliest' or 'latest', "
+                f"got {auto_offset_reset!r}"
+            )
+        self.auto_offset_reset = auto_offset_reset
+        self.client_id = client_id
+        self._security = _security(owner, tls, sasl_mechanism, sasl_username, sasl_password)
+        self._secrets = [s for s in (sasl_password,) if s]
+        self._decoder = self._make_decoder(decode)
+
+        self._consumer: Any = None
+        self._errors: Any = None
+        self._ledgers: dict[Any, _Ledger] = {}
+        self._buffer: deque[Envelope] = deque()
+        self._ready = asyncio.Event()
+        self._demand = asyncio.Event()
+        self._commit_wake = asyncio.Event()
+        self._acked = asyncio.Event()
+        self._started = False
+        self._start_lock = asyncio.Lock()
+        self._consuming = True
+        self._closing = False
+        self._closed = False
+        self._failure: BaseException | None = None
+        self._fetcher: asyncio.Task[None] | None = None
+        self._committer: asyncio.Task[None] | None = None
+        self._positions: PositionStore | None = None
+        self._paused = False
+        #: Counts for tests and stats: records read, malformed, commits sent, rebalances seen.
+        self.read = 0
+        self.malformed = 0
+        self.commits = 0
+        self.rebalances = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"KafkaSource(bootstrap_servers={','.join(self.bootstrap_servers)!r}, "
+            f"topics={self.topics!r}, group_id={self.group_id!r})"
+        )
+
+    @property
+    def buffer_size(self) -> int:
+        """Records read ahead before the partitions are paused."""
+        return self._buffer_given or 2 * self.count
+
+    @property
+    def connected(self) -> bool:
+        """True while the consumer runs and holds a group assignment (or is joining one)."""
+        return self._consumer is not None and self._failure is None and not self._closed
+
+    async def prepare(self, config: BatchConfig) -> None:
+        """Size each fetch to the pipeline's batches: count = config.max_size unless given."""
+        if self._count_given is None:
+            self.count = config.max_size
+
+    def use_positions(self, store: PositionStore) -> None:
+        """Skip offsets ``store`` says were already written (called by the pipeline)."""
+        self._positions = store
+
+    # -- iteration -------------------------------------------------------------------------
+
+    def __aiter__(self) -> KafkaSource:
+        return self
+
+    async def __anext__(self) -> Envelope:
+        """The next envelope; ends once stop_consuming() or close() was called.
+
+        Cancelling a caller here is safe: it only waits on the buffer the fetch task fills.
+        """
+        if not self._started:
+            await self._start()
+        buffer = self._buffer
+        while True:
+            if not self._consuming:
+                raise StopAsyncIteration
+            if buffer:
+                envelope = buffer.popleft()
+                if self._paused and len(buffer) < self.count:
+                    self._demand.set()
+                return envelope
+            if self._failure is not None:
+                raise self._failure
+            self._ready.clear()
+            self._demand.set()
+            await self._ready.wait()
+
+    async def _start(self) -> None:
+        async with self._start_lock:
+            if self._started or not self._consuming:
+                return
+            aiokafka = require("aiokafka", "kafka", "KafkaSource")
+            self._errors = require("aiokafka.errors", "kafka", "KafkaSource")
+            consumer = aiokafka.AIOKafkaConsumer(
+                bootstrap_servers=self.bootstrap_servers,
+                group_id=self.group_id,
+                client_id=self.client_id or f"batchpunk-{self.group_id}",
+                enable_auto_commit=False,
+                auto_offset_reset=self.auto_offset_reset,
+                max_poll_records=self.count,
+                session_timeout_ms=round(self.session_timeout * 1000),
+                heartbeat_interval_ms=max(100, round(self.session_timeout * 1000 / 3)),
+                # How long the group waits for members to rejoin: our revoke handling plus margin.
+                rebalance_timeout_ms=round((self.revoke_timeout + 2) * 1000),
+                **self._security,
+            )
+            consumer.subscribe(topics=self.topics, listener=_listener(self, aiokafka))
+            self._consumer = consumer  # before start(): the first assignment may come at once
+            try:
+                await consumer.start()
+            except Exception as exc:
+                self._consumer = None
+                with contextlib.suppress(Exception):
+                    await consumer.stop()
+                raise self._translate(exc, "connecting") from exc
+            self._started = True
+            self._fetcher = asyncio.create_task(self._fetch_loop(), name=f"{self!r} fetch")
+            self._committer = asyncio.create_task(self._commit_loop(), name=f"{self!r} commit")
+
+    def _translate(self, exc: BaseException, doing: str) -> BaseException:
+        text = mask_secrets(f"{self!r}: {doing} failed: {type(exc).__name__}: {exc}", self._secrets)
+        if isinstance(exc, _unavailable(self._errors)):
+            return KafkaUnavailable(text)
+        return KafkaError(text)
+
+    # -- the fetch task ----------------------------------------------------------------------
+
+    async def _fetch_loop(self) -> None:
+        consumer, errors = self._consumer, self._errors
+        failures = 0
+        while self._consuming:
+            if len(self._buffer) >= self.buffer_size:
+                await self._pause_until_demand()
+                continue
+            try:
+                records = await consumer.getmany(
+                    timeout_ms=round(self.fetch_timeout * 1000), max_records=self.count
+                )
+                failures = 0
+            except asyncio.CancelledError:
+                raise
+            except _unavailable(errors) as exc:
+                logger.warning("%s; retrying", self._translate(exc, "fetching"))
+                failures += 1
+                await asyncio.sleep(reconnect_delay(failures))
+                continue
+            except Exception as exc:
+                error = self._translate(exc, "fetching")
+                logger.error("%s; the source stops", error)
+                self._failure = error
+                self._ready.set()
+                return
+            if records:
+                self._accept(records)
+
+    async def _pause_until_demand(self) -> None:
+        """Backpressure: pause every assigned partition until the pipeline reads again."""
+        consumer = self._consumer
+        self._demand.clear()
+        assigned = consumer.assignment()
+        if assigned:
+            consumer.pause(*assigned)
+        self._paused = True
+        try:
+            while self._consuming and len(self._buffer) >= self.count:
+                self._demand.clear()
+                await self._demand.wait()
+        finally:
+            self._paused = False
+            assigned = consumer.assignment()
+            if assigned and not self._closing:
+                consumer.resume(*assigned)
+
+    def _accept(self, records: Mapping[Any, Sequence[Any]]) -> None:
+        """Turn fetched records into envelopes; records of a partition not (or no longer) ours
+        are dropped unread: their next owner reads them from the committed offset."""
+        buffer = self._buffer
+        before = len(buffer)
+        assigned: Any = None
+        for tp, batch in records.items():
+            ledger = self._ledgers.get(tp)
+            if ledger is None:
+                # aiokafka fetches a new assignment before it calls on_partitions_assigned:
+                # records of a partition that is ours must be kept (its fetch position has
+                # moved past them), records of one that is not are dropped.
+                assigned = assigned if assigned is not None else self._consumer.assignment()
+                if tp not in assigned:
+                    continue
+                ledger = self._ledgers[tp] = _Ledger(tp)
+            if not ledger.alive:
+                continue
+            for record in batch:
+                offset = record.offset
+                if ledger.end is not None and offset < ledger.end:
+                    # The fetch position moved back (a reset or a seek): start a new ledger so
+                    # offsets stay increasing; acks of the old one are ignored, and its messages
+                    # come again here (a duplicate at worst, never a skipped message).
+                    ledger.alive = False
+                    fresh = _Ledger(tp)
+                    fresh.skip, fresh.committed = ledger.skip, ledger.committed
+                    ledger = self._ledgers[tp] = fresh
+                if ledger.skip and ledger.written(offset):
+                    ledger.end = offset + 1  # written before: finished without processing
+                    continue
+                ledger.deliver(offset)
+                buffer.append(self._envelope(ledger, record))
+        self.read += len(buffer) - before
+        if len(buffer) > before:
+            self._ready.set()
+
+    def _envelope(self, ledger: _Ledger, record: Any) -> Envelope:
+        key = _text_or_bytes(record.key)
+        headers: dict[str, Any] = {
+            "topic": record.topic,
+            "partition": record.partition,
+            "offset": record.offset,
+            "key": key,
+            "timestamp": record.timestamp,
+        }
+        if record.headers:
+            headers["kafka_headers"] = {k: _text_or_bytes(v) for k, v in record.headers}
+        lane = (
+            key
+            if self.batch_key == "key"
+            else record.partition
+            if self.batch_key == "partition"
+            else None
+        )
+        raw = record.value
+        error: BaseException | None = None
+        payload: Any = raw
+        if raw is None:
+            error = PayloadError(
+                f"record {record.topic}[{record.partition}]@{record.offset} has no value "
+                "(a tombstone)"
+            )
+        elif self.max_message_bytes is not None and len(raw) > self.max_message_bytes:
+            error = MessageTooLarge(
+                f"record {record.topic}[{record.partition}]@{record.offset} is {len(raw)} bytes, "
+                f"more than max_message_bytes={self.max_message_bytes}"
+            )
+        else:
+            try:
+                payload = self._decoder(raw)
+            except Exception as exc:
+                error = exc
+        if error is not None:
+            self.malformed += 1
+        return make_envelope(
+            self, payload, key=lane, headers=headers, receipt=(ledger, record.offset), error=error
+        )
+
+    def _make_decoder(self, decode: str) -> Callable[[bytes], Any]:
+        decoder = payload_decoder("KafkaSource", decode)  # the toolkit's: one per project
+        return lambda raw: decoder(raw)[0]
+
+    # -- settling ------------------------------------------------------------------------------
+
+    async def ack_many(self, envelopes: Sequence[Envelope]) -> None:
+        """Mark the envelopes finished; the committer commits what became contiguous."""
+        for envelope in envelopes:
+            receipt = receipt_of(envelope)
+            if receipt is None:
+                continue
+            ledger, offset = receipt
+            if ledger.alive:
+                ledger.finish(offset)
+        if not self._commit_wake.is_set():
+            self._commit_wake.set()
+        self._acked.set()
+
+    async def nack_many(self, envelopes: Sequence[Envelope], requeue: bool) -> None:
+        """Kafka cannot give one message back: with ``requeue`` the envelope stays unfinished,
+        so the committed offset stays below it and the partition's next reader (this worker
+        after a restart, or another after a rebalance) reads it again. Without ``requeue``
+        the message is rejected: finished, so the commit moves past it."""
+        if not requeue:
+            await self.ack_many(envelopes)
+
+    # -- the committer task ----------------------------------------------------------------
+
+    def _due(self) -> dict[Any, int]:
+        due: dict[Any, int] = {}
+        for tp, ledger in self._ledgers.items():
+            if not ledger.alive:
+                continue
+            position = ledger.committable()
+            if position is not None and (ledger.committed is None or position > ledger.committed):
+                due[tp] = position
+        return due
+
+    async def _commit(self, due: Mapping[Any, int]) -> None:
+        if not due:
+            return
+        await self._consumer.commit(dict(due))
+        self.commits += 1
+        for tp, position in due.items():
+            ledger = self._ledgers.get(tp)
+            if ledger is not None and (ledger.committed is None or position > ledger.committed):
+                ledger.committed = position
+
+    async def _commit_loop(self) -> None:
+        errors = self._errors
+        failures = 0
+        while True:
+            await self._commit_wake.wait()
+            await asyncio.sleep(self.commit_interval)
+            self._commit_wake.clear()
+            try:
+                await self._commit(self._due())
+                failures = 0
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # A rebalance in progress, or the broker unreachable: the same offsets (or
+                # higher) are committed at the next pass, or by the rebalance itself.
+                level = (
+                    logging.INFO if isinstance(exc, errors.CommitFailedError) else logging.WARNING
+                )
+                logger.log(level, "%s; retrying", self._translate(exc, "committing"))
+                self._commit_wake.set()
+                failures += 1
+                await asyncio.sleep(reconnect_delay(failures))
+
+    # -- rebalancing (called by aiokafka through _listener) ------------------------------------
+
+    async def _revoked(self, revoked: Sequence[Any]) -> None:
+        self.rebalances += 1
+        ledgers = [self._ledgers[tp] for tp in revoked if tp in self._ledgers]
+        if not ledgers:
+            return
+        # Records read ahead and never handed out: drop them, their next owner reads them.
+        gone = {id(ledger) for ledger in ledgers}
+        kept: deque[Envelope] = deque()
+        dropped: dict[int, int] = {}
+        for envelope in self._buffer:
+            ledger, offset = receipt_of(envelope)
+            if id(ledger) in gone:
+                first = dropped.get(id(ledger))
+                dropped[id(ledger)] = offset if first is None or offset < first else first
+            else:
+                kept.append(envelope)
+        self._buffer.clear()  # in place: a waiting __anext__ holds this very deque
+        self._buffer.extend(kept)
+        for ledger in ledgers:
+            first = dropped.get(id(ledger))
+            if first is not None:
+                ledger.forget_from(first)
+        # Batches already running get revoke_timeout to finish (not at close: the pipeline has
+        # settled or handed back everything by then).
+        deadline = time.monotonic() + self.revoke_timeout
+        while not self._closing and any(led.outstanding for led in ledgers):
+            self._acked.clear()  # set by ack_many: no polling, a wake-up per settled batch
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._acked.wait(), max(0.0, deadline - time.monotonic()))
+            if time.monotonic() >= deadline and any(led.outstanding for led in ledgers):
+                logger.warning(
+                    "%r: %d message(s) of revoked partitions still running after "
+                    "revoke_timeout=%ss; their next owner processes them again",
+                    self,
+                    sum(len(led.outstanding) for led in ledgers),
+                    self.revoke_timeout,
+                )
+                break
+        due = {}
+        for ledger in ledgers:
+            position = ledger.committable()
+            if position is not None and (ledger.committed is None or position > ledger.committed):
+                due[ledger.tp] = position
+        try:
+            await self._commit(due)
+        except Exception as exc:
+            logger.warning(
+                "%s; the next owner may process some messages again",
+                self._translate(exc, "committing revoked partitions"),
+            )
+        for ledger in ledgers:
+            ledger.alive = False
+            self._ledgers.pop(ledger.tp, None)
+
+    async def _assigned(self, assigned: Sequence[Any]) -> None:
+        consumer = self._consumer
+        for tp in assigned:
+            if tp not in self._ledgers:
+                self._ledgers[tp] = _Ledger(tp)
+        store = self._positions
+        if store is None or not assigned:
+            return
+        by_topic: dict[str, list[Any]] = {}
+        for tp in assigned:
+            by_topic.setdefault(tp.topic, []).append(tp)
+        for topic, tps in by_topic.items():
+            floors: dict[int, int] = {}
+            for tp in tps:
+                committed = await consumer.committed(tp)
+                floors[tp.partition] = committed if committed is not None else 0
+            written = await store.load_positions(topic, floors)
+            for tp in tps:
+                ranges = sorted(written.get(tp.partition, ()))
+                ledger = self._ledgers[tp]
+                position = floors[tp.partition]
+                rest: list[tuple[int, int]] = []
+                for first, last in ranges:  # skip the written prefix with one seek
+                    if first <= position <= last:
+                        position = last + 1
+                    elif last >= position:
+                        rest.append((first, last))
+                ledger.skip = rest
+                if position != floors[tp.partition] or ranges:
+                    consumer.seek(tp, position)
+                    ledger.end = ledger.committed = position
+                    if position != floors[tp.partition]:
+                        await consumer.commit({tp: position})
+                        logger.info(
+                            "%r: %s[%d] resumes at offset %d, after the positions the sink "
+                            "stored (committed was %d)",
+                            self,
+                            topic,
+                            tp.partition,
+                            position,
+                            floors[tp.partition],
+                        )
+
+    # -- stopping and closing ----------------------------------------------------------------
+
+    def stop_consuming(self) -> None:
+        """End the iteration soon, while acknowledgements and commits keep working."""
+        self._consuming = False
+        self._ready.set()
+        self._demand.set()
+
+    async def close(self) -> None:
+        """Stop fetching, commit what finished, leave the group. Safe to call again.
+
+        Envelopes handed out and not acknowledged by now stay uncommitted: the partition's next
+        reader gets them again.
+        """
+        if self._closed:
+            return
+        self.stop_consuming()
+        self._closing = True
+        fetcher, self._fetcher = self._fetcher, None
+        if fetcher is not None:
+            fetcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await fetcher
+        committer, self._committer = self._committer, None
+        if committer is not None:
+            committer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await committer
+        self._buffer.clear()
+        consumer = self._consumer
+        if consumer is not None:
+            try:
+                await self._commit_final(consumer)
+            finally:
+                with contextlib.suppress(Exception):
+                    await consumer.stop()
+                self._consumer = None
+        self._closed = True
+
+    async def _commit_final(self, consumer: Any) -> None:
+        due = self._due()
+        if not due:
+            return
+        try:
+            await consumer.commit(due)
+            self.commits += 1
+        except Exception as exc:
+            logger.warning(
+                "%s; those messages are read again by the next worker",
+                self._translate(exc, "committing at close"),
+            )
+
+
+def _listener(source: KafkaSource, aiokafka: Any) -> Any:
+    """aiokafka's rebalance callbacks, forwarded to the source (aiokafka awaits them in the
+    join, so the revoked partitions are released only once ``_revoked`` returned)."""
+
+    class Listener(aiokafka.ConsumerRebalanceListener):  # type: ignore[misc]
+        async def on_partitions_revoked(self, revoked: Any) -> None:
+            await source._revoked(list(revoked))
+
+        async def on_partitions_assigned(self, assigned: Any) -> None:
+            await source._assigned(list(assigned))
+
+    return Listener()
+
+
+# -- the sink --------------------------------------------------------------------------------
+
+
+class KafkaSink:
+    """Produces every item of a batch to a topic with acks=all, one flush per batch.
+
+    Args:
+        bootstrap_servers: "host:port" (comma-separated for several) or a list.
+        topic: the topic written to.
+        encode: "json" (default), "text" (str items) or "bytes" (bytes items).
+        key_field: for mapping items, the field whose value (as text) is the record key, so
+            that items with one key land in one partition in order; None: no key.
+        compression: None, "gzip", "snappy", "lz4" or "zstd" (the codec's package is needed).
+        linger: seconds the producer waits to fill a request; 0 sends at once (the batch is
+            already a batch).
+        max_request_size: bytes; a larger record fails alone, as a bad message.
+        enable_idempotence: the broker deduplicates retried produces (needs broker support; the
+            Tansu test broker has none).
+        tls, sasl_mechanism, sasl_username, sasl_password: as for KafkaSource.
+
+    ``write`` returns ``(partition, offset)`` per item. A record Kafka refuses for itself (too
+    large, not encodable) fails alone and is dead-lettered; when Kafka is unreachable the whole
+    batch fails with KafkaUnavailable and is retried, never dead-lettered.
+    """
+
+    def __init__(
+        self,
+        bootstrap_servers: str | Sequence[str],
+        topic: str,
+        *,
+        encode: str = "json",
+        key_field: str | None = None,
+        compression: str | None = None,
+        linger: float = 0.0,
+        max_request_size: int = 1_048_576,
+        enable_idempotence: bool = False,
+        client_id: str | None = None,
+        tls: Any = None,
+        sasl_mechanism: str | None = None,
+        sasl_username: str | None = None,
+        sasl_password: str | None = None,
+    ) -> None:
+        owner = "KafkaSink"
+        self.bootstrap_servers = _servers(owner, bootstrap_servers)
+        if not isinstance(topic, str) or not topic:
+            raise ConfigError(f"{owner}.topic: expected a topic name, got {topic!r}")
+        self.topic = topic
+        if encode not in ENCODINGS:
+            raise ConfigError(f"{owner}.encode: expected one of {ENCODINGS}, got {encode!r}")
+        self.encode = encode
+        if key_field is not None and (not isinstance(key_field, str) or not key_field):
+            raise ConfigError(f"{owner}.key_field: expected a field name, got {key_field!r}")
+        self.key_field = key_field
+        if compression not in (None, "gzip", "snappy", "lz4", "zstd"):
+            raise ConfigError(
+                f"{owner}.compression: expected gzip, snappy, lz4 or zstd, got {compression!r}"
+            )
+        self.compression = compression
+        if isinstance(linger, bool) or not isinstance(linger, int | float) or linger < 0:
+            raise ConfigError(f"{owner}.linger: expected seconds >= 0, got {linger!r}")
+        self.linger = float(linger)
+        self.max_request_size = _count(owner, "max_request_size", max_request_size)
+        if not isinstance(enable_idempotence, bool):
+            raise ConfigError(f"{owner}.enable_idempotence: expected true or false")
+        self.enable_idempotence = enable_idempotence
+        self.client_id = client_id
+        self._security = _security(owner, tls, sasl_mechanism, sasl_username, sasl_password)
+        self._secrets = [s for s in (sasl_password,) if s]
+        self._producer: Any = None
+        self._errors: Any = None
+        self._lock = asyncio.Lock()
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return (
+            f"KafkaSink(bootstrap_servers={','.join(self.bootstrap_servers)!r}, "
+            f"topic={self.topic!r})"
+        )
+
+    async def _open(self) -> Any:
+        async with self._lock:
+            if self._producer is None:
+                aiokafka = require("aiokafka", "kafka", "KafkaSink")
+                self._errors = require("aiokafka.errors", "kafka", "KafkaSink")
+                producer = aiokafka.AIOKafkaProducer(
+                    bootstrap_servers=self.bootstrap_servers,
+                    client_id=self.client_id,
+                    acks="all",
+                    enable_idempotence=self.enable_idempotence,
+                    compression_type=self.compression,
+                    linger_ms=round(self.linger * 1000),
+                    max_request_size=self.max_request_size,
+                    max_batch_size=max(16384, min(self.max_request_size, 1_048_576)),
+                    **self._security,
+                )
+                try:
+                    await producer.start()
+                except Exception as exc:
+                    with contextlib.suppress(Exception):
+                        await producer.stop()
+                    raise self._translate(exc, "connecting") from exc
+                self._producer = producer
+            return self._producer
+
+    def _translate(self, exc: BaseException, doing: str) -> BaseException:
+        text = mask_secrets(f"{self!r}: {doing} failed: {type(exc).__name__}: {exc}", self._secrets)
+        errors = self._errors
+        if errors is None or isinstance(exc, _unavailable(errors)):
+            return KafkaUnavailable(text)
+        if isinstance(exc, errors.MessageSizeTooLargeError):
+            return PayloadError(text)
+        if getattr(exc, "retriable", False):
+            return KafkaUnavailable(text)
+        return KafkaError(text)
+
+    def _encode(self, item: Any) -> tuple[bytes | None, bytes]:
+        key: bytes | None = None
+        if self.key_field is not None:
+            if not isinstance(item, Mapping) or self.key_field not in item:
+                raise PayloadError(f"KafkaSink.key_field: item has no field {self.key_field!r}")
+            key = str(item[self.key_field]).encode()
+        if self.encode == "json":
+            try:
+                return key, json.dumps(item, separators=(",", ":"), ensure_ascii=False).encode()
+            except (TypeError, ValueError) as exc:
+                raise PayloadError(f"KafkaSink: item is not JSON-serializable: {exc}") from None
+        if self.encode == "text":
+            if not isinstance(item, str):
+                raise PayloadError(
+                    f"KafkaSink(encode='text'): expected str, got {type(item).__name__}"
+                )
+            return key, item.encode()
+        if not isinstance(item, bytes | bytearray | memoryview):
+            raise PayloadError(
+                f"KafkaSink(encode='bytes'): expected bytes, got {type(item).__name__}"
+            )
+        return key, bytes(item)
+
+    async def write(self, batch: Sequence[Any]) -> list[tuple[int, int] | None]:
+        """Produce the batch; (partition, offset) per item once Kafka acknowledged it (acks=all)."""
+        if self._closed:
+            raise RuntimeError(f"{self!r} is closed")
+        producer = await self._open()
+        failures: dict[int, BaseException] = {}
+        futures: list[tuple[int, asyncio.Future[Any]]] = []
+        for index, item in enumerate(batch):
+            try:
+                key, value = self._encode(item)
+                futures.append((index, await producer.send(self.topic, value, key=key)))
+            except PayloadError as exc:
+                failures[index] = exc
+            except Exception as exc:
+                failures[index] = self._translate(exc, "producing")
+        results: list[tuple[int, int] | None] = [None] * len(batch)
+        if futures:
+            outcomes = await asyncio.gather(*(f for _, f in futures), return_exceptions=True)
+            for (index, _), outcome in zip(futures, outcomes, strict=True):
+                if isinstance(outcome, BaseException):
+                    failures[index] = self._translate(outcome, "producing")
+                else:
+                    results[index] = (outcome.partition, outcome.offset)
+        if not failures:
+            return results
+        outages = [e for e in failures.values() if getattr(e, "unavailable", False)]
+        if outages and len(outages) == len(failures) == len(batch):
+            raise outages[0]  # Kafka is down: the whole batch waits and retries
+        if len(batch) == 1:
+            raise failures[0]
+        raise PartialFailure(failures, results)
+
+    async def close(self) -> None:
+        """Flush and stop the producer; later writes raise. Safe to call again."""
+        self._closed = True
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            with contextlib.suppress(Exception):
+                await producer.stop()

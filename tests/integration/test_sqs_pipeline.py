@@ -1,0 +1,276 @@
+"""SQS against a local moto_server: end to end, slow batches, killed workers, limits, FIFO order.
+
+- poison messages through ``batchpunk run``: every good id once, dead letters = the poison,
+  the queue empty afterwards;
+- a batch slower than the visibility timeout keeps its messages invisible (the source extends
+  it), so no other consumer receives them meanwhile;
+- a worker killed -9 while holding messages: they come back after the visibility timeout and
+  another worker processes them, nothing lost, duplicates absorbed by the idempotent sink;
+- a message received more than ``max_receives`` times is dead-lettered as "redelivered";
+- SqsSink splits a batch into SendMessageBatch calls of 10 within 256 KiB, and a message SQS
+  refuses fails alone;
+- a FIFO queue read with ``preserve_order`` writes each message group in its order.
+
+Sizes scale with BATCHPUNK_E2E_SCALE (see tests/integration/_harness.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from batchpunk.config import BatchConfig
+from batchpunk.connectors.sqs import MAX_BYTES, SqsSink, SqsSource
+from batchpunk.errors import PartialFailure
+from batchpunk.pipeline import Pipeline
+from tests.conftest import require_server
+from tests.integration._harness import make_orders, scaled, wait_rows
+from tests.integration._kafka_sqs import MOTO, new_sqs_place, sqs_client
+from tests.integration.pipeline_support import IdSink, Letters, run_until
+from tests.integration.test_crash import HARNESS, Scene
+
+pytestmark = [pytest.mark.integration]
+
+#: moto_server answers a few hundred receives a second on this shared machine (and publishing
+#: 2,000 messages took 35 s under load), so the SQS proofs use 1,000 messages, not 100,000.
+MESSAGES = scaled(1_000, minimum=300)
+POISON = 17
+
+
+class SqsScene(Scene):
+    """test_crash's Scene on a fresh SQS queue."""
+
+    def __init__(self, tmp_path: Path, visibility_timeout: int = 5) -> None:
+        super().__init__("sqs", tmp_path)
+        self.place = new_sqs_place(visibility_timeout=visibility_timeout)
+
+
+def require() -> None:
+    require_server("sqs")
+    require_server("postgres")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+async def test_sqs_every_good_message_lands_once_and_every_poison_one_is_dead_lettered(
+    tmp_path: Path,
+) -> None:
+    """1,000 messages (17 poison) -> batchpunk run -> PostgreSQL: rows = the good ids, each
+    once; dead letters = exactly the poison; the queue holds nothing afterwards."""
+    require()
+    async with SqsScene(tmp_path, visibility_timeout=30) as scene:
+        orders, poison = make_orders(MESSAGES, POISON)
+        await scene.place.publish(orders)
+        worker = scene.worker(scene.pipeline("worker"), "worker-0")
+        await worker.start()
+        began = time.monotonic()
+        report = await scene.wait_complete(range(MESSAGES), poison, 240)
+        elapsed = time.monotonic() - began
+        assert report.complete, f"not complete after {elapsed:.0f}s: {report}\n{worker.output()}"
+        code, took = await worker.terminate(60)
+        assert code == 0, f"exit {code} after SIGTERM ({took:.1f}s)\n{worker.output()}"
+        final = await scene.check(range(MESSAGES), poison)
+        assert final.lost == set(), str(final)
+        assert final.rows == final.distinct == MESSAGES - POISON, str(final)
+        assert final.dead_letter_ids == set(poison), str(final)
+        assert dict(final.reasons) == {"failed": POISON}, str(final)
+        assert (final.outstanding, final.unacknowledged) == (0, 0), str(final)
+
+
+@pytest.mark.timeout(60)
+async def test_a_slow_batch_keeps_its_messages_invisible_past_the_visibility_timeout() -> None:
+    """A batch taking 3x the 2 s visibility timeout: meanwhile another consumer receives
+    nothing, and afterwards every message was written once and deleted."""
+    require_server("sqs")
+    place = new_sqs_place(visibility_timeout=2)
+    await place.create()
+    try:
+        await place.publish([{"id": i} for i in range(20)])
+        progress = asyncio.Event()
+        sink = IdSink(progress, delay=6.0)
+        source = SqsSource(place.url, wait_time=1, **MOTO)
+        pipeline = Pipeline(
+            source, sink, BatchConfig(max_size=20, max_wait=0.5), dead_letter=Letters(progress)
+        )
+        task = asyncio.create_task(pipeline.run())
+        stolen: list[Any] = []
+        async with sqs_client() as client:
+            await asyncio.sleep(1.0)  # the worker received the 20 and the batch started
+            deadline = time.monotonic() + 4.5
+            while time.monotonic() < deadline:
+                reply = await client.receive_message(
+                    QueueUrl=place.url, MaxNumberOfMessages=10, WaitTimeSeconds=1
+                )
+                stolen.extend(reply.get("Messages", ()))
+        async with asyncio.timeout(20):
+            while len(sink.ids) < 20:
+                await progress.wait()
+                progress.clear()
+        await pipeline.stop()
+        await task
+        assert stolen == [], f"{len(stolen)} message(s) became visible during the slow batch"
+        assert sink.ids == set(range(20))
+        assert sink.writes == 20  # once each
+        assert source.extended > 0
+        assert await place.outstanding() == 0
+    finally:
+        await place.delete()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+async def test_a_killed_workers_messages_return_after_the_visibility_timeout_and_land_once(
+    tmp_path: Path,
+) -> None:
+    """kill -9 a worker whose slow database holds messages in flight: they become visible
+    after the 5 s visibility timeout, a second worker processes them, nothing is lost and the
+    idempotent sink holds each id once."""
+    require()
+    messages = scaled(600, minimum=300)
+    orders, poison = make_orders(messages, 0)
+    async with SqsScene(tmp_path, visibility_timeout=5) as scene:
+        await scene.place.publish(orders)
+        slow = scene.pipeline(
+            "slow",
+            sink=scene.table.sink_options(type=f"{HARNESS}:HarnessPostgresSink", delay=1.0),
+            batch={"max_size": 100},
+        )
+        first = scene.worker(slow, "worker-0")
+        await first.start()
+        assert await wait_rows(scene.table, 100, seconds=90) >= 100, first.output()
+        await first.kill()
+        _, in_flight = await scene.place.counts()
+        assert in_flight > 0, "the killed worker held no message: nothing to prove"
+        second = scene.worker(scene.pipeline("worker"), "worker-1")
+        await second.start()
+        report = await scene.wait_complete(range(messages), poison, 120)
+        code, _ = await second.terminate(60)
+        detail = f"{report}\n{scene.output()}"
+        assert code == 0, detail
+        report = await scene.check(range(messages), poison)
+        assert report.lost == set(), detail
+        assert report.rows == report.distinct == messages, detail
+        assert report.outstanding == 0, detail
+
+
+@pytest.mark.timeout(60)
+async def test_a_message_received_past_max_receives_is_dead_lettered_as_redelivered() -> None:
+    """A message already received twice (each receive left to time out), read by a source with
+    max_receives=2: dead-lettered as "redelivered" with its payload, then deleted."""
+    require_server("sqs")
+    place = new_sqs_place(visibility_timeout=1)
+    await place.create()
+    try:
+        await place.publish([{"id": 1}])
+        async with sqs_client() as client:
+            for _ in range(2):  # two receives that never delete: ApproximateReceiveCount = 2
+                for _ in range(10):
+                    reply = await client.receive_message(
+                        QueueUrl=place.url, MaxNumberOfMessages=1, WaitTimeSeconds=2
+                    )
+                    if reply.get("Messages"):
+                        break
+                await asyncio.sleep(1.2)
+        progress = asyncio.Event()
+        letters = Letters(progress)
+        sink = IdSink(progress)
+        source = SqsSource(place.url, wait_time=1, max_receives=2, **MOTO)
+        pipeline = Pipeline(
+            source, sink, BatchConfig(max_size=10, max_wait=0.1), dead_letter=letters
+        )
+        await run_until(pipeline, lambda: len(letters.letters) == 1, progress, seconds=20)
+        [letter] = letters.letters
+        assert letter.reason == "redelivered"
+        assert letter.message == {"id": 1}
+        assert letter.headers["receive_count"] == 3
+        assert sink.ids == set()
+        assert await place.outstanding() == 0
+    finally:
+        await place.delete()
+
+
+@pytest.mark.timeout(60)
+async def test_sqs_sink_sends_groups_of_ten_within_256_kib_and_a_refused_message_fails_alone() -> (
+    None
+):
+    """25 small items and 3 of 100 KiB make calls of at most 10 and at most 256 KiB; an item
+    over 256 KiB fails alone (PartialFailure naming it), and every other item arrives."""
+    require_server("sqs")
+    groups = SqsSink._groups(
+        [{"MessageBody": "x" * 100_000}] * 3 + [{"MessageBody": "y"}] * 25  # type: ignore[list-item]
+    )
+    assert [len(g) for g in groups] == [2, 10, 10, 6]
+    assert all(sum(len(e["MessageBody"]) for e in g) <= MAX_BYTES for g in groups)
+    place = new_sqs_place()
+    await place.create()
+    sink = SqsSink(place.url, **MOTO)
+    try:
+        batch: list[Any] = [{"id": i, "pad": "z" * 10} for i in range(25)]
+        batch.insert(7, {"id": 99, "pad": "z" * (MAX_BYTES + 1)})
+        with pytest.raises(PartialFailure) as info:
+            await sink.write(batch)
+        assert list(info.value.failures) == [7]
+        assert "262144" in str(info.value.failures[7])
+        results = info.value.results
+        assert results is not None
+        assert sum(r is not None for r in results) == 25
+        bodies = await _drain(place.url)
+        assert sorted(b["id"] for b in bodies) == list(range(25))
+    finally:
+        await sink.close()
+        await place.delete()
+
+
+@pytest.mark.timeout(90)
+async def test_a_fifo_queue_with_preserve_order_writes_each_group_in_order() -> None:
+    """200 messages in 4 message groups on a FIFO queue, read with preserve_order and the
+    group as the batch key: the sink sees each group's ids in increasing order."""
+    require_server("sqs")
+    place = new_sqs_place(fifo=True)
+    await place.create()
+    try:
+        await place.publish([{"id": i} for i in range(200)])  # MessageGroupId = id % 4
+        progress = asyncio.Event()
+        seen: list[int] = []
+
+        class OrderSink:
+            async def write(self, batch: Sequence[Any]) -> None:
+                await asyncio.sleep(0.01)
+                seen.extend(p["id"] for p in batch)
+                progress.set()
+
+            async def close(self) -> None:
+                return None
+
+        source = SqsSource(place.url, wait_time=1, **MOTO)
+        config = BatchConfig(max_size=10, max_wait=0.05, preserve_order=True)
+        pipeline = Pipeline(source, OrderSink(), config, dead_letter=Letters(progress))
+        await run_until(pipeline, lambda: len(set(seen)) == 200, progress, seconds=60)
+        for group in range(4):
+            ids = [i for i in seen if i % 4 == group]
+            assert ids == sorted(ids), f"group {group} out of order"
+    finally:
+        await place.delete()
+
+
+async def _drain(url: str) -> list[Any]:
+    import json
+
+    out: list[Any] = []
+    async with sqs_client() as client:
+        for _ in range(30):
+            reply = await client.receive_message(
+                QueueUrl=url, MaxNumberOfMessages=10, WaitTimeSeconds=0
+            )
+            messages = reply.get("Messages", [])
+            if not messages:
+                break
+            for message in messages:
+                out.append(json.loads(message["Body"]))
+                await client.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
+    return out
