@@ -77,6 +77,31 @@ async def test_every_message_is_processed_and_the_spool_empties(tmp_path: Path) 
     assert spool.unfinished == 0
 
 
+async def test_producers_sharing_one_commit_all_resume_and_one_cancel_spares_the_rest(
+    tmp_path: Path,
+) -> None:
+    """Producers awaiting one group commit each resume once it is durable, and cancelling one of
+    them neither cancels the shared commit nor loses the others' messages."""
+    recorder = Recorder()
+    spool = Spool(tmp_path / "s")
+    async with BatchProcessor(config(), recorder, spool=spool) as processor:
+        tasks = [asyncio.ensure_future(processor.add_message({"i": i})) for i in range(200)]
+        await asyncio.sleep(0)  # every task appended and now awaits the same commit
+        tasks[7].cancel()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        await processor.flush()
+    assert isinstance(results[7], asyncio.CancelledError)
+    assert all(r is None for i, r in enumerate(results) if i != 7)
+    assert sorted(m["i"] for m in recorder.seen) == [i for i in range(200) if i != 7]
+    # The cancelled producer's message was durable but never reached the engine: it stays in
+    # the spool and the next start replays it (at-least-once), rather than being lost.
+    assert spool.stats["written"] == 200
+    assert spool.unfinished == 1
+    again, letters = await replay(tmp_path / "s")
+    assert [m["i"] for m in again.seen] == [7]
+    assert not letters.letters
+
+
 async def test_unfinished_messages_are_replayed_before_new_ones(tmp_path: Path) -> None:
     """What a stop left unfinished comes back first on the next start, and is not dead-lettered."""
     path = tmp_path / "s"

@@ -261,10 +261,16 @@ class BatchProcessor(Admission, Generic[T, R]):
         a processor only through the backpressure it configured with max_pending. With a
         spool it returns only once the message is durable in it.
         """
-        if self.spool is not None:
-            message = await self.spool.admit(message, key, priority)
-            if message is None:
-                return  # the spool is full and the drop policy dead-lettered it
+        spool = self.spool
+        if spool is not None:
+            admitted = spool.admit_now(message, key, priority)
+            if admitted is not None:
+                message, commit = admitted
+                await commit  # durable once this returns (one commit future per group)
+            else:
+                message = await spool.admit(message, key, priority)
+                if message is None:
+                    return  # the spool is full and the drop policy dead-lettered it
         # The hot path again, inline: a call less is a fifth of this method's cost.
         if self._room > 0 and key is None and priority == 0 and self._plain:
             items = self._items
