@@ -36,7 +36,6 @@ from typing import Any, Protocol
 
 from batchpunk.config import BatchConfig
 from batchpunk.connectors._common import PayloadError, mask_secrets, tls_context
-from batchpunk.connectors._envelope_shim import make_envelope, receipt_of
 from batchpunk.connectors._toolkit import payload_decoder, reconnect_delay
 from batchpunk.envelope import Envelope
 from batchpunk.errors import ConfigError, ConnectorError, PartialFailure, require
@@ -545,8 +544,8 @@ class KafkaSource:
                 error = exc
         if error is not None:
             self.malformed += 1
-        return make_envelope(
-            self, payload, key=lane, headers=headers, receipt=(ledger, record.offset), error=error
+        return Envelope(
+            payload, key=lane, headers=headers, receipt=(ledger, record.offset), error=error
         )
 
     def _make_decoder(self, decode: str) -> Callable[[bytes], Any]:
@@ -558,7 +557,7 @@ class KafkaSource:
     async def ack_many(self, envelopes: Sequence[Envelope]) -> None:
         """Mark the envelopes finished; the committer commits what became contiguous."""
         for envelope in envelopes:
-            receipt = receipt_of(envelope)
+            receipt = envelope.receipt
             if receipt is None:
                 continue
             ledger, offset = receipt
@@ -633,7 +632,7 @@ class KafkaSource:
         kept: deque[Envelope] = deque()
         dropped: dict[int, int] = {}
         for envelope in self._buffer:
-            ledger, offset = receipt_of(envelope)
+            ledger, offset = envelope.receipt
             if id(ledger) in gone:
                 first = dropped.get(id(ledger))
                 dropped[id(ledger)] = offset if first is None or offset < first else first

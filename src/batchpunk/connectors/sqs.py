@@ -34,7 +34,6 @@ from typing import Any
 
 from batchpunk.config import BatchConfig
 from batchpunk.connectors._common import PayloadError, mask_secrets
-from batchpunk.connectors._envelope_shim import make_envelope, receipt_of
 from batchpunk.connectors._toolkit import (
     REDELIVERED,
     delivery_limit_error,
@@ -465,7 +464,7 @@ class SqsSource:
                 f"SQS message {message_id}", count, self.max_receives, "max_receives"
             )
         key = group if self.batch_key == "group" else None
-        return make_envelope(self, payload, key=key, headers=headers, receipt=held, error=error)
+        return Envelope(payload, key=key, headers=headers, receipt=held, error=error)
 
     # -- keeping held messages invisible -----------------------------------------------------
 
@@ -512,7 +511,7 @@ class SqsSource:
     def _take(self, envelopes: Sequence[Envelope]) -> list[str]:
         handles: list[str] = []
         for envelope in envelopes:
-            held = receipt_of(envelope)
+            held = envelope.receipt
             if isinstance(held, _Held) and not held.settled:
                 held.settled = True
                 self._held.pop(held.handle, None)
