@@ -105,20 +105,41 @@ class _Redact(logging.Filter):
         return True
 
 
-def _logging(level: str, secrets: frozenset[str] = frozenset()) -> None:
+def _logging(
+    level: str,
+    secrets: frozenset[str] = frozenset(),
+    log_format: str = "human",
+    context: Mapping[str, Any] | None = None,
+) -> None:
+    from batchpunk.metrics import JsonFormatter, KeyValueFormatter
+
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter(context=context))
+    else:
+        handler.setFormatter(KeyValueFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.addFilter(_Redact(secrets))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
 
 
-def _live(title: str, refresh: float) -> Callable[[Callable[[], Any]], Any]:
+def _log_format(value: str) -> str:
+    if value not in ("human", "json"):
+        raise typer.BadParameter(f"expected 'human' or 'json', got {value!r}")
+    return value
+
+
+def _live(title: str, refresh: float, as_log: bool = False) -> Callable[[Callable[[], Any]], Any]:
     from batchpunk.metrics.live import LiveView
 
+    log = None
+    if as_log:  # --log-format json: off a terminal, summaries are log records like the rest
+        log = logging.getLogger("batchpunk.live")
+        log.setLevel(logging.INFO)
+
     def make(stats: Callable[[], Any]) -> Any:
-        return LiveView(stats, refresh_per_second=refresh, title=title)
+        return LiveView(stats, refresh_per_second=refresh, title=title, log=log)
 
     return make
 
@@ -194,6 +215,14 @@ def run(
         typer.Option("--live/--no-live", help="Live terminal view (default: \\[metrics] live)."),
     ] = None,
     log_level: Annotated[str, typer.Option(help="Log level on stderr.")] = "WARNING",
+    log_format: Annotated[
+        str,
+        typer.Option(
+            help="Log lines on stderr: human, or json (one object per line, with pipeline, "
+            "batch_id and reason fields).",
+            callback=_log_format,
+        ),
+    ] = "human",
 ) -> None:
     """Run a pipeline file until its source ends, or until SIGINT/SIGTERM.
 
@@ -210,31 +239,47 @@ def run(
     from batchpunk.pipeline_file import load_pipeline
 
     spec = _guard(lambda: load_pipeline(pipeline))
-    _logging(log_level, spec.secrets)
+    _logging(log_level, spec.secrets, log_format, {"pipeline": Path(spec.path).name})
     show_live = spec.metrics.live if live is None else live
-    code = _guard(lambda: _run(_run_pipeline(spec, show_live)), spec.secrets)
+    as_log = log_format == "json"
+    code = _guard(lambda: _run(_run_pipeline(spec, show_live, as_log)), spec.secrets)
     raise typer.Exit(code)
 
 
-async def _run_pipeline(spec: Any, live: bool) -> int:
+async def _run_pipeline(spec: Any, live: bool, live_as_log: bool = False) -> int:
     collector = None
     port = spec.metrics.prometheus_port
     if port is not None:
         from batchpunk.metrics import PrometheusMetrics
 
         collector = PrometheusMetrics()
-    pipeline = spec.build(metrics_collector=collector)
+    recent = None
+    if port is not None:
+        from batchpunk.metrics import RecentDeadLetters
+
+        def keep_recent(sink: Any) -> Any:
+            nonlocal recent
+            recent = RecentDeadLetters(sink)
+            return recent
+
+        pipeline = spec.build(metrics_collector=collector, wrap_dead_letter=keep_recent)
+    else:
+        pipeline = spec.build(metrics_collector=collector)
     server = None
     if port is not None:
-        from batchpunk.metrics import serve
-
-        server = await serve(port, spec.metrics.prometheus_host, processor=pipeline)
-        err.print(f"metrics: {server.url}/metrics  stats: {server.url}/stats")
+        server = await _serve_status(spec, pipeline, recent)
+        err.print(
+            f"metrics: {server.url}/metrics  stats: {server.url}/stats  status page: {server.url}/"
+        )
     error: BaseException | None = None
     began = time.perf_counter()
     try:
         if live:
-            view = _live(f"batchpunk run {Path(spec.path).name}", spec.metrics.refresh_per_second)
+            view = _live(
+                f"batchpunk run {Path(spec.path).name}",
+                spec.metrics.refresh_per_second,
+                live_as_log,
+            )
             async with view(pipeline.get_stats):
                 await pipeline.run(handle_signals=True)
         else:
@@ -254,6 +299,28 @@ async def _run_pipeline(spec: Any, live: bool) -> int:
     if pipeline.aborted:
         return EXIT_ABORTED
     return EXIT_OK
+
+
+async def _serve_status(spec: Any, pipeline: Any, recent: Any) -> Any:
+    """The metrics server with the status page: redacted configuration and recent letters."""
+    from batchpunk.metrics import serve
+
+    def letters() -> list[tuple[float, Any]]:
+        if recent is not None:
+            return list(recent.recent())
+        kept = getattr(pipeline.dead_letter, "letters", None)  # the in-memory default
+        return [(letter.first_seen, letter) for letter in reversed(kept[-20:])] if kept else []
+
+    return await serve(
+        spec.metrics.prometheus_port,
+        spec.metrics.prometheus_host,
+        processor=pipeline,
+        token=spec.metrics.token,
+        config=spec.describe(),
+        dead_letters=letters,
+        redact=spec.redact,
+        title=f"batchpunk run {Path(spec.path).name}",
+    )
 
 
 @app.command(epilog=_EXIT_CODES)
@@ -311,6 +378,60 @@ def demo(
         raise typer.Exit(EXIT_FAILED)
     out.print(f"inspect the dead letters: batchpunk dlq show {result.dead_letter_path}")
     raise typer.Exit(EXIT_OK)
+
+
+@app.command(epilog=_EXIT_CODES)
+def top(
+    url: Annotated[
+        str,
+        typer.Argument(
+            help="A worker's metrics server: http://host:9464 (or host:9464).", show_default=False
+        ),
+    ],
+    token: Annotated[
+        str | None,
+        typer.Option(envvar="BATCHPUNK_TOKEN", help="Bearer token, if the worker asks for one."),
+    ] = None,
+    refresh: Annotated[float, typer.Option(min=0.1, help="Redraws per second.")] = 1.0,
+    once: Annotated[
+        bool, typer.Option("--once", help="Print one summary line and exit (1 if unreachable).")
+    ] = False,
+) -> None:
+    """The live terminal view of a worker running elsewhere, from its /stats.
+
+    Reads only: the worker's \\[metrics] prometheus_port must be set. Ctrl-C leaves.
+
+    [b]Examples[/b]
+
+      batchpunk top http://127.0.0.1:9464
+
+      BATCHPUNK_TOKEN=... batchpunk top worker-3:9464 --refresh 2
+    """
+    from batchpunk.metrics.live import LiveView, remote_stats, summary_line
+
+    secrets = frozenset({token}) if token else frozenset()
+    try:
+        stats = remote_stats(url, token=token)
+    except ValueError as exc:
+        _fail(str(exc), EXIT_USAGE, secrets)
+
+    async def watch() -> int:
+        if once:
+            try:
+                out.print(escape(summary_line(await stats(), title=f"batchpunk top {url}")))
+            except ConnectionError as exc:
+                _fail(str(exc), EXIT_FAILED, secrets)
+            return EXIT_OK
+        view = LiveView(stats, refresh_per_second=refresh, title=f"batchpunk top {url}")
+        async with view:
+            await asyncio.Event().wait()  # until Ctrl-C
+        return EXIT_OK
+
+    try:
+        code = _run(watch())
+    except KeyboardInterrupt:
+        code = EXIT_OK
+    raise typer.Exit(code)
 
 
 @app.command(epilog=_EXIT_CODES)
