@@ -207,7 +207,7 @@ async def rounds_of(rounds: int, **runs: Callable[[], Awaitable[float]]) -> Roun
     return Rounds(rates)
 
 
-async def main(quick: bool) -> None:
+async def main(quick: bool, plot: bool = False) -> None:
     n = 200_000 if quick else 1_000_000
     rounds = 3 if quick else 5
     print(
@@ -228,6 +228,11 @@ async def main(quick: bool) -> None:
     except ImportError:
         pass
     rate = await rounds_of(rounds, **runs)
+    bars = [
+        ("asyncio.Queue pair", rate.best("queue"), "baseline", True),
+        ("add_message_nowait", rate.best("nowait"), f"{rate.ratio('nowait', 'queue'):.2f}x", False),
+        ("await add_message", rate.best("waited"), f"{rate.ratio('waited', 'queue'):.2f}x", False),
+    ]
     print(f"  asyncio.Queue producer/consumer : {rate.best('queue'):>12,.0f} msg/s  (baseline)")
     print(
         f"  add_message_nowait              : {rate.best('nowait'):>12,.0f} msg/s  "
@@ -250,6 +255,15 @@ async def main(quick: bool) -> None:
         submit=lambda: submit_rate(n_callers, per_caller),
         submit_nowait=lambda: submit_rate(n_callers, per_caller, nowait=True),
     )
+    bars += [
+        ("aiodataloader load(), 1000 callers", rate.best("loader"), "baseline", True),
+        (
+            "submit(), 1000 callers",
+            rate.best("submit"),
+            f"{rate.ratio('submit', 'loader'):.2f}x",
+            False,
+        ),
+    ]
     print(f"  aiodataloader load(), 1000 callers: {rate.best('loader'):>10,.0f} msg/s  (baseline)")
     print(
         f"  submit(), 1000 callers          : {rate.best('submit'):>12,.0f} msg/s  "
@@ -268,10 +282,25 @@ async def main(quick: bool) -> None:
     )
     per = await bytes_per_pending(1_000_000)
     print(f"  bookkeeping at 1,000,000 pending: {per:.1f} bytes/message  (target <= 100)")
+    if plot:
+        try:
+            from bench._plot import bar_chart
+        except ImportError:  # run as a script: bench/ itself is on sys.path
+            from _plot import bar_chart  # type: ignore[no-redef]
+
+        path = bar_chart(
+            "core",
+            "batchpunk against the loops people write by hand",
+            bars,
+            unit="messages per CPU-second (best of the rounds; ratio = median same-round ratio)",
+            note=f"python bench/core.py; {n:,} messages, no-op async handler, max_size {MAX_SIZE}",
+        )
+        print(f"  plot: {path}")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer messages and rounds")
+    parser.add_argument("--plot", action="store_true", help="also write docs/img/core.png")
     args = parser.parse_args()
-    asyncio.run(main(args.quick))
+    asyncio.run(main(args.quick, args.plot))

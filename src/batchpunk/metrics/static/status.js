@@ -71,6 +71,32 @@
   const axisStyle = { stroke: "#8b949e", grid: { stroke: "rgba(240,246,252,.07)", width: 1 },
     ticks: { stroke: "rgba(240,246,252,.12)", width: 1 }, font: "11px system-ui, sans-serif" };
 
+  // Seconds when the circuit was not closed or the downstream was unavailable, shaded red on
+  // every chart so that what happened to throughput and backlog lines up with the cause.
+  function outageSpans() {
+    const spans = [];
+    let start = null;
+    for (let i = 0; i < live.t.length; i++) {
+      const bad = live.circuit[i] > 0 || live.downstream[i] === 2;
+      if (bad && start === null) start = live.t[i];
+      if (!bad && start !== null) { spans.push([start, live.t[i]]); start = null; }
+    }
+    if (start !== null) spans.push([start, live.t[live.t.length - 1]]);
+    return spans;
+  }
+
+  function shadeOutages(u) {
+    const ctx = u.ctx;
+    ctx.save();
+    ctx.fillStyle = "rgba(248,81,73,0.12)";
+    for (const [a, b] of outageSpans()) {
+      const x0 = u.valToPos(a, "x", true);
+      const x1 = Math.max(u.valToPos(b, "x", true), x0 + 2);
+      ctx.fillRect(x0, u.bbox.top, x1 - x0, u.bbox.height);
+    }
+    ctx.restore();
+  }
+
   function showLast(u) {
     const n = u.data[0].length;
     if (n) u.setLegend({ idx: n - 1 }, false);
@@ -103,7 +129,7 @@
                Object.assign({}, axisStyle, { size: 54, values: (u, splits) => splits.map(this.extra.ylabels || yfmt) })],
         legend: { live: true }, cursor: { drag: { x: false, y: false } },
         // Off the chart, the legend shows the newest values rather than dashes.
-        hooks: { setCursor: [(u) => { if (u.cursor.idx == null) showLast(u); }] },
+        hooks: { setCursor: [(u) => { if (u.cursor.idx == null) showLast(u); }], drawClear: [shadeOutages] },
       };
       this.plot = new uPlot(opts, [[]].concat(defs.map(() => [])), this.el);
     }
