@@ -322,6 +322,7 @@ def _application(routes: _Routes, token: str | None) -> web.Application:
 def _secure(response: web.StreamResponse) -> None:
     for name, value in _SECURITY_HEADERS.items():
         response.headers.setdefault(name, value)
+    response.headers["Server"] = "batchpunk"  # not the library and Python versions
     response.headers.setdefault("Cache-Control", "no-store")
 
 
