@@ -210,3 +210,14 @@ async def test_recent_dead_letters_keeps_only_what_the_sink_stored() -> None:
     assert sink.calls == 1
     with pytest.raises(ValueError, match="keep"):
         RecentDeadLetters(MemoryDeadLetters(), keep=0)
+
+
+async def test_status_without_a_given_config_shows_the_batch_config_from_stats() -> None:
+    """Without config=, /status shows the processor's BatchConfig (from its stats), redacted,
+    and says that dead letters are not kept when no source of them was given."""
+    stats = Stats(config={"max_size": 7, "dsn": f"postgres://u:{SECRET}@h/db"})
+    async with await serve(0, processor=stats, registry=CollectorRegistry()) as server:
+        body = (await get(server.url + "/status")).json()
+    assert body["config"] == {"batch": {"max_size": 7, "dsn": "postgres://u:***@h/db"}}
+    assert body["dead_letters"] == []
+    assert body["dead_letters_kept"] is False

@@ -279,3 +279,66 @@ async def test_status_page_draws_a_live_pipeline_through_a_sink_outage(
     assert "batchpunk run orders.toml" in html
     assert downstream.refused > 0
     assert downstream.accepted > 0
+
+
+async def test_page_asks_for_the_token_and_shows_hostile_letters_as_text(tmp_path: Path) -> None:
+    """Behind a token the page shows its prompt, then data once given the token; a dead letter
+    whose message is HTML shows as text, with no element made from it and no console error."""
+    _require_browser()
+    from playwright.async_api import async_playwright
+    from prometheus_client import CollectorRegistry
+
+    from batchpunk import BatchConfig, BatchProcessor
+    from batchpunk.deadletter import DeadLetter, MemoryDeadLetters
+    from batchpunk.metrics import RecentDeadLetters, serve
+
+    hostile = '<img id="pwned" src="/x" onerror="document.title=\'pwned\'">'
+    letters = RecentDeadLetters(MemoryDeadLetters())
+    await letters.put([DeadLetter(message=hostile, reason="malformed", error=ValueError(hostile))])
+    console_errors: list[str] = []
+    processor = BatchProcessor(BatchConfig(max_size=10), lambda batch: None)
+    async with processor:
+        for i in range(100):
+            await processor.add_message(i)
+        server = await serve(
+            0,
+            processor=processor,
+            registry=CollectorRegistry(),
+            token="t0ken-for-the-page",
+            dead_letters=letters.recent,
+        )
+        async with server, async_playwright() as playwright:
+            context = await playwright.chromium.launch_persistent_context(
+                str(tmp_path / "chromium-profile"),
+                executable_path=CHROMIUM,
+                headless=True,
+                args=FLAGS,
+            )
+            try:
+                page = await context.new_page()
+                page.on(
+                    "console",
+                    lambda m: console_errors.append(m.text) if m.type == "error" else None,
+                )
+                page.on("pageerror", lambda e: console_errors.append(str(e)))
+                await page.goto(server.url + "/")
+                await page.wait_for_selector("#auth:not(.hidden)", timeout=10_000)
+                assert await page.text_content("#pill-link") == "token needed"
+                console_errors.clear()  # the refused fetches are logged by Chromium itself
+                await page.fill("#token", "t0ken-for-the-page")
+                await page.click("#auth button")
+                await page.wait_for_selector("#auth.hidden", state="attached", timeout=10_000)
+
+                async def letter_shown() -> bool:
+                    cells = await page.eval_on_selector_all(
+                        "#letters td", "els => els.map(e => e.textContent)"
+                    )
+                    return hostile in cells
+
+                await _until("the hostile letter as text", letter_shown)
+                assert await page.query_selector("#pwned") is None
+                assert await page.title() != "pwned"
+                assert await page.text_content("#pill-link") == "live"
+            finally:
+                await context.close()
+    assert console_errors == []

@@ -269,8 +269,7 @@ async def _run_pipeline(spec: Any, live: bool, live_as_log: bool = False) -> int
     if port is not None:
         server = await _serve_status(spec, pipeline, recent)
         err.print(
-            f"metrics: {server.url}/metrics  stats: {server.url}/stats  "
-            f"status page: {server.url}/",
+            f"metrics: {server.url}/metrics  stats: {server.url}/stats  status page: {server.url}/",
             soft_wrap=True,
         )
     error: BaseException | None = None
