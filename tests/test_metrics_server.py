@@ -212,6 +212,22 @@ async def test_recent_dead_letters_keeps_only_what_the_sink_stored() -> None:
         RecentDeadLetters(MemoryDeadLetters(), keep=0)
 
 
+async def test_a_secret_with_json_special_characters_is_masked_in_the_config() -> None:
+    """A secret holding a quote and a backslash is masked in /status although JSON escapes it."""
+    secret = 'pa"ss\\word-42'
+    config = {"sink": {"headers": {"Authorization": f"Basic {secret}"}}}
+    async with await serve(
+        0,
+        processor=Stats(),
+        registry=CollectorRegistry(),
+        config=config,
+        redact=lambda text: text.replace(secret, "***"),
+    ) as server:
+        answer = await get(server.url + "/status")
+    assert answer.json()["config"]["sink"]["headers"]["Authorization"] == "Basic ***"
+    assert "pa" not in answer.json()["config"]["sink"]["headers"]["Authorization"]
+
+
 async def test_status_without_a_given_config_shows_the_batch_config_from_stats() -> None:
     """Without config=, /status shows the processor's BatchConfig (from its stats), redacted,
     and says that dead letters are not kept when no source of them was given."""

@@ -174,14 +174,27 @@ class _Routes:
         self.title = title
         self._redact = redact
         # Redacted once, here: the page never sees the configuration unmasked.
-        self.config = (
-            json.loads(self.redact(stats_json(dict(config)))) if config is not None else None
-        )
+        self.config = self.redact_tree(config) if config is not None else None
         self._static: dict[str, bytes] = {}
 
     def redact(self, text: str) -> str:
         masked = mask_secrets(text)
         return self._redact(masked) if self._redact is not None else masked
+
+    def redact_tree(self, value: Any) -> Any:
+        """``value`` made JSON-plain, with every string in it (keys too) redacted.
+
+        String by string rather than over the JSON text: a secret holding a quote or a
+        backslash is escaped in JSON and would slip past a search of the text.
+        """
+        plain = _plain(value)
+        if isinstance(plain, str):
+            return self.redact(plain)
+        if isinstance(plain, dict):
+            return {self.redact(k): self.redact_tree(v) for k, v in plain.items()}
+        if isinstance(plain, list):
+            return [self.redact_tree(v) for v in plain]
+        return plain
 
     def static(self, name: str) -> bytes:
         body = self._static.get(name)
@@ -214,7 +227,7 @@ class _Routes:
         config = self.config
         if config is None and self.processor is not None:
             stats = await self.processor.get_stats()
-            config = {"batch": json.loads(self.redact(stats_json(stats.get("config") or {})))}
+            config = {"batch": self.redact_tree(stats.get("config") or {})}
         letters = []
         if self.dead_letters is not None:
             for stored, letter in self.dead_letters():
