@@ -283,7 +283,8 @@ async def test_status_page_draws_a_live_pipeline_through_a_sink_outage(
 
 async def test_page_asks_for_the_token_and_shows_hostile_letters_as_text(tmp_path: Path) -> None:
     """Behind a token the page shows its prompt, then data once given the token; a dead letter
-    whose message is HTML shows as text, with no element made from it and no console error."""
+    whose message is HTML shows as text, with no element made from it; the time window switches;
+    no console error."""
     _require_browser()
     from playwright.async_api import async_playwright
     from prometheus_client import CollectorRegistry
@@ -339,6 +340,11 @@ async def test_page_asks_for_the_token_and_shows_hostile_letters_as_text(tmp_pat
                 assert await page.query_selector("#pwned") is None
                 assert await page.title() != "pwned"
                 assert await page.text_content("#pill-link") == "live"
+                await page.click('#window button[data-seconds="60"]')
+                active = await page.eval_on_selector_all(
+                    "#window button.active", "els => els.map(e => e.textContent)"
+                )
+                assert active == ["1m"]
             finally:
                 await context.close()
     assert console_errors == []

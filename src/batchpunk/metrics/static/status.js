@@ -8,8 +8,6 @@
   const STATUS_MS = 2000;
   const KEEP = 900; // samples kept client-side: 15 minutes at one a second
   const COLORS = ["#58a6ff", "#3fb950", "#f85149", "#d2a8ff", "#d29922", "#39c5cf", "#ff7b72", "#a5d6ff"];
-  const FLUSH_REASONS = ["size", "bytes", "timeout", "manual", "shutdown", "pressure"];
-  const DEAD_REASONS = ["failed", "dropped", "expired", "shutdown", "malformed", "redelivered"];
   const CIRCUIT_LEVEL = { closed: 0, half_open: 1, open: 2 };
   let windowSeconds = 300;
   let token = sessionStorage.getItem("batchpunk-token") || "";
@@ -221,7 +219,8 @@
     live.splits.push(last ? delta(s.splits, last.splits, dt) : 0);
     live.acked.push(last ? delta(p.acked, lp.acked, dt) : 0);
     live.nacked.push(last ? delta(p.nacked, lp.nacked, dt) : 0);
-    for (const [key, names, seen] of [["flush", FLUSH_REASONS, flushSeen], ["dead", DEAD_REASONS, deadSeen]]) {
+    // A reason gets its own series from the first second it is seen.
+    for (const [key, seen] of [["flush", flushSeen], ["dead", deadSeen]]) {
       const nowMap = key === "flush" ? s.flush_reasons || {} : s.dead_letter_reasons || {};
       const lastMap = last ? (key === "flush" ? last.flush_reasons || {} : last.dead_letter_reasons || {}) : {};
       for (const reason of Object.keys(nowMap)) if (!seen.includes(reason)) seen.push(reason);
@@ -393,6 +392,16 @@
     } catch (err) {
       // pollStats reports the connection; the lower panels keep their last content
     }
+  }
+
+  for (const button of document.querySelectorAll("#window button")) {
+    button.addEventListener("click", () => {
+      windowSeconds = Number(button.dataset.seconds);
+      for (const other of document.querySelectorAll("#window button")) {
+        other.classList.toggle("active", other === button);
+      }
+      draw();
+    });
   }
 
   $("auth").addEventListener("submit", (event) => {
