@@ -275,7 +275,7 @@
       const held = down && ds.held ? ", " + num(ds.held) + " held" : "";
       pill("pill-downstream", "downstream " + ds.state + since + held, down ? "bad" : "ok");
     } else {
-      pill("pill-downstream", "downstream n/a", "");
+      pill("pill-downstream", "downstream n/a", "hidden"); // an engine without contract 4
     }
     const p = s.pipeline || {};
     setText("uptime", p.elapsed ? "up " + uptime(p.elapsed) : "");
