@@ -348,3 +348,65 @@ async def test_page_asks_for_the_token_and_shows_hostile_letters_as_text(tmp_pat
             finally:
                 await context.close()
     assert console_errors == []
+
+
+async def test_page_shows_contract_4_downstream_state_when_the_engine_reports_it(
+    tmp_path: Path,
+) -> None:
+    """Given stats with contract 4's downstream dict, the page shows "downstream unavailable"
+    with its duration and held messages and "not ready", then "available" once it recovers."""
+    _require_browser()
+    from playwright.async_api import async_playwright
+    from prometheus_client import CollectorRegistry
+
+    from batchpunk.metrics import serve
+
+    class Reporting:
+        """Stats of an engine that reports the downstream state (issue 13's fields)."""
+
+        def __init__(self) -> None:
+            self.down_since: float | None = None
+
+        async def get_stats(self, history: bool = False) -> dict[str, Any]:
+            down = self.down_since is not None
+            return {
+                "state": "running",
+                "circuit": "closed",
+                "processed": 10,
+                "pipeline": {"acked": 10, "nacked": 0, "source_connected": True},
+                "downstream": {
+                    "state": "unavailable" if down else "available",
+                    "since": self.down_since,
+                    "held": 1234 if down else 0,
+                    "probes": 3,
+                    "outages": 1,
+                },
+                "history": [],
+            }
+
+    stats = Reporting()
+    async with (
+        await serve(0, processor=stats, registry=CollectorRegistry()) as server,
+        async_playwright() as playwright,
+    ):
+        context = await playwright.chromium.launch_persistent_context(
+            str(tmp_path / "chromium-profile"), executable_path=CHROMIUM, headless=True, args=FLAGS
+        )
+        try:
+            page = await context.new_page()
+            await page.goto(server.url + "/")
+
+            async def pill(text: str) -> bool:
+                return text in (await page.text_content("#pill-downstream") or "")
+
+            await _until("available", lambda: pill("downstream available"))
+            stats.down_since = time.time() - 65
+            await _until("unavailable", lambda: pill("downstream unavailable for 1m"))
+            assert await pill("1,234 held")
+            assert "downstream unavailable" in (await page.text_content("#pill-ready") or "")
+            stats.down_since = None
+            await _until("available again", lambda: pill("downstream available"))
+            health = json.loads(await page.get_attribute("#c-health", "data-peak") or "[0, 0]")
+            assert health[1] == 2  # the downstream series drew the outage
+        finally:
+            await context.close()
