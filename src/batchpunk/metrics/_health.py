@@ -1,9 +1,9 @@
-"""Liveness and readiness from a stats dict: what /healthz and /readyz answer (contract 4).
+"""Liveness and readiness, decided from the stats alone: a pure function any server can route to.
 
-A worker is *ready* when sending it messages helps: its downstream is reachable, its circuit
-is not open and its source is connected. An orchestrator that sees 503 on /readyz stops routing
-to it (or pages someone) without restarting it; /healthz stays 200 while the process serves,
-because restarting a worker whose database is down only loses its place.
+Kubernetes' two questions: is the process alive (``/healthz``: it answers at all), and should it
+get work (``/readyz``). A worker whose downstream is out, whose circuit is open or whose source is
+disconnected cannot deliver: it is not ready, but restarting it would not bring the database
+back, so only readiness fails.
 """
 
 from __future__ import annotations
@@ -11,32 +11,62 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["readiness"]
+__all__ = ["liveness", "readiness"]
+
+
+def liveness(stats: Mapping[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
+    """200 while the process serves; the state is included for a human reading it."""
+    body: dict[str, Any] = {"status": "alive"}
+    if stats is not None and "state" in stats:
+        body["state"] = stats["state"]
+    return 200, body
 
 
 def readiness(stats: Mapping[str, Any]) -> tuple[int, dict[str, Any]]:
-    """HTTP status and JSON body for /readyz: 503 naming every reason not to be ready, else 200.
+    """(status code, JSON body): 503 with the reasons while the pipeline cannot deliver, else 200.
 
-    Reads ``downstream.state``, ``circuit`` and ``pipeline.source_connected``; a field the
-    engine does not report counts as fine, so a bare BatchProcessor is ready while it runs.
+    Not ready while ``downstream.state`` is "unavailable", the circuit is "open", or
+    ``pipeline.source_connected`` is False (contract 4 of the project brief). Missing keys count
+    as healthy, so a bare BatchProcessor's stats work as well as a pipeline's.
     """
     reasons: list[str] = []
-    downstream = stats.get("downstream")
-    if isinstance(downstream, Mapping) and downstream.get("state") == "unavailable":
-        reasons.append("downstream unavailable")
-    circuit = stats.get("circuit")
-    if circuit == "open":
-        reasons.append("circuit open")
-    pipeline = stats.get("pipeline")
-    if isinstance(pipeline, Mapping) and pipeline.get("source_connected") is False:
+    downstream = stats.get("downstream") or {}
+    if downstream.get("state") == "unavailable":
+        since = downstream.get("since")
+        held = downstream.get("held", 0)
+        reasons.append(
+            f"downstream unavailable since {since:.3f} (unix time), {held} message(s) held"
+            if isinstance(since, int | float)
+            else f"downstream unavailable, {held} message(s) held"
+        )
+    if stats.get("circuit") == "open":
+        reasons.append("circuit breaker open")
+    pipeline = stats.get("pipeline") or {}
+    if pipeline.get("source_connected") is False:
         reasons.append("source disconnected")
-    state = stats.get("state")
     body: dict[str, Any] = {
-        "ready": not reasons,
-        "reason": "; ".join(reasons) if reasons else "ok",
-        "state": state,
-        "circuit": circuit,
+        "status": "unavailable" if reasons else "ready",
+        "reasons": reasons,
+        "downstream": downstream.get("state", "available"),
+        "circuit": stats.get("circuit", "closed"),
     }
-    if isinstance(downstream, Mapping):
-        body["downstream"] = downstream.get("state")
+    if "source_connected" in pipeline:
+        body["source_connected"] = pipeline["source_connected"]
     return (503 if reasons else 200), body
+
+
+def downstream_line(stats: Mapping[str, Any], now: float | None = None) -> str:
+    """A short status for the live view and summary lines: "" while the downstream answers."""
+    import time
+
+    downstream = stats.get("downstream") or {}
+    if downstream.get("state") != "unavailable":
+        return ""
+    since = downstream.get("since")
+    length = ""
+    if isinstance(since, int | float):
+        length = f" for {max(0.0, (time.time() if now is None else now) - since):.0f}s"
+    return (
+        f"downstream UNAVAILABLE{length}: {int(downstream.get('held') or 0):,} held, "
+        f"{int(downstream.get('probes') or 0)} probe(s)"
+    )

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from batchpunk.connectors._common import mask_secrets
 from batchpunk.errors import require
-from batchpunk.metrics._health import readiness
+from batchpunk.metrics._health import liveness, readiness
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -254,17 +254,26 @@ class _Routes:
             prometheus_client, "CONTENT_TYPE_PLAIN_0_0_4", prometheus_client.CONTENT_TYPE_LATEST
         )
         body = prometheus_client.generate_latest(registry)
+        # The pipeline's own counts, read at scrape time (issue 13's exposition, when present).
+        from batchpunk.metrics import _prometheus
+
+        exposition = getattr(_prometheus, "pipeline_exposition", None)
+        if exposition is not None and self.processor is not None:
+            try:
+                body += exposition(await self.processor.get_stats()).encode()
+            except Exception:
+                logger.exception("/metrics: get_stats() failed; serving the registry alone")
         response = web.Response(body=body)
         response.headers["Content-Type"] = content_type
         return response
 
     async def healthz(self, request: web.Request) -> web.StreamResponse:
-        return _json('{"status":"ok"}')
+        status, body = liveness()
+        return _json(stats_json(body), status)
 
     async def readyz(self, request: web.Request) -> web.StreamResponse:
-        if self.processor is None:
-            return _json('{"ready":true,"reason":"no processor attached"}')
-        status, body = readiness(await self.processor.get_stats())
+        stats = await self.processor.get_stats() if self.processor is not None else {}
+        status, body = readiness(stats)
         return _json(stats_json(body), status)
 
     async def page(self, request: web.Request) -> web.StreamResponse:
