@@ -105,19 +105,9 @@ class _Redact(logging.Filter):
         return True
 
 
-def _logging(
-    level: str,
-    secrets: frozenset[str] = frozenset(),
-    log_format: str = "human",
-    context: Mapping[str, Any] | None = None,
-) -> None:
-    from batchpunk.metrics import JsonFormatter, KeyValueFormatter
-
+def _logging(level: str, secrets: frozenset[str] = frozenset()) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    if log_format == "json":
-        handler.setFormatter(JsonFormatter(context=context))
-    else:
-        handler.setFormatter(KeyValueFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.addFilter(_Redact(secrets))
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -128,6 +118,14 @@ def _log_format(value: str) -> str:
     if value not in ("human", "json"):
         raise typer.BadParameter(f"expected 'human' or 'json', got {value!r}")
     return value
+
+
+def _json_logs(context: Mapping[str, Any]) -> None:
+    """--log-format json: the root handlers (set up by _logging) write one JSON object a line."""
+    from batchpunk.metrics import JsonFormatter
+
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(JsonFormatter(context=context))
 
 
 def _live(title: str, refresh: float, as_log: bool = False) -> Callable[[Callable[[], Any]], Any]:
@@ -239,7 +237,9 @@ def run(
     from batchpunk.pipeline_file import load_pipeline
 
     spec = _guard(lambda: load_pipeline(pipeline))
-    _logging(log_level, spec.secrets, log_format, {"pipeline": Path(spec.path).name})
+    _logging(log_level, spec.secrets)
+    if log_format == "json":
+        _json_logs({"pipeline": Path(spec.path).name})
     show_live = spec.metrics.live if live is None else live
     as_log = log_format == "json"
     code = _guard(lambda: _run(_run_pipeline(spec, show_live, as_log)), spec.secrets)
@@ -253,21 +253,15 @@ async def _run_pipeline(spec: Any, live: bool, live_as_log: bool = False) -> int
         from batchpunk.metrics import PrometheusMetrics
 
         collector = PrometheusMetrics()
-    recent = None
-    if port is not None:
-        from batchpunk.metrics import RecentDeadLetters
-
-        def keep_recent(sink: Any) -> Any:
-            nonlocal recent
-            recent = RecentDeadLetters(sink)
-            return recent
-
-        pipeline = spec.build(metrics_collector=collector, wrap_dead_letter=keep_recent)
-    else:
-        pipeline = spec.build(metrics_collector=collector)
+    letters = _Letters()
+    pipeline = spec.build(metrics_collector=collector, wrap_dead_letter=letters.wrap)
     server = None
     if port is not None:
-        server = await _serve_status(spec, pipeline, recent)
+        from batchpunk.metrics import serve
+
+        server = await serve(
+            port, spec.metrics.prometheus_host, **_status_page(spec, pipeline, letters)
+        )
         err.print(
             f"metrics: {server.url}/metrics  stats: {server.url}/stats  status page: {server.url}/",
             soft_wrap=True,
@@ -302,26 +296,36 @@ async def _run_pipeline(spec: Any, live: bool, live_as_log: bool = False) -> int
     return EXIT_OK
 
 
-async def _serve_status(spec: Any, pipeline: Any, recent: Any) -> Any:
-    """The metrics server with the status page: redacted configuration and recent letters."""
-    from batchpunk.metrics import serve
+class _Letters:
+    """The RecentDeadLetters wrapping the pipeline's [dead_letter] sink, for the status page."""
 
-    def letters() -> list[tuple[float, Any]]:
-        if recent is not None:
-            return list(recent.recent())
+    def __init__(self) -> None:
+        self.recent: Any = None
+
+    def wrap(self, sink: Any) -> Any:
+        from batchpunk.metrics import RecentDeadLetters
+
+        self.recent = RecentDeadLetters(sink)
+        return self.recent
+
+
+def _status_page(spec: Any, pipeline: Any, letters: _Letters) -> dict[str, Any]:
+    """serve()'s keywords for the status page: redacted configuration and recent letters."""
+
+    def recent() -> list[tuple[float, Any]]:
+        if letters.recent is not None:
+            return list(letters.recent.recent())
         kept = getattr(pipeline.dead_letter, "letters", None)  # the in-memory default
         return [(letter.first_seen, letter) for letter in reversed(kept[-20:])] if kept else []
 
-    return await serve(
-        spec.metrics.prometheus_port,
-        spec.metrics.prometheus_host,
-        processor=pipeline,
-        token=spec.metrics.token,
-        config=spec.describe(),
-        dead_letters=letters,
-        redact=spec.redact,
-        title=f"batchpunk run {Path(spec.path).name}",
-    )
+    return {
+        "processor": pipeline,
+        "token": spec.metrics.token,
+        "config": spec.describe(),
+        "dead_letters": recent,
+        "redact": spec.redact,
+        "title": f"batchpunk run {Path(spec.path).name}",
+    }
 
 
 @app.command(epilog=_EXIT_CODES)
