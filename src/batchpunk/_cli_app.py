@@ -7,6 +7,7 @@ printed without a traceback, with every environment-supplied secret and URL pass
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import sys
@@ -253,8 +254,8 @@ async def _run_pipeline(spec: Any, live: bool, live_as_log: bool = False) -> int
         from batchpunk.metrics import PrometheusMetrics
 
         collector = PrometheusMetrics()
-    letters = _Letters()
-    pipeline = spec.build(metrics_collector=collector, wrap_dead_letter=letters.wrap)
+    letters = _Letters(spec)
+    pipeline = letters.spec.build(metrics_collector=collector)
     server = None
     if port is not None:
         from batchpunk.metrics import serve
@@ -297,16 +298,32 @@ async def _run_pipeline(spec: Any, live: bool, live_as_log: bool = False) -> int
 
 
 class _Letters:
-    """The RecentDeadLetters wrapping the pipeline's [dead_letter] sink, for the status page."""
+    """Keeps the last dead letters for the status page: the spec it builds from wraps the
+    [dead_letter] sink in a RecentDeadLetters (without one, the page reads the in-memory
+    default)."""
 
-    def __init__(self) -> None:
+    def __init__(self, spec: Any) -> None:
         self.recent: Any = None
+        self.spec = spec
+        if spec.dead_letter is not None:
+            self.spec = dataclasses.replace(spec, dead_letter=_Wrapped(spec.dead_letter, self))
 
-    def wrap(self, sink: Any) -> Any:
+
+class _Wrapped:
+    """A [dead_letter] section whose build() returns its sink wrapped in RecentDeadLetters."""
+
+    def __init__(self, section: Any, letters: _Letters) -> None:
+        self.section = section
+        self.letters = letters
+
+    def build(self) -> Any:
         from batchpunk.metrics import RecentDeadLetters
 
-        self.recent = RecentDeadLetters(sink)
-        return self.recent
+        self.letters.recent = RecentDeadLetters(self.section.build())
+        return self.letters.recent
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.section, name)
 
 
 def _status_page(spec: Any, pipeline: Any, letters: _Letters) -> dict[str, Any]:
@@ -318,10 +335,13 @@ def _status_page(spec: Any, pipeline: Any, letters: _Letters) -> dict[str, Any]:
         kept = getattr(pipeline.dead_letter, "letters", None)  # the in-memory default
         return [(letter.first_seen, letter) for letter in reversed(kept[-20:])] if kept else []
 
+    config = spec.describe()
+    if spec.metrics.token:  # a token written in the file itself is masked too
+        config["metrics"]["token"] = "***"
     return {
         "processor": pipeline,
         "token": spec.metrics.token,
-        "config": spec.describe(),
+        "config": config,
         "dead_letters": recent,
         "redact": spec.redact,
         "title": f"batchpunk run {Path(spec.path).name}",

@@ -89,13 +89,14 @@ class MetricsSpec:
     """The [metrics] section: what ``batchpunk run`` exposes while the pipeline runs.
 
     Attributes:
-        prometheus_port: serve the status page, /metrics, /stats, /healthz and /readyz on this
-            port (0 picks a free one); None for no server.
-        prometheus_host: the address to bind; keep 127.0.0.1 unless a remote scraper needs it.
+        prometheus_port: serve /metrics and /stats on this port (0 picks a free one); None for
+            no endpoint.
+        prometheus_host: the address to bind; keep 127.0.0.1 unless a remote scraper needs it
+            (the endpoint has no authentication).
         live: draw the live terminal view (plain lines when the output is not a terminal).
         refresh_per_second: redraws of the live view per second.
-        token: when set, the server asks for ``Authorization: Bearer <token>`` (write it as
-            ``${METRICS_TOKEN}`` so that it is masked like every environment value).
+        token: when set, the metrics server (and its status page) asks for
+            ``Authorization: Bearer <token>``; write it as ``${METRICS_TOKEN}``.
     """
 
     prometheus_port: int | None = None
@@ -173,27 +174,15 @@ class PipelineSpec:
     metrics: MetricsSpec
     secrets: frozenset[str] = field(default=frozenset(), repr=False)
 
-    def build(
-        self,
-        *,
-        metrics_collector: object | None = None,
-        wrap_dead_letter: Callable[[Any], Any] | None = None,
-    ) -> Pipeline:
-        """A new Pipeline with fresh connectors, ready to ``run()``.
-
-        ``wrap_dead_letter`` wraps the [dead_letter] sink (when the file has one), e.g. in a
-        ``RecentDeadLetters`` for the status page.
-        """
+    def build(self, *, metrics_collector: object | None = None) -> Pipeline:
+        """A new Pipeline with fresh connectors, ready to ``run()``."""
         from batchpunk.pipeline import Pipeline
 
-        dead_letter = self.build_dead_letter()
-        if dead_letter is not None and wrap_dead_letter is not None:
-            dead_letter = wrap_dead_letter(dead_letter)
         return Pipeline(
             self.source.build(),
             self.sink.build(),
             self.batch,
-            dead_letter=dead_letter,
+            dead_letter=self.build_dead_letter(),
             metrics_collector=metrics_collector,
         )
 
@@ -213,12 +202,7 @@ class PipelineSpec:
             "batch": {k: _masked(v, self.secrets) for k, v in batch.items()},
             "sink": self.sink.describe(),
             "dead_letter": self.dead_letter.describe() if self.dead_letter else {"type": None},
-            "metrics": {
-                f.name: _masked(getattr(self.metrics, f.name), self.secrets)
-                for f in fields(MetricsSpec)
-                if f.name != "token"
-            }
-            | {"token": "***" if self.metrics.token else None},
+            "metrics": {f.name: getattr(self.metrics, f.name) for f in fields(MetricsSpec)},
         }
 
 
