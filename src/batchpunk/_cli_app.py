@@ -424,9 +424,9 @@ def top(
 ) -> None:
     """The live terminal view of a worker running elsewhere, from its /stats.
 
-    Reads only: the worker's \\[metrics] prometheus_port must be set. Ctrl-C leaves.
+    Read-only: needs the worker's metrics server (prometheus_port). Ctrl-C leaves.
 
-    [b]Examples[/b]
+    Examples:
 
       batchpunk top http://127.0.0.1:9464
 
@@ -443,7 +443,8 @@ def top(
     async def watch() -> int:
         if once:
             try:
-                out.print(escape(summary_line(await stats(), title=f"batchpunk top {url}")))
+                line = summary_line(await stats(), title=f"batchpunk top {url}")
+                sys.stdout.write(line + "\n")
             except ConnectionError as exc:
                 _fail(str(exc), EXIT_FAILED, secrets)
             return EXIT_OK
