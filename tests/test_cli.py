@@ -181,7 +181,7 @@ def test_every_command_has_help_with_examples() -> None:
 
 
 def store_letters(path: Path, messages: list[object], reason: str = "failed") -> None:
-    from batchpunk.deadletter_sinks import JsonlDeadLetters
+    from batchpunk.deadletter import JsonlDeadLetters
 
     async def put() -> None:
         sink = JsonlDeadLetters(str(path))
@@ -255,7 +255,7 @@ def test_demo_stops_on_signals_with_the_documented_exit_codes(tmp_path: Path, si
     assert process.poll() is None
     for _ in range(signals):
         process.send_signal(signal.SIGINT)
-        time.sleep(0.05)
+        time.sleep(0.005)  # the second must land while the drain runs, and drains are quick
     stdout, stderr = process.communicate(timeout=30)
     if signals == 1:
         assert process.returncode == 0, stderr

@@ -108,10 +108,8 @@ async def test_jsonl_checkpoint_resumes_without_redelivering_acked_lines(tmp_pat
     write_lines(path, [json.dumps({"id": i}) for i in range(10)])
     first = JsonlSource(str(path), checkpoint=str(checkpoint))
     envelopes = await collect(first)
-    for envelope in envelopes:
-        if envelope.payload["id"] not in (3, 6):
-            await envelope.ack()
-    await envelopes[6].nack(True)
+    await first.ack_many([e for e in envelopes if e.payload["id"] not in (3, 6)])
+    await first.nack_many([envelopes[6]], True)
     await first.close()
     again = await collect(JsonlSource(str(path), checkpoint=str(checkpoint)))
     assert [e.payload["id"] for e in again] == [3, 6]

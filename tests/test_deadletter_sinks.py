@@ -20,8 +20,9 @@ from typing import Any
 import pytest
 
 from batchpunk import BatchConfig, BatchProcessor
-from batchpunk.deadletter import DeadLetter, DeadLetterSink
-from batchpunk.deadletter_sinks import (
+from batchpunk.deadletter import (
+    DeadLetter,
+    DeadLetterSink,
     JsonlDeadLetters,
     MalformedDeadLetter,
     SqliteDeadLetters,
@@ -145,7 +146,7 @@ async def test_letters_survive_the_writing_process_ending(
         f"""
         import asyncio, os
         from batchpunk.deadletter import DeadLetter
-        from batchpunk.deadletter_sinks import {kind}
+        from batchpunk.deadletter import {kind}
 
         async def main():
             sink = {kind}({str(sink.path)!r})

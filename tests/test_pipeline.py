@@ -9,7 +9,6 @@ import signal
 import sqlite3
 import threading
 from collections.abc import AsyncIterator, Sequence
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -63,20 +62,18 @@ class RecordingSource:
                 self._milestone[1].set()
             yield Envelope(
                 payload if i not in self.malformed else f"garbage {i}",
-                headers=self.headers.get(i, {}),
-                malformed=i in self.malformed,
+                headers=self.headers.get(i),
+                receipt=i,
                 error=ValueError(f"undecodable {i}") if i in self.malformed else None,
-                on_ack=partial(self._ack, i),
-                on_nack=partial(self._nack, i),
             )
             i += 1
             await asyncio.sleep(0)
 
-    async def _ack(self, i: int) -> None:
-        self.log.append(("ack", i))
+    async def ack_many(self, envelopes: Sequence[Envelope]) -> None:
+        self.log.extend(("ack", envelope.receipt) for envelope in envelopes)
 
-    async def _nack(self, i: int, requeue: bool) -> None:
-        self.log.append(("nack", i, requeue))
+    async def nack_many(self, envelopes: Sequence[Envelope], requeue: bool) -> None:
+        self.log.extend(("nack", envelope.receipt, requeue) for envelope in envelopes)
 
     async def close(self) -> None:
         self.closed = True
@@ -143,7 +140,7 @@ async def test_jsonl_to_sqlite_end_to_end_with_poison_and_malformed_lines(tmp_pa
     """3,000 JSONL lines with 6 malformed and 9 poison lines: the table holds exactly the 2,985
     good ids once, the durable dead-letter file exactly the 15 bad lines (reasons malformed and
     failed, each with its line number), and every line was acknowledged."""
-    from batchpunk.deadletter_sinks import JsonlDeadLetters
+    from batchpunk.deadletter import JsonlDeadLetters
 
     malformed = {10, 500, 1000, 1500, 2000, 2999}
     poison = {3, 7, 250, 251, 1234, 1998, 2500, 2501, 2777}
@@ -328,8 +325,7 @@ async def test_letters_the_engine_could_not_store_are_nacked_not_acked() -> None
     assert sorted(entry[1] for entry in log if entry[0] == "ack") == [
         i for i in range(20) if i != 5
     ]
-    assert pipeline.processor is not None
-    assert [letter.message for letter in pipeline.processor.dead_letters] == [5]
+    assert [letter.message for letter in pipeline.undelivered] == [5]
 
 
 async def test_rejected_envelopes_wait_for_a_recovering_dead_letter_sink() -> None:

@@ -269,6 +269,9 @@ async def _run_pipeline(spec: Any, live: bool, live_as_log: bool = False) -> int
         )
     error: BaseException | None = None
     began = time.perf_counter()
+    from batchpunk._memory import tune_collector
+
+    tune_collector()  # start-up is over: see batchpunk/_memory.py for the choice and figures
     try:
         if live:
             view = _live(
@@ -606,7 +609,7 @@ def dlq_replay(
 
 async def _read_file(file: Path) -> list[Any]:
     from batchpunk._demo import read_letters
-    from batchpunk.deadletter_sinks import open_dead_letter_file
+    from batchpunk.deadletter import open_dead_letter_file
 
     store = open_dead_letter_file(file)
     try:
@@ -617,8 +620,7 @@ async def _read_file(file: Path) -> list[Any]:
 
 async def _replay(file: Path, spec: Any, reason: str | None) -> tuple[int, list[Any], int]:
     from batchpunk._demo import read_letters
-    from batchpunk.deadletter import MemoryDeadLetters
-    from batchpunk.deadletter_sinks import open_dead_letter_file
+    from batchpunk.deadletter import MemoryDeadLetters, open_dead_letter_file
     from batchpunk.processor import BatchProcessor
 
     store = open_dead_letter_file(file)

@@ -136,7 +136,7 @@ async def run_demo(
     on_pipeline: Callable[[Pipeline], Any] | None = None,
 ) -> DemoResult:
     """Run the demo pipeline and check its results; files go to ``directory`` (or a temp dir)."""
-    from batchpunk import deadletter_sinks
+    from batchpunk import deadletter
 
     folder = (
         Path(directory)
@@ -160,7 +160,7 @@ async def run_demo(
             synchronous="NORMAL",
         )
     )
-    dead_letter = deadletter_sinks.JsonlDeadLetters(str(letters_path))
+    dead_letter = deadletter.JsonlDeadLetters(str(letters_path))
     pipeline = Pipeline(
         source,
         sink,
@@ -183,7 +183,7 @@ async def run_demo(
     with sqlite3.connect(db_path) as db:
         rows = db.execute("SELECT count(*) FROM events").fetchone()[0]
         distinct = db.execute("SELECT count(DISTINCT id) FROM events").fetchone()[0]
-    store = deadletter_sinks.JsonlDeadLetters(str(letters_path))
+    store = deadletter.JsonlDeadLetters(str(letters_path))
     try:
         letters = await read_letters(store)
     finally:

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from batchpunk._accumulator import Tracker
+from batchpunk._jobs import Tracker
 from batchpunk.deadletter import DeadLetter
 from batchpunk.retry import backoff_delay
 

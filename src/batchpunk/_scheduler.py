@@ -12,7 +12,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from batchpunk._accumulator import Job
+from batchpunk._jobs import Job
 
 __all__ = ["Scheduler"]
 

@@ -14,6 +14,7 @@ builtin fits it derives from that too, so callers can catch either::
     ├── DeliveryLimitExceeded           a broker delivered a message past its limit ("redelivered")
     ├── FrameError (ValueError)         bytes that are not a valid batchpunk frame
     ├── ConfigError (ValueError)        a pipeline file or connector setting is wrong
+    ├── ConnectorError                  a connector failed talking to its broker or store
     └── MissingDependency (ImportError) an optional extra is not installed
 
 Error messages name the field or input at fault and what was expected.
@@ -29,6 +30,7 @@ __all__ = [
     "BatchTimeout",
     "BufferFull",
     "ConfigError",
+    "ConnectorError",
     "DeadLetterError",
     "DeliveryLimitExceeded",
     "FrameError",
@@ -118,6 +120,16 @@ class FrameError(BatchpunkError, ValueError):
 
 class ConfigError(BatchpunkError, ValueError):
     """A pipeline file, section or connector setting is wrong; the message names where."""
+
+
+class ConnectorError(BatchpunkError):
+    """Base of every error a connector raises on purpose (broker, database, file, HTTP).
+
+    What a failure means is a class attribute, read by the retry policy: ``unavailable = True``
+    marks an outage of the downstream (retried whole and waited out, never dead-lettered);
+    ``retryable = False`` marks a failure of one message that no retry can fix. A subclass sets
+    the one that fits; this base claims neither.
+    """
 
 
 class MissingDependency(BatchpunkError, ImportError):

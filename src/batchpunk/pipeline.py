@@ -7,12 +7,16 @@ a service. Its one promise is about acknowledgements:
   letter was stored by the dead-letter sink ("durably dead-lettered");
 - an envelope not finished when the pipeline stops is nacked with requeue, never acknowledged;
 - an envelope the source could not decode (``malformed``), or that the broker delivered too often
-  (header ``batchpunk_redelivered``), goes straight to the dead-letter sink and is acknowledged
-  once stored, and the source goes on.
+  (header ``batchpunk_redelivered``), goes straight to the dead-letter sink (through the engine's
+  ``reject``) and is acknowledged once stored, and the source goes on.
 
-Acknowledgements are coalesced by a background task, so neither the sink nor the engine ever
-waits for the broker: the engine marks envelopes finished, the task settles them in groups
-(through the source's optional ``ack_many``).
+The Envelope itself travels through the engine: the processor's messages are envelopes, the
+handler hands their payloads to ``sink.write`` (or the envelopes to ``sink.write_envelopes``),
+and a dead letter's message is its envelope until the pipeline's desk unwraps it into the
+payload and the envelope's own headers. So a batch that was written is settled with one
+``source.ack_many(batch)`` and no per-message ticket, callback or identity map exists.
+Acknowledgements are sent by a background task, so neither the sink nor the engine ever waits
+for the broker; batches that finish while an acknowledgement is in flight are settled together.
 
 Connector hooks (all optional, looked up by name, documented in docs/pipelines.md):
 
@@ -20,8 +24,13 @@ Connector hooks (all optional, looked up by name, documented in docs/pipelines.m
   the first message, with the pipeline's BatchConfig. Use it to size a prefetch window (see
   ``prefetch_for``), open connections, or check a table, so that a wrong setting fails before
   anything is consumed.
-- ``async ack_many(envelopes)`` on the source: settles a group of envelopes in one broker call
-  instead of one ``ack()`` each.
+- ``async ack_many(envelopes)`` and ``async nack_many(envelopes, requeue)`` on the source: settle
+  envelopes per batch. A source without acknowledgements implements neither.
+- ``headers_of(envelope)`` on the source: the headers a dead letter of this envelope carries
+  beyond ``envelope.headers`` (a stream name, an entry id), computed only when a letter is
+  written, so that a source need not build a headers dict per message.
+- ``async write_envelopes(envelopes)`` on the sink: called instead of ``write`` by a sink that
+  needs per-message metadata.
 - ``stop_consuming()`` on the source: end iteration soon while acknowledgements still work.
   Without it, the pipeline cancels a pending ``__anext__`` when it stops, so a source must not
   lose a message it already received when that happens (unacknowledged, it is redelivered).
@@ -31,20 +40,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import inspect
 import logging
 import signal
 import time
-from collections.abc import Sequence
-from dataclasses import fields
+from collections.abc import Callable, Sequence
+from itertools import chain
 from typing import Any, Protocol, runtime_checkable
 
+from batchpunk.batch import Batch
 from batchpunk.config import BatchConfig, OverflowPolicy
 from batchpunk.deadletter import DeadLetter, DeadLetterSink, MemoryDeadLetters
-from batchpunk.envelope import Envelope, Sink, Source
-from batchpunk.errors import BatchpunkError, ProcessorClosed
+from batchpunk.envelope import REDELIVERED, AcksMany, Envelope, Sink, Source, WritesEnvelopes
+from batchpunk.errors import (
+    BufferFull,
+    DeliveryLimitExceeded,
+    PartialFailure,
+    ProcessorClosed,
+)
 from batchpunk.processor import BatchProcessor
-from batchpunk.retry import backoff_delay
 
 __all__ = [
     "Envelope",
@@ -53,19 +68,13 @@ __all__ = [
     "Pipeline",
     "Preparable",
     "AcksMany",
+    "WritesEnvelopes",
     "StopsConsuming",
     "REDELIVERED",
     "prefetch_for",
 ]
 
 log = logging.getLogger("batchpunk.pipeline")
-
-#: Header a broker source sets on an envelope delivered more times than its limit: the pipeline
-#: dead-letters it with reason "redelivered" (and its ``error``) instead of processing it.
-REDELIVERED = "batchpunk_redelivered"
-
-#: The default ``Envelope.on_ack``: an envelope carrying it needs no acknowledgement call.
-_NO_ACK = {f.name: f for f in fields(Envelope)}["on_ack"].default
 
 #: Seconds a hard stop waits for queued acknowledgements, the nacks, and the engine.
 ABORT_SECONDS = 2.0
@@ -76,13 +85,6 @@ class Preparable(Protocol):
     """A connector that wants the pipeline's BatchConfig before the first message."""
 
     async def prepare(self, config: BatchConfig) -> None: ...
-
-
-@runtime_checkable
-class AcksMany(Protocol):
-    """A source that settles many envelopes in one broker call (XACK, multiple=True, ...)."""
-
-    async def ack_many(self, envelopes: Sequence[Envelope]) -> None: ...
 
 
 @runtime_checkable
@@ -102,82 +104,71 @@ def prefetch_for(config: BatchConfig) -> int:
     return config.max_size * (config.concurrency + 1)
 
 
-_OPEN, _FINISHED, _NACKED, _UNSTORED = 0, 1, 2, 3
-
-
-class _Ticket:
-    """The engine's completion tracker for one envelope (done / set_result / set_exception)."""
-
-    __slots__ = ("envelope", "pipeline", "state")
-
-    def __init__(self, pipeline: Pipeline, envelope: Envelope) -> None:
-        self.pipeline = pipeline
-        self.envelope = envelope
-        self.state = _OPEN
-
-    def done(self) -> bool:
-        return self.state != _OPEN
-
-    def set_result(self, value: Any) -> None:
-        if self.state == _OPEN:
-            self.state = _FINISHED
-            self.pipeline._finished(self)
-
-    def set_exception(self, exc: BaseException) -> None:
-        if self.state != _OPEN:
-            return
-        if self.pipeline._desk.take_stored(self.envelope.payload):
-            self.state = _FINISHED
-            self.pipeline._finished(self)
-        else:
-            # The engine gave up storing this letter (it keeps it in memory): not durable, so
-            # the envelope must go back to the broker, not be acknowledged.
-            self.state = _UNSTORED
-
-
 class _Desk:
-    """Wraps the dead-letter sink: adds envelope headers and records which messages it stored.
+    """The engine's dead-letter sink: unwraps envelopes into letters, settles them once stored.
 
-    The record of stored messages (by identity) lets a ticket tell a letter that reached the
-    sink from one the engine gave up on at shutdown, which must not be acknowledged.
-
-    Letters with reason "shutdown" (batches still unfinished when drain_timeout ran out) are not
-    stored: their envelopes are nacked with requeue instead, so the broker redelivers them to
-    the next worker rather than parking them in the dead-letter sink.
+    Letters with reason "shutdown" (batches still unfinished when drain_timeout ran out, or
+    waiting when a hard stop began) are not stored: their envelopes are nacked with requeue
+    instead, so the broker redelivers them to the next worker rather than parking them in the
+    dead-letter sink.
     """
 
-    def __init__(self, sink: DeadLetterSink, pipeline: Pipeline) -> None:
-        self.sink = sink
+    def __init__(self, pipeline: Pipeline) -> None:
         self.pipeline = pipeline
-        self._stored: dict[int, int] = {}
 
     async def put(self, letters: Sequence[DeadLetter]) -> None:
-        letters = [letter for letter in letters if letter.reason != "shutdown"]
-        if not letters:
-            return
-        by_id = self.pipeline._by_id
-        if by_id:
-            for letter in letters:
-                ticket = by_id.get(id(letter.message))
-                if ticket is not None and ticket.envelope.payload is letter.message:
-                    letter.headers = {**ticket.envelope.headers, **letter.headers}
-        await self.sink.put(letters)
-        self.pipeline._warn_if_in_memory(letters)
-        stored = self._stored
+        pipeline = self.pipeline
+        stored: list[DeadLetter] = []
+        settled: list[Envelope] = []
+        back: list[Envelope] = []
         for letter in letters:
-            ident = id(letter.message)
-            stored[ident] = stored.get(ident, 0) + 1
+            envelope = letter.message
+            if not isinstance(envelope, Envelope):  # pragma: no cover - only envelopes enter
+                stored.append(letter)
+            elif letter.reason == "shutdown":
+                back.append(envelope)
+            else:
+                stored.append(_unwrap(letter, envelope, pipeline._headers_of))
+                settled.append(envelope)
+        if stored:
+            await pipeline.dead_letter.put(stored)
+            pipeline._warn_if_in_memory(stored)
+        if settled:
+            pipeline._settle_later(settled)
+        if back:
+            pipeline._give_back_later(back)
 
-    def take_stored(self, message: Any) -> bool:
-        ident = id(message)
-        count = self._stored.get(ident, 0)
-        if not count:
-            return False
-        if count == 1:
-            del self._stored[ident]
-        else:
-            self._stored[ident] = count - 1
-        return True
+
+def _unwrap(
+    letter: DeadLetter,
+    envelope: Envelope,
+    headers_of: Callable[[Envelope], Any] | None = None,
+) -> DeadLetter:
+    """The letter as the dead-letter sink sees it: the payload, with its envelope's headers.
+
+    ``headers_of`` is the source's optional hook for headers it does not build per message
+    (a stream name and entry id): asked only here, when a letter is written.
+    """
+    headers: dict[str, Any] = {}
+    if headers_of is not None:
+        headers.update(headers_of(envelope) or {})
+    if envelope.headers:
+        headers.update(envelope.headers)
+    if letter.headers:
+        headers.update(letter.headers)
+    key = letter.key
+    return DeadLetter(
+        message=envelope.payload,
+        key=key if _hashable(key) else repr(key),
+        priority=letter.priority if isinstance(letter.priority, int) else 0,
+        reason=letter.reason,
+        error=letter.error,
+        attempts=letter.attempts,
+        first_seen=letter.first_seen,
+        error_type=letter.error_type,
+        traceback=letter.traceback,
+        headers=headers,
+    )
 
 
 class Pipeline:
@@ -185,7 +176,8 @@ class Pipeline:
 
     Args:
         source: an async iterator of Envelopes with ``async close()``.
-        sink: an object with ``async write(batch)`` (the engine's processor) and ``async close()``.
+        sink: an object with ``async write(payloads)`` (or ``async write_envelopes(envelopes)``)
+            and ``async close()``.
         config: batching, retries and backpressure; ``max_pending`` bounds the envelopes read
             and not yet finished (BLOCK backpressure: the source is not read while full).
         dead_letter: where messages that end unprocessed go (``async put(letters)``); by default
@@ -195,8 +187,9 @@ class Pipeline:
     ``await run()`` consumes until the source ends or a stop is requested, then drains: every
     envelope read is acknowledged after success or durable dead-lettering, or nacked with
     requeue. ``await stop()`` asks for that from another task; ``stop(drain=False)`` nacks every
-    unfinished envelope at once instead. ``run(handle_signals=True)`` turns SIGINT/SIGTERM into
-    ``stop()`` and a second signal into ``stop(drain=False)``.
+    unfinished envelope at once instead (never one whose batch was already written).
+    ``run(handle_signals=True)`` turns SIGINT/SIGTERM into ``stop()`` and a second signal into
+    ``stop(drain=False)``.
 
     The source, the sink and the dead-letter sink are closed when ``run()`` returns.
     """
@@ -212,7 +205,9 @@ class Pipeline:
     ) -> None:
         if not callable(getattr(source, "__aiter__", None)):
             raise ValueError(f"source: expected an async iterator of Envelopes, got {source!r}")
-        if not callable(getattr(sink, "write", None)):
+        if not callable(getattr(sink, "write", None)) and not callable(
+            getattr(sink, "write_envelopes", None)
+        ):
             raise ValueError(f"sink: expected an object with async write(batch), got {sink!r}")
         if dead_letter is not None and not callable(getattr(dead_letter, "put", None)):
             raise ValueError(
@@ -234,21 +229,36 @@ class Pipeline:
         self.metrics_collector = metrics_collector
         #: The engine, once run() started it.
         self.processor: BatchProcessor[Any, Any] | None = None
-        #: Letters of rejected envelopes that could not be stored before shutdown.
+        #: Letters that could not be stored before shutdown (their envelopes were nacked).
         self.undelivered: list[DeadLetter] = []
         #: True once a stop was requested, and True for a hard (drain=False) stop.
         self.stop_requested = False
         self.aborted = False
         #: Signals received by run(handle_signals=True).
         self.signals_received = 0
-        self._desk = _Desk(self.dead_letter, self)
-        self._open: set[_Ticket] = set()
-        self._by_id: dict[int, _Ticket] = {}
-        self._to_ack: list[Envelope] = []
-        self._rejects: list[tuple[DeadLetter, _Ticket]] = []
+        ack_many = getattr(source, "ack_many", None)
+        nack_many = getattr(source, "nack_many", None)
+        self._ack_many: Callable[[Sequence[Envelope]], Any] | None = (
+            ack_many if callable(ack_many) else None
+        )
+        self._nack_many: Callable[[Sequence[Envelope], bool], Any] | None = (
+            nack_many if callable(nack_many) else None
+        )
+        headers_of = getattr(source, "headers_of", None)
+        self._headers_of: Callable[[Envelope], Any] | None = (
+            headers_of if callable(headers_of) else None
+        )
+        write_envelopes = getattr(sink, "write_envelopes", None)
+        self._write_envelopes = write_envelopes if callable(write_envelopes) else None
+        self._desk = _Desk(self)
+        # Batches whose sink call is under way: a hard stop gives them back to the source.
+        self._writing: dict[int, Sequence[Envelope]] = {}
+        # Envelopes a hard stop gave back (by id): never acknowledged after that.
+        self._given_back: set[int] = set()
+        self._to_ack: list[Sequence[Envelope]] = []
+        self._to_nack: list[Envelope] = []
         self._received = 0
         self._rejected: dict[str, int] = {}
-        self._rejects_stored: dict[str, int] = {}
         self._acked = 0
         self._ack_errors = 0
         self._nacked = 0
@@ -257,19 +267,16 @@ class Pipeline:
         self._stop_event = asyncio.Event()
         self._hard_event = asyncio.Event()
         self._ack_wake = asyncio.Event()
-        self._reject_wake = asyncio.Event()
-        self._rejects_closing = False
         self._acks_closing = False
         self._consumer: asyncio.Task[None] | None = None
         self._ack_task: asyncio.Task[None] | None = None
-        self._reject_task: asyncio.Task[None] | None = None
         self._done = asyncio.Event()
         self._began = 0.0
 
     def __repr__(self) -> str:
         return (
             f"Pipeline({self.source!r} -> {self.sink!r}, received={self._received}, "
-            f"unfinished={len(self._open)})"
+            f"unfinished={self._unfinished()})"
         )
 
     # -- life cycle ----------------------------------------------------------------------------
@@ -285,7 +292,6 @@ class Pipeline:
         self._began = time.monotonic()
         loop = asyncio.get_running_loop()
         installed: list[int] = []
-        tasks: list[asyncio.Task[None]] = []
         consumer_error: BaseException | None = None
         try:
             if handle_signals:
@@ -297,16 +303,14 @@ class Pipeline:
                 if callable(prepare):
                     await prepare(self.config)
             processor: BatchProcessor[Any, Any] = BatchProcessor(
-                self.config,
-                self.sink.write,
+                _envelope_config(self.config),
+                self._write,
                 self.metrics_collector,
                 dead_letter=self._desk,
             )
             self.processor = processor
             await processor.start()
             self._ack_task = loop.create_task(self._ack_loop(), name="batchpunk-acks")
-            self._reject_task = loop.create_task(self._reject_loop(), name="batchpunk-rejects")
-            tasks += [self._ack_task, self._reject_task]
             consumer = loop.create_task(self._consume(processor), name="batchpunk-consumer")
             self._consumer = consumer
             await _first(consumer, self._stop_event)
@@ -324,15 +328,12 @@ class Pipeline:
         finally:
             for signum in installed:
                 loop.remove_signal_handler(signum)
-            for task in (*tasks, self._consumer):
+            for task in (self._ack_task, self._consumer):
                 if task is not None and not task.done():
                     task.cancel()
-            await asyncio.gather(*(t for t in tasks if t is not None), return_exceptions=True)
-            leftover, self._to_ack = self._to_ack, []
-            if leftover:  # finished, but the ack task was interrupted: settle them now
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._settle(leftover), ABORT_SECONDS)
-            await self._nack_open()
+            if self._ack_task is not None:
+                await asyncio.gather(self._ack_task, return_exceptions=True)
+            await self._settle_leftovers()
             await self._close_all()
             self._done.set()
         if consumer_error is not None:
@@ -360,10 +361,8 @@ class Pipeline:
     # -- consuming -----------------------------------------------------------------------------
 
     async def _consume(self, processor: BatchProcessor[Any, Any]) -> None:
-        accept, offer = processor._accept, processor._offer
-        iterator = self.source.__aiter__()
-        next_envelope = iterator.__anext__
-        open_tickets, by_id = self._open, self._by_id
+        add_nowait, add = processor.add_message_nowait, processor.add_message
+        next_envelope = self.source.__aiter__().__anext__
         while not self.stop_requested:
             self._in_next = True
             try:
@@ -379,25 +378,48 @@ class Pipeline:
             finally:
                 self._in_next = False
             self._received += 1
-            ticket = _Ticket(self, envelope)
-            open_tickets.add(ticket)
-            if envelope.malformed:
-                self._reject(ticket, "malformed")
-                continue
             headers = envelope.headers
-            if headers:
-                if headers.get(REDELIVERED):
-                    self._reject(ticket, "redelivered")
-                    continue
-                by_id.setdefault(id(envelope.payload), ticket)
+            if headers and headers.get(REDELIVERED):
+                error = envelope.error or DeliveryLimitExceeded(
+                    "the broker delivered this message more times than its limit"
+                )
+                self._reject(processor, envelope, "redelivered", error)
+                continue
+            if envelope.error is not None:
+                self._reject(processor, envelope, "malformed", envelope.error)
+                continue
             try:
-                payload, key, priority = envelope.payload, envelope.key, envelope.priority
-                if not offer(payload, key, priority, ticket):
-                    await accept(payload, key, priority, ticket)
+                try:
+                    add_nowait(envelope, key=envelope.key, priority=envelope.priority)
+                except BufferFull:
+                    await add(envelope, key=envelope.key, priority=envelope.priority)
             except ProcessorClosed:
-                return  # stop began while this waited for room: it is nacked at shutdown
+                # Stop began while this waited for room: it goes back to the source.
+                self._give_back_later([envelope])
+                return
+            except asyncio.CancelledError:
+                self._give_back_later([envelope])  # a hard stop while this waited for room
+                raise
             except ValueError as exc:  # an unusable key or priority from the source
-                self._reject(ticket, "malformed", exc)
+                self._reject(processor, envelope, "malformed", exc)
+
+    def _reject(
+        self,
+        processor: BatchProcessor[Any, Any],
+        envelope: Envelope,
+        reason: str,
+        error: BaseException,
+    ) -> None:
+        """Dead-letter an envelope that never reaches a batch; the desk settles it once stored."""
+        self._rejected[reason] = self._rejected.get(reason, 0) + 1
+        try:
+            stored = processor.reject(
+                envelope, reason, error, key=envelope.key, priority=envelope.priority
+            )
+        except ProcessorClosed:
+            self._give_back_later([envelope])
+            return
+        stored.add_done_callback(_consume_result)
 
     def _end_consumption(self) -> None:
         """Make the consumer leave its loop: ask the source, or cancel a pending __anext__."""
@@ -407,14 +429,47 @@ class Pipeline:
         elif (self._in_next or self.aborted) and self._consumer and not self._consumer.done():
             self._consumer.cancel()
 
-    # -- finishing envelopes -------------------------------------------------------------------
+    # -- writing -------------------------------------------------------------------------------
 
-    def _finished(self, ticket: _Ticket) -> None:
-        self._open.discard(ticket)
-        envelope = ticket.envelope
-        if envelope.headers and self._by_id.get(id(envelope.payload)) is ticket:
-            del self._by_id[id(envelope.payload)]
-        self._to_ack.append(envelope)
+    async def _write(self, batch: Batch[Envelope]) -> Sequence[Any] | None:
+        """The engine's processor: write the batch, then queue its acknowledgement."""
+        token = id(batch)
+        self._writing[token] = batch
+        try:
+            if self._write_envelopes is not None:
+                result = self._write_envelopes(batch)
+            else:
+                result = self.sink.write([envelope.payload for envelope in batch])
+            if inspect.isawaitable(result):
+                result = await result
+        except PartialFailure as failure:
+            failed = failure.failures
+            self._settle_later([e for i, e in enumerate(batch) if i not in failed])
+            raise
+        finally:
+            del self._writing[token]
+        self._settle_later(batch)
+        return result  # type: ignore[no-any-return]
+
+    # -- settling ------------------------------------------------------------------------------
+
+    def _settle_later(self, envelopes: Sequence[Envelope]) -> None:
+        """These envelopes are finished (written, or dead letters stored): acknowledge them."""
+        if self._given_back:
+            envelopes = [e for e in envelopes if id(e) not in self._given_back]
+        if not envelopes:
+            return
+        self._to_ack.append(envelopes)
+        if not self._ack_wake.is_set():
+            self._ack_wake.set()
+
+    def _give_back_later(self, envelopes: Sequence[Envelope]) -> None:
+        """These envelopes end unfinished: nack them with requeue (once each)."""
+        given_back = self._given_back
+        for envelope in envelopes:
+            if id(envelope) not in given_back:
+                given_back.add(id(envelope))
+                self._to_nack.append(envelope)
         if not self._ack_wake.is_set():
             self._ack_wake.set()
 
@@ -423,38 +478,81 @@ class Pipeline:
         while True:
             await wake.wait()
             wake.clear()
-            todo, self._to_ack = self._to_ack, []
-            if todo:
-                await self._settle(todo)
-            elif self._acks_closing:
+            while self._to_ack or self._to_nack:
+                await self._send_settlements()
+            if self._acks_closing:
                 return
 
-    async def _settle(self, envelopes: list[Envelope]) -> None:
-        ack_many = getattr(self.source, "ack_many", None)
-        if callable(ack_many):
-            try:
-                await ack_many(envelopes)
-                self._acked += len(envelopes)
-            except Exception as exc:
-                self._ack_errors += len(envelopes)
-                log.warning("acknowledging %d message(s) failed: %s", len(envelopes), exc)
+    async def _send_settlements(self) -> None:
+        acks, self._to_ack = self._to_ack, []
+        nacks, self._to_nack = self._to_nack, []
+        if acks:
+            await self._ack(acks[0] if len(acks) == 1 else list(chain.from_iterable(acks)))
+        if nacks:
+            await self._nack(nacks)
+
+    async def _ack(self, envelopes: Sequence[Envelope]) -> None:
+        ack_many = self._ack_many
+        if ack_many is None:  # a source without acknowledgements: nothing to send
+            self._acked += len(envelopes)
             return
-        first: Exception | None = None
-        failed = 0
-        for envelope in envelopes:
-            if envelope.on_ack is _NO_ACK:
-                continue  # a source without acknowledgements: nothing to send
-            try:
-                await envelope.ack()
-            except Exception as exc:
-                failed += 1
-                first = first or exc
-        self._acked += len(envelopes) - failed
-        if failed:
-            self._ack_errors += failed
+        try:
+            await ack_many(envelopes)
+            self._acked += len(envelopes)
+        except Exception as exc:
+            self._ack_errors += len(envelopes)
             log.warning(
-                "acknowledging %d message(s) failed (the broker redelivers them): %s", failed, first
+                "acknowledging %d message(s) failed (the broker redelivers them): %s",
+                len(envelopes),
+                exc,
             )
+
+    async def _nack(self, envelopes: Sequence[Envelope]) -> None:
+        nack_many = self._nack_many
+        if nack_many is None:
+            self._nacked += len(envelopes)
+            return
+        try:
+            await nack_many(envelopes, True)
+            self._nacked += len(envelopes)
+        except Exception as exc:
+            self._ack_errors += len(envelopes)
+            log.warning("nack failed (the broker redelivers on disconnect): %s", exc)
+        log.info("returned %d unfinished message(s) to the source", len(envelopes))
+
+    async def _settle_leftovers(self) -> None:
+        """After the engine stopped: send what is queued, nack letters that were never stored."""
+        processor = self.processor
+        if processor is not None and processor.dead_letters:
+            letters, processor.dead_letters = processor.dead_letters, []
+            unstored = [
+                letter
+                for letter in letters
+                if isinstance(letter.message, Envelope) and letter.reason != "shutdown"
+            ]
+            if unstored:
+                self.undelivered.extend(
+                    _unwrap(letter, letter.message, self._headers_of) for letter in unstored
+                )
+                log.error(
+                    "%d dead letter(s) could not be stored within drain_timeout=%ss; their "
+                    "messages are nacked, and the letters kept in pipeline.undelivered",
+                    len(unstored),
+                    self.config.drain_timeout,
+                )
+            self._give_back_later([letter.message for letter in letters])
+        if self._to_ack or self._to_nack:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._flush_settlements(), ABORT_SECONDS * 5)
+
+    async def _flush_settlements(self) -> None:
+        while self._to_ack or self._to_nack:
+            await self._send_settlements()
+
+    def _unfinished(self) -> int:
+        return max(
+            0, self._received - self._acked - self._ack_errors - self._nacked - len(self._to_nack)
+        )
 
     def _warn_if_in_memory(self, letters: Sequence[DeadLetter]) -> None:
         """Letters kept only in memory are lost at exit: say so, so none vanishes silently."""
@@ -467,149 +565,39 @@ class Pipeline:
                 ", ".join(reasons),
             )
 
-    # -- rejected envelopes (malformed, redelivered) --------------------------------------------
-
-    def _reject(self, ticket: _Ticket, reason: str, error: BaseException | None = None) -> None:
-        envelope = ticket.envelope
-        if error is None:
-            error = envelope.error or BatchpunkError(f"envelope rejected ({reason})")
-        letter = DeadLetter(
-            message=envelope.payload,
-            key=envelope.key if _hashable(envelope.key) else repr(envelope.key),
-            priority=envelope.priority if isinstance(envelope.priority, int) else 0,
-            reason=reason,
-            error=error,
-            attempts=0,
-            headers=dict(envelope.headers),
-        )
-        self._rejected[reason] = self._rejected.get(reason, 0) + 1
-        self._rejects.append((letter, ticket))
-        if not self._reject_wake.is_set():
-            self._reject_wake.set()
-
-    async def _reject_loop(self) -> None:
-        wake = self._reject_wake
-        while True:
-            await wake.wait()
-            wake.clear()
-            while self._rejects:
-                todo, self._rejects = self._rejects, []
-                letters = [letter for letter, _ in todo]
-                attempt = 0
-                while True:
-                    try:
-                        await self.dead_letter.put(letters)
-                        self._warn_if_in_memory(letters)
-                        break
-                    except Exception as exc:
-                        attempt += 1
-                        delay = max(
-                            0.01,
-                            backoff_delay(
-                                attempt,
-                                base=self.config.retry_delay,
-                                cap=self.config.retry_max_delay,
-                                jitter=False,
-                            ),
-                        )
-                        log.warning(
-                            "storing %d rejected message(s) failed (attempt %d, retry in "
-                            "%.2fs): %s",
-                            len(letters),
-                            attempt,
-                            delay,
-                            exc,
-                        )
-                        try:
-                            await asyncio.sleep(delay)
-                        except asyncio.CancelledError:
-                            self._rejects[:0] = todo  # still unfinished: nacked at shutdown
-                            raise
-                counts: dict[str, int] = {}
-                for letter in letters:
-                    counts[letter.reason] = counts.get(letter.reason, 0) + 1
-                observer = getattr(self.processor, "_observer", None)
-                for reason, count in counts.items():
-                    self._rejects_stored[reason] = self._rejects_stored.get(reason, 0) + count
-                    if observer is not None:  # so exporters count these dead letters too
-                        observer.dead_lettered(count, reason)
-                for _, ticket in todo:
-                    ticket.set_result(None)
-            if self._rejects_closing:
-                return
-
     # -- stopping ------------------------------------------------------------------------------
 
     async def _drain(
         self, processor: BatchProcessor[Any, Any], consumer: asyncio.Task[None]
     ) -> None:
-        """Graceful: let the engine finish, store rejected letters, send every acknowledgement."""
-        timeout = self.config.drain_timeout
+        """Graceful: let the engine finish (dead letters included), send every settlement."""
         stopping = asyncio.ensure_future(processor.stop(drain=True))
         await _first(stopping, self._hard_event)
         await _first(consumer, self._hard_event)
         if self.aborted:
             return
-        self._rejects_closing = True
-        self._reject_wake.set()
-        task = self._reject_task
-        if task is not None and not await _first(task, self._hard_event, timeout=timeout):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        if self._rejects:
-            self.undelivered.extend(letter for letter, _ in self._rejects)
-            log.error(
-                "%d rejected message(s) could not be stored in the dead-letter sink within "
-                "drain_timeout=%ss; they are nacked, and kept in pipeline.undelivered",
-                len(self._rejects),
-                timeout,
-            )
-            self._rejects.clear()
-        # Only now: storing the last rejected letters may still have finished envelopes.
+        await self._settle_leftovers()
         self._acks_closing = True
         self._ack_wake.set()
         if self._ack_task is not None:
-            await _first(self._ack_task, self._hard_event, timeout=timeout)
+            await _first(self._ack_task, self._hard_event, timeout=self.config.drain_timeout)
 
     async def _abort(self, processor: BatchProcessor[Any, Any]) -> None:
-        """Hard stop: settle what already finished, nack the rest, give the engine a moment."""
-        todo, self._to_ack = self._to_ack, []
-        if todo:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._settle(todo), ABORT_SECONDS)
-        await self._nack_open()
+        """Hard stop: settle what already finished, nack the rest, give the engine a moment.
+
+        Batches whose sink call returned are already queued for acknowledgement and are sent
+        first; batches whose call is still under way are nacked (an idempotent sink makes the
+        redelivery harmless), and acknowledgements that would follow for them are dropped.
+        """
+        for batch in list(self._writing.values()):
+            self._give_back_later(batch)
         stopping = asyncio.ensure_future(processor.stop(drain=False))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._flush_settlements(), ABORT_SECONDS)
         done, _ = await asyncio.wait({stopping}, timeout=ABORT_SECONDS)
         if not done:
             log.warning("stopped at once: the engine is still finishing running batches")
-
-    async def _nack_open(self) -> None:
-        """Return every unfinished envelope to its broker (requeue); none is acknowledged."""
-        tickets = [t for t in self._open if t.state in (_OPEN, _UNSTORED)]
-        self._open.clear()
-        self._by_id.clear()
-        if not tickets:
-            return
-        for ticket in tickets:
-            ticket.state = _NACKED
-
-        async def nack_all() -> int:
-            failed = 0
-            for ticket in tickets:
-                try:
-                    await ticket.envelope.nack(True)
-                except Exception as exc:
-                    failed += 1
-                    log.warning("nack failed (the broker redelivers on disconnect): %s", exc)
-            return failed
-
-        try:
-            failed = await asyncio.wait_for(nack_all(), ABORT_SECONDS * 5)
-        except TimeoutError:
-            failed = len(tickets)
-        self._nacked += len(tickets) - failed
-        log.info("returned %d unfinished message(s) to the source", len(tickets))
+        await self._settle_leftovers()
 
     async def _close_all(self) -> None:
         closed: list[int] = []
@@ -648,35 +636,56 @@ class Pipeline:
     # -- stats ---------------------------------------------------------------------------------
 
     async def get_stats(self, history: bool = False) -> dict[str, Any]:
-        """The engine's stats, counting the envelopes dead-lettered before the engine too.
+        """The engine's stats (rejected envelopes included), with the pipeline's own counts.
 
         received = processed + dead_lettered + pending + in_flight holds for these numbers.
         ``pipeline`` holds what only the pipeline knows: envelopes read, rejected by reason,
-        acknowledged, failed acknowledgements, nacked, unfinished, elapsed seconds.
+        acknowledged, failed acknowledgements, nacked, unfinished, elapsed seconds, and whether
+        the source is connected (``source_connected``).
         """
         stats: dict[str, Any] = {}
         if self.processor is not None:
             stats = await self.processor.get_stats(history)
-        rejected = sum(self._rejected.values())
-        stored = sum(self._rejects_stored.values())
-        stats["received"] = stats.get("received", 0) + rejected
-        stats["dead_lettered"] = stats.get("dead_lettered", 0) + stored
-        stats["pending"] = stats.get("pending", 0) + rejected - stored
-        reasons = dict(stats.get("dead_letter_reasons", {}))
-        for reason, count in self._rejects_stored.items():
-            reasons[reason] = reasons.get(reason, 0) + count
-        stats["dead_letter_reasons"] = reasons
         stats["pipeline"] = {
             "read": self._received,
             "rejected": dict(self._rejected),
             "acked": self._acked,
             "ack_errors": self._ack_errors,
             "nacked": self._nacked,
-            "unfinished": len(self._open),
+            "unfinished": self._unfinished(),
             "undelivered_letters": len(self.undelivered),
+            # Contract 4: a source may expose ``connected`` (bool); one that does not counts as
+            # connected while the pipeline runs.
+            "source_connected": bool(getattr(self.source, "connected", True)),
             "elapsed": time.monotonic() - self._began if self._began else 0.0,
         }
         return stats
+
+
+def _envelope_config(config: BatchConfig) -> BatchConfig:
+    """The engine's config: a byte trigger measures the payload, not the envelope."""
+    if config.max_bytes is None:
+        return config
+    sizer = config.sizer or _payload_size
+
+    def envelope_size(envelope: Envelope) -> int:
+        return sizer(envelope.payload)
+
+    return dataclasses.replace(config, sizer=envelope_size)
+
+
+def _payload_size(payload: Any) -> int:
+    if isinstance(payload, bytes | bytearray | memoryview | str):
+        return len(payload)
+    raise ValueError(
+        f"sizer: max_bytes is set but a {type(payload).__name__} payload has no byte size; "
+        "pass BatchConfig(sizer=...) to measure it"
+    )
+
+
+def _consume_result(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()  # retrieved: an unstored letter is reported by the pipeline
 
 
 async def _first(

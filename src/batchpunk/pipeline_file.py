@@ -71,8 +71,8 @@ SINKS: dict[str, str] = {
 #: Dead-letter sink ``type`` names and where their classes live.
 DEAD_LETTERS: dict[str, str] = {
     "memory": "batchpunk.deadletter:MemoryDeadLetters",
-    "jsonl": "batchpunk.deadletter_sinks:JsonlDeadLetters",
-    "sqlite": "batchpunk.deadletter_sinks:SqliteDeadLetters",
+    "jsonl": "batchpunk.deadletter:JsonlDeadLetters",
+    "sqlite": "batchpunk.deadletter:SqliteDeadLetters",
     "rabbitmq": "batchpunk.connectors.rabbitmq:RabbitMQDeadLetters",
 }
 

@@ -190,7 +190,7 @@ async def _pg() -> Any:
 
 async def read_dead_letters(paths: Iterable[Path]) -> list[Any]:
     """Every letter stored in these JSONL dead-letter files (a missing file holds none)."""
-    from batchpunk.deadletter_sinks import JsonlDeadLetters
+    from batchpunk.deadletter import JsonlDeadLetters
 
     letters: list[Any] = []
     for path in paths:
@@ -870,13 +870,12 @@ class EarlyAckSource:
 
     async def __anext__(self) -> Envelope:
         envelope: Envelope = await self._inner.__anext__()
-        await envelope.ack()
+        await self._inner.ack_many([envelope])
         return Envelope(
             envelope.payload,
             key=envelope.key,
             priority=envelope.priority,
             headers=envelope.headers,
-            malformed=envelope.malformed,
             error=envelope.error,
         )
 

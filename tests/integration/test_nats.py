@@ -69,10 +69,9 @@ async def test_acked_messages_leave_nothing_pending_or_unacknowledged(sources) -
         assert source.fetch_size == 8
         got = await take(source, 25)
         assert [e.payload for e in got] == payloads
-        assert [e.headers["stream_seq"] for e in got] == list(range(1, 26))
+        assert [source.headers_of(e)["stream_seq"] for e in got] == list(range(1, 26))
         assert source.unsettled == 25
-        for envelope in got:
-            await envelope.ack()
+        await source.ack_many(got)
         assert source.unsettled == 0
         await source.close()
         assert await settled_counts(js, stream, durable) == (0, 0)
@@ -99,12 +98,12 @@ async def test_nack_with_requeue_redelivers_the_message(sources) -> None:
         durable = unique("D")
         source = make(sources, stream, subject, durable)
         [first] = await take(source, 1)
-        assert first.headers["delivery_count"] == 1
-        await first.nack(requeue=True)
+        assert first.headers is None  # a first delivery
+        await source.nack_many([first], True)
         [again] = await take(source, 1)
         assert again.payload == {"id": 1}
         assert again.headers["delivery_count"] == 2
-        await again.ack()
+        await source.ack_many([again])
         await source.close()
         assert await settled_counts(js, stream, durable) == (0, 0)
 
@@ -115,7 +114,7 @@ async def test_nack_without_requeue_terminates_the_message(sources) -> None:
         durable = unique("D")
         source = make(sources, stream, subject, durable, ack_wait=0.5)
         [poison] = await take(source, 1)
-        await poison.nack(requeue=False)
+        await source.nack_many([poison], False)
         with pytest.raises(TimeoutError):
             await take(source, 1, seconds=1.2)
         info = await js.consumer_info(stream, durable)
@@ -135,7 +134,7 @@ async def test_in_progress_keeps_a_slow_message_from_being_redelivered(sources) 
                 await take(other, 1, seconds=2.4)
 
         await asyncio.gather(asyncio.sleep(2.5), other_worker_gets_nothing())
-        await held.ack()
+        await busy.ack_many([held])
         await busy.close()
         info = await js.consumer_info(stream, durable)
         assert info.num_redelivered == 0
@@ -149,16 +148,15 @@ async def test_last_allowed_delivery_is_flagged_for_dead_lettering(sources) -> N
         flags = []
         for _ in range(3):
             [envelope] = await take(source, 1)
-            flags.append(envelope.headers.get(REDELIVERED, False))
+            flags.append((envelope.headers or {}).get(REDELIVERED, False))
             if not flags[-1]:
-                await envelope.nack(requeue=True)
+                await source.nack_many([envelope], True)
         assert flags == [False, False, True]
         assert envelope.headers["delivery_count"] == 3
-        assert envelope.payload == {"id": 7}
-        assert not envelope.malformed
+        assert envelope.payload == {"id": 7}  # decoded: the pipeline reads the REDELIVERED flag
         assert isinstance(envelope.error, DeliveryLimitExceeded)
         assert "max_deliver=3" in str(envelope.error)
-        await envelope.nack(requeue=False)
+        await source.nack_many([envelope], False)
 
 
 async def test_undecodable_messages_come_out_malformed_with_their_raw_bytes(sources) -> None:
@@ -190,14 +188,14 @@ async def test_frames_round_trip_and_settle_their_message_once_all_items_are(sou
         source = make(sources, stream, subject, durable, decode="frame", hmac_key=b"k")
         items = await take(source, 5)
         assert [e.payload for e in items] == batch
-        for envelope in items[:4]:
-            await envelope.ack()
+        await source.ack_many(items[:4])
         assert source.unsettled == 1
-        await items[4].nack(requeue=True)  # one item asks for a requeue: the frame comes back
+        await source.nack_many(
+            [items[4]], True
+        )  # one item asks for a requeue: the frame comes back
         again = await take(source, 5)
         assert [e.headers["delivery_count"] for e in again] == [2] * 5
-        for envelope in again:
-            await envelope.ack()
+        await source.ack_many(again)
         assert source.unsettled == 0
         await source.close()
         assert await settled_counts(js, stream, durable) == (0, 0)
@@ -214,7 +212,7 @@ async def test_a_frame_with_the_wrong_key_is_one_malformed_envelope(sources) -> 
         assert bad.malformed
         assert isinstance(bad.payload, bytes)
         assert "signature" in str(bad.error)
-        await bad.ack()
+        await source.ack_many([bad])
 
 
 async def test_close_returns_promptly_and_ends_iteration(sources) -> None:
@@ -252,8 +250,8 @@ async def test_a_reader_cancelled_mid_fetch_loses_nothing(sources) -> None:
             await waiting
         [envelope] = await take(source, 1, seconds=2.0)
         assert envelope.payload == {"id": 1}
-        assert envelope.headers["delivery_count"] == 1
-        await envelope.ack()
+        assert envelope.headers is None  # a first delivery
+        await source.ack_many([envelope])
 
 
 async def test_stop_consuming_ends_iteration_and_returns_unread_messages(sources) -> None:
@@ -269,8 +267,8 @@ async def test_stop_consuming_ends_iteration_and_returns_unread_messages(sources
         other = make(sources, stream, subject, durable, ack_wait=30.0)
         rest = await take(other, 6, seconds=3.0)
         assert sorted(e.payload["id"] for e in rest) == [4, 5, 6, 7, 8, 9]
-        for envelope in handed + rest:
-            await envelope.ack()
+        await source.ack_many(handed)
+        await other.ack_many(rest)
         await source.close()
         await other.close()
         assert await settled_counts(js, stream, durable) == (0, 0)
@@ -288,8 +286,7 @@ async def test_close_returns_unsettled_messages_to_other_workers_at_once(sources
         again = await take(second, 3, seconds=3.0)
         assert sorted(e.payload["id"] for e in again) == [0, 1, 2]
         assert all(e.headers["delivery_count"] == 2 for e in again)
-        for envelope in again:
-            await envelope.ack()
+        await second.ack_many(again)
         await second.close()
         assert await settled_counts(js, stream, durable) == (0, 0)
 
@@ -307,7 +304,7 @@ async def test_workers_on_one_durable_share_the_messages_without_overlap(sources
         async def work(index: int) -> None:
             async for envelope in workers[index]:
                 seen[index].append(envelope.payload["id"])
-                await envelope.ack()
+                await workers[index].ack_many([envelope])
                 if len(seen[0]) + len(seen[1]) == 60:
                     done.set()
                 await asyncio.sleep(0.005)  # let the other worker fetch too
@@ -349,7 +346,7 @@ async def test_source_creates_its_stream_when_missing(sources) -> None:
         assert await sink.write([{"id": 1}]) == [1]
         [envelope] = await take(source, 1)
         assert envelope.payload == {"id": 1}
-        await envelope.ack()
+        await source.ack_many([envelope])
     finally:
         await sink.close()
         await source.close()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from batchpunk.connectors.nats import NatsJetStreamSource
-from batchpunk.deadletter_sinks import JsonlDeadLetters
+from batchpunk.deadletter import JsonlDeadLetters
 from batchpunk.pipeline import Pipeline
 from batchpunk.pipeline_file import parse_pipeline
 from tests.conftest import require_server
@@ -60,8 +60,8 @@ async def test_a_message_at_its_last_delivery_is_dead_lettered_as_redelivered() 
             NATS_URL, stream, subject, durable, max_deliver=2, fetch_timeout=0.2, nak_delay=0
         )
         envelopes = await take(first, 2)
-        await envelopes[0].nack(requeue=True)  # a worker gave id 1 back once already
-        await envelopes[1].ack()
+        await first.nack_many([envelopes[0]], True)  # a worker gave id 1 back once already
+        await first.ack_many([envelopes[1]])
         await first.close()
         source = NatsJetStreamSource(
             NATS_URL, stream, subject, durable, max_deliver=2, fetch_timeout=0.2

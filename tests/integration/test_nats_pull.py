@@ -51,11 +51,10 @@ async def test_a_backlog_comes_in_whole_batches_once_each_and_one_batch_at_a_tim
         rest = await take(source, 1233)
         got = first + rest
         assert [e.payload["id"] for e in got] == list(range(1234))
-        assert [e.headers["stream_seq"] for e in got] == list(range(1, 1235))
-        assert [e.headers["consumer_seq"] for e in got] == list(range(1, 1235))
+        assert [source.headers_of(e)["stream_seq"] for e in got] == list(range(1, 1235))
+        assert [source.headers_of(e)["consumer_seq"] for e in got] == list(range(1, 1235))
         assert source.unsettled == 1234
-        for envelope in got:
-            await envelope.ack()
+        await source.ack_many(got)
         assert source.unsettled == 0
         await source.close()
         deadline = time.monotonic() + 3.0
@@ -77,7 +76,7 @@ async def test_a_message_published_while_a_pull_waits_comes_out_at_once(sources)
         [envelope] = await reading
         assert time.monotonic() - published < 1.0
         assert envelope.payload == {"id": 1}
-        await envelope.ack()
+        await source.ack_many([envelope])
 
 
 @pytest.mark.integration
@@ -93,7 +92,7 @@ async def test_a_consumer_deleted_under_a_waiting_pull_is_created_again(sources)
         await js.publish(subject, b'{"id": 1}')
         [envelope] = await reading
         assert envelope.payload == {"id": 1}
-        await envelope.ack()
+        await source.ack_many([envelope])
 
 
 @pytest.mark.integration
@@ -106,7 +105,7 @@ async def test_a_consumer_deleted_between_pulls_is_noticed_by_the_unanswered_pul
         await js.publish(subject, b'{"id": 1}')
         [envelope] = await take(source, 1, seconds=5.0)  # not the 30 s idle-check period
         assert envelope.payload == {"id": 1}
-        await envelope.ack()
+        await source.ack_many([envelope])
 
 
 @pytest.mark.integration

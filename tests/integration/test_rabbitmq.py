@@ -132,13 +132,13 @@ async def test_json_bodies_arrive_in_order_with_their_metadata(channel: Any, que
         envelopes = await take(source, 3)
         assert [e.payload for e in envelopes] == [{"id": 0}, {"id": 1}, {"id": 2}]
         first = envelopes[0]
+        assert first.headers is not None
         assert first.headers["queue"] == queue
         assert first.headers["message_id"] == "m-1"
         assert first.headers["amqp_headers"] == {"tenant": "acme"}
         assert first.priority == 4
         assert not first.malformed
-        for envelope in envelopes:
-            await envelope.ack()
+        await source.ack_many(envelopes)
 
 
 async def test_bytes_and_text_decoders_return_the_body_as_sent(channel: Any, queue: str) -> None:
@@ -147,15 +147,13 @@ async def test_bytes_and_text_decoders_return_the_body_as_sent(channel: Any, que
     async with RabbitMQSource(RABBITMQ_URL, queue, decode="bytes") as source:
         raw = await take(source, 2)
         assert [e.payload for e in raw] == [b"\x00\xffraw", "héllo".encode()]
-        for envelope in raw:
-            await envelope.nack(True)
+        await source.nack_many(raw, True)
     async with RabbitMQSource(RABBITMQ_URL, queue, decode="text") as source:
         texts = await take(source, 2)
         assert texts[0].malformed
         assert isinstance(texts[0].error, UnicodeDecodeError)
         assert texts[1].payload == "héllo"
-        for envelope in texts:
-            await envelope.ack()
+        await source.ack_many(texts)
 
 
 async def test_malformed_bodies_are_flagged_with_raw_bytes_and_the_source_goes_on(
@@ -170,8 +168,8 @@ async def test_malformed_bodies_are_flagged_with_raw_bytes_and_the_source_goes_o
         assert isinstance(bad.error, ValueError)
         assert good.payload == {"id": 7}
         assert not good.malformed
-        await bad.ack()
-        await good.ack()
+        await source.ack_many([bad])
+        await source.ack_many([good])
         assert source.stats().malformed == 1
 
 
@@ -186,13 +184,14 @@ async def test_a_frame_yields_its_items_and_the_message_is_acked_with_the_last(
         assert [e.payload for e in envelopes[:3]] == [{"id": 1}, {"id": 2}, {"id": 3}]
         assert envelopes[3].malformed
         assert isinstance(envelopes[3].error, FrameError)
-        await envelopes[3].ack()
-        await envelopes[0].ack()
-        await envelopes[0].ack()  # a second ack of one item must not count for another
-        await envelopes[1].ack()
+        await source.ack_many([envelopes[3]])
+        await source.ack_many([envelopes[0]])
+        await source.ack_many([envelopes[1]])
         await source.flush()
-        await counts_become(channel, queue, (0, 1))
-        await envelopes[2].ack()
+        # The frame still has an unsettled item; the other message's ack waits behind it.
+        await asyncio.sleep(0.2)
+        await counts_become(channel, queue, (0, 2))
+        await source.ack_many([envelopes[2]])
         await source.flush()
         await counts_become(channel, queue, (0, 0))
 
@@ -204,14 +203,16 @@ async def test_acks_reach_the_broker_only_for_messages_whose_ack_was_called(
     await publish_json(channel, queue, [{"id": i} for i in range(40)])
     async with RabbitMQSource(RABBITMQ_URL, queue, prefetch=100) as source:
         envelopes = await take(source, 40)
-        for envelope in envelopes[10:]:
-            await envelope.ack()
+        await source.ack_many(envelopes[10:])
         await source.flush()
-        await counts_become(channel, queue, (0, 10))
-        for envelope in envelopes[:10:2]:
-            await envelope.ack()
-        for envelope in envelopes[1:10:2]:
-            await envelope.ack()
+        # Acks behind an unsettled delivery wait for it (one multiple ack later covers them):
+        # none of the first ten is acknowledged meanwhile.
+        await asyncio.sleep(0.2)
+        await counts_become(channel, queue, (0, 40))
+        await source.ack_many(envelopes[:10:2])
+        await source.flush()
+        await counts_become(channel, queue, (0, 39))  # only the head (id 0) could go
+        await source.ack_many(envelopes[1:10:2])
         await source.flush()
         await counts_become(channel, queue, (0, 0))
         assert source.stats().acked == 40
@@ -226,7 +227,7 @@ async def test_the_broker_sends_no_more_than_the_prefetch(channel: Any, queue: s
         assert source.stats().delivered == 5
         declared = await channel.declare_queue(queue, passive=True)
         assert declared.declaration_result.message_count == 15
-        await first[0].ack()
+        await source.ack_many([first[0]])
         sixth = await take(source, 1)
         assert sixth[0].payload == {"id": 5}
 
@@ -241,8 +242,7 @@ async def test_prepare_after_start_applies_the_new_prefetch(channel: Any, queue:
         held = await take(source, 4)
         await asyncio.sleep(0.3)  # room for a fifth delivery, were the broker to send one
         assert source.stats().delivered == 4
-        for envelope in held:
-            await envelope.ack()
+        await source.ack_many(held)
 
 
 async def test_close_requeues_what_was_delivered_but_not_settled(channel: Any, queue: str) -> None:
@@ -250,9 +250,9 @@ async def test_close_requeues_what_was_delivered_but_not_settled(channel: Any, q
     await publish_json(channel, queue, [{"id": i} for i in range(30)])
     source = RabbitMQSource(RABBITMQ_URL, queue, prefetch=20)
     envelopes = await take(source, 5)
-    await envelopes[0].ack()
-    await envelopes[1].ack()
-    await envelopes[2].nack(True)
+    await source.ack_many([envelopes[0]])
+    await source.ack_many([envelopes[1]])
+    await source.nack_many([envelopes[2]], True)
     await source.close()
     await source.close()  # idempotent
     await wait_ready(channel, queue, 28)
@@ -262,9 +262,9 @@ async def test_close_requeues_what_was_delivered_but_not_settled(channel: Any, q
     again = RabbitMQSource(RABBITMQ_URL, queue, prefetch=50)
     rest = await take(again, 28)
     assert sorted(e.payload["id"] for e in rest) == list(range(2, 30))
+    assert rest[0].headers is not None
     assert rest[0].headers.get("redelivered") is True
-    for envelope in rest:
-        await envelope.ack()
+    await again.ack_many(rest)
     await again.close()
     await wait_ready(channel, queue, 0)
 
@@ -299,8 +299,7 @@ async def test_stop_consuming_hands_buffered_messages_back_and_keeps_yielded_one
     await counts_become(channel, queue, (7, 3))
     with pytest.raises(StopAsyncIteration):
         await source.__anext__()
-    for envelope in held:
-        await envelope.ack()
+    await source.ack_many(held)
     await source.close()
     await wait_ready(channel, queue, 7)
 
@@ -320,14 +319,14 @@ async def test_quorum_deliveries_past_max_deliveries_are_flagged_for_dead_letter
             counts.append(envelope.headers[DELIVERY_COUNT_HEADER])
             assert REDELIVERED_HEADER not in envelope.headers
             assert envelope.error is None
-            await envelope.nack(True)
+            await source.nack_many([envelope], True)
         (last,) = await take(source, 1)
         assert counts == [1, 2]
         assert last.headers[DELIVERY_COUNT_HEADER] == 3
         assert last.headers[REDELIVERED_HEADER] is True
         assert isinstance(last.error, DeliveryLimitExceeded)
         assert last.payload == {"id": 1}
-        await last.ack()
+        await source.ack_many([last])
         await source.close()
         await wait_ready(channel, queue, 0)  # acked, or close() would have requeued it
         assert source.stats().redelivered == 1
@@ -346,13 +345,11 @@ async def test_stale_delivery_tags_after_a_forced_close_do_not_crash(
         before = await take(source, 5)
         await close_from_server(queue)
         await eventually(lambda: _true(source.stats().reconnects >= 1), seconds=10)
-        for envelope in before:
-            await envelope.ack()  # stale: must neither raise nor reach the new channel
+        await source.ack_many(before)  # stale: must neither raise nor reach the new channel
         await source.flush()
         again = await take(source, 5, seconds=10)
         assert sorted(e.payload["id"] for e in again) == list(range(5))
-        for envelope in again:
-            await envelope.ack()
+        await source.ack_many(again)
         await source.close()
         await wait_ready(channel, queue, 0)  # acked, or close() would have requeued them
         stats = source.stats()
@@ -370,7 +367,7 @@ async def test_a_consumer_cancelled_by_the_broker_consumes_again(channel: Any) -
         await source.start()
         await publish_json(channel, queue, [{"id": 1}])
         (first,) = await take(source, 1)
-        await first.ack()
+        await source.ack_many([first])
         await source.flush()
         await channel.queue_delete(queue)  # the broker cancels every consumer of the queue
 
@@ -386,7 +383,7 @@ async def test_a_consumer_cancelled_by_the_broker_consumes_again(channel: Any) -
         await publish_json(channel, queue, [{"id": 2}])
         (second,) = await take(source, 1)
         assert second.payload == {"id": 2}
-        await second.ack()
+        await source.ack_many([second])
     finally:
         await source.close()
         await delete_queue(channel, queue)

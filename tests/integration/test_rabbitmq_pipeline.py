@@ -80,11 +80,8 @@ async def test_a_delivery_past_max_deliveries_is_dead_lettered_as_redelivered(
         await publish_json(channel, queue, [{"id": 1}, {"id": 2}])
         for _ in range(2):  # two workers took id 1 and died, say
             envelopes = await take(first, 2 if _ == 0 else 1)
-            for envelope in envelopes:
-                if envelope.payload["id"] == 1:
-                    await envelope.nack(True)
-                else:
-                    await envelope.ack()
+            await first.nack_many([e for e in envelopes if e.payload["id"] == 1], True)
+            await first.ack_many([e for e in envelopes if e.payload["id"] != 1])
         await first.close()
         source = RabbitMQSource(RABBITMQ_URL, queue, quorum=True, max_deliveries=2)
         progress = asyncio.Event()

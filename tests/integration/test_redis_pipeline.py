@@ -106,7 +106,14 @@ async def test_a_stopped_pipeline_leaves_nothing_lost_and_the_next_run_finishes(
     await pipe.execute()
     progress = asyncio.Event()
     sink, letters = IdSink(progress, delay=0.01), Letters(progress)
-    config = BatchConfig(max_size=100, max_wait=0.05, max_concurrent_batches=2, drain_timeout=5)
+    # max_pending bounds what the first run reads ahead, so that it stops mid-stream.
+    config = BatchConfig(
+        max_size=100,
+        max_wait=0.05,
+        max_concurrent_batches=2,
+        drain_timeout=5,
+        max_pending=400,
+    )
     first = Pipeline(source(stream, claim_idle=30.0), sink, config, dead_letter=letters)
     await run_until(first, lambda: len(sink.ids) >= 300, progress)
     stored_first = len(sink.ids)

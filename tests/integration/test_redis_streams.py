@@ -103,14 +103,15 @@ async def test_missing_group_without_create_group_is_a_config_error(
 async def test_acked_entries_are_xacked_and_nothing_stays_pending(
     client: Any, stream: str, sources: Callable[..., RedisStreamSource]
 ) -> None:
-    """ack() leads to XACK: after close() the group's PEL is empty and every entry was seen once."""
+    """ack_many leads to XACK: after close() the PEL is empty and every entry was seen once."""
     ids = await add(client, stream, *({"id": i} for i in range(50)))
     source = sources(count=7)
     envelopes = await take(source, 50)
-    assert [e.headers["message_id"] for e in envelopes] == ids
+    assert [e.receipt for e in envelopes] == ids
+    assert all(e.headers is None for e in envelopes)  # a first delivery builds no headers dict
+    assert source.headers_of(envelopes[0])["message_id"] == ids[0]
     assert await pending(client, stream) == 50
-    for envelope in envelopes:
-        await envelope.ack()
+    await source.ack_many(envelopes)
     await source.close()
     assert await pending(client, stream) == 0
 
@@ -122,8 +123,7 @@ async def test_no_entry_is_xacked_before_its_own_ack(
     ids = await add(client, stream, *({"id": i} for i in range(6)))
     source = sources()
     envelopes = await take(source, 6)
-    for envelope in envelopes[::2]:
-        await envelope.ack()
+    await source.ack_many(envelopes[::2])
     await source.close()
     rows = await client.xpending_range(stream, GROUP, "-", "+", 10)
     assert [r["message_id"].decode() for r in rows] == ids[1::2]
@@ -140,10 +140,9 @@ async def test_restarted_consumer_reads_its_own_pending_entries_first(
     new = await add(client, stream, *({"id": i} for i in range(5, 8)))
     second = sources("w1")
     envelopes = await take(second, 8)
-    assert [e.headers["message_id"] for e in envelopes] == old + new
-    assert [e.headers["delivery_count"] for e in envelopes] == [2] * 5 + [1] * 3
-    for envelope in envelopes:
-        await envelope.ack()
+    assert [e.receipt for e in envelopes] == old + new
+    assert [(e.headers or {}).get("delivery_count", 1) for e in envelopes] == [2] * 5 + [1] * 3
+    await second.ack_many(envelopes)
     await second.close()
     assert await pending(client, stream) == 0
 
@@ -164,8 +163,7 @@ async def test_restart_after_claim_idle_hands_each_pending_entry_out_once(
     assert sorted(e.payload["id"] for e in again) == list(range(5))
     with pytest.raises(TimeoutError):
         await take(second, 1, seconds=0.6)  # nothing is handed out twice
-    for envelope in again:
-        await envelope.ack()
+    await second.ack_many(again)
 
 
 async def test_janitor_claims_the_entries_of_a_dead_consumer(
@@ -177,11 +175,10 @@ async def test_janitor_claims_the_entries_of_a_dead_consumer(
     ids = await add(client, stream, *({"id": i} for i in range(4)))
     await client.xreadgroup(GROUP, "dead", {stream: ">"}, count=10)  # the consumer then dies
     envelopes = await take(source, 4, seconds=5)
-    assert sorted(e.headers["message_id"] for e in envelopes) == ids
-    assert all(e.headers["delivery_count"] == 2 for e in envelopes)
-    assert not any(e.headers.get(REDELIVERED) for e in envelopes)
-    for envelope in envelopes:
-        await envelope.ack()
+    assert sorted(e.receipt for e in envelopes) == ids
+    assert all(e.headers is not None and e.headers["delivery_count"] == 2 for e in envelopes)
+    assert not any(e.headers and e.headers.get(REDELIVERED) for e in envelopes)
+    await source.ack_many(envelopes)
     await source.close()
     assert await pending(client, stream) == 0
 
@@ -197,8 +194,7 @@ async def test_entries_a_live_consumer_holds_are_not_claimed_by_others(
     stolen = asyncio.create_task(take(other, 1, seconds=1.2))
     with pytest.raises(TimeoutError):
         await stolen  # three times claim_idle, and still nothing to claim
-    for envelope in held:
-        await envelope.ack()
+    await slow.ack_many(held)
     await slow.close()
     assert await pending(client, stream) == 0
 
@@ -215,14 +211,16 @@ async def test_delivery_count_over_max_deliveries_is_flagged_redelivered(
     await client.xclaim(stream, GROUP, "dead", 0, [fine], retrycount=3)
     envelopes = {e.payload["id"]: e for e in await take(source, 2, seconds=5)}
     flagged, normal = envelopes["poison"], envelopes["fine"]
+    assert flagged.headers is not None
     assert flagged.headers[REDELIVERED] is True
     assert flagged.headers["delivery_count"] == 11
     assert isinstance(flagged.error, DeliveryLimitExceeded)
     assert "max_deliveries=10" in str(flagged.error)
+    assert normal.headers is not None
     assert REDELIVERED not in normal.headers
     assert normal.headers["delivery_count"] == 4
-    await flagged.nack(requeue=False)  # the pipeline dead-letters it, then rejects it
-    await normal.ack()
+    await source.nack_many([flagged], requeue=False)  # dead-lettered, then rejected
+    await source.ack_many([normal])
     await source.close()
     assert await pending(client, stream) == 0
 
@@ -244,8 +242,7 @@ async def test_undecodable_entries_come_out_malformed_with_their_raw_bytes(
     assert "has no field 'data' (other)" in str(no_field.error)
     assert not good.malformed
     assert good.payload == {"id": 3}
-    for envelope in (bad_json, no_field, good):
-        await envelope.ack()
+    await source.ack_many([bad_json, no_field, good])
     await source.close()
     assert await pending(client, stream) == 0
 
@@ -285,12 +282,31 @@ async def test_frame_entries_fan_out_and_are_acked_when_every_message_is(
     assert [e.payload for e in messages] == [{"n": 1}, {"n": 2}, {"n": 3}]
     assert broken.malformed
     assert broken.payload == b"not a frame"
-    await broken.ack()
-    for envelope in messages[:2]:
-        await envelope.ack()
+    await source.ack_many([broken])
+    await source.ack_many(messages[:2])
     await asyncio.sleep(0.05)
     assert await pending(client, stream) == 1
-    await messages[2].ack()
+    await source.ack_many(messages[2:])
+    await source.close()
+    assert await pending(client, stream) == 0
+
+
+async def test_frames_are_checked_against_the_hmac_key(
+    client: Any, stream: str, sources: Callable[..., RedisStreamSource]
+) -> None:
+    """With hmac_key, a frame signed with that key fans out; an unsigned one or one signed with
+    another key comes out as one malformed envelope (Redis used to skip the check)."""
+    codec = pytest.importorskip("batchpunk.codec")
+    await client.xadd(stream, {"data": codec.encode_batch([{"n": 1}, {"n": 2}], hmac_key=b"k")})
+    await client.xadd(stream, {"data": codec.encode_batch([{"n": 3}])})
+    await client.xadd(stream, {"data": codec.encode_batch([{"n": 4}], hmac_key=b"other")})
+    source = sources(decode="frame", hmac_key="k")
+    one, two, unsigned, forged = await take(source, 4)
+    assert [one.payload, two.payload] == [{"n": 1}, {"n": 2}]
+    assert unsigned.malformed
+    assert "signature missing" in str(unsigned.error)
+    assert forged.malformed
+    await source.ack_many([one, two, unsigned, forged])
     await source.close()
     assert await pending(client, stream) == 0
 
@@ -298,11 +314,11 @@ async def test_frame_entries_fan_out_and_are_acked_when_every_message_is(
 async def test_nack_requeue_keeps_the_entry_pending_and_claimable_at_once(
     client: Any, stream: str, sources: Callable[..., RedisStreamSource]
 ) -> None:
-    """nack(requeue=True) sends no XACK; another worker can claim the entry without waiting."""
+    """nack_many(requeue=True) sends no XACK; another worker can claim the entry without waiting."""
     (entry_id,) = await add(client, stream, {"id": 1})
     first = sources("first", claim_idle=30.0)
     (envelope,) = await take(first, 1)
-    await envelope.nack(requeue=True)
+    await first.nack_many([envelope], requeue=True)
     await first.close()
     assert await pending(client, stream) == 1
     # claim_idle=30 and the entry is a moment old: only the requeue's backdating makes it claimable
@@ -313,11 +329,11 @@ async def test_nack_requeue_keeps_the_entry_pending_and_claimable_at_once(
 async def test_nack_without_requeue_removes_the_entry(
     client: Any, stream: str, sources: Callable[..., RedisStreamSource]
 ) -> None:
-    """nack(requeue=False) XACKs the entry (the pipeline has dead-lettered it)."""
+    """nack_many(requeue=False) XACKs the entry (the pipeline has dead-lettered it)."""
     await add(client, stream, {"id": 1})
     source = sources()
     (envelope,) = await take(source, 1)
-    await envelope.nack(requeue=False)
+    await source.nack_many([envelope], requeue=False)
     await source.close()
     assert await pending(client, stream) == 0
 
@@ -347,7 +363,7 @@ async def test_entries_read_but_never_handed_out_are_requeued_on_close(
     await add(client, stream, *({"id": i} for i in range(10)))
     source = sources("buffered", count=10, claim_idle=30.0)
     (first,) = await take(source, 1)
-    await first.ack()
+    await source.ack_many([first])
     await source.close()
     rows = await client.xautoclaim(stream, GROUP, "other", 30_000, "0-0", justid=True)
     assert len(rows) == 9
@@ -399,8 +415,9 @@ async def test_pending_entry_trimmed_away_is_reported_as_lost(
     assert lost.malformed
     assert lost.payload is None
     assert isinstance(lost.error, StreamEntryLost)
+    assert lost.headers is not None
     assert lost.headers["message_id"] == entry_id
-    await lost.ack()
+    await second.ack_many([lost])
     await second.close()
     assert await pending(client, stream) == 0
 
@@ -413,12 +430,12 @@ async def test_a_vanished_stream_and_group_are_recreated_and_reading_goes_on(
     source = sources(claim_idle=0.3)
     (old,) = await take(source, 1)
     await client.delete(stream)
-    await old.ack()  # its entry is gone: the XACK must not hold up later ones
+    await source.ack_many([old])  # its entry is gone: the XACK must not hold up later ones
     await asyncio.sleep(0.3)  # the reader hits NOGROUP and recreates the group
     await add(client, stream, {"id": 2})
     (new,) = await take(source, 1, seconds=5)
     assert new.payload == {"id": 2}
-    await new.ack()
+    await source.ack_many([new])
     await source.close()
     assert await pending(client, stream) == 0
 
@@ -431,8 +448,7 @@ async def test_acks_after_close_are_sent_by_the_next_close(
     source = sources()
     envelopes = await take(source, 2)
     await source.close()
-    for envelope in envelopes:
-        await envelope.ack()
+    await source.ack_many(envelopes)
     await source.close()
     assert await pending(client, stream) == 0
 

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NoReturn, TypeVar
 
-from batchpunk.errors import BatchpunkError, ConfigError, PartialFailure
+from batchpunk.errors import ConfigError, ConnectorError, PartialFailure
 
 __all__ = [
     "TLS_KEYS",
@@ -35,7 +35,7 @@ _KV_PASSWORD = re.compile(
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
-class PayloadError(BatchpunkError, ValueError):
+class PayloadError(ConnectorError, ValueError):
     """A payload this sink can never write (a missing column, a value it cannot encode).
 
     ``retryable`` is False: the engine skips the retries and isolates the payload at once, so it

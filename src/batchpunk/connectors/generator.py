@@ -113,7 +113,6 @@ class GeneratorSource:
                 envelope = Envelope(
                     text,
                     headers={"id": i},
-                    malformed=True,
                     error=ValueError(f"event {i}: truncated JSON"),
                 )
             else:

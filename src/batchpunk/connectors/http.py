@@ -14,14 +14,14 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from batchpunk.connectors._common import PayloadError, mask_secrets, mask_url
-from batchpunk.errors import BatchpunkError, ConfigError, require
+from batchpunk.errors import ConfigError, ConnectorError, require
 
 __all__ = ["HttpSink", "HttpStatusError", "HttpTransportError"]
 
 _FORMATS = ("json", "frame")
 
 
-class HttpStatusError(BatchpunkError):
+class HttpStatusError(ConnectorError):
     """The endpoint answered with a status that is not a success.
 
     Attributes:
@@ -37,10 +37,11 @@ class HttpStatusError(BatchpunkError):
         self.retryable = status == 429 or status >= 500
 
 
-class HttpTransportError(BatchpunkError, ConnectionError):
+class HttpTransportError(ConnectorError, ConnectionError):
     """The request did not get an answer (connection refused, timeout, TLS failure); retryable."""
 
     retryable = True
+    unavailable = True
 
 
 class HttpSink:

@@ -16,7 +16,6 @@ import os
 import sys
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
-from functools import partial
 from pathlib import Path
 from typing import IO, Any, cast
 
@@ -136,7 +135,7 @@ class JsonlSource:
                         envelope = Envelope(
                             text,
                             headers={"line": line_no},
-                            malformed=True,
+                            receipt=offset if tracking else None,
                             error=ValueError(f"{self.path} line {line_no}: not JSON: {exc}"),
                         )
                     else:
@@ -149,12 +148,11 @@ class JsonlSource:
                             key=key,
                             priority=priority if isinstance(priority, int) else 0,
                             headers={"line": line_no},
+                            receipt=offset if tracking else None,
                         )
                     if tracking:
                         self._outstanding.append((offset, line_no - 1))
                         self._read_pos = (pos if chunk else offset + len(line), line_no)
-                        envelope.on_ack = partial(self._settle, offset)
-                        envelope.on_nack = partial(self._nack, offset)
                     yield envelope
                 if not chunk:
                     break
@@ -181,19 +179,25 @@ class JsonlSource:
 
     # -- acknowledgements (only with a checkpoint) --------------------------------------------
 
-    async def _settle(self, offset: int) -> None:
-        self._settled.add(offset)
-        outstanding, settled = self._outstanding, self._settled
+    async def ack_many(self, envelopes: Sequence[Envelope]) -> None:
+        """Mark these lines finished; the checkpoint advances past every finished prefix."""
+        if self.checkpoint is None:
+            return
+        settled = self._settled
+        for envelope in envelopes:
+            if envelope.receipt is not None:
+                settled.add(envelope.receipt)
+        outstanding = self._outstanding
         while outstanding and outstanding[0][0] in settled:
             settled.discard(outstanding.popleft()[0])
         if not self._save_scheduled:
             self._save_scheduled = True
             asyncio.get_running_loop().call_soon(self._save)
 
-    async def _nack(self, offset: int, requeue: bool) -> None:
-        # Requeue: leave the line unsettled, so the next consumer reads it again.
+    async def nack_many(self, envelopes: Sequence[Envelope], requeue: bool) -> None:
+        """Requeue: leave the lines unsettled, so the next run reads them again."""
         if not requeue:
-            await self._settle(offset)
+            await self.ack_many(envelopes)
 
     def _prefix(self) -> tuple[int, int]:
         """Offset and lines before it of the first line not yet settled (where to resume)."""

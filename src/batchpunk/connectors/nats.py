@@ -8,11 +8,12 @@ or killing workers needs no rebalancing.
 
 The delivery contract (at least once):
 
-- a message is acknowledged only when the pipeline calls ``Envelope.ack()``, after its batch
-  succeeded or its dead letter was stored;
-- ``nack(requeue=True)`` naks it with ``nak_delay`` (shutdown, or giving it back);
-  ``nack(requeue=False)`` terminates it (``term``): the server never delivers it again, which is
-  what the pipeline does after dead-lettering a poison message;
+- a message is acknowledged only when the pipeline passes its envelope to ``ack_many``, after
+  its batch succeeded or its dead letter was stored (one ack publish per message, written in
+  order by the caller: no task per message);
+- ``nack_many(requeue=True)`` naks it with ``nak_delay`` (shutdown, or giving it back);
+  ``nack_many(requeue=False)`` terminates it (``term``): the server never delivers it again,
+  which is what the pipeline does after dead-lettering a poison message;
 - while a message waits in batchpunk (buffered, batching, or inside a slow batch), a background
   task tells the server it is still in progress every ``ack_wait / 3``, so a slow batch is not
   redelivered to another worker halfway through;
@@ -39,10 +40,21 @@ from urllib.parse import urlsplit, urlunsplit
 
 from batchpunk.config import BatchConfig
 from batchpunk.connectors._common import tls_context
+from batchpunk.connectors._toolkit import (
+    ACK,
+    DECODINGS,
+    REDELIVERED,
+    REJECT,
+    REQUEUE,
+    Parts,
+    delivery_limit_error,
+    hmac_key_option,
+    payload_decoder,
+)
 from batchpunk.envelope import Envelope
 from batchpunk.errors import (
-    BatchpunkError,
     ConfigError,
+    ConnectorError,
     DeliveryLimitExceeded,
     PartialFailure,
     require,
@@ -62,19 +74,15 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: How a Source turns message bytes into payloads.
-DECODINGS = ("json", "bytes", "text", "frame")
 #: How a Sink turns payloads into message bytes.
 ENCODINGS = ("json", "bytes", "text", "frame")
-#: Header set (True) on an envelope delivered ``max_deliver`` times: dead-letter it, reason
-#: "redelivered", instead of processing it.
-REDELIVERED = "batchpunk_redelivered"
 
 #: TLS: None/False (plain, unless a server URL says tls://), True (system trust store), an
 #: ssl.SSLContext, or a mapping with ``ca_file``, ``cert_file``, ``key_file``, ``verify``.
 TlsSetting = ssl.SSLContext | Mapping[str, Any] | bool | None
 
 
-class NatsPayloadError(BatchpunkError, ValueError):
+class NatsPayloadError(ConnectorError, ValueError):
     """A payload the sink can never publish: it does not encode, or exceeds the server's
     max_payload. Not retryable, so the engine dead-letters it at once instead of backing off.
     """
@@ -84,6 +92,8 @@ class NatsPayloadError(BatchpunkError, ValueError):
 
 # The three ways a message can be settled.
 _ACK, _NAK, _TERM = "ack", "nak", "term"
+_OUTCOME = {_ACK: ACK, _NAK: REQUEUE, _TERM: REJECT}
+_HOW = {ACK: _ACK, REQUEUE: _NAK, REJECT: _TERM}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,12 +180,7 @@ def _name(owner: str, name: str, value: Any) -> str:
 
 
 def _hmac_key(owner: str, value: Any) -> bytes | None:
-    if value is None or isinstance(value, bytes):
-        return value
-    if isinstance(value, str) and value:
-        return value.encode()
-    # Never echo the value: it is a secret.
-    raise ConfigError(f"{owner}.hmac_key: expected bytes or a non-empty string")
+    return hmac_key_option(owner, value)
 
 
 def _optional_secret(owner: str, name: str, value: Any) -> str | None:
@@ -308,40 +313,6 @@ class _Connection:
 # ---------------------------------------------------------------------------------------------
 
 
-class _Delivery:
-    """One fetched message that batchpunk has not settled with the server yet.
-
-    A "frame" message carries several payloads, hence several envelopes: the message is
-    settled once all of them are, with the gentlest outcome that loses nothing (nak if any
-    asked for a requeue, ack if any succeeded, term only if all were terminated).
-    """
-
-    __slots__ = ("acks", "msg", "naks", "open_parts", "settled", "terms")
-
-    def __init__(self, msg: Any, parts: int) -> None:
-        self.msg = msg
-        self.open_parts = parts
-        self.acks = 0
-        self.naks = 0
-        self.terms = 0
-        self.settled = False
-
-    def record(self, how: str) -> str | None:
-        """Count one envelope's outcome; the message's outcome once every envelope has one."""
-        if how == _ACK:
-            self.acks += 1
-        elif how == _NAK:
-            self.naks += 1
-        else:
-            self.terms += 1
-        self.open_parts -= 1
-        if self.open_parts > 0:
-            return None
-        if self.naks:
-            return _NAK
-        return _ACK if self.acks else _TERM
-
-
 class NatsJetStreamSource:
     """Envelopes from a durable JetStream pull consumer; run many workers on one ``durable``.
 
@@ -402,6 +373,7 @@ class NatsJetStreamSource:
         self.servers = _servers(owner, servers)
         self.stream = _name(owner, "stream", stream)
         self.subject = _name(owner, "subject", subject)
+        self._wildcard = "*" in self.subject or ">" in self.subject
         self.durable = _name(owner, "durable", durable)
         if any(c in self.stream for c in ".*>") or any(c in self.durable for c in ".*>"):
             raise ConfigError(
@@ -426,7 +398,12 @@ class NatsJetStreamSource:
         if not isinstance(nak_delay, int | float) or isinstance(nak_delay, bool) or nak_delay < 0:
             raise ConfigError(f"{owner}.nak_delay: expected seconds >= 0, got {nak_delay!r}")
         self.nak_delay = float(nak_delay)
+        nak = b"-NAK"
+        if self.nak_delay:  # what Msg.nak(delay=...) sends
+            nak += b" " + json.dumps({"delay": int(self.nak_delay * 10**9)}).encode()
+        self._nak_payload = nak
         self._hmac_key = _hmac_key(owner, hmac_key)
+        self._decoder = payload_decoder(owner, self.decode, self._hmac_key)
         self._concurrency = 1
         self._conn = _Connection(
             owner,
@@ -449,7 +426,10 @@ class NatsJetStreamSource:
         self._server_ack_wait = self.ack_wait
         self._server_max_deliver = self.max_deliver
         self._ready: deque[Envelope] = deque()
-        self._unsettled: dict[_Delivery, None] = {}
+        # Messages handed out and not yet settled, by reply subject (unique per delivery): None,
+        # or the parts ledger of a frame message. Acks are published to the reply subject
+        # directly, so no nats-py message object outlives its arrival.
+        self._unsettled: dict[str, Parts | None] = {}
         self._start_lock = asyncio.Lock()
         # At most one pull request is outstanding: its reply subject (None: none), how many
         # messages it may still bring, how many it brought, and when to give up on it.
@@ -634,11 +614,11 @@ class NatsJetStreamSource:
                 with contextlib.suppress(Exception):
                     await self._sub.unsubscribe()
                 for msg in self._drain_client_buffer():
-                    self._unsettled[_Delivery(msg, 1)] = None
+                    self._unsettled[msg.reply] = None
             self._ready.clear()
             returned = 0
-            for delivery in list(self._unsettled):
-                await self._settle_message(delivery, _NAK)
+            for reply in list(self._unsettled):
+                await self._settle_message(reply, _NAK)
                 returned += 1
             if returned:
                 log.info(
@@ -721,8 +701,9 @@ class NatsJetStreamSource:
 
     async def _return_unread(self) -> None:
         await self._wait_pull_over()
-        while self._ready:
-            await self._ready.popleft().nack(True)
+        unread = list(self._ready)
+        self._ready.clear()
+        await self.nack_many(unread, True)
 
     async def _wait_pull_over(self) -> None:
         """Wait until the pull in flight has brought all it will, or was given up on."""
@@ -900,18 +881,9 @@ class NatsJetStreamSource:
         except Exception as exc:  # the next fetch reports a lasting problem
             log.debug("NatsJetStreamSource: consumer check failed: %s", exc)
 
-    def _envelopes(self, msg: Any) -> tuple[_Delivery, list[Envelope]]:
-        stream, delivered, stream_seq, consumer_seq, timestamp = _ack_metadata(msg.reply)
-        headers: dict[str, Any] = {
-            "subject": msg.subject,
-            "stream": stream,
-            "stream_seq": stream_seq,
-            "consumer_seq": consumer_seq,
-            "delivery_count": delivered,
-            "timestamp": timestamp,
-        }
-        if msg.headers:
-            headers["nats_headers"] = dict(msg.headers)
+    def _envelopes(self, msg: Any) -> tuple[str, list[Envelope]]:
+        reply = msg.reply
+        delivered = _delivered(reply)  # the rest of the metadata only when a header needs it
         data: bytes = msg.data
         payloads: list[Any]
         malformed: BaseException | None = None
@@ -919,88 +891,99 @@ class NatsJetStreamSource:
             payloads = self._decode(data)
         except Exception as exc:
             payloads, malformed = [data], exc
-        delivery = _Delivery(msg, max(1, len(payloads)))
-        self._unsettled[delivery] = None
+        # Headers only for what a plain first delivery lacks: headers_of() gives a dead letter
+        # the subject, stream and sequences, so a plain message costs no dict.
+        headers: dict[str, Any] | None = None
+        if delivered > 1 or msg.headers or malformed is not None or self._wildcard:
+            headers = self._headers(msg.subject, reply, msg.headers)
+        receipt: str | Parts = reply
+        if len(payloads) > 1:
+            ledger = Parts(reply, len(payloads))  # the frame's parts ledger
+            self._unsettled[reply] = receipt = ledger
+        else:
+            self._unsettled[reply] = None
         error = malformed
         if delivered >= self._server_max_deliver:
+            headers = headers or self._headers(msg.subject, reply, msg.headers)
             headers[REDELIVERED] = True
-            error = error or DeliveryLimitExceeded(
-                f"stream {stream!r} sequence {stream_seq} was delivered "
-                f"{delivered} times, the consumer's max_deliver={self._server_max_deliver}"
+            stream, stream_seq = headers["stream"], headers["stream_seq"]
+            error = error or delivery_limit_error(
+                f"stream {stream!r} sequence {stream_seq}",
+                delivered,
+                self._server_max_deliver,
+                "the consumer's max_deliver",
             )
-        return delivery, [
-            self._envelope(delivery, p, headers, error, malformed is not None) for p in payloads
-        ]
+        return reply, [Envelope(p, None, 0, headers, receipt, error) for p in payloads]
+
+    def _headers(self, subject: str, reply: str, nats_headers: Any = None) -> dict[str, Any]:
+        stream, delivered, stream_seq, consumer_seq, timestamp = _ack_metadata(reply)
+        headers: dict[str, Any] = {
+            "subject": subject,
+            "stream": stream,
+            "stream_seq": stream_seq,
+            "consumer_seq": consumer_seq,
+            "delivery_count": delivered,
+            "timestamp": timestamp,
+        }
+        if nats_headers:
+            headers["nats_headers"] = dict(nats_headers)
+        return headers
+
+    def headers_of(self, envelope: Envelope) -> dict[str, Any]:
+        """The headers a dead letter of ``envelope`` carries: subject, stream, sequences."""
+        receipt = envelope.receipt
+        reply = receipt.key if isinstance(receipt, Parts) else receipt
+        try:
+            # Without a wildcard the filter subject is every message's subject; with one,
+            # each envelope carries its own headers.
+            return self._headers(self.subject, str(reply))
+        except (IndexError, ValueError):
+            return {}
 
     def _decode(self, data: bytes) -> list[Any]:
-        if self.decode == "json":
-            return [json.loads(data)]
-        if self.decode == "bytes":
-            return [bytes(data)]
-        if self.decode == "text":
-            return [data.decode("utf-8")]
-        codec = importlib.import_module("batchpunk.codec")
-        items: list[Any] = codec.decode_batch(data, hmac_key=self._hmac_key)
-        return items
-
-    def _envelope(
-        self,
-        delivery: _Delivery,
-        payload: Any,
-        headers: dict[str, Any],
-        error: BaseException | None,
-        malformed: bool,
-    ) -> Envelope:
-        settled = False
-
-        async def on_ack() -> None:
-            nonlocal settled
-            if not settled:
-                settled = True
-                await self._settle_part(delivery, _ACK)
-
-        async def on_nack(requeue: bool) -> None:
-            nonlocal settled
-            if not settled:
-                settled = True
-                await self._settle_part(delivery, _NAK if requeue else _TERM)
-
-        return Envelope(
-            payload=payload,
-            headers=headers,
-            malformed=malformed,
-            error=error,
-            on_ack=on_ack,
-            on_nack=on_nack,
-        )
+        return self._decoder(data)
 
     # -- settlement ----------------------------------------------------------------------------
 
-    async def _settle_part(self, delivery: _Delivery, how: str) -> None:
-        if delivery.settled:  # close() already gave it back
-            return
-        outcome = delivery.record(how)
-        if outcome is not None:
-            await self._settle_message(delivery, outcome)
+    async def ack_many(self, envelopes: Sequence[Envelope]) -> None:
+        """Acknowledge these envelopes' messages (a frame message once all its parts are)."""
+        await self._settle(envelopes, _ACK)
 
-    async def _settle_message(self, delivery: _Delivery, how: str) -> None:
-        delivery.settled = True
-        self._unsettled.pop(delivery, None)
-        msg = delivery.msg
+    async def nack_many(self, envelopes: Sequence[Envelope], requeue: bool) -> None:
+        """Nak (``requeue``: redelivered after ``nak_delay``) or terminate these messages."""
+        await self._settle(envelopes, _NAK if requeue else _TERM)
+
+    async def _settle(self, envelopes: Sequence[Envelope], how: str) -> None:
+        """One ack publish per message, written in order, with no task per message."""
+        for envelope in envelopes:
+            receipt = envelope.receipt
+            if isinstance(receipt, Parts):
+                verdict = receipt.settle(_OUTCOME[how])
+                if verdict is not None:
+                    await self._settle_message(receipt, _HOW[verdict])
+            elif receipt is not None:
+                await self._settle_message(receipt, how)
+
+    async def _settle_message(self, delivery: str | Parts, how: str) -> None:
+        reply = delivery.key if isinstance(delivery, Parts) else delivery
+        unsettled = self._unsettled
+        if reply not in unsettled:
+            return  # settled already (close() gave it back, or a second settlement)
+        del unsettled[reply]
+        # What nats-py's Msg.ack/term/nak publish, sent straight to the reply subject.
+        payload = b"" if how == _ACK else b"+TERM" if how == _TERM else self._nak_payload
         try:
-            if how == _ACK:
-                await msg.ack()
-            elif how == _TERM:
-                await msg.term()
-            else:
-                await msg.nak(delay=self.nak_delay or None)
+            nc = self._conn.nc
+            if nc is None:
+                raise ConnectionError("not connected")
+            await nc.publish(reply, payload)
         except Exception as exc:
             # Never lost: an unsettled message comes back after ack_wait (a duplicate at worst).
             log.warning(
                 "NatsJetStreamSource: %s of stream sequence %s failed, the server will "
                 "redeliver it after ack_wait: %s",
                 how,
-                _stream_seq(msg),
+                _stream_seq(reply),
                 self._conn.scrub(f"{type(exc).__name__}: {exc}"),
             )
 
@@ -1009,21 +992,31 @@ class NatsJetStreamSource:
         interval = max(0.05, self._server_ack_wait / 3)
         while True:
             await asyncio.sleep(interval)
-            for delivery in list(self._unsettled):
-                if delivery.settled:
+            nc = self._conn.nc
+            for reply in list(self._unsettled):
+                if reply not in self._unsettled or nc is None:
                     continue
                 try:
-                    await delivery.msg.in_progress()
+                    await nc.publish(reply, b"+WPI")  # what Msg.in_progress() sends
                 except Exception as exc:  # disconnected: the server redelivers, nothing is lost
                     log.debug("NatsJetStreamSource: in_progress failed: %s", exc)
                     break
 
 
-def _stream_seq(msg: Any) -> Any:
+def _stream_seq(reply: str) -> Any:
     try:
-        return _ack_metadata(msg.reply)[2]
+        return _ack_metadata(reply)[2]
     except Exception:
         return "?"
+
+
+def _delivered(reply: str) -> int:
+    """The delivery count in a JetStream reply subject (see _ack_metadata), cheaply."""
+    tokens = reply.split(".")
+    count = len(tokens)
+    if tokens[0] != "$JS" or tokens[1] != "ACK" or not (count == 9 or count >= 11):
+        raise ValueError(f"not a JetStream message: reply subject {reply!r}")
+    return int(tokens[4 if count == 9 else 6])
 
 
 def _ack_metadata(reply: str) -> tuple[str, int, int, int, float]:

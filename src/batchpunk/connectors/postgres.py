@@ -4,10 +4,15 @@ Choose it when a broker's messages end as rows. Two write paths:
 
 - without ``idempotency_key``: one ``COPY ... FROM STDIN (FORMAT binary)`` per batch, the fastest
   way into PostgreSQL. A redelivered batch is written again.
-- with ``idempotency_key``: in one transaction, COPY into a temporary stage table (dropped at
-  commit, holding the table's CHECK constraints on the written columns), then
-  ``INSERT INTO t SELECT ... FROM stage ON CONFLICT (key) DO NOTHING``. A batch
-  redelivered after a crash between the commit and the broker ack adds no rows.
+- with ``idempotency_key``: one ``INSERT INTO t SELECT * FROM unnest($1::type[], ...) ON
+  CONFLICT (key) DO NOTHING`` (one prepared statement, one round trip, the columns sent as
+  arrays) for batches up to ``UNNEST_MAX_ROWS`` rows; larger batches, and any batch the unnest
+  statement refuses, go through COPY into a temporary stage table (dropped at commit, holding
+  the table's CHECK constraints on the written columns) and ``INSERT INTO t SELECT ... FROM stage
+  ON CONFLICT (key) DO NOTHING``, whose errors name the row at fault.
+  bench/postgres_statements.py measures the two statements and executemany at several batch
+  sizes and sets the crossover.
+  A batch redelivered after a crash between the commit and the broker ack adds no rows.
 
 Errors are translated at the seam into three classes that carry ``retryable``::
 
@@ -42,7 +47,7 @@ from operator import itemgetter
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
-from batchpunk.errors import BatchpunkError, ConfigError, PartialFailure, require
+from batchpunk.errors import ConfigError, ConnectorError, PartialFailure, require
 
 if TYPE_CHECKING:
     from batchpunk.config import BatchConfig
@@ -75,6 +80,10 @@ _RETRYABLE_CODES = frozenset(
 _DATA_CLASSES = frozenset({"22", "23"})
 
 _STAGE = "batchpunk_stage"
+#: Largest idempotent batch written with the unnest statement; larger ones use the staged COPY.
+#: Measured by bench/postgres_statements.py (figures in docs/brokers.md): unnest is faster up to
+#: about 10,000 rows, where the two meet and unnest's per-column arrays only cost memory.
+UNNEST_MAX_ROWS = 10_000
 _COPY_LINE = re.compile(r"COPY [^,]+, line (\d+)(?:, column ([^:\s]+))?")
 _PROBE_ROW = re.compile(r"argument \$(\d+) in element #(\d+)")
 
@@ -82,7 +91,7 @@ _PROBE_ROW = re.compile(r"argument \$(\d+) in element #(\d+)")
 # --------------------------------------------------------------------------------------- errors
 
 
-class PostgresSinkError(BatchpunkError):
+class PostgresSinkError(ConnectorError):
     """A PostgresSink failure that no retry fixes: a missing table, a privilege, bad SQL.
 
     Fix the cause, then replay the dead letters. Subclasses tell transient failures and rows the
@@ -119,6 +128,7 @@ class PostgresRetryable(PostgresSinkError, ConnectionError):
     """
 
     retryable: ClassVar[bool] = True
+    unavailable: ClassVar[bool] = True
 
 
 class PostgresDataError(PostgresSinkError, ValueError):
@@ -472,6 +482,22 @@ class PostgresSink:
             return
         listed = ", ".join(_quote(c) for c in columns)
         keys = ", ".join(_quote(c) for c in self._key)
+        if len(rows) <= UNNEST_MAX_ROWS and self._info is not None:
+            types = self._info.types
+            if all(c in types for c in columns):
+                arrays = ", ".join(f"${n}::{types[c]}[]" for n, c in enumerate(columns, 1))
+                try:
+                    await conn.execute(
+                        f"INSERT INTO {self._target} ({listed}) SELECT * FROM unnest({arrays}) "
+                        f"ON CONFLICT ({keys}) DO NOTHING",
+                        *(list(column) for column in zip(*rows, strict=True)),
+                        timeout=self._timeout,
+                    )
+                    return
+                except Exception as exc:
+                    if self._translate(exc, "writing").retryable:
+                        raise
+                    # A refused row: the staged COPY below fails again, naming its line.
         checks = self._info.stage_checks(columns) if self._info is not None else ""
         async with conn.transaction():
             # One round trip: the simple query protocol runs both statements.

@@ -1,7 +1,7 @@
 """RabbitMQ: a consuming Source, a publishing Sink and a dead-letter sink, on aio-pika.
 
-Delivery guarantee: at least once. A message is acknowledged only after the pipeline called its
-envelope's ``ack()`` (its batch succeeded or its dead letter was durably written); anything
+Delivery guarantee: at least once. A message is acknowledged only after the pipeline passed its
+envelope to ``ack_many`` (its batch succeeded or its dead letter was durably written); anything
 delivered but not settled when the source closes, crashes or loses its connection goes back to
 the queue, and the broker delivers it again. Pair it with an idempotent sink.
 
@@ -14,10 +14,11 @@ Three choices here are not the obvious ones:
   ``aio_pika.Queue.consume``. aio-pika wraps each delivery in an ``IncomingMessage`` and an extra
   task, which halves consumer throughput; the robust channel still restores the connection, the
   QoS and the queue declaration, and this module consumes again on every reopened channel.
-* Acknowledgements are coalesced. ``ack()`` only records the outcome; one flusher task then sends
-  a single ``basic.ack(multiple=True)`` for the longest run of settled deliveries at the head of
-  the channel, and single frames for settled deliveries behind an unsettled one. A multiple ack
-  never covers a delivery whose own ``ack()`` was not called.
+* Acknowledgements are coalesced. ``ack_many`` only records the outcomes (one byte per delivery,
+  no object per message); one flusher task then sends a single ``basic.ack(multiple=True)`` for
+  the longest run of settled deliveries at the head of the channel. Acks behind an unsettled
+  delivery wait for it (the next multiple ack covers them) unless half the prefetch window is
+  waiting; nacks go out at once. A multiple ack never covers a delivery that was not acked.
 * Delivery tags belong to one channel. After a reconnect the old channel's tags are stale: their
   settlements are dropped and counted (``stats().stale``), never sent, and the broker redelivers
   those messages. A stale tag never crashes the worker.
@@ -45,11 +46,20 @@ from batchpunk.connectors._common import (
     mask_url,
     tls_context,
 )
+from batchpunk.connectors._toolkit import (
+    ACK,
+    REDELIVERED,
+    REJECT,
+    REQUEUE,
+    Parts,
+    hmac_key_option,
+    payload_decoder,
+)
 from batchpunk.deadletter import DeadLetter
 from batchpunk.envelope import Envelope
 from batchpunk.errors import (
-    BatchpunkError,
     ConfigError,
+    ConnectorError,
     DeadLetterError,
     DeliveryLimitExceeded,
     require,
@@ -72,7 +82,7 @@ log = logging.getLogger(__name__)
 
 #: Envelope header set to True on a delivery past ``max_deliveries``: dead-letter it as
 #: "redelivered" (without processing it), then ack it.
-REDELIVERED_HEADER = "batchpunk_redelivered"
+REDELIVERED_HEADER = REDELIVERED
 #: Envelope header: how many times the broker has delivered this message, this time included
 #: (quorum queues only; classic queues do not count).
 DELIVERY_COUNT_HEADER = "delivery_count"
@@ -85,12 +95,13 @@ DECODERS = ("json", "bytes", "text", "frame")
 SINK_MODES = ("frame", "items")
 EXCHANGE_TYPES = ("direct", "fanout", "topic", "headers")
 
-# A delivery's outcome, in the order one item of a frame overrides another's: a requeue of any
-# item returns the whole message, a reject of any item rejects it, otherwise it is acked.
+# A delivery's state; a frame's items are combined by the toolkit's Parts ledger.
 _PENDING, _ACK, _REJECT, _REQUEUE, _SENT = 0, 1, 2, 3, 4
+_TO_PARTS = {_ACK: ACK, _REJECT: REJECT, _REQUEUE: REQUEUE}
+_FROM_PARTS = {ACK: _ACK, REJECT: _REJECT, REQUEUE: _REQUEUE}
 
 
-class RabbitMQError(BatchpunkError, ConnectionError):
+class RabbitMQError(ConnectorError, ConnectionError):
     """The broker refused, returned or lost a publication, or could not be reached.
 
     Retryable (``retryable = True``, and a ConnectionError): a nack is transient, a lost
@@ -98,6 +109,7 @@ class RabbitMQError(BatchpunkError, ConnectionError):
     """
 
     retryable = True
+    unavailable = True
 
 
 class RabbitMQSourceStats(NamedTuple):
@@ -195,96 +207,103 @@ def _channel_errors() -> tuple[type[BaseException], ...]:
     return (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError, asyncio.TimeoutError)
 
 
-class _Delivery:
-    """One broker message: its tag, its channel's tracker, and how it was settled.
-
-    A frame yields several envelopes from one message; the message is settled when each of them
-    was, with the strongest outcome (requeue over reject over ack).
-    """
-
-    __slots__ = ("parts", "state", "tag", "tracker", "verdict")
-
-    def __init__(self, tracker: _Tracker, tag: int) -> None:
-        self.tracker = tracker
-        self.tag = tag
-        self.state = _PENDING
-        self.parts = 1
-        self.verdict = _ACK
-
-    def settle(self, outcome: int) -> None:
-        self.tracker.settle(self, outcome)
-
-    async def ack(self) -> None:
-        self.tracker.settle(self, _ACK)
-
-    async def nack(self, requeue: bool) -> None:
-        self.tracker.settle(self, _REQUEUE if requeue else _REJECT)
-
-    def vote(self, outcome: int) -> None:
-        """One item of a frame is settled; the message is settled with the last one."""
-        if outcome > self.verdict:
-            self.verdict = outcome
-        self.parts -= 1
-        if self.parts == 0:
-            self.tracker.settle(self, self.verdict)
-
-
-class _Part:
-    """The settle handle of one item of a frame message; settling it twice is a no-op."""
-
-    __slots__ = ("delivery", "done", "tracker")
-
-    def __init__(self, delivery: _Delivery) -> None:
-        self.delivery = delivery
-        self.tracker = delivery.tracker
-        self.done = False
-
-    def settle(self, outcome: int) -> None:
-        if not self.done:
-            self.done = True
-            self.delivery.vote(outcome)
-
-    async def ack(self) -> None:
-        self.settle(_ACK)
-
-    async def nack(self, requeue: bool) -> None:
-        self.settle(_REQUEUE if requeue else _REJECT)
+#: A receipt is ``generation * _GEN + delivery tag``: one int per message (never tracked by the
+#: garbage collector), telling a stale channel's tags from the current one's.
+_GEN = 1 << 48
 
 
 class _Tracker:
     """The deliveries of one AMQP channel, in delivery-tag order, until each is sent settled.
 
+    One byte of state per delivery (``states[tag - base]``), no object per message. A frame
+    message yields several envelopes; ``parts`` holds, for such a message only, its parts
+    ledger (the toolkit's rule: requeue if any part asked, else ack if any part was processed,
+    reject only when all were rejected).
+
     Once the channel closes the tracker is dead: its tags mean nothing on any other channel.
     """
 
-    __slots__ = ("channel", "dead", "deliveries", "ready", "source")
+    __slots__ = (
+        "acks_behind",
+        "base",
+        "channel",
+        "dead",
+        "dirty",
+        "gen",
+        "others_behind",
+        "parts",
+        "source",
+        "states",
+    )
 
-    def __init__(self, source: RabbitMQSource, channel: Any) -> None:
+    def __init__(self, source: RabbitMQSource, channel: Any, gen: int) -> None:
         self.source = source
         self.channel = channel
-        self.deliveries: deque[_Delivery] = deque()
-        self.ready: list[_Delivery] = []
+        self.gen = gen
+        self.base = 0
+        self.states = bytearray()
+        self.parts: dict[int, Parts] = {}
         self.dead = False
+        self.dirty = False
+        # Settled but unsent deliveries behind an unsettled one (acks wait for the gap to close).
+        self.acks_behind = 0
+        self.others_behind = 0
 
-    def settle(self, delivery: _Delivery, outcome: int) -> None:
-        if delivery.state != _PENDING:
-            return  # settled already: a second ack or nack changes nothing
+    def add(self, tag: int) -> int:
+        """Record a new delivery; returns its receipt."""
+        states = self.states
+        if not states:
+            self.base = tag
+        else:
+            gap = tag - self.base - len(states)
+            if gap > 0:  # never seen on one consumer's channel; keep the indices right anyway
+                states.extend(bytes((_SENT,)) * gap)
+        states.append(_PENDING)
+        return self.gen * _GEN + tag
+
+    def split(self, tag: int, parts: int) -> None:
+        """The delivery ``tag`` holds ``parts`` messages: settle it once all of them are."""
+        self.parts[tag] = Parts(tag, parts)
+
+    def settle(self, tag: int, outcome: int) -> None:
         if self.dead:
-            log.debug("RabbitMQ delivery %d settled after its channel closed", delivery.tag)
+            log.debug("RabbitMQ delivery %d settled after its channel closed", tag)
             return
-        delivery.state = outcome
-        if not self.ready:
+        parts = self.parts
+        if parts:
+            ledger = parts.get(tag)
+            if ledger is not None:
+                verdict = ledger.settle(_TO_PARTS[outcome])
+                if verdict is None:
+                    return
+                del parts[tag]
+                outcome = _FROM_PARTS[verdict]
+        index = tag - self.base
+        states = self.states
+        if index < 0 or index >= len(states) or states[index] != _PENDING:
+            return  # settled already: a second ack or nack changes nothing
+        states[index] = outcome
+        if index:
+            if outcome == _ACK:
+                self.acks_behind += 1
+            else:
+                self.others_behind += 1
+        if not self.dirty:
+            self.dirty = True
             self.source._mark_dirty(self)
-        self.ready.append(delivery)
+
+    def pending_tags(self) -> list[int]:
+        base = self.base
+        return [base + i for i, state in enumerate(self.states) if state == _PENDING]
 
     def kill(self, lost: int = 0, cause: BaseException | None = None) -> None:
         """The channel is gone: count what it leaves unsettled and stop sending for it."""
         if self.dead:
             return
         self.dead = True
-        lost += sum(1 for d in self.deliveries if d.state != _SENT)
-        self.deliveries.clear()
-        self.ready = []
+        lost += sum(1 for state in self.states if state != _SENT)
+        self.states = bytearray()
+        self.parts.clear()
         self.source._stale += lost
         if lost:
             log.warning(
@@ -296,8 +315,14 @@ class _Tracker:
             )
 
     async def flush(self) -> None:
-        """Send the settlements recorded since the last flush, coalescing acks."""
-        ready, self.ready = self.ready, []
+        """Send the settlements recorded since the last flush, coalescing acks.
+
+        The settled run at the head of the channel goes out as one ``basic.ack(multiple=True)``
+        (after the single nacks inside it). Behind an unsettled delivery, nacks go out at once;
+        acks wait for the gap to close (a later multiple ack covers them) unless more than half
+        the prefetch window waits, which would starve the consumer: then they go out singly.
+        """
+        self.dirty = False
         if self.dead:
             return
         if self.channel.is_closed:
@@ -305,25 +330,47 @@ class _Tracker:
             return
         # (tag, outcome, multiple, how many deliveries the frame settles)
         frames: list[tuple[int, int, bool, int]] = []
-        deliveries = self.deliveries
+        states = self.states
+        base = self.base
+        run = 0
         last_ack = 0
         acks = 0
-        while deliveries and deliveries[0].state != _PENDING:
-            head = deliveries.popleft()
-            if head.state == _ACK:
-                last_ack = head.tag
+        behind_acks = behind_others = 0
+        size = len(states)
+        while run < size:
+            state = states[run]
+            if state == _PENDING:
+                break
+            if state == _ACK:
+                last_ack = base + run
                 acks += 1
-            elif head.state != _SENT:
-                frames.append((head.tag, head.state, False, 1))
-            head.state = _SENT
+                if run:
+                    behind_acks += 1
+            elif state != _SENT:
+                frames.append((base + run, state, False, 1))
+                if run:
+                    behind_others += 1
+            run += 1
+        if run:
+            # Part of the head run was counted as "behind" when it was settled.
+            self.acks_behind = max(0, self.acks_behind - behind_acks)
+            self.others_behind = max(0, self.others_behind - behind_others)
+            del states[:run]
+            self.base = base = base + run
         if acks:
             # Every delivery up to last_ack is settled: nacks above go first, on the same
             # channel, so the broker has already taken them out when it reads this ack.
             frames.append((last_ack, _ACK, acks > 1, acks))
-        for delivery in ready:
-            if delivery.state != _SENT:
-                frames.append((delivery.tag, delivery.state, False, 1))
-                delivery.state = _SENT
+        limit = max(1, (self.source.prefetch or 0) // 2)
+        if states and (self.others_behind or self.acks_behind > limit):
+            singles = self.acks_behind > limit
+            for index, state in enumerate(states):
+                if (state == _ACK and singles) or state in (_REJECT, _REQUEUE):
+                    frames.append((base + index, state, False, 1))
+                    states[index] = _SENT
+            if singles:
+                self.acks_behind = 0
+            self.others_behind = 0
         channel = self.channel
         source = self.source
         for index, (tag, outcome, multiple, count) in enumerate(frames):
@@ -344,16 +391,18 @@ class _Tracker:
 
 
 class RabbitMQSource:
-    """Consume one queue: an async iterator of Envelopes, settled through ack() / nack().
+    """Consume one queue: an async iterator of Envelopes, settled through ack_many / nack_many.
 
     Choose the defaults for a durable classic queue; ``quorum=True`` for a replicated queue with
     a delivery count, which ``max_deliveries`` needs. Call ``prepare(config)`` before iterating
     (the pipeline does) so the prefetch fits the batches.
 
-    Envelope headers: ``queue``; ``message_id`` and ``redelivered`` (the AMQP flag) when set;
-    ``delivery_count`` (quorum queues); ``amqp_headers`` (the message's own headers) when it has
-    any; REDELIVERED_HEADER (True) past max_deliveries, with ``error`` a DeliveryLimitExceeded.
-    The envelope's priority is the AMQP priority.
+    Envelope headers: None for a plain first delivery (``headers_of`` gives a dead letter the
+    queue name); else ``queue``, with ``message_id`` and ``redelivered`` (the AMQP flag) when
+    set, ``delivery_count`` (quorum queues), ``amqp_headers`` (the message's own headers) when
+    it has any, REDELIVERED_HEADER (True) past max_deliveries, with ``error`` a
+    DeliveryLimitExceeded. The envelope's priority is the AMQP priority; its receipt is the
+    delivery tag with the channel's generation.
 
     Attributes:
         url: amqp:// or amqps:// URL (user, password, host, port, vhost).
@@ -471,7 +520,8 @@ class RabbitMQSource:
         self._channel: Any = None
         self._consumer_tag: str | None = None
         self._tracker: _Tracker | None = None
-        self._buffer: deque[tuple[Envelope, _Delivery | _Part]] = deque()
+        self._buffer: deque[Envelope] = deque()
+        self._generation = 0
         self._waiter: asyncio.Future[None] | None = None
         self._dirty: list[_Tracker] = []
         self._flusher: asyncio.Task[None] | None = None
@@ -571,8 +621,13 @@ class RabbitMQSource:
         buffer = self._buffer
         while True:
             while buffer:
-                envelope, handle = buffer.popleft()
-                if not handle.tracker.dead:
+                envelope = buffer.popleft()
+                tracker = self._tracker
+                if (
+                    tracker is not None
+                    and not tracker.dead
+                    and envelope.receipt // _GEN == tracker.gen
+                ):
                     return envelope
             if self._stopping:
                 raise StopAsyncIteration
@@ -641,7 +696,8 @@ class RabbitMQSource:
         if old is not None and old.channel is not amqp:
             old.kill()
         if old is None or old.channel is not amqp:
-            self._tracker = _Tracker(self, amqp)
+            self._generation += 1
+            self._tracker = _Tracker(self, amqp, self._generation)
         assert self._tracker is not None
         return self._tracker
 
@@ -695,34 +751,40 @@ class RabbitMQSource:
         tracker = self._tracker
         if tracker is None or tracker.channel is not message.channel:
             tracker = self._new_tracker(message.channel)
-        delivery = _Delivery(tracker, message.delivery.delivery_tag)
-        tracker.deliveries.append(delivery)
+        delivery = message.delivery
+        tag = delivery.delivery_tag
+        receipt = tracker.add(tag)
         self._delivered += 1
         if self._stopping:
             # Sent before the broker saw our basic.cancel: give it straight back.
-            tracker.settle(delivery, _REQUEUE)
+            tracker.settle(tag, _REQUEUE)
             return
         properties = message.header.properties
-        headers: dict[str, Any] = {"queue": self.queue}
+        # Headers only when the message has some: the queue name of a dead letter comes from
+        # headers_of(), so a plain message costs no dict.
+        headers: dict[str, Any] | None = None
         if properties.message_id is not None:
-            headers["message_id"] = properties.message_id
-        if message.delivery.redelivered:
+            headers = {"queue": self.queue, "message_id": properties.message_id}
+        if delivery.redelivered:
+            headers = headers or {"queue": self.queue}
             headers["redelivered"] = True
         error: BaseException | None = None
         amqp_headers = properties.headers
         count = None
         if amqp_headers:
+            headers = headers or {"queue": self.queue}
             headers["amqp_headers"] = amqp_headers
             count = amqp_headers.get("x-delivery-count")
         if count is None and self.quorum:
             count = 0  # a quorum queue omits the header on a first delivery
         if isinstance(count, int):
+            headers = headers or {"queue": self.queue}
             headers[DELIVERY_COUNT_HEADER] = count + 1
             if self.max_deliveries is not None and count >= self.max_deliveries:
                 headers[REDELIVERED_HEADER] = True
                 self._redelivered += 1
                 error = DeliveryLimitExceeded(
-                    f"message {properties.message_id or delivery.tag} of queue "
+                    f"message {properties.message_id or tag} of queue "
                     f"{self.queue!r} was delivered {count + 1} times, more than "
                     f"max_deliveries={self.max_deliveries}"
                 )
@@ -732,49 +794,45 @@ class RabbitMQSource:
             payload = self._decode(body)
         except Exception as exc:
             self._malformed += 1
-            envelope = Envelope(
-                body,
-                priority=priority,
-                headers=headers,
-                malformed=True,
-                error=exc,
-                on_ack=delivery.ack,
-                on_nack=delivery.nack,
+            self._buffer.append(
+                Envelope(body, None, priority, headers or {"queue": self.queue}, receipt, exc)
             )
-            self._push(envelope, delivery)
+            self._wake()
             return
         if not self._frames:
-            envelope = Envelope(
-                payload,
-                priority=priority,
-                headers=headers,
-                error=error,
-                on_ack=delivery.ack,
-                on_nack=delivery.nack,
-            )
-            self._push(envelope, delivery)
+            self._buffer.append(Envelope(payload, None, priority, headers, receipt, error))
+            self._wake()
             return
         if not payload:
-            tracker.settle(delivery, _ACK)  # an empty frame: nothing to process
+            tracker.settle(tag, _ACK)  # an empty frame: nothing to process
             return
-        delivery.parts = len(payload)
-        buffer = self._buffer
-        for item in payload:
-            part = _Part(delivery)
-            envelope = Envelope(
-                item,
-                priority=priority,
-                headers=headers,
-                error=error,
-                on_ack=part.ack,
-                on_nack=part.nack,
-            )
-            buffer.append((envelope, part))
+        if len(payload) > 1:
+            tracker.split(tag, len(payload))
+        self._buffer.extend(
+            Envelope(item, None, priority, headers, receipt, error) for item in payload
+        )
         self._wake()
 
-    def _push(self, envelope: Envelope, delivery: _Delivery) -> None:
-        self._buffer.append((envelope, delivery))
-        self._wake()
+    def headers_of(self, envelope: Envelope) -> dict[str, Any]:
+        """The headers a dead letter of ``envelope`` carries beyond its own: the queue name."""
+        return {"queue": self.queue}
+
+    def _settle(self, envelopes: Sequence[Envelope], outcome: int) -> None:
+        tracker = self._tracker
+        if tracker is None:
+            return
+        gen = tracker.gen
+        stale = 0
+        for envelope in envelopes:
+            receipt = envelope.receipt
+            if not isinstance(receipt, int):
+                continue
+            if receipt // _GEN != gen:
+                stale += 1  # its channel closed: the broker redelivers it
+                continue
+            tracker.settle(receipt - gen * _GEN, outcome)
+        if stale:
+            log.debug("RabbitMQ: %d settlement(s) for a closed channel dropped", stale)
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -785,19 +843,16 @@ class RabbitMQSource:
         if callable(decode):
             return decode
         if decode == "json":
-            return json.loads
+            from batchpunk.codec.serializers import deserialize
+
+            return lambda body: deserialize(body, "json")
         if decode == "text":
             return lambda body: body.decode("utf-8")
         if decode == "bytes":
             return _identity
-        codec = require("batchpunk.codec", "all", "RabbitMQSource(decode='frame')")
-        key = self._hmac_key
-
-        def frame(body: bytes) -> Any:
-            items = codec.decode_batch(body, hmac_key=key)
-            return items
-
-        return frame
+        require("batchpunk.codec", "all", "RabbitMQSource(decode='frame')")
+        key = hmac_key_option("RabbitMQSource", self._hmac_key)
+        return payload_decoder("RabbitMQSource", "frame", key)
 
     # -- settlement ----------------------------------------------------------------------
 
@@ -818,7 +873,7 @@ class RabbitMQSource:
     async def flush(self) -> None:
         """Wait until every ack and nack recorded so far is written to the broker's socket.
 
-        ``ack()`` only records the outcome (acks are coalesced); call this when the caller needs
+        ``ack_many`` only records the outcome (acks are coalesced); call this when the caller needs
         the frames out, e.g. before measuring the queue. close() flushes by itself.
         """
         await self._drain_settlements()
@@ -845,19 +900,19 @@ class RabbitMQSource:
         if self._resumer is not None:
             self._resumer.cancel()
         buffer = self._buffer  # emptied in place: a waiting __anext__ holds this very deque
-        while buffer:
-            buffer.popleft()[1].settle(_REQUEUE)
+        unhanded = list(buffer)
+        buffer.clear()
+        self._settle(unhanded, _REQUEUE)
         if self._consumer_tag is not None:
             self._canceller = asyncio.get_running_loop().create_task(self._cancel_consumer())
 
     async def ack_many(self, envelopes: Sequence[Envelope]) -> None:
-        """Acknowledge many envelopes at once: the same as ack() on each, without the awaits."""
-        for envelope in envelopes:
-            handle = getattr(envelope.on_ack, "__self__", None)
-            if isinstance(handle, _Delivery | _Part) and handle.tracker.source is self:
-                handle.settle(_ACK)
-            else:
-                await envelope.ack()
+        """Acknowledge these envelopes: recorded now, sent by the flusher as multiple acks."""
+        self._settle(envelopes, _ACK)
+
+    async def nack_many(self, envelopes: Sequence[Envelope], requeue: bool) -> None:
+        """Return these envelopes to the queue (``requeue``) or reject them (to its DLX)."""
+        self._settle(envelopes, _REQUEUE if requeue else _REJECT)
 
     async def _cancel_consumer(self) -> None:
         tag, self._consumer_tag = self._consumer_tag, None
@@ -893,8 +948,9 @@ class RabbitMQSource:
                 await self._drain_settlements()
                 tracker = self._tracker
                 if tracker is not None and not tracker.dead:
-                    for delivery in list(tracker.deliveries):
-                        tracker.settle(delivery, _REQUEUE)
+                    for tag in tracker.pending_tags():
+                        tracker.parts.pop(tag, None)
+                        tracker.settle(tag, _REQUEUE)
                     await self._drain_settlements()
                 await self._abandon_connection()
         finally:

@@ -35,16 +35,29 @@ from urllib.parse import parse_qsl, urlsplit
 
 from batchpunk.config import BatchConfig
 from batchpunk.connectors._common import mask_secrets, mask_url
+from batchpunk.connectors._toolkit import (
+    ACK,
+    DECODINGS,
+    REDELIVERED,
+    REQUEUE,
+    Parts,
+    delivery_limit_error,
+    hmac_key_option,
+    payload_decoder,
+    reconnect_delay,
+)
 from batchpunk.envelope import Envelope
 from batchpunk.errors import (
     BatchpunkError,
     ConfigError,
+    ConnectorError,
     DeliveryLimitExceeded,
     PartialFailure,
     require,
 )
 
 __all__ = [
+    "REDELIVERED",
     "DeliveryLimitExceeded",
     "RedisStreamSink",
     "RedisStreamSource",
@@ -53,21 +66,17 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Header set on an envelope whose entry was delivered more than ``max_deliveries`` times; the
-#: pipeline dead-letters such an envelope with reason "redelivered" instead of processing it.
-REDELIVERED = "batchpunk_redelivered"
 
-DECODINGS = ("json", "bytes", "text", "frame")
 ENCODINGS = ("json", "bytes", "text", "frame")
 
-_ACK_DELAY = 0.005  # seconds over which acks are coalesced into one XACK
+_ONE = 1  # the value in _held of an entry holding one message (no parts ledger)
 _CHUNK = 1000  # ids per XACK / XCLAIM command
 _CLOSE_FLUSH_SECONDS = 10.0  # how long close() keeps retrying unsent acks when Redis is down
 _MAX_BACKOFF = 5.0
 _DEFAULT_COUNT = 100  # BatchConfig().max_size, until prepare() says otherwise
 
 
-class StreamEntryLost(BatchpunkError, LookupError):
+class StreamEntryLost(ConnectorError, LookupError):
     """A pending entry was trimmed or deleted from the stream before it was acknowledged.
 
     Its data is gone; the source still yields a malformed envelope for it so the loss shows in
@@ -186,45 +195,6 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-class _Entry:
-    """Bookkeeping for one delivered stream entry until every envelope made from it is settled."""
-
-    __slots__ = ("entry_id", "remaining", "requeue")
-
-    def __init__(self, entry_id: str, pieces: int) -> None:
-        self.entry_id = entry_id
-        self.remaining = pieces
-        self.requeue = False
-
-
-class _Piece:
-    """The ack/nack of one envelope: settles once, however often the pipeline calls it."""
-
-    __slots__ = ("entry", "settled", "source")
-
-    def __init__(self, source: RedisStreamSource, entry: _Entry) -> None:
-        self.source = source
-        self.entry = entry
-        self.settled = False
-
-    async def ack(self) -> None:
-        self.settle(requeue=False)
-
-    async def nack(self, requeue: bool) -> None:
-        self.settle(requeue=requeue)
-
-    def settle(self, *, requeue: bool) -> None:
-        if self.settled:
-            return
-        self.settled = True
-        entry = self.entry
-        if requeue:
-            entry.requeue = True
-        entry.remaining -= 1
-        if entry.remaining == 0:
-            self.source._settled(entry)
-
-
 class RedisStreamSource:
     """Reads a Redis stream through a consumer group, acknowledging entries after their batch.
 
@@ -252,6 +222,8 @@ class RedisStreamSource:
         tls: None to follow the URL scheme, True for TLS with the system CAs, or a mapping with
             any of ca_file, ca_path, ca_data, cert_file, key_file, key_password, verify,
             check_hostname.
+        hmac_key: with decode="frame", the key every frame must be signed with (a frame
+            without a valid signature comes out malformed); a signed frame needs it.
     """
 
     def __init__(
@@ -270,6 +242,7 @@ class RedisStreamSource:
         create_group: bool = True,
         start_id: str = "0",
         tls: bool | Mapping[str, Any] | None = None,
+        hmac_key: bytes | str | None = None,
     ) -> None:
         owner = "RedisStreamSource"
         self._client_kwargs = _client_kwargs(owner, url, tls)
@@ -292,7 +265,7 @@ class RedisStreamSource:
             raise ConfigError(f"{owner}.create_group: expected true or false")
         self.create_group = create_group
         self.start_id = _name(owner, "start_id", start_id)
-        self._decoder = self._make_decoder(decode)
+        self._decoder = payload_decoder(owner, decode, hmac_key_option(owner, hmac_key))
 
         self._client: Any = None
         self._errors: Any = None
@@ -302,7 +275,9 @@ class RedisStreamSource:
         self._closing = False
         self._close_lock = asyncio.Lock()
         self._buffer: deque[Envelope] = deque()
-        self._held: dict[str, _Entry] = {}
+        # Entries handed out and not yet settled: the janitor keeps them claimed. The value is
+        # the parts ledger of a frame entry, or _ONE for an entry holding one message.
+        self._held: dict[str, Parts | int] = {}
         self._ready = asyncio.Event()
         self._demand = asyncio.Event()
         self._stop_reading = asyncio.Event()  # set by stop_consuming() and close()
@@ -530,29 +505,18 @@ class RedisStreamSource:
         )
 
     async def _retry_later(self, failures: int) -> None:
-        await _wait(self._stop_reading, min(_MAX_BACKOFF, 0.1 * 2**failures))
+        await _wait(self._stop_reading, reconnect_delay(failures + 1, cap=_MAX_BACKOFF))
 
     # -- turning entries into envelopes ----------------------------------------------------
-
-    def _make_decoder(self, decode: str) -> Callable[[bytes], list[Any]]:
-        if decode == "json":
-            return lambda raw: [json.loads(raw)]
-        if decode == "bytes":
-            return lambda raw: [raw]
-        if decode == "text":
-            return lambda raw: [raw.decode("utf-8")]
-        # Imported by name at first use: the codec is a sibling module that may load late.
-        decode_batch = importlib.import_module("batchpunk.codec").decode_batch
-        return lambda raw: list(decode_batch(raw))
 
     def _envelopes(
         self, entry_id: str, fields: Mapping[bytes, bytes], count: int
     ) -> list[Envelope]:
-        headers: dict[str, Any] = {
-            "stream": self.stream,
-            "message_id": entry_id,
-            "delivery_count": count,
-        }
+        # Headers only when there is something a first delivery does not have: the stream and
+        # entry id of a dead letter come from headers_of(), so a message costs no dict.
+        headers: dict[str, Any] | None = None
+        if count > 1:
+            headers = self._headers(entry_id, count)
         raw = fields.get(self._field_bytes)
         error: BaseException | None = None
         payloads: list[Any] = []
@@ -565,22 +529,49 @@ class RedisStreamSource:
             except Exception as exc:
                 error = exc
         if error is not None:
-            entry = self._hold(entry_id, 1)
+            self._held[entry_id] = _ONE
             payload: Any = raw if raw is not None else {_text(k): v for k, v in fields.items()}
-            return [self._envelope(entry, payload, headers, malformed=True, error=error)]
+            return [
+                Envelope(
+                    payload,
+                    headers=self._headers(entry_id, count),
+                    receipt=entry_id,
+                    error=error,
+                )
+            ]
         if not payloads:  # an empty frame: nothing to process, settle it at once
             self._held.pop(entry_id, None)
             self._acks.append(entry_id)
             self._wake_settler()
             return []
-        entry = self._hold(entry_id, len(payloads))
         if count > self.max_deliveries:
+            headers = self._headers(entry_id, count)
             headers[REDELIVERED] = True
-            error = DeliveryLimitExceeded(
-                f"stream entry {entry_id} of {self.stream!r} was delivered {count} times, "
-                f"more than max_deliveries={self.max_deliveries}"
+            error = delivery_limit_error(
+                f"stream entry {entry_id} of {self.stream!r}",
+                count,
+                self.max_deliveries,
+                "max_deliveries",
             )
-        return [self._envelope(entry, p, headers, error=error) for p in payloads]
+        if len(payloads) == 1:
+            self._held[entry_id] = _ONE
+            return [Envelope(payloads[0], None, 0, headers, entry_id, error)]
+        entry = Parts(entry_id, len(payloads))
+        self._held[entry_id] = entry
+        return [Envelope(p, None, 0, headers, entry, error) for p in payloads]
+
+    def _headers(self, entry_id: str, count: int) -> dict[str, Any]:
+        return {"stream": self.stream, "message_id": entry_id, "delivery_count": count}
+
+    def headers_of(self, envelope: Envelope) -> dict[str, Any]:
+        """The headers a dead letter of ``envelope`` carries: stream, entry id, delivery count.
+
+        Envelopes of a first delivery carry no headers dict (one object less per message); the
+        pipeline asks for these only when it writes a dead letter.
+        """
+        receipt = envelope.receipt
+        entry_id = receipt.key if isinstance(receipt, Parts) else str(receipt)
+        return self._headers(entry_id, 1)
 
     def _lost(self, entry_id: str) -> Envelope:
         logger.warning(
@@ -593,38 +584,28 @@ class RedisStreamSource:
             f"stream entry {entry_id} of {self.stream!r} was trimmed or deleted before it was "
             "acknowledged; its data is gone (raise the stream's MAXLEN)"
         )
-        return self._envelope(self._hold(entry_id, 1), None, headers, malformed=True, error=error)
-
-    def _hold(self, entry_id: str, pieces: int) -> _Entry:
-        entry = _Entry(entry_id, pieces)
-        self._held[entry_id] = entry
-        return entry
-
-    def _envelope(
-        self,
-        entry: _Entry,
-        payload: Any,
-        headers: Mapping[str, Any],
-        *,
-        malformed: bool = False,
-        error: BaseException | None = None,
-    ) -> Envelope:
-        piece = _Piece(self, entry)
-        return Envelope(
-            payload,
-            headers=headers,
-            malformed=malformed,
-            error=error,
-            on_ack=piece.ack,
-            on_nack=piece.nack,
-        )
+        self._held[entry_id] = _ONE
+        return Envelope(None, headers=headers, receipt=entry_id, error=error)
 
     # -- settling: XACK and requeue, coalesced ------------------------------------------------
 
-    def _settled(self, entry: _Entry) -> None:
-        if self._held.get(entry.entry_id) is entry:
-            del self._held[entry.entry_id]
-        (self._requeues if entry.requeue else self._acks).append(entry.entry_id)
+    def _settle(self, envelopes: Sequence[Envelope], *, requeue: bool) -> None:
+        """Queue the entries of these envelopes for one XACK (or requeue) per settle pass."""
+        held = self._held
+        out = self._requeues if requeue else self._acks
+        for envelope in envelopes:
+            receipt = envelope.receipt
+            if isinstance(receipt, Parts):
+                verdict = receipt.settle(REQUEUE if requeue else ACK)
+                if verdict is None:
+                    continue
+                entry_id = receipt.key
+                if held.get(entry_id) is receipt:
+                    del held[entry_id]
+                (self._requeues if verdict == REQUEUE else self._acks).append(entry_id)
+            elif isinstance(receipt, str):
+                held.pop(receipt, None)
+                out.append(receipt)
         self._wake_settler()
 
     def _wake_settler(self) -> None:
@@ -647,7 +628,7 @@ class RedisStreamSource:
                 await self._settle_wakeup.wait()
                 continue
             if not self._settle_final:
-                await asyncio.sleep(_ACK_DELAY)
+                await asyncio.sleep(0)  # settlements queued in this loop turn go together
             acks, self._acks = self._acks, []
             requeues, self._requeues = self._requeues, []
             try:
@@ -788,21 +769,23 @@ class RedisStreamSource:
         """Give back entries read ahead that iteration will never hand out (it has ended)."""
         unhanded = list(self._buffer)
         self._buffer.clear()
-        for entry_id in dict.fromkeys(e.headers["message_id"] for e in unhanded):
-            entry = self._held.pop(entry_id, None)
-            if entry is not None:
+        ids = (e.receipt.key if isinstance(e.receipt, Parts) else str(e.receipt) for e in unhanded)
+        for entry_id in dict.fromkeys(ids):
+            if self._held.pop(entry_id, None) is not None:
                 self._requeues.append(entry_id)
         if unhanded:
             self._wake_settler()
 
     async def ack_many(self, envelopes: Sequence[Envelope]) -> None:
-        """Acknowledge many envelopes at once (same effect as ack() on each, without awaits)."""
-        for envelope in envelopes:
-            piece = getattr(envelope.on_ack, "__self__", None)
-            if isinstance(piece, _Piece) and piece.source is self:
-                piece.settle(requeue=False)
-            else:
-                await envelope.ack()
+        """Acknowledge these envelopes' entries: one XACK per settle pass, however many."""
+        self._settle(envelopes, requeue=False)
+
+    async def nack_many(self, envelopes: Sequence[Envelope], requeue: bool) -> None:
+        """Give entries back (``requeue``: claimable at once by any consumer) or reject them.
+
+        A rejected entry is acknowledged: the pipeline rejects only what it dead-lettered.
+        """
+        self._settle(envelopes, requeue=requeue)
 
     async def close(self) -> None:
         """Stop reading, flush queued acks, close the connections. Safe to call again.
@@ -842,6 +825,7 @@ class RedisStreamSink:
             UTF-8) or "frame" (each item as a one-message batchpunk frame).
         approximate: trim with ``MAXLEN ~`` (much cheaper; the stream may keep a few more).
         tls: as for RedisStreamSource.
+        hmac_key: with encode="frame", sign every frame with this key (sources then need it).
 
     ``write`` returns the new entry ids, one per item. An item that cannot be encoded fails alone
     (PartialFailure); the others are still written.
@@ -857,8 +841,10 @@ class RedisStreamSink:
         encode: str = "json",
         approximate: bool = True,
         tls: bool | Mapping[str, Any] | None = None,
+        hmac_key: bytes | str | None = None,
     ) -> None:
         owner = "RedisStreamSink"
+        self._hmac_key = hmac_key_option(owner, hmac_key)
         self._client_kwargs = _client_kwargs(owner, url, tls)
         self._url = url
         self.stream = _name(owner, "stream", stream)
@@ -897,7 +883,8 @@ class RedisStreamSink:
 
             return text
         encode_batch = importlib.import_module("batchpunk.codec").encode_batch
-        return lambda item: bytes(encode_batch([item]))
+        key = self._hmac_key
+        return lambda item: bytes(encode_batch([item], hmac_key=key))
 
     async def write(self, batch: Sequence[Any]) -> list[str | None]:
         """XADD every item in one pipeline; the entry ids, in order (None where encoding failed)."""

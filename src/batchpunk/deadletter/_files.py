@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import IO, Any, TypeVar
 
 from batchpunk.codec import decode_batch, decode_value, encode_batch, encode_value
-from batchpunk.deadletter import DeadLetter
+from batchpunk.deadletter._record import DeadLetter
 from batchpunk.errors import BatchpunkError, DeadLetterError, FrameError
 
 __all__ = [

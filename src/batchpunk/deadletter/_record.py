@@ -1,8 +1,7 @@
-"""Dead letters: the record of a message that ended unprocessed, and the sinks that keep them.
+"""The dead-letter record, the sink protocol and the in-memory sink (no codec, no I/O).
 
-Every accepted message ends processed or as exactly one DeadLetter; these sinks are where the
-second kind goes. A sink only has to implement ``async put(letters)``; raising from it makes
-batchpunk keep the letters and retry with backoff.
+The engine imports only this part of ``batchpunk.deadletter``; the durable file sinks live in
+``_files`` and load on first use. Import every name from ``batchpunk.deadletter``.
 """
 
 from __future__ import annotations
@@ -11,37 +10,9 @@ import time
 import traceback as _tb
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
-if TYPE_CHECKING:
-    from batchpunk.deadletter_sinks import (
-        JsonlDeadLetters,
-        MalformedDeadLetter,
-        SqliteDeadLetters,
-        StoredError,
-    )
-
-__all__ = [
-    "DeadLetter",
-    "DeadLetterSink",
-    "MemoryDeadLetters",
-    "JsonlDeadLetters",
-    "SqliteDeadLetters",
-    "StoredError",
-    "MalformedDeadLetter",
-    "REASONS",
-]
-
-
-def __getattr__(name: str) -> Any:
-    # JsonlDeadLetters and SqliteDeadLetters live in deadletter_sinks (they need the codec);
-    # they load on first use so that this module, which the engine imports, stays light.
-    if name in ("JsonlDeadLetters", "SqliteDeadLetters", "StoredError", "MalformedDeadLetter"):
-        from batchpunk import deadletter_sinks
-
-        return getattr(deadletter_sinks, name)
-    raise AttributeError(f"module 'batchpunk.deadletter' has no attribute {name!r}")
-
+__all__ = ["DeadLetter", "DeadLetterSink", "MemoryDeadLetters", "REASONS"]
 
 #: Why a message was dead-lettered.
 REASONS = ("failed", "dropped", "expired", "shutdown", "malformed", "redelivered")
