@@ -39,6 +39,10 @@ def feed(observer: Observer) -> None:
     observer.dead_lettered(1, "failed")
     observer.dead_lettered(1, "dropped")
     observer.gauges(7, 3, "open")
+    observer.outage()
+    observer.probed()
+    observer.probed()
+    observer.downstream(True, 40)
 
 
 def samples_by_name(text: str) -> dict[str, list[Any]]:
@@ -285,6 +289,10 @@ def test_opentelemetry_collector_records_through_an_in_memory_reader() -> None:
     assert single("batchpunk.pending").value == 7
     assert single("batchpunk.in_flight").value == 3
     assert single("batchpunk.circuit_state").value == 2
+    assert single("batchpunk.downstream.unavailable").value == 1
+    assert single("batchpunk.downstream.held").value == 40
+    assert single("batchpunk.downstream.probes").value == 2
+    assert single("batchpunk.downstream.outages").value == 1
 
 
 def test_opentelemetry_collector_refuses_unknown_names() -> None:
@@ -303,3 +311,35 @@ def test_opentelemetry_collector_refuses_unknown_names() -> None:
 def test_both_exporters_cover_every_collector_name() -> None:
     """Prometheus and OpenTelemetry exporters know exactly the same collector names."""
     assert set(PROMETHEUS_METRICS) == set(OTEL_METRICS)
+
+
+async def test_opentelemetry_observes_a_pipelines_own_counts() -> None:
+    """observe_pipeline exports read/acked/nacked/ack_errors/rejected/unfinished from get_stats."""
+
+    class FakePipeline:
+        async def get_stats(self, history: bool = False) -> dict[str, Any]:
+            return {
+                "pipeline": {
+                    "read": 10,
+                    "acked": 7,
+                    "nacked": 1,
+                    "ack_errors": 0,
+                    "unfinished": 2,
+                    "rejected": {"malformed": 1, "redelivered": 2},
+                }
+            }
+
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    try:
+        OpenTelemetryMetrics(provider.get_meter("pipeline-test")).observe_pipeline(FakePipeline())
+        # A periodic reader collects on its own thread: the counts are read through the loop.
+        points = await asyncio.to_thread(otel_points, reader)
+    finally:
+        provider.shutdown()
+    assert points["batchpunk.pipeline.read"][0].value == 10
+    assert points["batchpunk.pipeline.acked"][0].value == 7
+    assert points["batchpunk.pipeline.nacked"][0].value == 1
+    assert points["batchpunk.pipeline.unfinished"][0].value == 2
+    rejected = {p.attributes["reason"]: p.value for p in points["batchpunk.pipeline.rejected"]}
+    assert rejected == {"malformed": 1, "redelivered": 2}

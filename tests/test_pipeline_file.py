@@ -220,6 +220,8 @@ def test_every_batch_config_field_can_be_set_except_functions() -> None:
         "circuit_breaker_threshold": 5,
         "circuit_breaker_cooldown": 2.0,
         "message_ttl": 60.0,
+        "unavailable_on": ["ConnectionRefusedError"],
+        "delivery_timeout": 120.0,
         "serializer": "json",
         "compression": "gzip",
         "compression_level": 1,
@@ -233,4 +235,5 @@ def test_every_batch_config_field_can_be_set_except_functions() -> None:
     config = parse_pipeline(data, environ={}).batch
     assert config.overflow.value == "drop_newest"
     assert config.retry_on == (OSError,)
+    assert config.unavailable_on == (ConnectionRefusedError,)
     assert config.max_wait == 1

@@ -157,8 +157,8 @@ async def test_split_retries_give_each_half_extra_attempts(sleeps: list[float]) 
     assert sorted(handler.ok) == [0, 1, 2, 3, 4, 6, 7]
 
 
-async def test_a_batch_that_recovers_after_its_retries_is_split_and_succeeds() -> None:
-    """A transient failure that outlasts the retries splits the batch; the halves then succeed."""
+async def test_a_batch_that_recovers_after_its_retries_is_retried_whole_not_split() -> None:
+    """An outage that outlasts the retries holds the batch whole (issue 13); then it succeeds."""
     calls: list[list[int]] = []
 
     async def handler(batch: Batch[Any]) -> None:
@@ -172,8 +172,8 @@ async def test_a_batch_that_recovers_after_its_retries_is_split_and_succeeds() -
             await p.add_message(i)
         await p.flush()
         stats = await p.get_stats()
-    assert calls[4:] == [[0, 1], [2, 3]]
-    assert stats["splits"] == 1
+    assert calls[4:] == [[0, 1, 2, 3]]
+    assert stats["splits"] == 0
     assert p.dead_letters == []
 
 

@@ -84,12 +84,12 @@ async def test_an_async_call_past_batch_timeout_is_cancelled_and_retried() -> No
 
 
 async def test_a_call_that_always_times_out_ends_with_batch_timeout() -> None:
-    """When every attempt times out, submit() raises BatchTimeout, also kept on the letter."""
+    """When timeouts are not outages and every attempt times out, submit() raises BatchTimeout."""
 
     async def hang(batch: Batch[Any]) -> None:
         await asyncio.sleep(PATIENCE)
 
-    cfg = config(max_size=1, batch_timeout=0.01, max_retries=2)
+    cfg = config(max_size=1, batch_timeout=0.01, max_retries=2, unavailable_on=())
     async with BatchProcessor(cfg, hang) as p:
         loop = asyncio.get_running_loop()
         began = loop.time()

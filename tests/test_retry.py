@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from batchpunk import BatchTimeout
-from batchpunk.retry import CircuitBreaker, backoff_delay, is_retryable
+from batchpunk.errors import DownstreamUnavailable
+from batchpunk.retry import CircuitBreaker, backoff_delay, is_outage, is_retryable
 
 
 def test_backoff_doubles_from_retry_delay_up_to_the_cap() -> None:
@@ -207,3 +209,84 @@ async def test_the_trials_own_ticket_closes_the_circuit() -> None:
     assert breaker.state == "half_open"
     breaker.record(True, trial)
     assert breaker.state == "closed"
+
+
+# -- outage or poison ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        ConnectionRefusedError(111, "Connection refused"),
+        ConnectionResetError("reset by peer"),
+        BrokenPipeError(),
+        TimeoutError("no answer"),
+        BatchTimeout("past batch_timeout"),
+        OSError(errno.EHOSTUNREACH, "No route to host"),
+        DownstreamUnavailable("HTTP 503"),
+    ],
+)
+def test_connection_failures_and_timeouts_are_outages_by_default(error: BaseException) -> None:
+    """The built-in rule calls refused, reset and lost connections and timeouts outages."""
+    assert is_outage(error, None)
+
+
+@pytest.mark.parametrize(
+    "error", [ValueError("bad row"), KeyError("id"), RuntimeError("?"), OSError(errno.ENOSPC, "")]
+)
+def test_data_errors_and_unknown_exceptions_may_be_poison(error: BaseException) -> None:
+    """Anything that could belong to a message is not an outage."""
+    assert not is_outage(error, None)
+
+
+def test_the_class_attribute_decides_before_the_types() -> None:
+    """``unavailable`` on the class wins; ``retryable = False`` rules an outage out."""
+
+    class Overloaded(Exception):
+        unavailable = True
+
+    class RowRefused(ConnectionError):
+        retryable = False
+
+    assert is_outage(Overloaded(), None)
+    assert not is_outage(RowRefused(), None)
+    assert is_outage(Overloaded(), ())  # a tuple adds types, the attribute still decides
+
+
+def test_unavailable_on_tuple_replaces_the_builtin_types_and_a_predicate_decides_alone() -> None:
+    """A tuple names the outage types; a predicate overrides everything."""
+    assert not is_outage(ConnectionRefusedError(), ())
+    assert is_outage(KeyError("x"), (KeyError,))
+    assert not is_outage(DownstreamUnavailable(), lambda exc: False)
+    assert is_outage(ValueError(), lambda exc: True)
+
+
+def test_driver_connection_errors_are_outages_without_importing_drivers() -> None:
+    """redis' and nats' own connection errors (not builtin subclasses) count as outages."""
+    redis_exceptions = pytest.importorskip("redis.exceptions")
+    nats_errors = pytest.importorskip("nats.errors")
+    assert is_outage(redis_exceptions.ConnectionError("Error 111 connecting"), None)
+    assert is_outage(redis_exceptions.BusyLoadingError("loading"), None)
+    assert is_outage(nats_errors.NoServersError(), None)
+    assert not is_outage(redis_exceptions.ResponseError("WRONGTYPE"), None)
+
+
+@pytest.mark.parametrize(
+    ("status", "outage"), [(429, True), (503, True), (500, False), (400, False)]
+)
+def test_http_statuses_429_502_503_504_are_outages(status: int, outage: bool) -> None:
+    """The HTTP sink's status error marks overload and gateway failures as outages."""
+    from batchpunk.connectors.http import HttpStatusError, HttpTransportError
+
+    assert is_outage(HttpStatusError("x", status=status, body=""), None) is outage
+    assert is_outage(HttpTransportError("refused"), None)
+
+
+def test_connector_connection_errors_are_marked_unavailable() -> None:
+    """PostgreSQL's and RabbitMQ's transient error classes say they are outages."""
+    from batchpunk.connectors.postgres import PostgresDataError, PostgresRetryable
+    from batchpunk.connectors.rabbitmq import RabbitMQError
+
+    assert is_outage(PostgresRetryable("refused"), None)
+    assert is_outage(RabbitMQError("connection lost"), None)
+    assert not is_outage(PostgresDataError("bad value"), None)

@@ -12,6 +12,7 @@ from batchpunk.errors import (
     BatchpunkError,
     BatchTimeout,
     BufferFull,
+    DownstreamUnavailable,
     MessageExpired,
     PartialFailure,
     ProcessorClosed,
@@ -36,4 +37,5 @@ __all__ = [
     "BatchTimeout",
     "MessageExpired",
     "ResultMismatch",
+    "DownstreamUnavailable",
 ]

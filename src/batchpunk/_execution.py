@@ -1,39 +1,65 @@
 """Executing: one batch's life from its first call to the last message settled.
 
-Call the processor, retry with backoff, and when the batch keeps failing, bisect it depth-first
-so that good messages complete and each poison message ends alone in a dead letter. Splitting
-happens inside the batch's slot: once a batch is split, halves are tried at once (no backoff),
-so a poison message costs about two calls per halving level and no good message sleeps.
+A failure is one of two kinds, and each gets its own treatment:
+
+- **An outage** (``retry.is_outage``: the downstream refused, dropped or timed out the call, with
+  no answer from it since this batch first failed): the batch is *held*. It keeps its messages
+  and is retried whole with capped, jittered backoff (behind the circuit breaker, when there is
+  one), waking early when any call gets through, until the downstream answers, or until
+  ``delivery_timeout`` after acceptance, when its messages are dead-lettered as "expired".
+  Bisecting cannot isolate an outage: it only turns one into dead letters.
+- **Possibly poison** (any other error, or an outage error while the downstream is seen to
+  answer): retry, then bisect depth-first so that good messages complete and each poison message
+  ends alone in a dead letter. Splitting happens inside the batch's slot: once a batch is split,
+  halves are tried at once (no backoff), so a poison message costs about two calls per halving
+  level and no good message sleeps.
+
+A batch held with no other evidence (nothing else running, circuit closed) is halved as a probe,
+at most three levels deep and never into parts under four messages: once a part succeeds the
+downstream answers and bisection goes on; if every part fails, the parts are held whole. A held
+part that fails again after others got answers is bisected as possible poison.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
+import contextlib
 import inspect
 import logging
+import queue
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from batchpunk._accumulator import Job, Tracker, Trackers, pick
+from batchpunk._downstream import Downstream
 from batchpunk.batch import Batch
 from batchpunk.config import BatchConfig
 from batchpunk.deadletter import DeadLetter
 from batchpunk.errors import (
     BatchTimeout,
+    CallCancelled,
     MessageExpired,
     PartialFailure,
     ProcessorClosed,
     ResultMismatch,
 )
 from batchpunk.metrics import Observer
-from batchpunk.retry import CircuitBreaker, backoff_delay, is_retryable
+from batchpunk.retry import CircuitBreaker, backoff_delay, is_outage, is_retryable
 
 __all__ = ["Execution", "is_async_callable"]
 
 log = logging.getLogger("batchpunk")
 
 Entry = tuple[DeadLetter, Tracker | None]
+
+#: Levels of probe splits of a held batch (parts of 1/8 at most): enough to find a clean part when
+#: a few messages raise connection-looking errors in an idle processor, never singles.
+_PROBE_LEVELS = 3
+#: Smallest part a probe split makes: probing never shreds a batch into single messages.
+_MIN_PROBE_PART = 4
+#: Shortest wait between two calls of a held batch, so retry_delay=0 never spins on an outage.
+_MIN_HOLD = 0.05
 
 
 def is_async_callable(fn: Any) -> bool:
@@ -46,7 +72,19 @@ def is_async_callable(fn: Any) -> bool:
 class _Node:
     """Messages that have been in every call together so far (a batch, or part of one)."""
 
-    __slots__ = ("batch", "calls", "errors", "root", "trackers")
+    __slots__ = (
+        "batch",
+        "calls",
+        "error",
+        "errors",
+        "held",
+        "last",
+        "mark",
+        "probes",
+        "root",
+        "trackers",
+        "waits",
+    )
 
     def __init__(
         self,
@@ -54,6 +92,8 @@ class _Node:
         trackers: Trackers | None,
         calls: int,
         root: bool,
+        mark: int | None = None,
+        probes: int = 0,
     ) -> None:
         self.batch = batch
         self.trackers = trackers
@@ -61,6 +101,18 @@ class _Node:
         self.root = root
         # Set after a PartialFailure: the error of each message still in the node.
         self.errors: list[BaseException] | None = None
+        # The downstream's answer count when this node's lineage first failed by an outage
+        # (inherited by halves): an answer since then shows the downstream is there.
+        self.mark = mark
+        # The answer count when this node's last failed call began.
+        self.last = 0
+        # Probe splits left: with no other evidence, a held node is halved to see whether a
+        # part gets an answer, at most this many levels deep; then its parts are held whole.
+        self.probes = probes
+        # Messages counted in Downstream.held for this node (0 when not held).
+        self.held = 0
+        self.waits = 0
+        self.error: BaseException | None = None
 
     def take(self, keep: list[int]) -> None:
         """Keep only the messages at these indices."""
@@ -80,42 +132,51 @@ class Execution:
         breaker: CircuitBreaker | None,
         succeeded: Callable[[int, float], None],
         dead: Callable[[list[Entry]], None],
+        downstream: Downstream | None = None,
     ) -> None:
         self.config = config
         self.fn = fn
         self.observer = observer
         self.breaker = breaker
+        self.downstream = downstream if downstream is not None else Downstream(observer)
         self._succeeded = succeeded
         self._dead = dead
         self._is_async = is_async_callable(fn)
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._threads = _DaemonThreads()
         self.retries = 0
         self.splits = 0
         self.calls = 0
 
     def close(self) -> None:
-        """Release the worker threads of a sync processor (a hung call is abandoned)."""
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            self._executor = None
+        """End the idle worker threads of a sync processor (a hung call is abandoned)."""
+        self._threads.close()
 
     # -- a job's life ----------------------------------------------------------------------
     async def run(self, job: Job) -> None:
         """Process a job until every one of its messages succeeded or was dead-lettered."""
-        todo = [_Node(job.batch, job.trackers, 0, root=True)]
+        todo = [_Node(job.batch, job.trackers, 0, root=True, probes=_PROBE_LEVELS)]
+        held: list[_Node] = []
         current: _Node | None = None
+        timeout = self.config.delivery_timeout
+        deadline = job.first_seen + timeout if timeout is not None else None
         try:
             if self.config.message_ttl is not None and job.times:
                 self._expire(job, todo[0])
-            while todo:
-                current = todo.pop()
-                if current.batch:
-                    await self._process(job, current, todo)
+            while todo or held:
+                if todo:
+                    current = todo.pop()
+                    if current.batch and await self._process(job, current, todo):
+                        held.append(current)
+                else:
+                    # Only held nodes are left: retry the one that waited longest.
+                    current = held.pop(0)
+                    if await self._retry_held(job, current, todo, deadline):
+                        held.append(current)
                 current = None
         except BaseException as exc:
             # Cancelled by stop() past drain_timeout, or a BaseException from the processor:
             # whatever has not finished becomes a dead letter, never a silent loss.
-            left = ([current] if current is not None else []) + todo[::-1]
+            left = ([current] if current is not None else []) + todo[::-1] + held
             reason, error = "failed", exc
             if isinstance(exc, asyncio.CancelledError):
                 reason = "shutdown"
@@ -123,6 +184,7 @@ class Execution:
                     "the processor stopped before this batch finished (drain_timeout)"
                 )
             for node in left:
+                self._unhold(node)
                 if node.batch:
                     self._dead_letter(job, node, reason, error)
             raise
@@ -148,7 +210,12 @@ class Execution:
         gone = set(old)
         node.take([i for i in range(len(node.batch)) if i not in gone])
 
-    async def _process(self, job: Job, node: _Node, todo: list[_Node]) -> None:
+    def _outage(self, error: BaseException) -> bool:
+        cfg = self.config
+        return is_retryable(error, cfg.retry_on) and is_outage(error, cfg.unavailable_on)
+
+    async def _process(self, job: Job, node: _Node, todo: list[_Node]) -> bool:
+        """Call with retries, then settle the node; True when an outage holds it instead."""
         cfg = self.config
         extra = cfg.max_retries if node.root else cfg.split_retries
         allowed = 1 + (extra if cfg.retry_failed else 0)
@@ -157,7 +224,7 @@ class Execution:
             tries += 1
             error = await self._call(job, node)
             if error is None:
-                return
+                return False
             if is_retryable(error, cfg.retry_on) and tries < allowed:
                 self.retries += 1
                 self.observer.retried()
@@ -175,30 +242,130 @@ class Execution:
                     await asyncio.sleep(delay)
                 continue
             break
-        if node.errors is None and len(node.batch) > 1 and cfg.enable_partial_batches:
-            # Bisect: both halves go next (left first), each a fresh node with no backoff.
-            self.splits += 1
-            self.observer.split()
-            mid = len(node.batch) // 2
-            for lo, hi in ((mid, len(node.batch)), (0, mid)):
-                half = _Node(
-                    node.batch.derive(node.batch[lo:hi]),
-                    pick(node.trackers, range(lo, hi)),
-                    node.calls,
-                    root=False,
-                )
-                todo.append(half)
+        down = self.downstream
+        if node.held and not (
+            down.available and node.mark is not None and down.answered > node.mark
+        ):
+            # Every call failed by an outage and nothing answered since this batch first
+            # failed: nothing shows a bad message, so hold the batch instead of splitting it.
+            down.unavailable(error)
+            return True
+        self._settle_failure(job, node, todo, error)
+        return False
+
+    async def _retry_held(
+        self, job: Job, node: _Node, todo: list[_Node], deadline: float | None
+    ) -> bool:
+        """One step of a held node: wait, then retry it whole; True while it stays held."""
+        cfg, down, breaker = self.config, self.downstream, self.breaker
+        error = node.error
+        assert error is not None
+        if (
+            node.probes > 0
+            and cfg.enable_partial_batches
+            and len(node.batch) >= 2 * _MIN_PROBE_PART
+            and (breaker is None or breaker.state == "closed")
+        ):
+            # Nothing else tells whether the downstream answers: try each half once. An
+            # answer to one means bisection may go on; two outage failures hold both halves.
+            self._unhold(node)
+            self._split(node, todo, probes=node.probes - 1)
+            return False
+        loop = asyncio.get_running_loop()
+        node.waits += 1
+        # With a circuit breaker the wait is at most its cooldown: the breaker then lets one
+        # trial call through per cooldown and the other held batches wait on it, so the
+        # downstream's return is noticed within a cooldown, not a long backoff.
+        cap = cfg.retry_max_delay if breaker is None else min(cfg.retry_max_delay, breaker.cooldown)
+        delay = max(
+            _MIN_HOLD,
+            backoff_delay(node.waits, base=cfg.retry_delay, cap=cap, jitter=cfg.retry_jitter),
+        )
+        if down.answered > node.last:
+            delay = 0.0  # something got an answer since this node failed: try again now
+        elif deadline is not None:
+            delay = min(delay, deadline - loop.time())
+        await down.wait_answer(delay)
+        ticket: int | None = None
+        try:
+            if deadline is not None and loop.time() >= deadline:
+                raise TimeoutError
+            if breaker is not None:
+                # An open circuit makes this wait for its trial: still bounded by the deadline.
+                async with asyncio.timeout_at(deadline):
+                    ticket = await breaker.acquire()
+        except TimeoutError:
+            self._unhold(node)
+            self._expire_held(job, node, error)
+            return False
+        previous = node.last
+        error = await self._call(job, node, ticket)
+        if error is None:
+            return False
+        if node.held and not (down.available and down.answered > previous):
+            # Still nothing answered since this node last failed: still an outage.
+            return True
+        # Others got answers between this node's failures, or it failed otherwise: the failure
+        # is its own, so bisect it (or dead-letter a single message).
+        self._unhold(node)
+        self._settle_failure(job, node, todo, error)
+        return False
+
+    def _settle_failure(
+        self, job: Job, node: _Node, todo: list[_Node], error: BaseException
+    ) -> None:
+        """Bisect a failed node (the halves go next), or dead-letter a single message."""
+        if node.errors is None and len(node.batch) > 1 and self.config.enable_partial_batches:
+            self._split(node, todo, probes=node.probes)
             return
         self._dead_letter(job, node, "failed", error)
 
-    async def _call(self, job: Job, node: _Node) -> BaseException | None:
-        """One processor call; None when every message of the node is settled."""
+    def _split(self, node: _Node, todo: list[_Node], *, probes: int) -> None:
+        # Both halves go next (left first), each a fresh node with no backoff.
+        self.splits += 1
+        self.observer.split()
+        mid = len(node.batch) // 2
+        for lo, hi in ((mid, len(node.batch)), (0, mid)):
+            half = _Node(
+                node.batch.derive(node.batch[lo:hi]),
+                pick(node.trackers, range(lo, hi)),
+                node.calls,
+                root=False,
+                mark=node.mark,
+                probes=probes,
+            )
+            todo.append(half)
+
+    def _expire_held(self, job: Job, node: _Node, error: BaseException) -> None:
+        timeout = self.config.delivery_timeout
+        expired = MessageExpired(
+            f"the downstream stayed unavailable past delivery_timeout={timeout}s "
+            f"after {node.calls} call(s); last error: {error!r}"
+        )
+        expired.__cause__ = error
+        node.errors = None
+        self._dead_letter(job, node, "expired", expired)
+
+    def _unhold(self, node: _Node) -> None:
+        if node.held:
+            self.downstream.release(node.held)
+            node.held = 0
+
+    async def _call(self, job: Job, node: _Node, ticket: int | None = None) -> BaseException | None:
+        """One processor call (past the circuit breaker, unless it gave ``ticket`` already).
+
+        Returns None when every message of the node is settled, else the error to act on.
+        """
         batch = node.batch
         batch.attempt = node.calls + 1
         breaker = self.breaker
-        ticket = await breaker.acquire() if breaker is not None else 0
+        down = self.downstream
+        if ticket is None:
+            ticket = await breaker.acquire() if breaker is not None else 0
         loop = asyncio.get_running_loop()
         started = loop.time()
+        answered = down.answered
+        down.probe()
         self.calls += 1
         node.calls += 1
         try:
@@ -216,30 +383,81 @@ class Execution:
         except PartialFailure as partial:
             elapsed = loop.time() - started
             self.observer.call_finished(len(batch), elapsed, False)
+            self._unhold(node)
             error = self._partial(job, node, partial)
+            # Some messages of the batch got an answer: the downstream is there.
+            down.answer()
+            if error is not None and node.errors and all(map(self._outage, node.errors)):
+                # ...and then it went away (a connection lost mid-batch): the rest of the
+                # batch is held as an outage, measured from after that answer.
+                node.errors = None
+                self._mark_outage(node, error, down.answered)
+                if breaker is not None:
+                    breaker.record(False, ticket)
+                    if breaker.state == "open":
+                        down.unavailable(error)
+                return error
             if breaker is not None:
-                breaker.record(
-                    error is None or not is_retryable(error, self.config.retry_on), ticket
-                )
+                breaker.record(True, ticket)
             return error
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if task is None or task.cancelling():
+                if breaker is not None:
+                    breaker.abandon(ticket)
+                raise
+            # Nobody cancelled this batch: a library inside the processor leaked a cancel.
+            error = CallCancelled(
+                "the processor call raised CancelledError although the batch was not cancelled"
+            )
+            error.__cause__ = exc
+            return self._failed(node, error, started, answered, ticket)
         except Exception as exc:
-            elapsed = loop.time() - started
-            self.observer.call_finished(len(batch), elapsed, False)
-            node.errors = None
-            if breaker is not None:
-                # A poison message proves the downstream answers: only retryable errors count.
-                breaker.record(not is_retryable(exc, self.config.retry_on), ticket)
-            return exc
+            return self._failed(node, exc, started, answered, ticket)
         except BaseException:
             if breaker is not None:
                 breaker.abandon(ticket)
             raise
         elapsed = loop.time() - started
         self.observer.call_finished(len(batch), elapsed, True)
+        self._unhold(node)
+        down.answer()
         if breaker is not None:
             breaker.record(True, ticket)
         self._complete(job, node, results)
         return None
+
+    def _mark_outage(self, node: _Node, error: BaseException, answered: int) -> None:
+        """The node's last call failed by an outage; ``answered`` is the count before it."""
+        node.error = error
+        node.last = answered
+        if node.mark is None:
+            node.mark = answered
+        if not node.held:
+            node.held = len(node.batch)
+            self.downstream.hold(node.held)
+
+    def _failed(
+        self, node: _Node, exc: BaseException, started: float, answered: int, ticket: int
+    ) -> BaseException:
+        """Account for a call that raised: an outage holds the node, anything else answered."""
+        elapsed = asyncio.get_running_loop().time() - started
+        self.observer.call_finished(len(node.batch), elapsed, False)
+        node.errors = None
+        node.error = exc
+        down, breaker = self.downstream, self.breaker
+        outage = self._outage(exc)
+        if outage:
+            self._mark_outage(node, exc, answered)
+        else:
+            # A message's own error proves the downstream answers.
+            self._unhold(node)
+            down.answer()
+        if breaker is not None:
+            breaker.record(not outage, ticket)
+            if breaker.state == "open":
+                down.unavailable(exc)
+        return exc
 
     async def _invoke(self, batch: Batch[Any]) -> Any:
         timeout = self.config.batch_timeout
@@ -255,19 +473,14 @@ class Execution:
                         f"processor call ran past batch_timeout={timeout}s and was cancelled"
                     ) from exc
                 raise
-        if self._executor is None:
-            self._executor = concurrent.futures.ThreadPoolExecutor(
-                max_workers=self.config.concurrency, thread_name_prefix="batchpunk"
-            )
-        future = asyncio.get_running_loop().run_in_executor(self._executor, self.fn, batch)
+        future = self._threads.run(self.fn, batch)
         if timeout is None:
             result = await future
         else:
             done, _ = await asyncio.wait({future}, timeout=timeout)
             if not done:
-                # The hung thread keeps running; later calls get a fresh pool, so a pool of
-                # one thread is never blocked behind it.
-                self.close()
+                # The hung thread runs on; it is a daemon, so it never holds up the exit of
+                # the process, and the next call gets a thread of its own.
                 log.warning(
                     "sync processor call ran past batch_timeout=%ss; its thread is abandoned",
                     timeout,
@@ -362,6 +575,74 @@ class Execution:
                 extra=_extra(job, node, reason),
             )
         self._dead(entries)
+
+
+class _DaemonThreads:
+    """Reusable worker threads for sync processor calls, all daemons.
+
+    Not a ThreadPoolExecutor: the interpreter joins an executor's threads at exit, so one call
+    hung past batch_timeout would keep the process alive forever. A thread starts when no idle
+    one is waiting (the scheduler bounds the calls running at once, so the pool stays at
+    ``concurrency`` plus the calls abandoned by a timeout) and ends after a minute idle.
+    """
+
+    _IDLE_SECONDS = 60.0
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._idle = 0
+        self._lock = threading.Lock()
+
+    def run(self, fn: Callable[..., Any], arg: Any) -> asyncio.Future[Any]:
+        """Call ``fn(arg)`` on a worker thread; the future resolves on the running loop."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        with self._lock:
+            spawn = self._idle == 0
+            if not spawn:
+                self._idle -= 1  # reserved: that idle thread takes this job
+        self._jobs.put((loop, future, fn, arg))
+        if spawn:
+            threading.Thread(target=self._work, name="batchpunk-call", daemon=True).start()
+        return future
+
+    def close(self) -> None:
+        """Let the idle threads end now (busy or hung ones end when their call returns)."""
+        with self._lock:
+            idle, self._idle = self._idle, 0
+        for _ in range(idle):
+            self._jobs.put(None)
+
+    def _work(self) -> None:
+        while True:
+            try:
+                job = self._jobs.get(timeout=self._IDLE_SECONDS)
+            except queue.Empty:
+                with self._lock:
+                    if self._idle > 0:  # not reserved meanwhile: leave
+                        self._idle -= 1
+                        return
+                continue  # reserved just as the wait ended: its job is on the queue
+            if job is None:
+                return
+            loop, future, fn, arg = job
+            try:
+                value, error = fn(arg), None
+            except BaseException as exc:  # handed to the loop, which raises it in the caller
+                value, error = None, exc
+            with contextlib.suppress(RuntimeError):  # the loop closed while the call hung
+                loop.call_soon_threadsafe(_settle, future, value, error)
+            with self._lock:
+                self._idle += 1
+
+
+def _settle(future: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
+    if future.done():
+        return  # abandoned after batch_timeout
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(value)
 
 
 def _extra(job: Job, node: _Node, reason: str) -> dict[str, Any]:

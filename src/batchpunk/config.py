@@ -14,7 +14,12 @@ from typing import Any
 
 from batchpunk.codec.options import validate_options
 
-__all__ = ["BatchConfig", "BatchTrigger", "OverflowPolicy", "RetryOn"]
+__all__ = ["PIPELINE_CIRCUIT_BREAKER", "BatchConfig", "BatchTrigger", "OverflowPolicy", "RetryOn"]
+
+#: (threshold, cooldown seconds) of the circuit breaker a pipeline turns on unless its config
+#: sets one: a pipeline fronts exactly one downstream, so five outage failures in a row say it is
+#: out, and one probe every 5 s notices its return within 5 s at a negligible load.
+PIPELINE_CIRCUIT_BREAKER: tuple[int, float] = (5, 5.0)
 
 #: Which exceptions deserve a retry: a tuple of types, or a predicate taking the exception.
 RetryOn = tuple[type[BaseException], ...] | Callable[[BaseException], bool]
@@ -81,8 +86,16 @@ class BatchConfig:
         retry_max_delay: cap on one backoff sleep.
         retry_jitter: sleep a random time in [0, capped delay] (full jitter) instead of the delay.
         retry_on: exception types, or a predicate, that deserve a retry; others skip to splitting.
+        unavailable_on: exception types, or a predicate, that mean the downstream is unavailable
+            (an outage: the batch is held and retried whole, never split); None for the built-in
+            rule: an exception class's own ``unavailable`` attribute, else ConnectionError,
+            TimeoutError (BatchTimeout included) and network OSErrors. See
+            docs/failure-handling.md.
+        delivery_timeout: seconds from a message's acceptance after which a batch held by an
+            outage is dead-lettered with reason "expired"; None waits for the downstream forever.
         split_retries: extra attempts each split half gets before it is split again.
-        circuit_breaker_threshold: consecutive failed calls that open the circuit; None disables it.
+        circuit_breaker_threshold: consecutive calls failed by an outage that open the circuit;
+            None (the library default) disables it; pipelines default to 5.
         circuit_breaker_cooldown: seconds the circuit stays open before one trial call.
         message_ttl: a message older than this at its first attempt is dead-lettered as "expired".
         serializer: Batch.encode() serializer: "json", "msgpack" or "pickle".
@@ -114,6 +127,8 @@ class BatchConfig:
     circuit_breaker_threshold: int | None = None
     circuit_breaker_cooldown: float = 30.0
     message_ttl: float | None = None
+    unavailable_on: RetryOn | None = None
+    delivery_timeout: float | None = 300.0
     serializer: str = "json"
     compression: str = "zlib"
     compression_level: int | None = None
@@ -151,6 +166,10 @@ class BatchConfig:
         _seconds("circuit_breaker_cooldown", self.circuit_breaker_cooldown)
         if self.message_ttl is not None:
             _seconds("message_ttl", self.message_ttl, positive=True)
+        if self.unavailable_on is not None:
+            _retry_on(self.unavailable_on, "unavailable_on")
+        if self.delivery_timeout is not None:
+            _seconds("delivery_timeout", self.delivery_timeout, positive=True)
         validate_options(self.serializer, self.compression, self.compression_level)
 
     @property
@@ -205,12 +224,12 @@ def _bool(name: str, value: Any) -> None:
         raise ValueError(f"{name}: expected True or False, got {value!r}")
 
 
-def _retry_on(value: Any) -> None:
+def _retry_on(value: Any, name: str = "retry_on") -> None:
     if isinstance(value, tuple):
         for item in value:
             if not (isinstance(item, type) and issubclass(item, BaseException)):
-                raise ValueError(f"retry_on: expected exception types, got {item!r}")
+                raise ValueError(f"{name}: expected exception types, got {item!r}")
     elif not callable(value):
         raise ValueError(
-            f"retry_on: expected a tuple of exception types or a predicate, got {value!r}"
+            f"{name}: expected a tuple of exception types or a predicate, got {value!r}"
         )

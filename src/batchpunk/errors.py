@@ -6,8 +6,12 @@ builtin fits it derives from that too, so callers can catch either::
     BatchpunkError
     ├── BufferFull                      the buffer is at max_pending and the policy refuses to wait
     ├── ProcessorClosed                 the processor is stopping or stopped (or not started)
-    ├── BatchTimeout (TimeoutError)     one processor call ran past batch_timeout
-    ├── MessageExpired (TimeoutError)   a message waited past message_ttl before its first attempt
+    ├── BatchTimeout (TimeoutError)     one processor call ran past batch_timeout (an outage)
+    ├── MessageExpired (TimeoutError)   past message_ttl before its first attempt, or held by an
+    │                                   outage past delivery_timeout (reason "expired")
+    ├── DownstreamUnavailable           base for "the downstream did not answer" errors: an outage,
+    │   (ConnectionError)               retried whole and waited out, never bisected
+    ├── CallCancelled                   a processor call raised CancelledError nobody asked for
     ├── ResultMismatch (ValueError)     a processor returned the wrong number of results
     ├── PartialFailure                  raised by a processor: only some messages of a batch failed
     ├── DeadLetterError                 a dead-letter sink could not take letters (retried)
@@ -18,6 +22,12 @@ builtin fits it derives from that too, so callers can catch either::
     └── MissingDependency (ImportError) an optional extra is not installed
 
 Error messages name the field or input at fault and what was expected.
+
+Two class attributes classify any exception, batchpunk's or not: ``retryable = False`` says the
+failure belongs to the message and no retry helps; ``unavailable = True`` says the downstream did
+not answer (an outage): the batch is held and retried whole until the downstream answers or
+``delivery_timeout`` passes, and is never split into dead letters. ``unavailable = False`` says an
+error that looks like a connection failure may still belong to a message.
 """
 
 from __future__ import annotations
@@ -29,10 +39,12 @@ __all__ = [
     "BatchpunkError",
     "BatchTimeout",
     "BufferFull",
+    "CallCancelled",
     "ConfigError",
     "ConnectorError",
     "DeadLetterError",
     "DeliveryLimitExceeded",
+    "DownstreamUnavailable",
     "FrameError",
     "MessageExpired",
     "MissingDependency",
@@ -64,6 +76,27 @@ class BatchTimeout(BatchpunkError, TimeoutError):
 
 class MessageExpired(BatchpunkError, TimeoutError):
     """A message waited longer than ``message_ttl`` before its first attempt (reason "expired")."""
+
+
+class DownstreamUnavailable(BatchpunkError, ConnectionError):
+    """The downstream did not answer: refused, reset, lost, timed out, overloaded (429/503).
+
+    Raise it (or subclass it) from a processor to say "not this batch's fault": the engine holds
+    the batch and retries it whole with backoff, one probe at a time behind the circuit breaker,
+    until the downstream answers again or the messages reach ``delivery_timeout``.
+    """
+
+    retryable = True
+    unavailable = True
+
+
+class CallCancelled(BatchpunkError):
+    """A processor call raised CancelledError although nothing was cancelling the batch.
+
+    A library inside the processor let an internal cancellation escape. It is a failure of that
+    one call (retried, then isolated like any error), not a shutdown: the messages are not lost
+    as "shutdown" letters while the processor keeps running.
+    """
 
 
 class ResultMismatch(BatchpunkError, ValueError):

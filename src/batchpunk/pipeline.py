@@ -50,7 +50,7 @@ from itertools import chain
 from typing import Any, Protocol, runtime_checkable
 
 from batchpunk.batch import Batch
-from batchpunk.config import BatchConfig, OverflowPolicy
+from batchpunk.config import PIPELINE_CIRCUIT_BREAKER, BatchConfig, OverflowPolicy
 from batchpunk.deadletter import DeadLetter, DeadLetterSink, MemoryDeadLetters
 from batchpunk.envelope import REDELIVERED, AcksMany, Envelope, Sink, Source, WritesEnvelopes
 from batchpunk.errors import (
@@ -213,7 +213,11 @@ class Pipeline:
             raise ValueError(
                 f"dead_letter: expected an object with async put(letters), got {dead_letter!r}"
             )
-        config = config if config is not None else BatchConfig()
+        if config is None:  # the circuit breaker is on by default in pipelines (issue 13)
+            threshold, cooldown = PIPELINE_CIRCUIT_BREAKER
+            config = BatchConfig(
+                circuit_breaker_threshold=threshold, circuit_breaker_cooldown=cooldown
+            )
         if config.overflow is OverflowPolicy.RAISE:
             raise ValueError(
                 "overflow: a pipeline reads its source only when there is room; use 'block' "

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from batchpunk.config import BatchConfig
+from batchpunk.config import PIPELINE_CIRCUIT_BREAKER, BatchConfig
 from batchpunk.connectors._common import mask_secrets
 from batchpunk.errors import ConfigError
 
@@ -421,20 +421,31 @@ def _batch(
             "default sizer, or build the Pipeline in Python"
         )
     retry_on = _exception_types(table.pop("retry_on")) if "retry_on" in table else None
+    outages = table.pop("unavailable_on", None)
+    breaker_off = table.get("circuit_breaker_threshold") == 0  # 0 turns the default off
+    if breaker_off:
+        del table["circuit_breaker_threshold"]
     kwargs = _keywords("batch", BatchConfig, table, from_env, secrets)
     if retry_on is not None:
         kwargs["retry_on"] = retry_on
+    if outages is not None:
+        kwargs["unavailable_on"] = _exception_types(outages, "unavailable_on")
+    if breaker_off:
+        kwargs["circuit_breaker_threshold"] = None
+    elif "circuit_breaker_threshold" not in kwargs:  # on by default in pipelines (issue 13)
+        kwargs["circuit_breaker_threshold"], cooldown = PIPELINE_CIRCUIT_BREAKER
+        kwargs.setdefault("circuit_breaker_cooldown", cooldown)
     try:
         return BatchConfig(**kwargs)
     except ValueError as exc:
         raise ConfigError(f"[batch] {exc}") from None
 
 
-def _exception_types(value: Any) -> tuple[type[BaseException], ...]:
+def _exception_types(value: Any, field: str = "retry_on") -> tuple[type[BaseException], ...]:
     names = [value] if isinstance(value, str) else value
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise ConfigError(
-            f"[batch] retry_on: expected a list of exception names like "
+            f"[batch] {field}: expected a list of exception names like "
             f'["ConnectionError", "TimeoutError"], got {value!r}'
         )
     out: list[type[BaseException]] = []
@@ -450,7 +461,7 @@ def _exception_types(value: Any) -> tuple[type[BaseException], ...]:
             found = None
         if not (isinstance(found, type) and issubclass(found, BaseException)):
             raise ConfigError(
-                f"[batch] retry_on: {name!r} is not an exception class (use a builtin name like "
+                f"[batch] {field}: {name!r} is not an exception class (use a builtin name like "
                 "'ConnectionError' or a dotted path like 'batchpunk.errors.BatchTimeout')"
             )
         out.append(found)

@@ -734,6 +734,7 @@ class BatchProcessor(Generic[T, R]):
             "in_flight": self._in_flight,
             "flush_reasons": dict(acc.flush_reasons),
             "circuit": self.circuit,
+            "downstream": ex.downstream.stats(),
         }
         stats.update(self._observer.snapshot(history))
         return stats

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import random
 from collections.abc import Callable
 from typing import Literal
@@ -15,7 +16,43 @@ from typing import Literal
 from batchpunk.config import RetryOn
 from batchpunk.errors import BatchTimeout
 
-__all__ = ["CircuitBreaker", "CircuitState", "backoff_delay", "is_retryable"]
+__all__ = ["CircuitBreaker", "CircuitState", "backoff_delay", "is_outage", "is_retryable"]
+
+#: OSError numbers that say the network or the host is unreachable, not that a message is bad.
+_NETWORK_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in (
+        "ECONNREFUSED",
+        "ECONNRESET",
+        "ECONNABORTED",
+        "EPIPE",
+        "ETIMEDOUT",
+        "EHOSTUNREACH",
+        "EHOSTDOWN",
+        "ENETUNREACH",
+        "ENETDOWN",
+        "ENETRESET",
+        "ENOTCONN",
+        "ESHUTDOWN",
+    )
+    if hasattr(errno, name)
+)
+
+#: Drivers' connection-level exceptions that do not derive from the builtin ConnectionError or
+#: TimeoutError, as (module, class name): matched by name so that no driver is imported.
+_DRIVER_OUTAGES = frozenset(
+    {
+        ("redis.exceptions", "ConnectionError"),  # BusyLoadingError derives from it
+        ("redis.exceptions", "TimeoutError"),
+        ("nats.errors", "ConnectionClosedError"),
+        ("nats.errors", "NoServersError"),
+        ("nats.errors", "StaleConnectionError"),
+        ("nats.errors", "ConnectionReconnectingError"),
+        ("nats.js.errors", "ServiceUnavailableError"),
+        ("asyncpg.exceptions", "CannotConnectNowError"),
+        ("asyncpg.exceptions", "ConnectionDoesNotExistError"),
+    }
+)
 
 CircuitState = Literal["closed", "open", "half_open"]
 
@@ -57,13 +94,41 @@ def is_retryable(error: BaseException, retry_on: RetryOn) -> bool:
     return bool(retry_on(error))
 
 
+def is_outage(error: BaseException, unavailable_on: RetryOn | None) -> bool:
+    """Whether a failure says the downstream is unavailable rather than a message being bad.
+
+    An outage is held and retried whole until the downstream answers (bounded by
+    delivery_timeout); anything else may be poison and is isolated by bisection. A predicate in
+    ``unavailable_on`` decides alone. Otherwise an exception class's own ``unavailable``
+    attribute decides, then ``retryable = False`` (a message's fault) rules an outage out, then
+    the types: ``unavailable_on`` when given, else the built-in rule: ConnectionError (refused,
+    reset, aborted, broken pipe), TimeoutError (BatchTimeout included), OSErrors whose errno
+    says the network or host is unreachable, and the drivers' connection errors that derive
+    from neither (redis, nats, asyncpg; listed in ``_DRIVER_OUTAGES``).
+    """
+    if unavailable_on is not None and not isinstance(unavailable_on, tuple):
+        return bool(unavailable_on(error))
+    own = getattr(error, "unavailable", None)
+    if isinstance(own, bool):
+        return own
+    if getattr(error, "retryable", None) is False:
+        return False
+    if unavailable_on is not None:
+        return isinstance(error, unavailable_on)
+    if isinstance(error, ConnectionError | TimeoutError):
+        return True
+    if isinstance(error, OSError) and error.errno in _NETWORK_ERRNOS:
+        return True
+    return any((k.__module__, k.__qualname__) in _DRIVER_OUTAGES for k in type(error).__mro__)
+
+
 class CircuitBreaker:
     """Stops calling a downstream that keeps failing, then probes it with one trial call.
 
-    closed: calls flow. After ``threshold`` consecutive failed calls it opens: no call starts for
-    ``cooldown`` seconds (waiting batches keep their slots, so backpressure builds upstream).
-    Then half_open: one trial call goes through; success closes the circuit, failure reopens it.
-    Waiting is on timers and futures, never polling.
+    closed: calls flow. After ``threshold`` consecutive calls failed by an outage it opens: no
+    call starts for ``cooldown`` seconds (waiting batches keep their slots, so backpressure builds
+    upstream). Then half_open: one trial call goes through; success closes the circuit, failure
+    reopens it. Waiting is on timers and futures, never polling.
     """
 
     def __init__(

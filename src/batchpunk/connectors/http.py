@@ -35,6 +35,7 @@ class HttpStatusError(ConnectorError):
         self.status = status
         self.body = body
         self.retryable = status == 429 or status >= 500
+        self.unavailable = status in (429, 502, 503, 504)  # overloaded or gone: an outage
 
 
 class HttpTransportError(ConnectorError, ConnectionError):

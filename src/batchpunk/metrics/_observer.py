@@ -202,6 +202,22 @@ class Observer:
             self._send("gauge", "in_flight", in_flight, None)
             self._send("gauge", "circuit_state", CIRCUIT_STATES.get(circuit, -1), None)
 
+    def downstream(self, unavailable: bool, held: int) -> None:
+        """The downstream's state changed (1 while unavailable) or the messages it holds."""
+        if self._collector is not None:
+            self._send("gauge", "downstream_unavailable", 1 if unavailable else 0, None)
+            self._send("gauge", "downstream_held", held, None)
+
+    def probed(self) -> None:
+        """A call started while the downstream was unavailable."""
+        if self._collector is not None:
+            self._send("increment", "downstream_probes", 1, None)
+
+    def outage(self) -> None:
+        """An outage began."""
+        if self._collector is not None:
+            self._send("increment", "downstream_outages", 1, None)
+
     # -- reading --------------------------------------------------------------------------------
 
     def snapshot(self, history: bool = False) -> dict[str, Any]:

@@ -7,7 +7,10 @@ reader collects, which is how OpenTelemetry expects sampled state to be exposed.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
+import threading
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -104,6 +107,34 @@ OTEL_METRICS: Mapping[str, tuple[str, str, str, str, tuple[float, ...] | None]] 
         "Circuit breaker state: 0 closed, 1 half_open, 2 open.",
         None,
     ),
+    "downstream_unavailable": (
+        "gauge",
+        "batchpunk.downstream.unavailable",
+        "1",
+        "1 while the downstream is unavailable (an outage holds batches), else 0.",
+        None,
+    ),
+    "downstream_held": (
+        "gauge",
+        "batchpunk.downstream.held",
+        "{message}",
+        "Messages of batches held by an outage.",
+        None,
+    ),
+    "downstream_probes": (
+        "counter",
+        "batchpunk.downstream.probes",
+        "{call}",
+        "Processor calls made while the downstream was unavailable.",
+        None,
+    ),
+    "downstream_outages": (
+        "counter",
+        "batchpunk.downstream.outages",
+        "{outage}",
+        "Outages begun.",
+        None,
+    ),
 }
 
 
@@ -181,6 +212,69 @@ class OpenTelemetryMetrics:
                 f"{', '.join(sorted(self._gauge_values))}"
             )
         values[tuple(sorted(tags.items())) if tags else ()] = value
+
+    def observe_pipeline(self, pipeline: Any) -> None:
+        """Also export a pipeline's own counts, read from its ``get_stats()`` at collection.
+
+        ``batchpunk.pipeline.read``, ``.acked``, ``.nacked``, ``.ack_errors`` and ``.rejected``
+        (attribute ``reason``: malformed, redelivered, ...) as observable counters, and
+        ``.unfinished`` as an observable gauge: the pipeline keeps these as plain counts, so
+        they are read when the reader collects rather than pushed. Call it from the pipeline's
+        event loop; readers collecting on another thread (the periodic exporting reader) get
+        fresh counts, a collection on the loop's own thread gets the last ones read.
+        """
+        loop = asyncio.get_running_loop()
+        loop_thread = threading.get_ident()
+        cache: dict[str, Any] = {"at": -1.0, "counts": {}}
+        lock = threading.Lock()
+
+        def counts() -> Mapping[str, Any]:
+            with lock:  # one get_stats() per collection, not one per instrument
+                if time.monotonic() - cache["at"] > 0.2 and threading.get_ident() != loop_thread:
+                    future = asyncio.run_coroutine_threadsafe(pipeline.get_stats(), loop)
+                    stats = future.result(timeout=5.0)
+                    cache["counts"] = stats.get("pipeline") or {}
+                    cache["at"] = time.monotonic()
+                return dict(cache["counts"])
+
+        observation = self._observation
+
+        def counter(key: str) -> Any:
+            def observe(options: Any) -> Iterable[Any]:
+                value = counts().get(key)
+                return [observation(value)] if isinstance(value, int | float) else []
+
+            return observe
+
+        def rejected(options: Any) -> Iterable[Any]:
+            by_reason = counts().get("rejected") or {}
+            return [observation(n, {"reason": str(r)}) for r, n in by_reason.items()]
+
+        meter = self.meter
+        for key, description in (
+            ("read", "Envelopes read from the source."),
+            ("acked", "Envelopes acknowledged to the source."),
+            ("nacked", "Envelopes returned to the source (nack)."),
+            ("ack_errors", "Acknowledgements the source refused."),
+        ):
+            meter.create_observable_counter(
+                f"batchpunk.pipeline.{key}",
+                callbacks=[counter(key)],
+                unit="{message}",
+                description=description,
+            )
+        meter.create_observable_counter(
+            "batchpunk.pipeline.rejected",
+            callbacks=[rejected],
+            unit="{message}",
+            description="Envelopes dead-lettered before the engine, by reason.",
+        )
+        meter.create_observable_gauge(
+            "batchpunk.pipeline.unfinished",
+            callbacks=[counter("unfinished")],
+            unit="{message}",
+            description="Envelopes read and not yet settled.",
+        )
 
     def __repr__(self) -> str:
         return f"OpenTelemetryMetrics(meter={getattr(self.meter, 'name', self.meter)!r})"

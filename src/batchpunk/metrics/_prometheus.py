@@ -140,6 +140,28 @@ PROMETHEUS_METRICS: Mapping[
         "Circuit breaker state: 0 closed, 1 half_open, 2 open.",
         None,
     ),
+    "downstream_unavailable": (
+        "gauge",
+        "downstream_unavailable",
+        (),
+        "1 while the downstream is unavailable (an outage holds batches), else 0.",
+        None,
+    ),
+    "downstream_held": (
+        "gauge",
+        "downstream_held_messages",
+        (),
+        "Messages of batches held by an outage, waiting for the downstream.",
+        None,
+    ),
+    "downstream_probes": (
+        "counter",
+        "downstream_probes",
+        (),
+        "Processor calls made while the downstream was unavailable.",
+        None,
+    ),
+    "downstream_outages": ("counter", "downstream_outages", (), "Outages begun.", None),
 }
 
 # One set of instruments per (registry, namespace): prometheus-client refuses to register a name
@@ -234,3 +256,53 @@ def _build(prometheus_client: Any, registry: Any, namespace: str) -> dict[str, A
             kwargs["buckets"] = buckets
         instruments[name] = kinds[kind](exported, help_text, labels, **kwargs)
     return instruments
+
+
+#: The pipeline's own counts exported at scrape time: stats key -> (name, kind, help).
+_PIPELINE_SERIES: tuple[tuple[str, str, str, str], ...] = (
+    ("read", "pipeline_read", "counter", "Envelopes read from the source."),
+    ("acked", "pipeline_acked", "counter", "Envelopes acknowledged to the source."),
+    ("nacked", "pipeline_nacked", "counter", "Envelopes returned to the source (nack)."),
+    ("ack_errors", "pipeline_ack_errors", "counter", "Acknowledgements the source refused."),
+    ("unfinished", "pipeline_unfinished", "gauge", "Envelopes read and not yet settled."),
+)
+
+
+def pipeline_exposition(stats: Mapping[str, Any], namespace: str = "batchpunk") -> str:
+    """Prometheus text for a pipeline's ``get_stats()["pipeline"]`` (empty without one).
+
+    The pipeline keeps these as plain counts, so they are rendered when scraped instead of
+    being pushed through a collector; names are listed in docs/observability.md.
+    """
+    pipeline = stats.get("pipeline")
+    if not isinstance(pipeline, Mapping):
+        return ""
+    lines: list[str] = []
+
+    def family(name: str, kind: str, help_text: str) -> str:
+        full = f"{namespace}_{name}" + ("_total" if kind == "counter" else "")
+        lines.append(f"# HELP {full} {help_text}")
+        lines.append(f"# TYPE {full} {kind}")
+        return full
+
+    for key, name, kind, help_text in _PIPELINE_SERIES:
+        value = pipeline.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            lines.append(f"{family(name, kind, help_text)} {float(value)}")
+    rejected = pipeline.get("rejected")
+    if isinstance(rejected, Mapping):
+        full = family(
+            "pipeline_rejected", "counter", "Envelopes dead-lettered before the engine, by reason."
+        )
+        for reason in (
+            "malformed",
+            "redelivered",
+            *sorted(set(rejected) - {"malformed", "redelivered"}),
+        ):
+            label = str(reason).replace("\\", "\\\\").replace('"', '\\"')
+            lines.append(f'{full}{{reason="{label}"}} {float(rejected.get(reason, 0))}')
+    connected = pipeline.get("source_connected")
+    if isinstance(connected, bool):
+        full = family("pipeline_source_connected", "gauge", "1 while the source is connected.")
+        lines.append(f"{full} {1.0 if connected else 0.0}")
+    return "\n".join(lines) + "\n" if lines else ""

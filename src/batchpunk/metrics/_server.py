@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from batchpunk.connectors._common import mask_secrets
 from batchpunk.errors import require
 from batchpunk.metrics._health import liveness, readiness
+from batchpunk.metrics._prometheus import pipeline_exposition
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -254,13 +255,9 @@ class _Routes:
             prometheus_client, "CONTENT_TYPE_PLAIN_0_0_4", prometheus_client.CONTENT_TYPE_LATEST
         )
         body = prometheus_client.generate_latest(registry)
-        # The pipeline's own counts, read at scrape time (issue 13's exposition, when present).
-        from batchpunk.metrics import _prometheus
-
-        exposition = getattr(_prometheus, "pipeline_exposition", None)
-        if exposition is not None and self.processor is not None:
+        if self.processor is not None:  # the pipeline's own counts, read at scrape time
             try:
-                body += exposition(await self.processor.get_stats()).encode()
+                body += pipeline_exposition(await self.processor.get_stats()).encode()
             except Exception:
                 logger.exception("/metrics: get_stats() failed; serving the registry alone")
         response = web.Response(body=body)

@@ -22,6 +22,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any
 
+from batchpunk.metrics._health import downstream_line
+
 if TYPE_CHECKING:
     from rich.console import Console, RenderableType
     from rich.live import Live
@@ -235,6 +237,8 @@ class LiveView:
         frame.append(format_duration(time.monotonic() - self._started))
         frame.append("  circuit ", style="dim")
         frame.append(circuit, style=_CIRCUIT_STYLE.get(circuit, "bold"))
+        if outage := downstream_line(stats):  # issue 13: the downstream's outage, if any
+            frame.append(f"  {outage}", style="bold red")
         frame.append("  ")
         frame.append(_sparkline(self._rates), style="cyan")
         if self._error:
@@ -316,6 +320,7 @@ def summary_line(stats: Mapping[str, Any], rate: float | None = None, *, title: 
         f"retries {_int(get('retries'))}",
         f"dead {_int(get('dead_lettered'))}" + _counts(dead),
         f"circuit {get('circuit', 'closed')}",
+        downstream_line(stats),
     ]
     return "  ".join(p for p in parts if p)
 
