@@ -243,8 +243,8 @@ async def test_status_page_draws_a_live_pipeline_through_a_sink_outage(
                     return circuit == "circuit closed" and "unavailable" not in ds
 
                 await _until("the recovery to show", healthy)
-                health = json.loads(await page.get_attribute("#c-health", "data-peak") or "[0]")
-                assert health[0] >= 1, "the health chart never drew the circuit leaving closed"
+                health = json.loads(await page.get_attribute("#c-health", "data-peak") or "[0, 0]")
+                assert health[1] >= 1, "the health chart never drew the circuit leaving closed"
 
                 async def letters_listed() -> bool:
                     reasons = await page.eval_on_selector_all(
@@ -407,6 +407,6 @@ async def test_page_shows_contract_4_downstream_state_when_the_engine_reports_it
             stats.down_since = None
             await _until("available again", lambda: pill("downstream available"))
             health = json.loads(await page.get_attribute("#c-health", "data-peak") or "[0, 0]")
-            assert health[1] == 2  # the downstream series drew the outage
+            assert health[0] == 2  # the downstream series drew the outage
         finally:
             await context.close()

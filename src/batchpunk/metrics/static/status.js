@@ -117,6 +117,7 @@
         label: d.label, stroke: d.color, width: 1.6, fill: d.fill ? d.color + "26" : undefined,
         points: { show: false }, spanGaps: false,
         paths: d.step ? uPlot.paths.stepped({ align: 1 }) : undefined,
+        dash: d.dash,
         value: (u, v) => (v == null ? "-" : yfmt(v)),
       })));
       const opts = {
@@ -167,7 +168,8 @@
     retries: new Chart("c-retries", [{ label: "retries", color: COLORS[4] }, { label: "splits", color: COLORS[3] }]),
     dead: new Chart("c-dead", [{ label: "failed", color: COLORS[2] }]),
     health: new Chart("c-health", [
-      { label: "circuit", color: COLORS[4], step: true }, { label: "downstream", color: COLORS[2], step: true, fill: true }],
+      { label: "downstream", color: COLORS[2], step: true, fill: true },
+      { label: "circuit", color: COLORS[4], step: true, dash: [6, 4] }],
       (v) => ["ok", "half open", "open / down"][Math.round(v)] || "", { yrange: [0, 2.2],
         ylabels: (v) => ({ 0: "ok", 1: "half", 2: "open" })[v] || "" }),
     source: new Chart("c-source", [{ label: "acknowledged", color: COLORS[1], fill: true }, { label: "nacked", color: COLORS[2] }]),
@@ -243,7 +245,7 @@
     charts.size.set([hist.t, hist.mean]);
     charts.backlog.set([live.t, live.pending, live.inflight]);
     charts.retries.set([live.t, live.retries, live.splits]);
-    charts.health.set([live.t, live.circuit, live.downstream]);
+    charts.health.set([live.t, live.downstream, live.circuit]); // circuit drawn on top, dashed
     charts.source.set([live.t, live.acked, live.nacked]);
     if (charts.flush.defs.length !== flushSeen.length) charts.flush.build(reasonDefs(flushSeen, COLORS));
     charts.flush.set([live.t].concat(flushSeen.map((r) => live.flush[r])));
