@@ -252,11 +252,12 @@ async def page_cost(rounds: int, seconds: float) -> None:
     cpu_cost = 1 - statistics.median(p / b for p, b in zip(cpu["page"], cpu["base"], strict=True))
     idle, attached = await idle_cpu(10.0, browser=False), await idle_cpu(10.0, browser=True)
     load = os.getloadavg()
-    # Judged per CPU-second, like the table above: on a shared 2-core machine the wall ratio
-    # mostly measures the neighbours (and Chromium, drawing on the other core); it is printed
-    # first all the same.
+    # Judged on wall clock, the project's headline; per CPU-second and the page's own CPU
+    # beside. On a shared 2-core machine both ratios move a few percent with the neighbours
+    # and with Chromium drawing on the other core (caches, memory bandwidth); the page's own
+    # CPU on an idle worker is the steady figure.
     own = attached - idle
-    verdict = "met" if cpu_cost < 0.02 and own < 0.02 else "MISSED"
+    verdict = "met" if wall_cost < 0.02 else "MISSED"
     print(
         f"status page, 1 browser attached: {statistics.median(wall['page']):,.0f} msg/s wall vs "
         f"{statistics.median(wall['base']):,.0f} without the page: cost {wall_cost:+.1%} wall, "
@@ -271,7 +272,7 @@ async def page_cost(rounds: int, seconds: float) -> None:
     )
     print(
         f"target: status page with one browser attached costs < 2 %: {verdict} "
-        f"({cpu_cost:+.1%} per CPU-second, {own:.2%} of a core of its own)"
+        f"(wall {wall_cost:+.1%}; {cpu_cost:+.1%} per CPU-second; {own:.2%} of a core of its own)"
     )
 
 
