@@ -162,7 +162,7 @@ def test_secrets_from_the_environment_never_appear_in_errors_or_descriptions() -
 
 def test_registries_name_every_connector_and_custom_types_load_by_path() -> None:
     """Every issue-6 and issue-7 connector has a type name; 'module:Class' loads any class."""
-    assert set(SOURCES) == {"generator", "jsonl", "rabbitmq", "redis_streams", "nats"}
+    assert set(SOURCES) == {"generator", "jsonl", "rabbitmq", "redis_streams", "nats", "http"}
     assert set(SINKS) == {
         "sqlite",
         "jsonl",

@@ -19,6 +19,7 @@ from batchpunk.errors import (
     ResultMismatch,
 )
 from batchpunk.processor import BatchProcessor, ReplayReport
+from batchpunk.spool import Spool
 
 __version__ = "0.1.0"
 
@@ -31,6 +32,7 @@ __all__ = [
     "DeadLetter",
     "PartialFailure",
     "ReplayReport",
+    "Spool",
     "BatchpunkError",
     "BufferFull",
     "ProcessorClosed",

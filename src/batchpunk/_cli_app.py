@@ -668,3 +668,68 @@ def _letter_dict(letter: Any) -> dict[str, Any]:
 
 def _short(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
+
+
+# -- spool (issue 16): a self-contained command block ------------------------------------------
+
+spool_app = typer.Typer(
+    help=(
+        "Look into a durable spool directory (docs/spool.md).\n\n"
+        "[b]Examples[/b]\n\n"
+        "  batchpunk spool inspect /var/lib/orders/spool\n\n" + _EXIT_CODES
+    ),
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.add_typer(spool_app, name="spool")
+
+
+@spool_app.command("inspect", epilog=_EXIT_CODES)
+def spool_inspect(
+    path: Annotated[Path, typer.Argument(help="The spool directory.", show_default=False)],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Show a spool's segments, its unfinished messages, the oldest one's age, and any damage.
+
+    Read-only: safe while the owning process runs.
+
+    [b]Examples[/b]
+
+      batchpunk spool inspect ./spool
+
+      batchpunk spool inspect ./spool --json | jq .unfinished
+    """
+    from dataclasses import asdict
+
+    from batchpunk.spool import SpoolError, inspect_spool
+
+    try:
+        report = inspect_spool(path)
+    except SpoolError as exc:
+        _fail(str(exc), EXIT_USAGE)
+    if as_json:
+        sys.stdout.write(json.dumps(asdict(report)) + "\n")
+        raise typer.Exit(EXIT_OK)
+    age = "-" if report.oldest_age is None else _seconds(report.oldest_age)
+    owner = f"owned by pid {report.locked_by}" if report.locked_by else "not in use"
+    table = Table(
+        title=escape(
+            f"{report.path}: {report.unfinished:,} unfinished message(s), oldest {age}, {owner}"
+        ),
+        title_justify="left",
+    )
+    for column in ("segment", "bytes", "messages", "unfinished"):
+        table.add_column(column, justify="left" if column == "segment" else "right")
+    for name, size, messages, unfinished in report.segments:
+        table.add_row(escape(name), f"{size:,}", f"{messages:,}", f"{unfinished:,}")
+    out.print(table)
+    for name, offset, length, torn in report.damaged:
+        if torn:
+            out.print(f"torn tail: {escape(name)}: {length:,} byte(s) (cut on the next start)")
+        else:
+            out.print(
+                f"damaged: {escape(name)} at offset {offset:,}: {length:,} byte(s) "
+                "(dead-lettered as malformed on the next start)"
+            )
+    raise typer.Exit(EXIT_OK)

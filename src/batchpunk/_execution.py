@@ -33,6 +33,7 @@ from typing import Any
 
 from batchpunk._accumulator import Job, Tracker, Trackers, pick
 from batchpunk._downstream import Downstream
+from batchpunk._outbox import build_letter
 from batchpunk.batch import Batch
 from batchpunk.config import BatchConfig
 from batchpunk.deadletter import DeadLetter
@@ -553,12 +554,12 @@ class Execution:
         trackers = node.trackers or {}
         entries: list[Entry] = [
             (
-                DeadLetter(
-                    message=message,
-                    key=batch.key,
-                    priority=batch.priority,
-                    reason=reason,
-                    error=err,
+                build_letter(
+                    message,
+                    batch.key,
+                    batch.priority,
+                    reason,
+                    err,
                     attempts=node.calls,
                     first_seen=job.first_wall,
                 ),

@@ -4,8 +4,8 @@ A pipeline holds up to ``max_pending`` messages, each an Envelope and its payloa
 milliseconds to seconds: long enough to survive a young collection and be scanned again and
 again in the older generations, short enough to die soon after. With CPython's default
 thresholds (700 allocations per young collection) the collector spent a fifth of the process's
-CPU on them (issue 12's profile). Two measures, measured in bench/brokers.py and
-docs/ARCHITECTURE.md:
+CPU on them (issue 12's profile). Two measures, measured with bench/brokers.py (figures in
+docs/brokers.md):
 
 - fewer objects: one Envelope per message (``receipt`` and ``headers`` usually an int or str
   and None), so there is less to scan in the first place;

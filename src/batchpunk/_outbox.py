@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -17,7 +18,7 @@ from batchpunk._jobs import Tracker
 from batchpunk.deadletter import DeadLetter
 from batchpunk.retry import backoff_delay
 
-__all__ = ["Outbox", "as_put"]
+__all__ = ["Outbox", "as_put", "build_letter"]
 
 log = logging.getLogger("batchpunk")
 
@@ -28,6 +29,33 @@ Put = Callable[[list[DeadLetter]], Awaitable[None]]
 CHUNK = 1000
 #: The shortest pause between two failed writes, so a zero retry_delay cannot spin.
 MIN_PAUSE = 0.01
+
+
+def build_letter(
+    message: Any,
+    key: Any,
+    priority: int,
+    reason: str,
+    error: BaseException | None,
+    *,
+    attempts: int = 0,
+    first_seen: float | None = None,
+    headers: dict[str, Any] | None = None,
+) -> DeadLetter:
+    """The one place the engine builds a DeadLetter (failed, dropped, shutdown, rejected...).
+
+    ``first_seen`` is the wall-clock time the message's lane started waiting (now when unknown).
+    """
+    return DeadLetter(
+        message=message,
+        key=key,
+        priority=priority,
+        reason=reason,
+        error=error,
+        attempts=attempts,
+        first_seen=time.time() if first_seen is None else first_seen,
+        headers=dict(headers) if headers else {},
+    )
 
 
 def as_put(target: Any) -> Put:

@@ -46,6 +46,7 @@ import logging
 import signal
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from itertools import chain
 from typing import Any, Protocol, runtime_checkable
 
@@ -60,6 +61,7 @@ from batchpunk.errors import (
     ProcessorClosed,
 )
 from batchpunk.processor import BatchProcessor
+from batchpunk.spool import Spool
 
 __all__ = [
     "Envelope",
@@ -202,6 +204,7 @@ class Pipeline:
         *,
         dead_letter: DeadLetterSink | None = None,
         metrics_collector: object | None = None,
+        spool: Spool | None = None,
     ) -> None:
         if not callable(getattr(source, "__aiter__", None)):
             raise ValueError(f"source: expected an async iterator of Envelopes, got {source!r}")
@@ -231,6 +234,15 @@ class Pipeline:
         )
         self._in_memory = dead_letter is None
         self.metrics_collector = metrics_collector
+        #: The durable spool between the source and the engine (docs/spool.md), or None.
+        self.spool = spool
+        self._ack_on_write = _acks_on_write(spool, source)
+        # With a spool: envelopes (by id) that must not be settled again (acknowledged once in
+        # the spool, or replayed from it with nothing to settle).
+        self._early: set[int] = set()
+        if spool is not None:
+            spool.extract = _payload_of
+            spool.rebuild = self._replayed
         #: The engine, once run() started it.
         self.processor: BatchProcessor[Any, Any] | None = None
         #: Letters that could not be stored before shutdown (their envelopes were nacked).
@@ -311,6 +323,7 @@ class Pipeline:
                 self._write,
                 self.metrics_collector,
                 dead_letter=self._desk,
+                spool=self.spool,
             )
             self.processor = processor
             await processor.start()
@@ -366,6 +379,7 @@ class Pipeline:
 
     async def _consume(self, processor: BatchProcessor[Any, Any]) -> None:
         add_nowait, add = processor.add_message_nowait, processor.add_message
+        spool, ack_on_write = self.spool, self._ack_on_write
         next_envelope = self.source.__aiter__().__anext__
         while not self.stop_requested:
             self._in_next = True
@@ -395,8 +409,12 @@ class Pipeline:
             try:
                 try:
                     add_nowait(envelope, key=envelope.key, priority=envelope.priority)
+                    if ack_on_write and spool is not None:  # settled once its commit is done
+                        spool.when_durable(partial(self._durable, envelope))
                 except BufferFull:
                     await add(envelope, key=envelope.key, priority=envelope.priority)
+                    if ack_on_write:  # with a spool, add_message returned once durable
+                        self._durable(envelope)
             except ProcessorClosed:
                 # Stop began while this waited for room: it goes back to the source.
                 self._give_back_later([envelope])
@@ -404,7 +422,8 @@ class Pipeline:
             except asyncio.CancelledError:
                 self._give_back_later([envelope])  # a hard stop while this waited for room
                 raise
-            except ValueError as exc:  # an unusable key or priority from the source
+            except (ValueError, TypeError) as exc:  # an unusable key or priority, or a payload
+                # the spool's serializer cannot write (bytes under json: use msgpack)
                 self._reject(processor, envelope, "malformed", exc)
 
     def _reject(
@@ -457,8 +476,42 @@ class Pipeline:
 
     # -- settling ------------------------------------------------------------------------------
 
+    # -- the spool ------------------------------------------------------------------------------
+
+    def _replayed(self, payload: Any, key: Any, priority: int) -> Envelope:
+        """An envelope for a message the spool replays: it has no source message to settle."""
+        envelope = Envelope(payload, key, priority)
+        self._early.add(id(envelope))
+        return envelope
+
+    def _durable(self, envelope: Envelope, _: Any = None) -> None:
+        """ack_on_write: the envelope is in the spool; acknowledge it unless already settled."""
+        ident = id(envelope)
+        if ident in self._early:
+            self._early.discard(ident)  # processed (and settled) before its commit returned
+            return
+        self._settle_later([envelope])
+
+    def _not_settled(self, envelopes: Sequence[Envelope]) -> Sequence[Envelope]:
+        """Drop envelopes settled already (or with nothing to settle); note the rest as settled."""
+        early, note = self._early, self._ack_on_write
+        if not early and not note:
+            return envelopes
+        out = []
+        for envelope in envelopes:
+            ident = id(envelope)
+            if ident in early:
+                early.discard(ident)
+                continue
+            if note:
+                early.add(ident)
+            out.append(envelope)
+        return out
+
     def _settle_later(self, envelopes: Sequence[Envelope]) -> None:
         """These envelopes are finished (written, or dead letters stored): acknowledge them."""
+        if self.spool is not None:
+            envelopes = self._not_settled(envelopes)
         if self._given_back:
             envelopes = [e for e in envelopes if id(e) not in self._given_back]
         if not envelopes:
@@ -469,6 +522,8 @@ class Pipeline:
 
     def _give_back_later(self, envelopes: Sequence[Envelope]) -> None:
         """These envelopes end unfinished: nack them with requeue (once each)."""
+        if self.spool is not None:
+            envelopes = self._not_settled(envelopes)
         given_back = self._given_back
         for envelope in envelopes:
             if id(envelope) not in given_back:
@@ -712,6 +767,20 @@ async def _first(
     finally:
         waiter.cancel()
     return task.done()
+
+
+def _acks_on_write(spool: Spool | None, source: Any) -> bool:
+    """Whether envelopes are settled once in the spool (the spool's setting, else the source's)."""
+    if spool is None:
+        return False
+    if spool.ack_on_write is not None:
+        return spool.ack_on_write
+    return bool(getattr(source, "ack_on_spool_write", False))
+
+
+def _payload_of(envelope: Any) -> Any:
+    """What the spool writes of an envelope: its payload (key and priority go beside it)."""
+    return envelope.payload if isinstance(envelope, Envelope) else envelope
 
 
 def _hashable(value: Any) -> bool:

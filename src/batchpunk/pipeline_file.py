@@ -55,6 +55,7 @@ SOURCES: dict[str, str] = {
     "rabbitmq": "batchpunk.connectors.rabbitmq:RabbitMQSource",
     "redis_streams": "batchpunk.connectors.redis_streams:RedisStreamSource",
     "nats": "batchpunk.connectors.nats:NatsJetStreamSource",
+    "http": "batchpunk.connectors.http_source:HttpSource",
 }
 
 #: Sink ``type`` names and where their classes live.
@@ -77,7 +78,7 @@ DEAD_LETTERS: dict[str, str] = {
 }
 
 #: The sections a pipeline file may have; [source] and [sink] are required.
-SECTIONS = ("source", "batch", "sink", "dead_letter", "metrics")
+SECTIONS = ("source", "batch", "sink", "dead_letter", "metrics", "spool")
 
 _REGISTRIES = {"source": SOURCES, "sink": SINKS, "dead_letter": DEAD_LETTERS}
 _ENV = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -173,10 +174,13 @@ class PipelineSpec:
     dead_letter: ConnectorSpec | None
     metrics: MetricsSpec
     secrets: frozenset[str] = field(default=frozenset(), repr=False)
+    #: The [spool] section's keywords for batchpunk.Spool, or None (docs/spool.md).
+    spool: Mapping[str, Any] | None = None
 
     def build(self, *, metrics_collector: object | None = None) -> Pipeline:
         """A new Pipeline with fresh connectors, ready to ``run()``."""
         from batchpunk.pipeline import Pipeline
+        from batchpunk.spool import Spool
 
         return Pipeline(
             self.source.build(),
@@ -184,6 +188,7 @@ class PipelineSpec:
             self.batch,
             dead_letter=self.build_dead_letter(),
             metrics_collector=metrics_collector,
+            spool=Spool(**self.spool) if self.spool is not None else None,
         )
 
     def build_dead_letter(self) -> Any:
@@ -273,9 +278,24 @@ def parse_pipeline(
         metrics = MetricsSpec(
             **_keywords("metrics", MetricsSpec, resolved.get("metrics", {}), from_env, frozen)
         )
+        spool = _spool(resolved["spool"], from_env, frozen) if "spool" in resolved else None
     except ConfigError as exc:
         raise ConfigError(mask_secrets(f"{path}: {exc}", frozen)) from None
-    return PipelineSpec(path, source, sink, batch, dead_letter, metrics, frozen)
+    return PipelineSpec(path, source, sink, batch, dead_letter, metrics, frozen, spool)
+
+
+def _spool(
+    table: dict[str, Any], from_env: set[tuple[str, str]], secrets: frozenset[str]
+) -> dict[str, Any]:
+    """The [spool] section: Spool's keywords, checked by building one (nothing is opened)."""
+    from batchpunk.spool import Spool
+
+    kwargs = _keywords("spool", Spool, table, from_env, secrets)
+    try:
+        Spool(**kwargs)
+    except ValueError as exc:
+        raise ConfigError(f"[spool] {exc}") from None
+    return kwargs
 
 
 # -- environment substitution -----------------------------------------------------------------

@@ -19,12 +19,12 @@ from collections.abc import AsyncIterable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from types import TracebackType
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from batchpunk._accumulator import Accumulator, Lane
 from batchpunk._execution import Execution
 from batchpunk._jobs import Job, Tracker, Trackers, pick
-from batchpunk._outbox import Entry, Outbox, as_put
+from batchpunk._outbox import Entry, Outbox, as_put, build_letter
 from batchpunk._scheduler import Scheduler
 from batchpunk.batch import Batch
 from batchpunk.config import BatchConfig, BatchTrigger, OverflowPolicy
@@ -32,6 +32,9 @@ from batchpunk.deadletter import DeadLetter
 from batchpunk.errors import BatchpunkError, BufferFull, ProcessorClosed
 from batchpunk.metrics import Observer
 from batchpunk.retry import CircuitBreaker
+
+if TYPE_CHECKING:
+    from batchpunk.spool import Spool
 
 __all__ = ["BatchProcessor", "ReplayReport"]
 
@@ -87,6 +90,7 @@ class BatchProcessor(Generic[T, R]):
         metrics_collector: object | None = None,
         *,
         dead_letter: object | None = None,
+        spool: Spool | None = None,
     ) -> None:
         if config is None:
             config = BatchConfig()
@@ -94,6 +98,10 @@ class BatchProcessor(Generic[T, R]):
             raise ValueError(f"config: expected a BatchConfig, got {config!r}")
         if processor is None or not callable(processor):
             raise ValueError(f"processor: expected a callable taking a Batch, got {processor!r}")
+        #: The durable spool (batchpunk.spool): the engine then carries its records.
+        self.spool = spool
+        if spool is not None:
+            config, processor, dead_letter = spool.bind(self, config, processor, dead_letter)
         self.config = config
         self.processor = processor
         #: Dead letters kept in memory: all of them without a sink, else those never stored.
@@ -175,6 +183,8 @@ class BatchProcessor(Generic[T, R]):
         self._open = True
         self._room += self._room_shift
         self._room_shift = 0
+        if self.spool is not None:
+            await self.spool.open(self)  # replays unfinished messages before any new one
 
     async def stop(self, drain: bool = True) -> None:
         """Stop accepting, finish or dead-letter every accepted message, then return.
@@ -193,6 +203,8 @@ class BatchProcessor(Generic[T, R]):
         if self._stopping is None:
             self._stopping = asyncio.get_running_loop().create_task(self._shutdown(drain))
         await asyncio.shield(self._stopping)
+        if self.spool is not None:
+            await self.spool.close()
 
     async def __aenter__(self) -> BatchProcessor[T, R]:
         await self.start()
@@ -216,8 +228,13 @@ class BatchProcessor(Generic[T, R]):
         """Accept a message without ever waiting.
 
         Raises BufferFull when max_pending messages are unfinished under BLOCK or RAISE (the
-        drop policies dead-letter instead), ProcessorClosed once stop() has begun.
+        drop policies dead-letter instead), ProcessorClosed once stop() has begun. With a spool
+        the message is durable by the next group commit, not when this returns.
         """
+        if self.spool is not None:
+            message = self.spool.admit_nowait(message, key, priority, self._room > 0)
+            if message is None:
+                return  # the spool is full and the drop policy dead-lettered it
         # The hot path: shared lane, nothing per message but the list slot and one count.
         if self._room > 0 and key is None and priority == 0 and self._plain:
             items = self._items
@@ -238,8 +255,13 @@ class BatchProcessor(Generic[T, R]):
         """Accept a message, waiting for room under the BLOCK policy.
 
         Returns once the message is accepted, never after its batch ran: a producer waits for
-        a processor only through the backpressure it configured with max_pending.
+        a processor only through the backpressure it configured with max_pending. With a
+        spool it returns only once the message is durable in it.
         """
+        if self.spool is not None:
+            message = await self.spool.admit(message, key, priority)
+            if message is None:
+                return  # the spool is full and the drop policy dead-lettered it
         # The hot path again, inline: a call less is a fifth of this method's cost.
         if self._room > 0 and key is None and priority == 0 and self._plain:
             items = self._items
@@ -261,6 +283,8 @@ class BatchProcessor(Generic[T, R]):
         Raises the error that finally failed it (after its dead letter was stored). Waits for
         room under the BLOCK policy, like add_message.
         """
+        if self.spool is not None:
+            message = await self.spool.admit(message, key, priority, submit=True)
         if self._room > 0:
             # submit_nowait and _track written out: two Python calls are a fifth of the cost.
             future: asyncio.Future[R] = self._loop.create_future()  # type: ignore[union-attr]
@@ -293,6 +317,10 @@ class BatchProcessor(Generic[T, R]):
         Choose it over ``submit`` for many results at once (``gather`` them): it costs one
         future per message and no coroutine.
         """
+        if self.spool is not None:
+            message = self.spool.admit_nowait(message, key, priority, self._room > 0)
+            if message is None:
+                return self.spool.dropped_future()
         if self._room <= 0:
             future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
             self._refuse(message, key, priority, future)
@@ -390,18 +418,10 @@ class BatchProcessor(Generic[T, R]):
         if not isinstance(reason, str) or not reason:
             raise ValueError(f"reason: expected a non-empty str, got {reason!r}")
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        letter = DeadLetter(
-            message=message,
-            key=key,
-            priority=priority,
-            reason=reason,
-            error=error,
-            attempts=0,
-            headers=dict(headers) if headers else {},
-        )
+        rejected = build_letter(message, key, priority, reason, error, headers=headers)
         self._room -= 1  # accepted, and unfinished until its letter is stored
         self._observer.received(1)  # never cut, so _emit() does not count it
-        self._send_dead([(letter, _Stored(future))])
+        self._send_dead([(rejected, _Stored(future))])
         return future
 
     def _offer(self, message: Any, key: Any, priority: int, tracker: Tracker) -> bool:
@@ -468,16 +488,11 @@ class BatchProcessor(Generic[T, R]):
         self._send_dead([(self._dropped_letter(message, key, priority), tracker)])
 
     def _dropped_letter(self, message: Any, key: Any, priority: int) -> DeadLetter:
-        return DeadLetter(
-            message=message,
-            key=key,
-            priority=priority,
-            reason="dropped",
-            error=BufferFull(
-                f"dropped by overflow={self.config.overflow.value}: "
-                f"max_pending={self.config.max_pending} messages were unfinished"
-            ),
+        error = BufferFull(
+            f"dropped by overflow={self.config.overflow.value}: "
+            f"max_pending={self.config.max_pending} messages were unfinished"
         )
+        return build_letter(message, key, priority, "dropped", error)
 
     def _drop_oldest(self) -> bool:
         """Dead-letter the oldest message not yet running; False when all are running."""
@@ -774,15 +789,7 @@ def _entries(
     marks = trackers or {}
     return [
         (
-            DeadLetter(
-                message=message,
-                key=key,
-                priority=priority,
-                reason="shutdown",
-                error=error,
-                attempts=0,
-                first_seen=first_wall,
-            ),
+            build_letter(message, key, priority, "shutdown", error, first_seen=first_wall),
             marks.get(index),
         )
         for index, message in enumerate(batch)

@@ -1,0 +1,1172 @@
+"""Spool: a durable, append-only log on local disk that keeps accepted messages across a crash.
+
+A library user has no broker to keep what batchpunk has not finished: without a spool, a message
+handed to ``add_message`` lives in memory until its batch succeeds, and a kill -9, an OOM kill or a
+deploy that outlives ``drain_timeout`` loses it. With ``BatchProcessor(config, handler,
+spool=Spool(path))`` every message is written to the spool before the engine sees it, and leaves
+the spool only once it is finished (processed, or its dead letter durably stored). On the next
+start, whatever was not finished is replayed into the engine before any new message.
+
+How it plugs in without touching the engine's internals: the spool hands the engine a small
+record (sequence number + message) instead of the message, and wraps the user's handler (which
+sees a Batch of the user's own messages, same order, same attributes) and the dead-letter sink
+(which sees letters carrying the user's messages). The handler wrapper marks a batch's records
+finished once the handler returned; the sink wrapper once the sink stored the letters.
+
+Guarantee: at-least-once. A batch that succeeded but whose completion marker had not reached the
+disk when the process died is processed again after the restart; a sink should be idempotent
+(an upsert, a unique key) if duplicates matter. See docs/spool.md for the format, the fsync
+choices and what each costs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import dataclasses
+import errno
+import fcntl
+import inspect
+import logging
+import os
+import struct
+import time
+import zlib
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from batchpunk.codec.serializers import deserialize, serialize
+from batchpunk.config import OverflowPolicy
+from batchpunk.deadletter import DeadLetter
+from batchpunk.errors import BatchpunkError, BufferFull, PartialFailure
+
+if TYPE_CHECKING:
+    from batchpunk.config import BatchConfig
+    from batchpunk.processor import BatchProcessor
+
+__all__ = [
+    "Spool",
+    "SpoolDamaged",
+    "SpoolError",
+    "SpoolLocked",
+    "SpoolReport",
+    "inspect_spool",
+]
+
+log = logging.getLogger("batchpunk.spool")
+
+#: Record header: CRC-32 of everything after it, record type, payload length (little-endian).
+_HEADER = struct.Struct("<IBI")
+HEADER_SIZE = _HEADER.size
+#: A message record's payload starts with its sequence number and serializer id.
+_MSG_PREFIX = struct.Struct("<QB")
+#: A settled-damage record: segment number and byte offset of the damaged bytes.
+_DAMAGE = struct.Struct("<QQ")
+_CRC = struct.Struct("<I")
+_KIND_LEN = struct.Struct("<BI")
+#: Type, length, sequence number, serializer id: a message record's bytes after its CRC.
+_MSG_HEAD = struct.Struct("<BIQB")
+MESSAGE, FINISHED, DAMAGE_SETTLED = 1, 2, 3
+_SERIALIZER_IDS = {"json": 1, "msgpack": 2, "pickle": 3}
+_SERIALIZER_NAMES = {v: k for k, v in _SERIALIZER_IDS.items()}
+#: Largest payload a record may declare; a bigger length field is damage, not a message.
+MAX_RECORD = 64 * 2**20
+_SUFFIX = ".seg"
+_SYNC_MODES = ("data", "full", "none")
+#: Seconds finish markers wait for a message commit to ride along with before going alone.
+MARKER_DELAY = 0.05
+#: Bytes appended that start a write at once when none is running (else: at the end of this
+#: loop iteration): small enough that producers fill the next group while this one syncs.
+KICK_BYTES = 32 << 10
+#: Seconds close() waits for the last writes (a full disk under BLOCK may never drain).
+CLOSE_SECONDS = 10.0
+
+
+class SpoolError(BatchpunkError):
+    """The spool cannot be used: its directory is unusable or its settings are wrong."""
+
+
+class SpoolLocked(SpoolError):
+    """Another process owns this spool (one process at a time may write a spool)."""
+
+
+class SpoolDamaged(BatchpunkError):
+    """The error of a dead letter made from bytes of the spool that do not check out."""
+
+
+class _Record:
+    """What the engine carries for a spooled message: its mark in the spool and the message.
+
+    ``mark`` is the sequence number, a ``(segment, offset)`` tuple for damaged bytes being
+    dead-lettered, or None for a message that was never written (refused or dropped).
+    """
+
+    __slots__ = ("mark", "message")
+
+    def __init__(self, mark: Any, message: Any) -> None:
+        self.mark = mark
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"SpoolRecord({self.mark!r}, {self.message!r})"
+
+
+class _Shared(asyncio.Future[None]):
+    """The future every producer of one commit awaits; cancelling one of them cannot cancel it.
+
+    (A Task cancelled while awaiting a future cancels that future; with one future shared by a
+    thousand producers that would fail them all. Refusing the cancel makes the cancelled task
+    raise CancelledError once the commit is done, a few milliseconds later, and is cheaper than
+    ``asyncio.shield``, which costs a future and two callbacks per producer.)
+    """
+
+    def cancel(self, msg: Any = None) -> bool:
+        return False
+
+
+class _Chunk:
+    """Records appended since the last write, and the future their producers wait on."""
+
+    __slots__ = ("data", "early", "future", "segment", "seqs")
+
+    def __init__(self, future: _Shared) -> None:
+        self.data = bytearray()
+        self.seqs: list[int] = []
+        self.future = future
+        #: The segment that holds these records once written; messages finished before that.
+        self.segment: _Segment | None = None
+        self.early = 0
+
+
+class _Segment:
+    """One file of the log; ``live`` counts its unfinished records (damage included)."""
+
+    __slots__ = ("live", "number", "path", "sealed", "segment", "size")
+
+    def __init__(self, number: int, path: Path, size: int = 0) -> None:
+        self.segment = self  # so that a record's holder (chunk or segment) names its segment
+        self.number = number
+        self.path = path
+        self.size = size
+        self.live = 0
+        self.sealed = False
+
+
+@dataclass
+class SpoolReport:
+    """What ``inspect_spool`` (and ``batchpunk spool inspect``) found in a spool directory.
+
+    Attributes:
+        path: the directory.
+        segments: (file name, bytes, message records, unfinished messages) per segment.
+        unfinished: messages written and not finished.
+        oldest_age: seconds since the oldest unfinished message was written (from its file's
+            modification time when the record does not say), or None when nothing is unfinished.
+        damaged: byte ranges that do not check out: (file name, offset, length, torn tail?).
+        locked_by: the pid in the lock file when another process holds the lock, else None.
+    """
+
+    path: str
+    segments: list[tuple[str, int, int, int]]
+    unfinished: int
+    oldest_age: float | None
+    damaged: list[tuple[str, int, int, bool]]
+    locked_by: int | None
+
+
+# -- reading a log ------------------------------------------------------------------------------
+
+
+@dataclass
+class _Scan:
+    """The records of one segment file: messages, finish marks, and damage found."""
+
+    messages: list[tuple[int, int, int]]  # (seq, offset, length)
+    finished: list[int]
+    settled: list[tuple[int, int]]
+    damaged: list[tuple[int, int]]  # (offset, length) of bytes that do not check out
+    good_end: int  # where a torn tail starts (the file is cut there); == size when none
+    torn: bool
+
+
+def _record_at(data: bytes, offset: int) -> tuple[int, int] | None:
+    """(type, total length) of a record that checks out at ``offset``, else None."""
+    if offset + HEADER_SIZE > len(data):
+        return None
+    crc, kind, length = _HEADER.unpack_from(data, offset)
+    if kind not in (MESSAGE, FINISHED, DAMAGE_SETTLED) or length > MAX_RECORD:
+        return None
+    end = offset + HEADER_SIZE + length
+    if end > len(data):
+        return None
+    if zlib.crc32(data[offset + 4 : end]) != crc:
+        return None
+    return kind, HEADER_SIZE + length
+
+
+def _scan(data: bytes, *, last: bool) -> _Scan:
+    """Read every record; resynchronise after damage by finding the next record that checks out.
+
+    Damage followed by nothing valid is a torn tail in the last segment (cut, not dead-lettered,
+    when the last record is incomplete), and dead-lettered damage anywhere else.
+    """
+    out = _Scan([], [], [], [], len(data), False)
+    offset, size = 0, len(data)
+    while offset < size:
+        found = _record_at(data, offset)
+        if found is not None:
+            kind, total = found
+            body = offset + HEADER_SIZE
+            if kind == MESSAGE and total - HEADER_SIZE >= _MSG_PREFIX.size:
+                seq = _MSG_PREFIX.unpack_from(data, body)[0]
+                out.messages.append((seq, offset, total))
+            elif kind == FINISHED:
+                count = (total - HEADER_SIZE) // 8
+                out.finished.extend(struct.unpack_from(f"<{count}Q", data, body))
+            elif kind == DAMAGE_SETTLED and total - HEADER_SIZE == _DAMAGE.size:
+                out.settled.append(_DAMAGE.unpack_from(data, body))
+            offset += total
+            continue
+        # Damage: look for the next offset where a record checks out.
+        nxt = offset + 1
+        while nxt < size and _record_at(data, nxt) is None:
+            nxt += 1
+        if nxt >= size and last and _incomplete(data, offset):
+            out.good_end, out.torn = offset, True
+            return out
+        out.damaged.append((offset, nxt - offset))
+        if nxt >= size and last:
+            out.good_end = offset  # cut the damaged tail too, after dead-lettering its bytes
+            return out
+        offset = nxt
+    return out
+
+
+def _incomplete(data: bytes, offset: int) -> bool:
+    """True when the bytes at ``offset`` are the start of a record that was never fully written.
+
+    A crash mid-write leaves a prefix: a header cut short, a declared length running past the end
+    of the file, or (the file system having extended the file first) zeros.
+    """
+    rest = len(data) - offset
+    if rest < HEADER_SIZE:
+        return True
+    _, kind, length = _HEADER.unpack_from(data, offset)
+    if kind not in (MESSAGE, FINISHED, DAMAGE_SETTLED):
+        return not any(data[offset:])
+    return offset + HEADER_SIZE + int(length) > len(data)
+
+
+def _segment_files(directory: Path) -> list[tuple[int, Path]]:
+    found = []
+    for entry in directory.iterdir():
+        if entry.suffix == _SUFFIX and entry.stem.isdigit():
+            found.append((int(entry.stem), entry))
+    found.sort()
+    return found
+
+
+@dataclass
+class _Recovered:
+    segments: list[_Segment]
+    replay: list[tuple[int, bytes, _Segment]]  # (seq, record bytes, segment)
+    damaged: list[tuple[_Segment, int, bytes]]
+    next_seq: int
+    torn: list[tuple[str, int]]
+
+
+def _recover(directory: Path, *, cut: bool) -> _Recovered:
+    """Read every segment: what is unfinished, what is damaged; cut torn tails when ``cut``."""
+    files = _segment_files(directory)
+    scans: list[tuple[_Segment, _Scan, bytes]] = []
+    finished: set[int] = set()
+    settled: set[tuple[int, int]] = set()
+    torn: list[tuple[str, int]] = []
+    top = 0
+    for index, (number, path) in enumerate(files):
+        whole = path.read_bytes()
+        scan = _scan(whole, last=index == len(files) - 1)
+        data = whole
+        if scan.good_end < len(data):
+            torn.append((path.name, len(data) - scan.good_end))
+            if cut:
+                with open(path, "r+b") as handle:
+                    handle.truncate(scan.good_end)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                log.warning(
+                    "spool %s: cut %d byte(s) of a torn tail (a write the crash interrupted)",
+                    path,
+                    len(data) - scan.good_end,
+                )
+            data = data[: scan.good_end]
+        segment = _Segment(number, path, len(data))
+        segment.sealed = True
+        scans.append((segment, scan, whole))
+        finished.update(scan.finished)
+        settled.update(scan.settled)
+        for seq, _, _ in scan.messages:
+            top = max(top, seq)
+    replay: list[tuple[int, bytes, _Segment]] = []
+    damaged: list[tuple[_Segment, int, bytes]] = []
+    for segment, scan, data in scans:
+        for seq, offset, total in scan.messages:
+            if seq not in finished:
+                replay.append((seq, data[offset : offset + total], segment))
+                segment.live += 1
+        for offset, length in scan.damaged:
+            if (segment.number, offset) not in settled:
+                damaged.append((segment, offset, data[offset : offset + length]))
+                segment.live += 1
+    replay.sort(key=lambda item: item[0])
+    return _Recovered([s for s, _, _ in scans], replay, damaged, top + 1, torn)
+
+
+def _decode_message(record: bytes) -> tuple[Any, Any, int]:
+    """(message, key, priority) of a message record that checked out."""
+    body = memoryview(record)[HEADER_SIZE:]
+    _, serializer_id = _MSG_PREFIX.unpack_from(body, 0)
+    name = _SERIALIZER_NAMES.get(serializer_id)
+    if name is None:
+        raise SpoolDamaged(f"unknown serializer id {serializer_id}")
+    value = deserialize(bytes(body[_MSG_PREFIX.size :]), name)
+    if not isinstance(value, list) or len(value) != 3:
+        raise SpoolDamaged("a message record must hold [message, key, priority]")
+    message, key, priority = value
+    if isinstance(key, list):
+        key = tuple(key)  # json and msgpack return tuples as lists; a lane key must hash
+    return message, key, priority
+
+
+def inspect_spool(path: str | os.PathLike[str]) -> SpoolReport:
+    """Read a spool without changing it: segments, unfinished messages, oldest age, damage.
+
+    Safe while another process owns the spool (it only reads; the lock holder is reported).
+    """
+    directory = Path(path)
+    if not directory.is_dir():
+        raise SpoolError(f"spool {directory}: no such directory")
+    locked_by = _lock_holder(directory)
+    recovered = _recover(directory, cut=False)
+    rows = []
+    oldest: float | None = None
+    for segment in recovered.segments:
+        count = sum(1 for item in recovered.replay if item[2] is segment)
+        data = segment.path.read_bytes()
+        total = len(_scan(data, last=False).messages)
+        rows.append((segment.path.name, segment.path.stat().st_size, total, count))
+        if count and oldest is None:
+            oldest = segment.path.stat().st_mtime
+    damaged = [(s.path.name, offset, len(raw), False) for s, offset, raw in recovered.damaged]
+    damaged += [(name, -1, length, True) for name, length in recovered.torn]
+    age = None if oldest is None or not recovered.replay else max(0.0, time.time() - oldest)
+    return SpoolReport(str(directory), rows, len(recovered.replay), age, damaged, locked_by)
+
+
+def _lock_holder(directory: Path) -> int | None:
+    """The pid written by the owner, if that process is alive (never takes the lock itself)."""
+    try:
+        text = (directory / "lock").read_text().strip()
+    except OSError:
+        return None
+    if not text.isdigit():
+        return None
+    try:
+        os.kill(int(text), 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
+    return int(text)
+
+
+# -- the spool ------------------------------------------------------------------------------------
+
+
+class Spool:
+    """A durable disk log between producers and the engine: accepted messages survive a crash.
+
+    Args:
+        path: a directory owned by this spool (created if missing). One process at a time.
+        max_bytes: disk the spool may use; when a new message would pass it, the processor's
+            overflow policy applies as it does in memory (BLOCK waits for finished segments to
+            be deleted, RAISE raises BufferFull, the drop policies dead-letter the new message
+            with reason "dropped").
+        segment_bytes: size at which a segment file is closed and a new one begun. A segment is
+            deleted once every message in it (and every older segment) is finished.
+        commit_interval: seconds a commit waits to gather more messages before its fsync. 0
+            (the default) commits as soon as the previous commit returned, which already groups
+            everything appended meanwhile; a few milliseconds trade latency for fewer fsyncs.
+        sync: "data" (fdatasync: survives power loss, the default), "full" (fsync: also the
+            file's metadata), or "none" (the write reaches the kernel only: survives a crash of
+            the process, not of the machine). docs/spool.md gives the measured cost of each.
+        serializer: "json" (default) or "msgpack"; "pickle" only if you ask for it, and then it
+            is read back on replay (only ever from this spool's own files).
+        ack_on_write: pipelines only: acknowledge a broker message once it is in the spool rather
+            than once processed (None: the source decides; see docs/spool.md for the trade-off).
+
+    ``await add_message(m)`` and ``await submit(m)`` return only after m is durable (one fsync
+    covers every message appended meanwhile: group commit). ``add_message_nowait`` appends and
+    returns: its message is durable by the next group commit, a few milliseconds later, so a crash
+    in between can lose it. The guarantee is at-least-once: a batch that succeeded but whose
+    completion was not yet recorded is processed again after a restart.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        max_bytes: int = 1 << 30,
+        segment_bytes: int = 16 << 20,
+        commit_interval: float = 0.0,
+        sync: str = "data",
+        serializer: str = "json",
+        ack_on_write: bool | None = None,
+    ) -> None:
+        if not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes < 4096:
+            raise ValueError(f"max_bytes: expected an integer >= 4096, got {max_bytes!r}")
+        if (
+            not isinstance(segment_bytes, int)
+            or isinstance(segment_bytes, bool)
+            or not 4096 <= segment_bytes <= max_bytes
+        ):
+            raise ValueError(
+                f"segment_bytes: expected an integer from 4096 to max_bytes, got {segment_bytes!r}"
+            )
+        if not isinstance(commit_interval, int | float) or not 0 <= commit_interval <= 10:
+            raise ValueError(f"commit_interval: expected 0..10 seconds, got {commit_interval!r}")
+        if sync not in _SYNC_MODES:
+            raise ValueError(f"sync: expected one of {', '.join(_SYNC_MODES)}, got {sync!r}")
+        if serializer not in _SERIALIZER_IDS:
+            raise ValueError(
+                f"serializer: expected 'json', 'msgpack' or 'pickle', got {serializer!r}"
+            )
+        self.path = Path(path)
+        self.max_bytes = max_bytes
+        self.segment_bytes = segment_bytes
+        self.commit_interval = float(commit_interval)
+        self.sync = sync
+        self.serializer = serializer
+        self.ack_on_write = ack_on_write
+        self._sid = _SERIALIZER_IDS[serializer]
+        self._fast = _fast_json() if serializer == "json" else None
+        #: Set by a Pipeline, whose engine carries envelopes: what of a message is written (its
+        #: payload), and what a replayed (message, key, priority) becomes (a new envelope).
+        self.extract: Callable[[Any], Any] | None = None
+        self.rebuild: Callable[[Any, Any, int], Any] | None = None
+        self._processor: BatchProcessor[Any, Any] | None = None
+        self._policy = OverflowPolicy.BLOCK
+        self._open = False
+        self._lock_fd: int | None = None
+        self._segments: list[_Segment] = []
+        self._numbers: list[int] = []
+        self._active: _Segment | None = None
+        self._fd: int | None = None
+        self._fd_segment: _Segment | None = None
+        self._next_seq = 1
+        self._next_number = 1
+        # seq -> the segment holding it, or None while its write is not yet done.
+        # mark -> what holds it: its chunk (which knows its segment once written) or segment.
+        self._where: dict[Any, _Chunk | _Segment] = {}
+        # Appended records not yet written, in chunks of at most _chunk_bytes (one write each).
+        self._chunks: deque[_Chunk] = deque()
+        self._last: _Chunk = None  # type: ignore[assignment]  # the chunk of the last append
+        self._retry_timer: asyncio.TimerHandle | None = None
+        self._buffered = 0
+        self._chunk_bytes = min(1 << 20, segment_bytes)
+        self._marks: list[int] = []
+        self._settle: list[tuple[int, int]] = []
+        self._disk = 0  # bytes in segment files
+        self._writing = False
+        self._retrying = False
+        self._kick_pending = False
+        self._failures = 0
+        self._marker_timer: asyncio.TimerHandle | None = None
+        self._closer: asyncio.Future[None] | None = None
+        self._space: asyncio.Event | None = None
+        self._full_error: BaseException | None = None
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._dropped: tuple[asyncio.Future[None], BaseException] = (None, None)  # type: ignore[assignment]
+        #: Counts: appended, finished, replayed, damaged, commits, fsync seconds.
+        self.stats: dict[str, float] = {
+            "written": 0,
+            "finished": 0,
+            "replayed": 0,
+            "damaged": 0,
+            "torn": 0,
+            "commits": 0,
+            "commit_seconds": 0.0,
+            "refused": 0,
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"Spool({str(self.path)!r}, segments={len(self._segments)}, "
+            f"unfinished={len(self._where)}, bytes={self._disk})"
+        )
+
+    def _closed(self) -> bool:
+        return not self._open
+
+    @property
+    def unfinished(self) -> int:
+        """Messages in the spool not yet finished."""
+        return len(self._where)
+
+    @property
+    def disk_bytes(self) -> int:
+        """Bytes the spool's segment files use now (what max_bytes bounds)."""
+        return self._disk
+
+    # -- wiring into a processor (called by BatchProcessor) ---------------------------------
+
+    def bind(
+        self,
+        processor: BatchProcessor[Any, Any],
+        config: BatchConfig,
+        handler: Callable[..., Any],
+        dead_letter: object | None,
+    ) -> tuple[BatchConfig, Callable[..., Any], Callable[[list[DeadLetter]], Any]]:
+        """Wrap the handler, the sizer and the dead-letter sink so the engine can carry records."""
+        if self._processor is not None:
+            raise SpoolError(f"spool {self.path}: already bound to a processor")
+        self._processor = processor
+        self._policy = config.overflow
+        if config.sizer is not None or config.max_bytes is not None:
+            user_sizer = config.sizer
+            if user_sizer is None:
+                from batchpunk._accumulator import _default_sizer
+
+                user_sizer = _default_sizer
+            sizer = user_sizer
+            config = dataclasses.replace(config, sizer=lambda record: sizer(record.message))
+        return config, self._wrap_handler(handler), self._wrap_dead_letter(dead_letter, processor)
+
+    def _wrap_handler(self, handler: Callable[..., Any]) -> Callable[..., Any]:
+        from batchpunk._execution import is_async_callable
+
+        finish = self._finish_many
+
+        def unwrap(batch: Any) -> Any:
+            return batch.derive([record.message for record in batch])
+
+        def settle_partial(batch: Any, partial: PartialFailure) -> None:
+            size = len(batch)
+            if all(0 <= i < size for i in partial.failures):
+                failed = partial.failures
+                finish([batch[i].mark for i in range(size) if i not in failed])
+
+        if is_async_callable(handler):
+
+            async def call_async(batch: Any) -> Any:
+                try:
+                    result = await handler(unwrap(batch))
+                except PartialFailure as partial:
+                    settle_partial(batch, partial)
+                    raise
+                if result is None or len(result) == len(batch):
+                    finish([record.mark for record in batch])
+                return result
+
+            return call_async
+
+        def call_sync(batch: Any) -> Any:
+            # Runs on a worker thread: marks go back to the loop's thread.
+            loop = self._loop
+            assert loop is not None
+            try:
+                result = handler(unwrap(batch))
+                if inspect.isawaitable(result):
+                    return _finish_later(self, batch, result)
+            except PartialFailure as partial:
+                size = len(batch)
+                if all(0 <= i < size for i in partial.failures):
+                    marks = [batch[i].mark for i in range(size) if i not in partial.failures]
+                    loop.call_soon_threadsafe(finish, marks)
+                raise
+            if result is None or len(result) == len(batch):
+                loop.call_soon_threadsafe(finish, [record.mark for record in batch])
+            return result
+
+        return call_sync
+
+    def _wrap_dead_letter(
+        self, target: object | None, processor: BatchProcessor[Any, Any]
+    ) -> Callable[[list[DeadLetter]], Any]:
+        from batchpunk._outbox import as_put
+
+        put = as_put(target) if target is not None else None
+
+        async def put_letters(letters: list[DeadLetter]) -> None:
+            out: list[DeadLetter] = []
+            marks: list[Any] = []
+            for letter in letters:
+                record = letter.message
+                if type(record) is not _Record:
+                    out.append(letter)
+                    continue
+                if letter.reason == "shutdown" and record.mark is not None:
+                    # Stays in the spool: replayed on the next start rather than parked here.
+                    continue
+                out.append(dataclasses.replace(letter, message=record.message))
+                marks.append(record.mark)
+            if out:
+                if put is not None:
+                    await put(out)
+                else:
+                    processor.dead_letters.extend(out)
+                    log.warning(
+                        "%d message(s) dead-lettered (reason: %s); kept in "
+                        "processor.dead_letters, pass dead_letter= to store them",
+                        len(out),
+                        ", ".join(sorted({letter.reason for letter in out})),
+                    )
+            self._finish_many(marks)
+
+        return put_letters
+
+    # -- admitting messages (called by BatchProcessor's add and submit methods) ---------------
+
+    async def admit(self, message: Any, key: Any, priority: int, *, submit: bool = False) -> Any:
+        """The record to hand to the engine, once durable; None when the message was dropped.
+
+        Records (replayed ones) pass through. A processor not running gets an unwritten record,
+        which the engine then refuses with ProcessorClosed.
+        """
+        if type(message) is _Record:
+            return message
+        if not self._open:
+            return _Record(None, message)
+        body = self._encode(message, key, priority)
+        while self._full(len(body)):
+            policy = self._policy
+            if policy is OverflowPolicy.BLOCK:
+                assert self._space is not None
+                self._space.clear()
+                await self._space.wait()
+                if self._closed():
+                    return _Record(None, message)
+                continue
+            error = self._refusal()
+            if policy is OverflowPolicy.RAISE:
+                self.stats["refused"] += 1
+                raise error
+            assert self._processor is not None
+            letter = self._processor.reject(message, "dropped", error, key=key, priority=priority)
+            self._dropped = (letter, error)
+            if submit:
+                await letter
+                raise error
+            return None
+        record = self._append(body, message)
+        await self._last.future  # a _Shared future: one producer's cancel spares the others
+        return record
+
+    def admit_nowait(self, message: Any, key: Any, priority: int, room: bool) -> Any:
+        """The record to hand to the engine now (durable by the next commit); None if dropped.
+
+        ``room`` says whether the engine will take it: without room the message is not written,
+        so the engine's refusal (BufferFull, or a drop) leaves nothing behind in the spool.
+        """
+        if type(message) is _Record:
+            return message
+        if not self._open or not room:
+            return _Record(None, message)
+        body = self._encode(message, key, priority)
+        if self._full(len(body)):
+            error = self._refusal()
+            policy = self._policy
+            if policy in (OverflowPolicy.BLOCK, OverflowPolicy.RAISE):
+                self.stats["refused"] += 1
+                raise error
+            assert self._processor is not None
+            stored = self._processor.reject(message, "dropped", error, key=key, priority=priority)
+            self._dropped = (stored, error)
+            return None
+        return self._append(body, message)
+
+    def when_durable(self, callback: Callable[[Any], None]) -> None:
+        """Call ``callback(None)`` once the last appended message is durable (not if refused).
+
+        Pipelines use it to settle a source's message once it is in the spool without waiting
+        for each message's commit in turn.
+        """
+
+        def done(future: asyncio.Future[None]) -> None:
+            if future.exception() is None:
+                callback(None)
+
+        self._last.future.add_done_callback(done)
+
+    def settle_dropped(self, callback: Callable[[Any], None]) -> None:
+        """Call ``callback(None)`` once the last dropped message's letter is stored."""
+        self._dropped[0].add_done_callback(lambda _: callback(None))
+
+    def dropped_future(self) -> asyncio.Future[Any]:
+        """For submit_nowait: a future failing with BufferFull once the drop's letter is stored."""
+        stored, error = self._dropped
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+        def fail(_: asyncio.Future[None]) -> None:
+            if not future.done():
+                future.set_exception(error)
+
+        stored.add_done_callback(fail)
+        return future
+
+    def _full(self, size: int) -> bool:
+        if self._full_error is not None:
+            return True
+        return self._disk + self._buffered + size + 64 > self.max_bytes
+
+    def _refusal(self) -> BufferFull:
+        if self._full_error is not None:
+            return BufferFull(f"spool {self.path}: the disk is full ({self._full_error})")
+        return BufferFull(
+            f"spool {self.path}: max_bytes={self.max_bytes} reached "
+            f"(overflow={self._policy.value}); finished segments free space"
+        )
+
+    def _encode(self, message: Any, key: Any, priority: int) -> bytes:
+        if self.extract is not None:
+            message = self.extract(message)
+        fast = self._fast
+        if fast is not None:
+            try:
+                data: bytes = fast([message, key, priority])
+                return data
+            except TypeError:
+                pass  # orjson refused: the codec's reference path decides (and names the fault)
+        return serialize([message, key, priority], self.serializer, "message")
+
+    def _append(self, body: bytes, message: Any) -> _Record:
+        seq = self._next_seq
+        self._next_seq = seq + 1
+        rest = _MSG_HEAD.pack(MESSAGE, len(body) + _MSG_PREFIX.size, seq, self._sid) + body
+        chunks = self._chunks
+        if not chunks or len(chunks[-1].data) >= self._chunk_bytes:
+            assert self._loop is not None
+            chunks.append(_Chunk(_Shared(loop=self._loop)))
+        chunk = self._last = chunks[-1]
+        buf = chunk.data
+        buf += _CRC.pack(zlib.crc32(rest))
+        buf += rest
+        chunk.seqs.append(seq)
+        self._buffered += len(rest) + 4
+        self._where[seq] = chunk
+        if not self._writing:
+            self._schedule(chunk)
+        return _Record(seq, message)
+
+    # -- finishing ----------------------------------------------------------------------------
+
+    def _finish_many(self, marks: Sequence[Any]) -> None:
+        """Mark records finished: written at the next commit; drained segments are deleted."""
+        where = self._where
+        drained = False
+        pop, missing, done = where.pop, _MISSING, self._marks.append
+        count = 0
+        for mark in marks:
+            holder = pop(mark, missing)
+            if holder is missing:
+                continue  # finished already (a retried marker), or never spooled (None)
+            count += 1
+            if type(mark) is tuple:
+                self._settle.append(mark)
+            else:
+                done(mark)
+            segment = holder.segment
+            if segment is None:
+                holder.early += 1  # finished before its write returned
+            else:
+                segment.live -= 1
+                if segment.live == 0:
+                    drained = True
+        self.stats["finished"] += count
+        if drained:
+            self._delete_drained()
+        if count and not self._writing:
+            self._kick()  # nothing to ride along with: arms the marker delay
+
+    def _delete_drained(self) -> None:
+        """Delete the oldest segments while they are closed and hold nothing unfinished.
+
+        Only the oldest go, in order: a finish marker is always written after the record it
+        marks (so in the same segment or a later one), and deleting oldest first therefore never
+        deletes a marker whose record is still on disk, which would replay a finished message.
+        """
+        segments = self._segments
+        freed = 0
+        while segments and segments[0].sealed and segments[0].live == 0:
+            segment = segments.pop(0)
+            self._numbers.pop(0)
+            with contextlib.suppress(FileNotFoundError):
+                segment.path.unlink()
+            freed += segment.size
+        if freed:
+            self._disk -= freed
+            if self._space is not None:
+                self._space.set()
+
+    # -- group commit ---------------------------------------------------------------------------
+
+    # Commits are driven by callbacks, not a task: the first records appended start a write at
+    # once (or at the end of this loop iteration), and each finished write starts the next with
+    # whatever arrived meanwhile. So producers fill the next group while the writer thread syncs
+    # the current one: the CPU work and the fsync overlap instead of taking turns.
+
+    def _schedule(self, chunk: _Chunk) -> None:
+        """After an append: make sure a write will carry it."""
+        if self._writing or self._retrying:
+            return  # the running write's completion starts the next one
+        if not self.commit_interval and len(chunk.data) >= KICK_BYTES:
+            self._kick()
+            return
+        if not self._kick_pending:
+            self._kick_pending = True
+            loop = self._loop
+            assert loop is not None
+            if self.commit_interval:
+                loop.call_later(self.commit_interval, self._kick_soon)
+            else:
+                loop.call_soon(self._kick_soon)
+
+    def _kick_soon(self) -> None:
+        self._kick_pending = False
+        self._kick()
+
+    def _markers_due(self) -> None:
+        self._marker_timer = None
+        self._kick(markers=True)
+
+    def _kick(self, *, markers: bool = False) -> None:
+        """Start one write if none runs: the oldest chunk, plus every finish marker so far.
+
+        Finish markers alone wait MARKER_DELAY for a message write to ride along with: they are
+        not urgent (a lost one costs a duplicate after a crash, never a message).
+        """
+        if self._writing or self._retrying or self._pool is None:
+            return
+        has_markers = bool(self._marks or self._settle)
+        if not self._chunks and not (markers and has_markers):
+            if has_markers and self._marker_timer is None and self._loop is not None:
+                self._marker_timer = self._loop.call_later(MARKER_DELAY, self._markers_due)
+            return
+        loop = self._loop
+        assert loop is not None
+        chunk = self._chunks.popleft() if self._chunks else None
+        data = bytes(chunk.data) if chunk is not None else b""
+        self._buffered -= len(data)
+        marks, settle = self._marks, self._settle
+        self._marks, self._settle = [], []
+        payload = data + _marker_records(marks, settle)
+        segment = self._target()
+        self._writing = True
+        # Finish markers alone are written without a sync: the next message commit syncs them.
+        future = loop.run_in_executor(self._pool, self._write, segment, payload, bool(data))
+        future.add_done_callback(
+            partial(self._written, chunk, segment, marks, settle, len(payload), time.perf_counter())
+        )
+
+    def _written(
+        self,
+        chunk: _Chunk | None,
+        segment: _Segment,
+        marks: list[int],
+        settle: list[tuple[int, int]],
+        size: int,
+        began: float,
+        future: asyncio.Future[None],
+    ) -> None:
+        """On the loop, once a write returned: settle its producers, then start the next one."""
+        self._writing = False
+        error = future.exception()
+        if error is not None:
+            if not isinstance(error, OSError):
+                error = OSError(errno.EIO, f"spool write failed: {error!r}")
+            self._failures += 1
+            self._requeue_after_failure(error, chunk, marks, settle)
+            self._retrying = True
+            assert self._loop is not None
+            delay = min(1.0, 0.01 * 2**self._failures)
+            self._retry_timer = self._loop.call_later(delay, self._retry)
+            self._wake_closer()
+            return
+        self._failures = 0
+        if self._full_error is not None:
+            self._full_error = None
+            if self._space is not None:
+                self._space.set()
+        stats = self.stats
+        stats["commits"] += 1
+        stats["commit_seconds"] += time.perf_counter() - began
+        segment.size += size
+        self._disk += size
+        if chunk is not None:
+            stats["written"] += len(chunk.seqs)
+            chunk.segment = segment
+            segment.live += len(chunk.seqs) - chunk.early
+        if segment.size >= self.segment_bytes:
+            self._seal(segment)
+        if chunk is not None and not chunk.future.done():
+            chunk.future.set_result(None)
+        self._kick()
+        self._wake_closer()
+
+    def _retry(self) -> None:
+        self._retry_timer = None
+        self._retrying = False
+        self._kick(markers=True)
+
+    def _wake_closer(self) -> None:
+        closer = self._closer
+        if closer is not None and not closer.done():
+            closer.set_result(None)
+
+    def _requeue_after_failure(
+        self,
+        exc: OSError,
+        chunk: _Chunk | None,
+        marks: list[int],
+        settle: list[tuple[int, int]],
+    ) -> None:
+        """A failed write (the file was cut back to its last good size): keep what must stay."""
+        self._marks[:0] = marks
+        self._settle[:0] = settle
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            self._full_error = exc
+            # Close this segment so that, once its messages finish, it can be deleted.
+            if self._active is not None and self._active.size > 0:
+                self._seal(self._active)
+        if chunk is None:
+            return
+        if self._policy is OverflowPolicy.BLOCK:
+            # The same chunk goes out again first; its producers keep waiting.
+            self._chunks.appendleft(chunk)
+            self._buffered += len(chunk.data)
+            log.warning("spool %s: write failed (%s); retrying, producers wait", self.path, exc)
+            return
+        # Refusing policies: the waiting producers get BufferFull; their messages never entered
+        # the engine. Messages added without waiting stay in the engine, in memory only.
+        for seq in chunk.seqs:
+            self._where.pop(seq, None)
+        self.stats["refused"] += len(chunk.seqs)
+        waiter = chunk.future
+        if not waiter.done():
+            waiter.set_exception(BufferFull(f"spool {self.path}: the disk is full ({exc})"))
+            waiter.exception()  # retrieved: nobody may be waiting on it
+        log.warning("spool %s: write failed (%s); refusing new messages", self.path, exc)
+
+    def _target(self) -> _Segment:
+        active = self._active
+        if active is None or active.sealed:
+            number = self._next_number
+            self._next_number += 1
+            active = _Segment(number, self.path / f"{number:012d}{_SUFFIX}")
+            self._segments.append(active)
+            self._numbers.append(number)
+            self._active = active
+        return active
+
+    def _seal(self, segment: _Segment) -> None:
+        """Close a segment for writing (never while a write runs: only the commit loop seals)."""
+        segment.sealed = True
+        if segment is self._active:
+            self._active = None
+        if self._fd_segment is segment and self._fd is not None:
+            os.close(self._fd)  # an open descriptor would keep a deleted file's space in use
+            self._fd, self._fd_segment = None, None
+        if segment.live == 0:
+            self._delete_drained()
+
+    def _write(self, segment: _Segment, data: bytes, sync: bool = True) -> None:
+        """On the writer thread: append to the segment and sync; cut back on any failure."""
+        if self._fd_segment is not segment:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+            self._fd = os.open(segment.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            self._fd_segment = segment
+            if self.sync != "none":
+                _sync_dir(self.path)
+        fd = self._fd
+        assert fd is not None
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            if sync and self.sync == "data":
+                os.fdatasync(fd)
+            elif sync and self.sync == "full":
+                os.fsync(fd)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, segment.size)
+            raise
+
+    # -- life cycle (called by BatchProcessor.start / stop) ----------------------------------
+
+    async def open(self, processor: BatchProcessor[Any, Any]) -> None:
+        """Lock the directory, recover it, then replay every unfinished message into the engine.
+
+        Damaged bytes become "malformed" dead letters; a torn tail is cut. Returns once every
+        unfinished message is in the engine (waiting for room like ``add_message``).
+        """
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="batchpunk-spool")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SpoolError(f"spool {self.path}: cannot create the directory: {exc}") from None
+        self._lock()
+        recovered = await loop.run_in_executor(self._pool, lambda: _recover(self.path, cut=True))
+        self._segments = recovered.segments
+        self._numbers = [s.number for s in recovered.segments]
+        self._next_number = (self._numbers[-1] + 1) if self._numbers else 1
+        self._next_seq = recovered.next_seq
+        self._disk = sum(s.size for s in recovered.segments)
+        self.stats["torn"] = len(recovered.torn)
+        self._space = asyncio.Event()
+        self._open = True
+        for segment, offset, raw in recovered.damaged:
+            mark = (segment.number, offset)
+            self._where[mark] = segment
+            self.stats["damaged"] += 1
+            error = SpoolDamaged(
+                f"spool {segment.path.name}: {len(raw)} byte(s) at offset {offset} do not "
+                "check out (CRC-32 mismatch or a broken header); the bytes are the message"
+            )
+            processor.reject(
+                _Record(mark, raw), "malformed", error, headers={"spool_segment": segment.path.name}
+            )
+        replay = recovered.replay
+        for seq, _, segment in replay:
+            self._where[seq] = segment
+        self._delete_drained()
+        for seq, raw, _segment in replay:
+            try:
+                message, key, priority = _decode_message(raw)
+            except (BatchpunkError, ValueError) as exc:
+                processor.reject(_Record(seq, raw), "malformed", exc)
+                continue
+            self.stats["replayed"] += 1
+            if self.rebuild is not None:
+                message = self.rebuild(message, key, priority)
+            await processor.add_message(_Record(seq, message), key=key, priority=priority)
+        if replay:
+            log.info("spool %s: replayed %d unfinished message(s)", self.path, len(replay))
+
+    async def close(self) -> None:
+        """Write the last finish markers, delete drained segments, release the lock."""
+        if not self._open:
+            return
+        self._open = False
+        if self._space is not None:
+            self._space.set()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CLOSE_SECONDS
+        while self._writing or self._retrying or self._chunks or self._marks or self._settle:
+            self._kick(markers=True)
+            self._closer = loop.create_future()
+            try:
+                await asyncio.wait_for(self._closer, max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                log.error(
+                    "spool %s: the last writes did not finish within %ss; their finish "
+                    "markers are lost, so those messages are replayed on the next start",
+                    self.path,
+                    CLOSE_SECONDS,
+                )
+                break
+        for timer in (self._marker_timer, self._retry_timer):
+            if timer is not None:
+                timer.cancel()
+        self._marker_timer = self._retry_timer = None
+        self._retrying = False
+        if self._active is not None and self._active.size > 0 and not self._where:
+            self._seal(self._active)
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self._fd_segment = None
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            pool.shutdown(wait=True)
+        self._unlock()
+
+    def _lock(self) -> None:
+        lock = self.path / "lock"
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise SpoolLocked(
+                f"spool {self.path} is in use by another process (pid {holder}); one process "
+                "at a time may own a spool: give each process its own path"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._lock_fd, 0)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+
+_MISSING: Any = object()
+
+
+async def _finish_later(spool: Spool, batch: Any, result: Any) -> Any:
+    value = await result
+    if value is None or len(value) == len(batch):
+        spool._finish_many([record.mark for record in batch])
+    return value
+
+
+def _marker_records(marks: list[int], settle: list[tuple[int, int]]) -> bytes:
+    out = bytearray()
+    if marks:
+        payload = struct.pack(f"<{len(marks)}Q", *marks)
+        body = struct.pack("<BI", FINISHED, len(payload)) + payload
+        out += struct.pack("<I", zlib.crc32(body)) + body
+    for number, offset in settle:
+        payload = _DAMAGE.pack(number, offset)
+        body = struct.pack("<BI", DAMAGE_SETTLED, len(payload)) + payload
+        out += struct.pack("<I", zlib.crc32(body)) + body
+    return bytes(out)
+
+
+def _fast_json() -> Callable[[Any], bytes] | None:
+    """orjson.dumps with the codec's options (same bytes as the codec's json path), if installed."""
+    from functools import partial
+
+    from batchpunk.codec.serializers import _orjson_options, _refuse, orjson_module
+
+    orjson = orjson_module()
+    if orjson is None:
+        return None
+    encode: Callable[[Any], bytes] = partial(
+        orjson.dumps, default=_refuse, option=_orjson_options(orjson)
+    )
+    return encode
+
+
+def _sync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,475 @@
+"""The durable spool: messages survive a stop or crash, damage becomes dead letters, one owner."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from batchpunk import Batch, BatchConfig, BatchProcessor, OverflowPolicy, PartialFailure, Spool
+from batchpunk.deadletter import MemoryDeadLetters
+from batchpunk.errors import BufferFull
+from batchpunk.spool import HEADER_SIZE, SpoolLocked, _scan, inspect_spool
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def config(**overrides: Any) -> BatchConfig:
+    settings: dict[str, Any] = {"max_size": 50, "max_wait": 0.01, "drain_timeout": 0.2}
+    settings.update(overrides)
+    return BatchConfig(**settings)
+
+
+class Recorder:
+    """An async handler keeping what it saw."""
+
+    def __init__(self) -> None:
+        self.seen: list[Any] = []
+        self.batches: list[Batch[Any]] = []
+
+    async def __call__(self, batch: Batch[Any]) -> None:
+        self.batches.append(batch)
+        self.seen.extend(batch)
+
+
+async def never(batch: Batch[Any]) -> None:
+    await asyncio.Event().wait()
+
+
+async def leave_unfinished(path: Path, messages: list[Any], **spool: Any) -> None:
+    """Spool ``messages`` and stop before any batch finished: all stay in the spool."""
+    processor = BatchProcessor(config(), never, spool=Spool(path, **spool))
+    async with processor:
+        for message in messages:
+            await processor.add_message(message)
+
+
+async def replay(path: Path) -> tuple[Recorder, MemoryDeadLetters]:
+    recorder, letters = Recorder(), MemoryDeadLetters()
+    async with BatchProcessor(config(), recorder, dead_letter=letters, spool=Spool(path)) as p:
+        await p.flush()
+    return recorder, letters
+
+
+def segments(path: Path) -> list[Path]:
+    return sorted(path.glob("*.seg"))
+
+
+async def test_every_message_is_processed_and_the_spool_empties(tmp_path: Path) -> None:
+    """Messages added every way reach the handler once and their segments are deleted."""
+    recorder = Recorder()
+    spool = Spool(tmp_path / "s", segment_bytes=4096)
+    async with BatchProcessor(config(), recorder, spool=spool) as processor:
+        await asyncio.gather(*(processor.add_message({"i": i}) for i in range(500)))
+        for i in range(500, 600):
+            processor.add_message_nowait({"i": i})
+        assert await processor.submit({"i": 600}) is None
+        await processor.flush()
+    assert sorted(m["i"] for m in recorder.seen) == list(range(601))
+    assert all(type(b) is Batch and b.flush_reason for b in recorder.batches)
+    assert segments(tmp_path / "s") == []
+    assert spool.unfinished == 0
+
+
+async def test_unfinished_messages_are_replayed_before_new_ones(tmp_path: Path) -> None:
+    """What a stop left unfinished comes back first on the next start, and is not dead-lettered."""
+    path = tmp_path / "s"
+    await leave_unfinished(path, [{"i": i} for i in range(120)])
+    assert inspect_spool(path).unfinished == 120
+    recorder, letters = Recorder(), MemoryDeadLetters()
+    async with BatchProcessor(config(), recorder, dead_letter=letters, spool=Spool(path)) as p:
+        await p.add_message({"i": "new"})
+        await p.flush()
+    assert [m["i"] for m in recorder.seen] == [*range(120), "new"]
+    assert len(letters) == 0
+    assert inspect_spool(path).unfinished == 0
+
+
+async def test_a_sync_handler_and_keys_and_priorities_survive_the_spool(tmp_path: Path) -> None:
+    """A sync handler sees the user's messages; key and priority are kept through a replay."""
+    path = tmp_path / "s"
+    await leave_unfinished(path, [])
+    processor = BatchProcessor(config(), never, spool=Spool(path))
+    async with processor:
+        await processor.add_message("a", key=("tenant", 1), priority=3)
+    seen: list[tuple[Any, Any, int]] = []
+
+    def handler(batch: Batch[Any]) -> list[str]:
+        seen.extend((m, batch.key, batch.priority) for m in batch)
+        return [m.upper() for m in batch]
+
+    async with BatchProcessor(config(), handler, spool=Spool(path)) as p:
+        assert await p.submit("b", key="k") == "B"
+        await p.flush()
+    assert ("a", ("tenant", 1), 3) in seen
+    assert ("b", "k", 0) in seen
+
+
+async def test_a_partial_failure_finishes_the_good_and_dead_letters_the_bad(
+    tmp_path: Path,
+) -> None:
+    """Only the failed message becomes a dead letter (the user's message); the spool empties."""
+    letters = MemoryDeadLetters()
+
+    async def handler(batch: Batch[Any]) -> None:
+        bad = {i: ValueError("bad") for i, m in enumerate(batch) if m == 7}
+        if bad:
+            raise PartialFailure(bad)
+
+    cfg = config(retry_on=(), max_retries=0)
+    path = tmp_path / "s"
+    async with BatchProcessor(cfg, handler, dead_letter=letters, spool=Spool(path)) as p:
+        for i in range(20):
+            await p.add_message(i)
+        await p.flush()
+    assert [letter.message for letter in letters.letters] == [7]
+    assert inspect_spool(path).unfinished == 0
+
+
+async def test_a_second_owner_gets_a_clear_error(tmp_path: Path) -> None:
+    """A spool directory in use refuses a second owner, naming the holder's pid."""
+    path = tmp_path / "s"
+    async with BatchProcessor(config(), Recorder(), spool=Spool(path)):
+        with pytest.raises(SpoolLocked, match=f"pid {os.getpid()}"):
+            async with BatchProcessor(config(), Recorder(), spool=Spool(path)):
+                pass
+        code = (
+            "import asyncio, sys; from batchpunk import BatchProcessor, Spool\n"
+            "async def main():\n"
+            "    async with BatchProcessor(None, print, spool=Spool(sys.argv[1])): pass\n"
+            "asyncio.run(main())\n"
+        )
+        done = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-c", code, str(path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode != 0
+        assert "in use by another process" in done.stderr
+    async with BatchProcessor(config(), Recorder(), spool=Spool(path)):
+        pass  # released at stop
+
+
+async def test_a_torn_tail_is_cut_at_every_byte_offset_of_the_last_record(tmp_path: Path) -> None:
+    """Cutting the last record anywhere loses only that record (never written in full), silently."""
+    source = tmp_path / "source"
+    await leave_unfinished(source, [{"n": i, "pad": "x" * (i % 5)} for i in range(6)])
+    last = segments(source)[-1]
+    data = last.read_bytes()
+    scan = _scan(data, last=True)
+    start = scan.messages[-1][1]
+    assert scan.messages[-1][1] + scan.messages[-1][2] == len(data)
+    for cut in range(start, len(data) + 1):
+        path = tmp_path / f"cut{cut}"
+        shutil.copytree(source, path)
+        os.truncate(segments(path)[-1], cut)
+        recorder, letters = await replay(path)
+        expected = 6 if cut == len(data) else 5
+        assert [m["n"] for m in recorder.seen] == list(range(expected)), cut
+        assert len(letters) == 0, cut
+        assert inspect_spool(path).unfinished == 0
+        shutil.rmtree(path)
+
+
+@pytest.mark.parametrize("where", ["payload", "length field", "crc"])
+async def test_a_flipped_byte_in_the_middle_is_one_malformed_letter_with_its_bytes(
+    tmp_path: Path, where: str
+) -> None:
+    """A damaged record in the middle becomes one "malformed" letter; all others are replayed."""
+    path = tmp_path / "s"
+    await leave_unfinished(path, [{"n": i} for i in range(10)])
+    seg = segments(path)[-1]
+    data = bytearray(seg.read_bytes())
+    _, offset, length = _scan(bytes(data), last=True).messages[4]
+    original = bytes(data[offset : offset + length])
+    spot = {"payload": offset + length - 3, "length field": offset + 6, "crc": offset}[where]
+    data[spot] ^= 0x55
+    seg.write_bytes(bytes(data))
+    report = inspect_spool(path)
+    assert report.unfinished == 9
+    assert len(report.damaged) == 1
+    recorder, letters = await replay(path)
+    assert [m["n"] for m in recorder.seen] == [0, 1, 2, 3, 5, 6, 7, 8, 9]
+    assert [letter.reason for letter in letters.letters] == ["malformed"]
+    letter = letters.letters[0]
+    assert len(letter.message) == len(original)
+    assert letter.message != original
+    assert "do not check out" in str(letter.error)
+    # Stored and settled: a second start finds nothing left to do.
+    again, more = await replay(path)
+    assert again.seen == []
+    assert len(more) == 0
+
+
+async def test_a_damaged_record_at_the_end_that_is_complete_is_dead_lettered(
+    tmp_path: Path,
+) -> None:
+    """A full-length last record whose checksum fails was written: its bytes are not dropped."""
+    path = tmp_path / "s"
+    await leave_unfinished(path, [{"n": i} for i in range(3)])
+    seg = segments(path)[-1]
+    data = bytearray(seg.read_bytes())
+    data[-2] ^= 0xFF
+    seg.write_bytes(bytes(data))
+    recorder, letters = await replay(path)
+    assert [m["n"] for m in recorder.seen] == [0, 1]
+    assert [letter.reason for letter in letters.letters] == ["malformed"]
+
+
+async def test_max_bytes_refuses_under_raise_and_waits_under_block(tmp_path: Path) -> None:
+    """A full spool applies the overflow policy: RAISE refuses, BLOCK waits until space frees."""
+    cfg = config(overflow=OverflowPolicy.RAISE, max_pending=100_000)
+    spool = Spool(tmp_path / "raise", max_bytes=8192, segment_bytes=4096)
+    async with BatchProcessor(cfg, never, spool=spool) as processor:
+
+        async def fill() -> None:
+            for i in range(10_000):
+                await processor.add_message({"i": i, "pad": "y" * 40})
+
+        with pytest.raises(BufferFull, match="max_bytes=8192"):
+            await fill()
+    gate = asyncio.Event()
+    recorder = Recorder()
+
+    async def slow(batch: Batch[Any]) -> None:
+        await gate.wait()
+        await recorder(batch)
+
+    spool = Spool(tmp_path / "block", max_bytes=8192, segment_bytes=4096)
+    async with BatchProcessor(config(max_pending=100_000), slow, spool=spool) as processor:
+        producer = asyncio.ensure_future(
+            asyncio.gather(*(processor.add_message({"i": i, "pad": "y" * 40}) for i in range(400)))
+        )
+        await asyncio.sleep(0.2)
+        assert not producer.done()  # blocked on the full spool
+        gate.set()
+        await asyncio.wait_for(producer, 30)
+        await processor.flush()
+    assert sorted(m["i"] for m in recorder.seen) == list(range(400))
+
+
+async def test_a_drop_policy_dead_letters_the_new_message_when_the_spool_is_full(
+    tmp_path: Path,
+) -> None:
+    """Under drop_newest a full spool dead-letters the new message as "dropped"."""
+    letters = MemoryDeadLetters()
+    cfg = config(overflow=OverflowPolicy.DROP_NEWEST, max_pending=100_000)
+    spool = Spool(tmp_path / "s", max_bytes=4096, segment_bytes=4096)
+    async with BatchProcessor(cfg, never, dead_letter=letters, spool=spool) as processor:
+        for i in range(300):
+            await processor.add_message({"i": i, "pad": "z" * 40})
+    kept = inspect_spool(tmp_path / "s").unfinished
+    dropped = sum(letter.reason == "dropped" for letter in letters.letters)
+    assert dropped > 0
+    assert kept + dropped == 300
+
+
+def _mount_tmpfs(path: Path) -> None:
+    path.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        reason = f"cannot mount a tmpfs: {done.stderr.strip()}"
+        if IN_CI:
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+
+@pytest.mark.parametrize("policy", [OverflowPolicy.BLOCK, OverflowPolicy.RAISE])
+async def test_a_full_disk_blocks_or_refuses_and_never_corrupts(
+    tmp_path: Path, policy: OverflowPolicy
+) -> None:
+    """On a 1 MiB tmpfs the spool waits (BLOCK) or refuses (RAISE); the log always reads clean."""
+    mount = tmp_path / "disk"
+    _mount_tmpfs(mount)
+    try:
+        path = mount / "s"
+        gate = asyncio.Event()
+        recorder = Recorder()
+
+        async def slow(batch: Batch[Any]) -> None:
+            await gate.wait()
+            await recorder(batch)
+
+        cfg = config(overflow=policy, max_pending=1_000_000, max_size=500)
+        spool = Spool(path, max_bytes=64 << 20, segment_bytes=64 << 10)
+        accepted: list[int] = []
+        refused = 0
+        async with BatchProcessor(cfg, slow, spool=spool) as processor:
+
+            async def one(i: int) -> None:
+                nonlocal refused
+                try:
+                    await processor.add_message({"i": i, "pad": "p" * 200})
+                    accepted.append(i)
+                except BufferFull:
+                    refused += 1
+
+            producer = asyncio.ensure_future(asyncio.gather(*(one(i) for i in range(8000))))
+            await asyncio.sleep(1.0)
+            if policy is OverflowPolicy.BLOCK:
+                assert not producer.done()  # 8000 x 230 bytes do not fit in 1 MiB
+            gate.set()
+            await asyncio.wait_for(producer, 60)
+            await processor.flush()
+        report = inspect_spool(path)
+        assert report.damaged == []
+        assert report.unfinished == 0
+        assert sorted(m["i"] for m in recorder.seen) == sorted(accepted)
+        if policy is OverflowPolicy.BLOCK:
+            assert refused == 0
+            assert len(accepted) == 8000
+        else:
+            assert refused > 0
+    finally:
+        await asyncio.to_thread(subprocess.run, ["umount", str(mount)], check=False)
+
+
+async def test_records_are_checksummed_and_carry_the_codec_payload(tmp_path: Path) -> None:
+    """The file holds json (never pickle) behind a header; inspect counts what it holds."""
+    path = tmp_path / "s"
+    await leave_unfinished(path, [{"hello": "world"}])
+    data = segments(path)[0].read_bytes()
+    assert b'[{"hello":"world"},null,0]' in data[HEADER_SIZE:]
+    report = inspect_spool(path)
+    assert report.unfinished == 1
+    assert report.oldest_age is not None
+    assert report.segments[0][2:] == (1, 1)
+
+
+def test_settings_are_checked_when_the_spool_is_built(tmp_path: Path) -> None:
+    """Wrong settings fail at construction, naming the setting."""
+    with pytest.raises(ValueError, match="sync"):
+        Spool(tmp_path, sync="sometimes")
+    with pytest.raises(ValueError, match="segment_bytes"):
+        Spool(tmp_path, max_bytes=8192, segment_bytes=16384)
+    with pytest.raises(ValueError, match="serializer"):
+        Spool(tmp_path, serializer="yaml")
+
+
+def test_spool_inspect_command_prints_segments_and_damage(tmp_path: Path) -> None:
+    """`batchpunk spool inspect` shows unfinished counts and reports a torn tail."""
+    path = tmp_path / "s"
+    asyncio.run(leave_unfinished(path, [{"n": i} for i in range(4)]))
+    seg = segments(path)[-1]
+    seg.write_bytes(seg.read_bytes()[:-3])
+    done = subprocess.run(
+        [sys.executable, "-m", "batchpunk", "spool", "inspect", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert done.returncode == 0, done.stderr
+    assert "3 unfinished message(s)" in done.stdout
+    assert "torn tail" in done.stdout
+
+
+async def test_the_byte_trigger_measures_the_users_messages_not_the_records(
+    tmp_path: Path,
+) -> None:
+    """max_bytes batching with a spool sizes the user's messages (default sizer: len of str)."""
+    recorder = Recorder()
+    cfg = config(max_bytes=30, max_size=1000, max_wait=5.0)
+    async with BatchProcessor(cfg, recorder, spool=Spool(tmp_path / "s")) as processor:
+        for _ in range(9):
+            await processor.add_message("x" * 10)
+        await processor.flush()
+    assert [len(batch) for batch in recorder.batches] == [3, 3, 3]
+
+
+class AckingSource:
+    """A broker-like source over a list, recording what it acknowledged and when."""
+
+    def __init__(self, payloads: list[Any]) -> None:
+        from batchpunk.envelope import Envelope
+
+        self.envelopes = [Envelope(p) for p in payloads]
+        self.acked: list[Any] = []
+
+    def __aiter__(self) -> AckingSource:
+        self._it = iter(self.envelopes)
+        return self
+
+    async def __anext__(self) -> Any:
+        try:
+            return next(self._it)
+        except StopIteration:
+            raise StopAsyncIteration from None
+
+    async def ack_many(self, envelopes: Any) -> None:
+        self.acked.extend(e.payload for e in envelopes)
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_a_broker_source_may_be_acknowledged_once_its_messages_are_in_the_spool(
+    tmp_path: Path,
+) -> None:
+    """With ack_on_write every message is acknowledged while the sink is still held shut."""
+    from batchpunk.pipeline import Pipeline
+
+    gate = asyncio.Event()
+    written: list[Any] = []
+
+    class Sink:
+        async def write(self, batch: Any) -> None:
+            await gate.wait()
+            written.extend(batch)
+
+        async def close(self) -> None:
+            return None
+
+    source = AckingSource(list(range(50)))
+    spool = Spool(tmp_path / "s", ack_on_write=True)
+    pipeline = Pipeline(source, Sink(), config(drain_timeout=5.0), spool=spool)
+    run = asyncio.ensure_future(pipeline.run())
+    for _ in range(500):
+        if len(source.acked) == 50:
+            break
+        await asyncio.sleep(0.01)
+    assert sorted(source.acked) == list(range(50))
+    assert written == []
+    gate.set()
+    await run
+    assert sorted(written) == list(range(50))
+    assert inspect_spool(tmp_path / "s").unfinished == 0
+
+
+async def test_a_payload_the_spool_cannot_write_is_dead_lettered_and_the_pipeline_goes_on(
+    tmp_path: Path,
+) -> None:
+    """Under json a bytes payload is refused by the spool: a "malformed" letter, not a crash."""
+    from batchpunk.pipeline import Pipeline
+
+    written: list[Any] = []
+
+    class Sink:
+        async def write(self, batch: Any) -> None:
+            written.extend(batch)
+
+        async def close(self) -> None:
+            return None
+
+    letters = MemoryDeadLetters()
+    source = AckingSource([1, b"\x00raw", 2])
+    pipeline = Pipeline(source, Sink(), config(), dead_letter=letters, spool=Spool(tmp_path / "s"))
+    await pipeline.run()
+    assert sorted(written) == [1, 2]
+    assert [(letter.reason, letter.message) for letter in letters.letters] == [
+        ("malformed", b"\x00raw")
+    ]
+    assert "json serializer cannot encode" in str(letters.letters[0].error)
+    assert sorted(source.acked, key=repr) == sorted([1, 2, b"\x00raw"], key=repr)
