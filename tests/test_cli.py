@@ -237,12 +237,21 @@ def test_without_typer_the_command_prints_the_pip_command() -> None:
     assert "pip install 'batchpunk[cli]'" in done.stderr
 
 
+#: The demo command with a slower handler (100 ms per batch instead of 2 ms), so that a drain takes
+#: long enough (up to max_pending=20,000 messages, 4 batches at a time) for a second signal to
+#: land while it runs, however busy the machine. Everything else is the real command.
+_SLOW_DEMO = (
+    "import runpy, batchpunk._demo as demo; demo.DemoSink.__init__.__defaults__ = (0.1,); "
+    "runpy.run_module('batchpunk', run_name='__main__')"
+)
+
+
 @pytest.mark.parametrize("signals", [1, 2])
 def test_demo_stops_on_signals_with_the_documented_exit_codes(tmp_path: Path, signals: int) -> None:
-    """One SIGINT drains the demo (exit 0, the check still adds up); two stop it at once with
-    exit 130."""
+    """One SIGINT drains the demo (exit 0, the check still adds up); a second one, sent once the
+    first was heard and while the drain runs, stops it at once with exit 130."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "batchpunk", "demo", "--events", "5000000", "--live"],
+        [sys.executable, "-c", _SLOW_DEMO, "demo", "--events", "5000000", "--live"],
         cwd=tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -250,19 +259,27 @@ def test_demo_stops_on_signals_with_the_documented_exit_codes(tmp_path: Path, si
         env={**os.environ, "COLUMNS": "200"},
     )
     assert process.stdout is not None
+    assert process.stderr is not None
     assert "batchpunk demo" in process.stdout.readline()  # the live view's first plain line
     time.sleep(0.5)
     assert process.poll() is None
-    for _ in range(signals):
+    process.send_signal(signal.SIGINT)
+    heard = ""  # printed whatever the log level: the signal was heard
+    while "SIGINT: draining" not in heard and (line := process.stderr.readline()):
+        heard += line
+    assert "SIGINT: draining, then stopping (send it again to stop at once)" in heard
+    if signals == 2:
+        assert process.poll() is None  # still draining: the second signal lands during it
         process.send_signal(signal.SIGINT)
-        time.sleep(0.005)  # the second must land while the drain runs, and drains are quick
-    stdout, stderr = process.communicate(timeout=30)
+    stdout, stderr = process.communicate(timeout=60)
+    stderr = heard + stderr
     if signals == 1:
         assert process.returncode == 0, stderr
         assert "generated: OK" in stdout
     else:
         assert process.returncode == 130, stderr
-        assert "stopped at once" in stderr
+        assert "SIGINT again: stopping at once" in stderr
+        assert "stopped at once by a second signal" in stderr
 
 
 def test_run_serves_metrics_and_stats_while_it_runs(tmp_path: Path) -> None:

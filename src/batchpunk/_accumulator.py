@@ -8,8 +8,9 @@ a cut disarms them by bumping the lane's generation, so a stale timer does nothi
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from batchpunk._jobs import Job, Tracker, Trackers, pick
@@ -69,6 +70,9 @@ class Accumulator:
         self.emit = emit
         trigger = config.trigger
         self.size_triggers = trigger in (BatchTrigger.SIZE, BatchTrigger.BOTH)
+        #: The size at which a lane is cut on add (never, without a size trigger). The processor's
+        #: inline add path compares against a copy of it; ``check`` does the same on other paths.
+        self.cut_at = config.max_size if self.size_triggers else sys.maxsize
         self.timed = trigger is not BatchTrigger.SIZE
         self.all_mode = trigger is BatchTrigger.ALL
         self.keep_times = config.message_ttl is not None
@@ -229,6 +233,35 @@ class Accumulator:
         if lane.timer is not None:
             lane.timer.cancel()
             lane.timer = None
+
+    def take_oldest(
+        self, waiting: Iterable[Job]
+    ) -> tuple[Any, Any, int, Tracker | None, Job | None] | None:
+        """Remove the oldest message not yet running, for DROP_OLDEST; None when all run.
+
+        It is the first message of the oldest lane or of the oldest cut batch still waiting for
+        a slot (``waiting``, the scheduler's queue), whichever arrived first. Returns (message,
+        key, priority, tracker, job): ``job`` is the waiting job it came from (the caller drops
+        a job left empty), None when it came from a lane.
+        """
+        lane = self.oldest()
+        job: Job | None = None
+        for candidate in waiting:
+            if job is None or candidate.first_seen < job.first_seen:
+                job = candidate
+        if job is not None and (lane is None or job.first_seen <= lane.first_seen):
+            batch = job.batch
+            message = batch.pop(0)
+            tracker = job.trackers.get(0) if job.trackers is not None else None
+            job.trackers = pick(job.trackers, range(1, len(batch) + 1))
+            if job.times is not None:
+                job.times.pop(0)
+            return message, batch.key, batch.priority, tracker, job
+        if lane is not None:
+            key, priority = lane.key, lane.priority
+            message, tracker = self.pop_oldest_message(lane)
+            return message, key, priority, tracker, None
+        return None
 
     def pop_oldest_message(self, lane: Lane) -> tuple[Any, Tracker | None]:
         """Remove the first (oldest) message of a lane, for DROP_OLDEST."""

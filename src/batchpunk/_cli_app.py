@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import signal
 import sys
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
@@ -382,8 +383,25 @@ def demo(
     from batchpunk._demo import run_demo
 
     _logging(log_level)
+    # Whatever the log level, a user pressing Ctrl-C sees that it was heard ("SIGINT: draining,
+    # then stopping (send it again to stop at once)") and what the second press did.
+    pipeline_log = logging.getLogger("batchpunk.pipeline")
+    if pipeline_log.getEffectiveLevel() > logging.WARNING:
+        pipeline_log.setLevel(logging.WARNING)
     factory = _live("batchpunk demo", 4.0) if live else None
-    result = _guard(lambda: _run(run_demo(events, directory=directory, seed=seed, live=factory)))
+    try:
+        result = _guard(
+            lambda: _run(run_demo(events, directory=directory, seed=seed, live=factory))
+        )
+    except KeyboardInterrupt:
+        # A second SIGINT after the pipeline had already drained and given its signals back
+        # (the check was under way): the user still asked to stop at once.
+        err.print(_LATE_SECOND_SIGNAL)
+        raise typer.Exit(EXIT_ABORTED) from None
+    # From here to the exit a second SIGINT is noted, not raised: a KeyboardInterrupt in the
+    # summary, or the default action during interpreter exit, would hide the exit code.
+    late: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: late.append(signum))
     extra = [
         ("rows in database", f"{result.rows:,}  ({result.db_path})"),
         ("letters in file", f"{result.letter_count:,}  ({result.dead_letter_path})"),
@@ -399,13 +417,30 @@ def demo(
     out.print(_summary(result.stats, "batchpunk demo", extra))
     if result.aborted:
         err.print("stopped at once by a second signal: unfinished events were given back")
-        raise typer.Exit(EXIT_ABORTED)
+        _demo_exit(EXIT_ABORTED, late)
     for problem in result.problems:
         err.print(f"[red]check failed:[/] {escape(problem)}")
     if not result.consistent:
-        raise typer.Exit(EXIT_FAILED)
+        _demo_exit(EXIT_FAILED, late)
     out.print(f"inspect the dead letters: batchpunk dlq show {result.dead_letter_path}")
-    raise typer.Exit(EXIT_OK)
+    _demo_exit(EXIT_OK, late)
+
+
+#: A second SIGINT that came after the pipeline had drained: the exit code still says it came.
+_LATE_SECOND_SIGNAL = "stopped at once by a second signal: the drain had already finished"
+
+
+def _demo_exit(code: int, late: list[int]) -> NoReturn:
+    """Exit the demo with ``code``, 130 instead of 0 if a second SIGINT came after the drain.
+
+    SIGINT is ignored from here on: the exit code is decided, and Python restores the default
+    action while it finalizes, which would otherwise let a signal kill the process (-2).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if late and code == EXIT_OK:
+        err.print(_LATE_SECOND_SIGNAL)
+        code = EXIT_ABORTED
+    raise typer.Exit(code)
 
 
 @app.command(epilog=_EXIT_CODES)

@@ -1,8 +1,9 @@
 """BatchProcessor: the public face of the engine, and the owner of its life cycle.
 
-A message travels accept -> accumulate (``_accumulator``) -> schedule (``_scheduler``) ->
-execute (``_execution``) -> processed, or dead letter (``_outbox``). This module accepts
-messages, applies backpressure, keeps the counts, and starts and stops the rest.
+A message travels admit (``_admission``) -> accumulate (``_accumulator``) -> schedule
+(``_scheduler``) -> execute (``_execution``) -> processed, or dead letter (``_outbox``). This
+module holds the public calls (their hot paths inline), keeps the counts, and starts and stops
+the rest; room, waiting producers and the overflow policies are ``_admission``'s.
 
 Conservation holds at every instant: received = processed + dead_lettered + pending + in_flight,
 and after ``stop()`` returns, pending = in_flight = 0.
@@ -13,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import sys
 from collections import deque
 from collections.abc import AsyncIterable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -22,14 +22,15 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from batchpunk._accumulator import Accumulator, Lane
+from batchpunk._admission import Admission
 from batchpunk._execution import Execution
-from batchpunk._jobs import Job, Tracker, Trackers, pick
+from batchpunk._jobs import Job, Trackers
 from batchpunk._outbox import Entry, Outbox, as_put, build_letter
 from batchpunk._scheduler import Scheduler
 from batchpunk.batch import Batch
-from batchpunk.config import BatchConfig, BatchTrigger, OverflowPolicy
+from batchpunk.config import BatchConfig, BatchTrigger
 from batchpunk.deadletter import DeadLetter
-from batchpunk.errors import BatchpunkError, BufferFull, ProcessorClosed
+from batchpunk.errors import BatchpunkError, ProcessorClosed
 from batchpunk.metrics import Observer
 from batchpunk.retry import CircuitBreaker
 
@@ -67,7 +68,7 @@ class ReplayReport:
     failed: list[tuple[DeadLetter, BaseException]] = field(default_factory=list)
 
 
-class BatchProcessor(Generic[T, R]):
+class BatchProcessor(Admission, Generic[T, R]):
     """Accumulates messages into batches and runs ``processor`` on them, losing none.
 
     Args:
@@ -109,7 +110,7 @@ class BatchProcessor(Generic[T, R]):
         self._observer = Observer(metrics_collector)
         self._put = as_put(dead_letter) if dead_letter is not None else None
         self._state = _State.NEW
-        self._open = False
+        self._open = self._started = False
         # Room left under max_pending. The add paths test only this: it starts at 0 (not yet
         # started) and drops far below 0 once stop() begins, so one compare rules out both.
         self._capacity = config.max_pending if config.max_pending is not None else _UNBOUNDED
@@ -120,8 +121,6 @@ class BatchProcessor(Generic[T, R]):
         self._plain = (
             config.max_bytes is None and config.message_ttl is None and trig is not BatchTrigger.ALL
         )
-        size_cut = trig in (BatchTrigger.SIZE, BatchTrigger.BOTH)
-        self._cut_at = config.max_size if size_cut else sys.maxsize
         # Counts of messages.
         self._finished = 0
         self._processed = 0
@@ -138,6 +137,9 @@ class BatchProcessor(Generic[T, R]):
         # The engine, in the order a message travels; start() binds it to the running loop.
         self._acc = Accumulator(config, self._emit)
         self._default: Lane = self._acc.default
+        self._cut_at = self._acc.cut_at  # the accumulator's decision, copied for the hot path
+        self._cut_before = self._cut_at - 1  # the same, against the size before an append
+        self._new_future: Callable[[], asyncio.Future[Any]] = _not_started
         self._items: list[Any] = self._default.items
         self._sched = Scheduler(config.concurrency, config.preserve_order, self._start_job)
         self._breaker: CircuitBreaker | None = None
@@ -176,11 +178,12 @@ class BatchProcessor(Generic[T, R]):
         if self._state is not _State.NEW:
             raise ProcessorClosed("a stopped BatchProcessor cannot start again; create a new one")
         self._loop = asyncio.get_running_loop()
+        self._new_future = self._loop.create_future
         self._acc.bind(self._loop)
         if self._outbox is not None:
             self._outbox.start()
         self._state = _State.RUNNING
-        self._open = True
+        self._open = self._started = True
         self._room += self._room_shift
         self._room_shift = 0
         if self.spool is not None:
@@ -238,12 +241,12 @@ class BatchProcessor(Generic[T, R]):
         # The hot path: shared lane, nothing per message but the list slot and one count.
         if self._room > 0 and key is None and priority == 0 and self._plain:
             items = self._items
+            size = len(items)  # before the append: one len() less per message
             items.append(message)
             self._room -= 1
-            size = len(items)
-            if size == 1:
+            if not size:
                 self._acc.arm(self._default)
-            if size >= self._cut_at:
+            if size >= self._cut_before:
                 self._acc.cut(self._default, "size")
             return
         if self._room > 0:
@@ -265,12 +268,12 @@ class BatchProcessor(Generic[T, R]):
         # The hot path again, inline: a call less is a fifth of this method's cost.
         if self._room > 0 and key is None and priority == 0 and self._plain:
             items = self._items
+            size = len(items)
             items.append(message)
             self._room -= 1
-            size = len(items)
-            if size == 1:
+            if not size:
                 self._acc.arm(self._default)
-            if size >= self._cut_at:
+            if size >= self._cut_before:
                 self._acc.cut(self._default, "size")
         elif self._room > 0:
             self._add(message, key, priority, None)
@@ -287,20 +290,22 @@ class BatchProcessor(Generic[T, R]):
             message = await self.spool.admit(message, key, priority, submit=True)
         if self._room > 0:
             # submit_nowait and _track written out: two Python calls are a fifth of the cost.
-            future: asyncio.Future[R] = self._loop.create_future()  # type: ignore[union-attr]
+            # The loop's create_future is bound once at start: one lookup less per call.
+            future: asyncio.Future[R] = self._new_future()
             if key is None and priority == 0 and self._plain:
                 lane = self._default
                 items = self._items
+                size = len(items)
                 trackers = lane.trackers
                 if trackers is None:
-                    trackers = lane.trackers = {}
-                trackers[len(items)] = future
+                    trackers = lane.trackers = {size: future}
+                else:
+                    trackers[size] = future
                 items.append(message)
                 self._room -= 1
-                size = len(items)
-                if size == 1:
+                if not size:
                     self._acc.arm(lane)
-                if size >= self._cut_at:
+                if size >= self._cut_before:
                     self._acc.cut(lane, "size")
             else:
                 self._add(message, key, priority, future)
@@ -372,27 +377,6 @@ class BatchProcessor(Generic[T, R]):
         if self._outbox is not None:
             await self._outbox.wait_idle()
 
-    async def _accept(self, message: Any, key: Any, priority: int, tracker: Tracker) -> None:
-        """Accept with a completion tracker, waiting for room under BLOCK (pipelines use it)."""
-        while True:
-            if not self._open:
-                raise self._closed_error()
-            if self._room > 0:
-                self._track(message, key, priority, tracker)
-                return
-            if self.config.overflow is not OverflowPolicy.BLOCK:
-                self._refuse(message, key, priority, tracker)
-                return
-            self._relieve_pressure()
-            waiter = asyncio.get_running_loop().create_future()
-            self._room_waiters.append(waiter)
-            try:
-                await waiter
-            finally:
-                if not waiter.done():
-                    waiter.cancel()
-                    self._room_waiters.remove(waiter)
-
     def reject(
         self,
         message: Any,
@@ -423,109 +407,6 @@ class BatchProcessor(Generic[T, R]):
         self._observer.received(1)  # never cut, so _emit() does not count it
         self._send_dead([(rejected, _Stored(future))])
         return future
-
-    def _offer(self, message: Any, key: Any, priority: int, tracker: Tracker) -> bool:
-        """Accept with a tracker if there is room now; False means: await ``_accept`` instead.
-
-        Lets a pipeline skip a coroutine per message while the buffer has room.
-        """
-        if self._room > 0:
-            self._track(message, key, priority, tracker)
-            return True
-        return False
-
-    def _track(self, message: Any, key: Any, priority: int, tracker: Tracker) -> None:
-        """Accept a message, with a completion tracker or None; the caller checked for room."""
-        if key is None and priority == 0 and self._plain:
-            lane = self._default
-            items = self._items
-            if tracker is not None:
-                trackers = lane.trackers
-                if trackers is None:
-                    trackers = lane.trackers = {}
-                trackers[len(items)] = tracker
-            items.append(message)
-            self._room -= 1
-            size = len(items)
-            if size == 1:
-                self._acc.arm(lane)
-            if size >= self._cut_at:
-                self._acc.cut(lane, "size")
-        else:
-            self._add(message, key, priority, tracker)
-
-    def _add(self, message: Any, key: Any, priority: int, tracker: Tracker) -> None:
-        if type(priority) is not int:
-            raise ValueError(f"priority: expected an int, got {priority!r}")
-        try:
-            hash(key)
-        except TypeError:
-            raise ValueError(f"key: expected a hashable value, got {key!r}") from None
-        self._acc.add(message, key, priority, tracker)
-        self._room -= 1
-
-    def _closed_error(self) -> ProcessorClosed:
-        if self._state is _State.NEW:
-            return ProcessorClosed("the processor is not running: await start() first")
-        return ProcessorClosed("the processor is stopping or stopped: no new messages")
-
-    def _refuse(self, message: Any, key: Any, priority: int, tracker: Tracker) -> None:
-        """The slow path: closed, or full under the overflow policy."""
-        if not self._open:
-            raise self._closed_error()
-        self._relieve_pressure()
-        policy = self.config.overflow
-        if policy is OverflowPolicy.BLOCK or policy is OverflowPolicy.RAISE:
-            raise BufferFull(
-                f"max_pending={self.config.max_pending} messages are unfinished "
-                f"(overflow={policy.value}); retry later or use await add_message()"
-            )
-        if policy is OverflowPolicy.DROP_OLDEST and self._drop_oldest():
-            self._add(message, key, priority, tracker)
-            return
-        self._room -= 1  # accepted, and unfinished until its letter is stored
-        self._observer.received(1)  # never cut, so _emit() does not count it
-        self._send_dead([(self._dropped_letter(message, key, priority), tracker)])
-
-    def _dropped_letter(self, message: Any, key: Any, priority: int) -> DeadLetter:
-        error = BufferFull(
-            f"dropped by overflow={self.config.overflow.value}: "
-            f"max_pending={self.config.max_pending} messages were unfinished"
-        )
-        return build_letter(message, key, priority, "dropped", error)
-
-    def _drop_oldest(self) -> bool:
-        """Dead-letter the oldest message not yet running; False when all are running."""
-        lane = self._acc.oldest()
-        job: Job | None = None
-        for waiting in self._sched.waiting():
-            if job is None or waiting.first_seen < job.first_seen:
-                job = waiting
-        if job is not None and (lane is None or job.first_seen <= lane.first_seen):
-            batch = job.batch
-            message, key, priority = batch.pop(0), batch.key, batch.priority
-            tracker = job.trackers.get(0) if job.trackers is not None else None
-            job.trackers = pick(job.trackers, range(1, len(batch) + 1))
-            if job.times is not None:
-                job.times.pop(0)
-            if not batch:
-                self._sched.remove(job)
-                self._job_done(job)
-        elif lane is not None:
-            key, priority = lane.key, lane.priority
-            message, tracker = self._acc.pop_oldest_message(lane)
-            self._observer.received(1)  # leaves its lane uncut: _emit() does not count it
-        else:
-            return False
-        self._send_dead([(self._dropped_letter(message, key, priority), tracker)])
-        return True
-
-    def _relieve_pressure(self) -> None:
-        """Full with nothing running or queued: cut the oldest lane, or nobody ever makes room."""
-        if self._unfinished_jobs == 0:
-            lane = self._acc.oldest()
-            if lane is not None:
-                self._acc.cut(lane, "pressure")
 
     # -- jobs ------------------------------------------------------------------------------
     def _emit(self, job: Job) -> None:
@@ -623,24 +504,13 @@ class BatchProcessor(Generic[T, R]):
 
     def _release(self, count: int) -> None:
         self._finished += count
-        self._room += count
-        waiters = self._room_waiters
-        while count > 0 and waiters:
-            waiter = waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                count -= 1
+        self._give_room(count)
 
     # -- shutdown --------------------------------------------------------------------------
     async def _shutdown(self, drain: bool) -> None:
-        self._open = False
         self._state = _State.CLOSING
-        self._room -= _CLOSED
+        self._close_admission(_CLOSED)
         self._room_shift += _CLOSED
-        while self._room_waiters:
-            waiter = self._room_waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)  # the producer wakes and sees ProcessorClosed
         timeout = self.config.drain_timeout
         closed = ProcessorClosed("the processor stopped before this message ran")
         if drain:
@@ -753,6 +623,11 @@ class BatchProcessor(Generic[T, R]):
         }
         stats.update(self._observer.snapshot(history))
         return stats
+
+
+def _not_started() -> asyncio.Future[Any]:
+    """Never called: submit reaches it only with room, which exists once start() bound the loop."""
+    raise ProcessorClosed("the processor is not running: await start() first")
 
 
 class _Stored:

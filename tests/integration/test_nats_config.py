@@ -152,3 +152,16 @@ async def test_tls_is_never_downgraded_to_plaintext(overrides: dict[str, Any]) -
     with pytest.raises(ConnectionError, match="refusing to send credentials and messages"):
         await made.start()
     await made.close()
+
+
+def test_failed_pulls_back_off_on_the_shared_reconnect_delay_and_an_answer_resets_it() -> None:
+    """Failed pulls wait a jittered, doubling, capped delay; a served pull starts it over."""
+    src = source(fetch_timeout=1.0)
+    bounds = [min(5.0, 0.1 * 2 ** (n - 1)) for n in range(1, 12)]
+    delays = [src._failed_pull_delay() for _ in bounds]
+    assert all(0.0 <= delay <= bound for delay, bound in zip(delays, bounds, strict=True))
+    assert src._pull_failures == len(bounds)
+    src._pull_reply = "inbox.1"
+    src._on_status("inbox.1", "408", "Request Timeout")  # the server served the pull
+    assert src._pull_failures == 0
+    assert src._failed_pull_delay() <= 0.1

@@ -10,10 +10,12 @@ import asyncio
 import json
 import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from batchpunk._cli_app import _read_file
 from batchpunk.codec import decode_batch, encode_batch
 from batchpunk.config import BatchConfig
 from batchpunk.connectors.rabbitmq import (
@@ -26,7 +28,7 @@ from batchpunk.connectors.rabbitmq import (
     RabbitMQSink,
     RabbitMQSource,
 )
-from batchpunk.deadletter import DeadLetter
+from batchpunk.deadletter import DeadLetter, letter_from_record, open_dead_letter_file
 from batchpunk.envelope import Envelope
 from batchpunk.errors import FrameError, PartialFailure
 from tests.conftest import require_server
@@ -457,7 +459,7 @@ async def test_an_unroutable_publish_is_an_error_not_a_silent_drop(channel: Any)
 
 
 async def test_dead_letters_are_published_as_json_with_reason_headers(channel: Any) -> None:
-    """Each letter becomes one persistent JSON message; headers carry reason, error, attempts."""
+    """Each letter becomes one persistent JSON record; headers carry reason, error, attempts."""
     exchange, queue = unique_queue("dlx"), unique_queue("dead")
     sink = RabbitMQDeadLetters(RABBITMQ_URL, exchange, "dead", queue=queue)
     letters = [
@@ -475,6 +477,8 @@ async def test_dead_letters_are_published_as_json_with_reason_headers(channel: A
             await message.ack()
         first, headers, mode = received[0]
         assert mode == 2
+        assert first["v"] == 1
+        assert isinstance(first["id"], str)
         assert first["message"] == {"id": 1}
         assert (first["reason"], first["error"], first["attempts"]) == ("failed", "bad id", 4)
         assert first["error_type"] == "ValueError"
@@ -482,12 +486,63 @@ async def test_dead_letters_are_published_as_json_with_reason_headers(channel: A
         assert headers["x-batchpunk-error"] == "bad id"
         assert headers["x-batchpunk-attempts"] == 4
         second = received[1][0]
-        assert (second["message"], second["message_encoding"]) == ("//4=", "base64")
+        assert "message" not in second
+        assert isinstance(second["message_frame"], str)
         assert received[2][0]["headers"] == {"delivery_count": 11}
     finally:
         await sink.close()
         await delete_queue(channel, queue)
         await channel.exchange_delete(exchange)
+
+
+async def test_letters_from_the_dead_letter_exchange_are_what_dlq_show_and_replay_read(
+    channel: Any, tmp_path: Path
+) -> None:
+    """Bodies published by RabbitMQDeadLetters, one per line in a file, read back through dlq."""
+    exchange, queue = unique_queue("dlx"), unique_queue("dead")
+    sink = RabbitMQDeadLetters(RABBITMQ_URL, exchange, "dead", queue=queue)
+    letters = [
+        DeadLetter(
+            {"id": 1}, key="tenant-1", reason="failed", error=ValueError("bad id"), attempts=4
+        ),
+        DeadLetter(b"\xff\xfe", reason="malformed", error=ValueError("not json")),
+        DeadLetter({"id": 2}, reason="redelivered", priority=3, headers={"delivery_count": 11}),
+    ]
+    try:
+        await sink.put(letters)
+        declared = await channel.declare_queue(queue, passive=True)
+        bodies = []
+        for _ in letters:
+            message = await declared.get()
+            bodies.append(message.body)
+            await message.ack()
+    finally:
+        await sink.close()
+        await delete_queue(channel, queue)
+        await channel.exchange_delete(exchange)
+    one = letter_from_record(bodies[1])
+    assert (one.message, one.reason, str(one.error)) == (b"\xff\xfe", "malformed", "not json")
+    path = tmp_path / "from-rabbitmq.jsonl"
+    path.write_bytes(b"".join(body + b"\n" for body in bodies))
+    read = await _read_file(path)  # what `batchpunk dlq show` and `dlq replay` read
+    assert [letter.message for letter in read] == [{"id": 1}, b"\xff\xfe", {"id": 2}]
+    assert [letter.reason for letter in read] == ["failed", "malformed", "redelivered"]
+    assert [str(letter.error) for letter in read[:2]] == ["bad id", "not json"]
+    assert read[2].error is None
+    assert read[0].error_type == "ValueError"
+    assert read[0].attempts == 4
+    assert (read[0].key, read[2].priority) == ("tenant-1", 3)
+    assert read[2].headers["delivery_count"] == 11
+    ids = [letter.headers["dlq_id"] for letter in read]
+    assert len(set(ids)) == 3
+    assert all(isinstance(i, str) and i for i in ids)
+    store = open_dead_letter_file(path)
+    try:
+        assert await store.remove(ids[:1]) == 1  # replay removes what succeeded, by these ids
+        left = [letter async for letter in store.read()]
+    finally:
+        await store.close()
+    assert [letter.message for letter in left] == [b"\xff\xfe", {"id": 2}]
 
 
 async def test_the_source_makes_a_dead_letter_sink_for_its_exchange(channel: Any) -> None:

@@ -50,6 +50,7 @@ from batchpunk.connectors._toolkit import (
     delivery_limit_error,
     hmac_key_option,
     payload_decoder,
+    reconnect_delay,
 )
 from batchpunk.envelope import Envelope
 from batchpunk.errors import (
@@ -94,6 +95,9 @@ class NatsPayloadError(ConnectorError, ValueError):
 _ACK, _NAK, _TERM = "ack", "nak", "term"
 _OUTCOME = {_ACK: ACK, _NAK: REQUEUE, _TERM: REJECT}
 _HOW = {ACK: _ACK, REQUEUE: _NAK, REJECT: _TERM}
+#: After a failed pull: reconnect_delay from 0.1 s, up to max(fetch_timeout, 5 s), jittered.
+_PULL_BACKOFF_BASE = 0.1
+_MAX_PULL_BACKOFF = 5.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -437,6 +441,7 @@ class NatsJetStreamSource:
         self._pull_reply: str | None = None
         self._pull_left = 0
         self._pull_got = 0
+        self._pull_failures = 0  # failed or refused pulls in a row (their backoff)
         self._pull_sent = 0.0
         self._pull_deadline = 0.0
         self._pull_over = asyncio.Event()
@@ -775,7 +780,7 @@ class NatsJetStreamSource:
                 self.durable,
                 self._conn.scrub(f"{type(exc).__name__}: {exc}"),
             )
-            await asyncio.sleep(self.fetch_timeout)
+            await asyncio.sleep(self._failed_pull_delay())
 
     async def _before_pull(self) -> None:
         """Between pulls: report a refused pull, back off, check a consumer that looks idle."""
@@ -786,7 +791,7 @@ class NatsJetStreamSource:
                 self.durable,
                 self._conn.scrub(error),
             )
-            await asyncio.sleep(self.fetch_timeout)
+            await asyncio.sleep(self._failed_pull_delay())
             await self._check_consumer_when_idle(force=True)
         elif self._last_pull_empty or self._consumer_suspect:
             force, self._consumer_suspect = self._consumer_suspect, False
@@ -795,6 +800,17 @@ class NatsJetStreamSource:
                 # Ended at once without a message (a conflict): do not hammer the server.
                 await asyncio.sleep(min(self.fetch_timeout, 0.25))
         self._last_pull_empty = self._last_pull_quick = False
+
+    def _failed_pull_delay(self) -> float:
+        """The pause after a failed or refused pull: reconnect backoff, reset by any answer.
+
+        Built on retry.backoff_delay like every broker's (connectors/_toolkit.py): jittered so
+        that the workers of a recovering server do not pull in step, growing to at least
+        fetch_timeout (and 5 s) while the failures go on.
+        """
+        self._pull_failures += 1
+        cap = max(self.fetch_timeout, _MAX_PULL_BACKOFF)
+        return reconnect_delay(self._pull_failures, base=_PULL_BACKOFF_BASE, cap=cap)
 
     def _end_pull(self, unanswered: bool = False) -> None:
         """The pull in flight is over; ``unanswered``: given up on, no status ever came.
@@ -824,6 +840,7 @@ class NatsJetStreamSource:
             if status is not None:
                 self._on_status(msg.subject, status, headers.get("Description", ""))
             return
+        self._pull_failures = 0
         if self._pull_reply is not None:
             self._pull_got += 1
             self._pull_left -= 1
@@ -854,6 +871,8 @@ class NatsJetStreamSource:
             self._consumer_suspect = "delet" in description.lower()
         elif status not in ("404", "408"):
             self._pull_error = f"{status} {description}".strip()
+        else:
+            self._pull_failures = 0  # served: the server answers pulls again
         self._end_pull()
 
     async def _check_consumer_when_idle(self, force: bool = False) -> None:

@@ -27,8 +27,6 @@ Three choices here are not the obvious ones:
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import json
 import logging
 import ssl
@@ -54,8 +52,9 @@ from batchpunk.connectors._toolkit import (
     Parts,
     hmac_key_option,
     payload_decoder,
+    reconnect_delay,
 )
-from batchpunk.deadletter import DeadLetter
+from batchpunk.deadletter import DeadLetter, letter_record
 from batchpunk.envelope import Envelope
 from batchpunk.errors import (
     ConfigError,
@@ -98,6 +97,9 @@ EXCHANGE_TYPES = ("direct", "fanout", "topic", "headers")
 # A delivery's state; a frame's items are combined by the toolkit's Parts ledger.
 _PENDING, _ACK, _REJECT, _REQUEUE, _SENT = 0, 1, 2, 3, 4
 _TO_PARTS = {_ACK: ACK, _REJECT: REJECT, _REQUEUE: REQUEUE}
+#: Resuming a cancelled or lost consumer: reconnect_delay from 0.5 s, capped at 10 s, jittered.
+_RESUME_BASE = 0.5
+_RESUME_CAP = 10.0
 _FROM_PARTS = {ACK: _ACK, REJECT: _REJECT, REQUEUE: _REQUEUE}
 
 
@@ -723,7 +725,7 @@ class RabbitMQSource:
             self._resumer = asyncio.get_running_loop().create_task(self._resume_loop(redeclare))
 
     async def _resume_loop(self, redeclare: bool) -> None:
-        delay = 0.5
+        failures = 0
         while not self._stopping:
             try:
                 await self._channel.ready()
@@ -736,6 +738,8 @@ class RabbitMQSource:
                 await self._consume()
                 return
             except self._errors as exc:
+                failures += 1
+                delay = reconnect_delay(failures, base=_RESUME_BASE, cap=_RESUME_CAP)
                 log.warning(
                     "RabbitMQ consumer of queue %r could not resume (%s: %s); retrying in %.1fs",
                     self.queue,
@@ -743,8 +747,7 @@ class RabbitMQSource:
                     _scrub(str(exc), self._url),
                     delay,
                 )
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 10.0)
+                await asyncio.sleep(delay)
 
     async def _on_message(self, message: Any) -> None:
         """aiormq calls this (in a task of its own) for each delivery, in tag order."""
@@ -1222,8 +1225,10 @@ class RabbitMQSink(_Publisher):
 class RabbitMQDeadLetters(_Publisher):
     """A DeadLetterSink that publishes each letter as a persistent, confirmed JSON message.
 
-    The body is a JSON object: message, message_encoding ("json", "utf-8", "base64"), reason,
-    error, error_type, attempts, first_seen, key, priority, headers, traceback. The AMQP headers
+    The body is the dead-letter record every store writes (docs/FORMAT.md: v, id, reason,
+    error, error_type, attempts, first_seen, traceback, message, key, headers; values JSON
+    cannot hold exactly as ``*_frame`` fields), so ``batchpunk dlq show`` / ``dlq replay`` read
+    a file of these bodies, one per line, and ``letter_from_record`` reads one. The AMQP headers
     repeat x-batchpunk-reason, x-batchpunk-error, x-batchpunk-error-type, x-batchpunk-attempts,
     so a consumer can route or filter without parsing the body. ``put`` returns only once the
     broker confirmed every letter; otherwise it raises DeadLetterError and batchpunk retries.
@@ -1288,41 +1293,10 @@ class RabbitMQDeadLetters(_Publisher):
 
 
 def letter_to_json(letter: DeadLetter) -> bytes:
-    """A dead letter as the JSON body RabbitMQDeadLetters publishes."""
-    message: Any = letter.message
-    encoding = "json"
-    if isinstance(message, bytes | bytearray | memoryview):
-        raw = bytes(message)
-        try:
-            message, encoding = raw.decode("utf-8"), "utf-8"
-        except UnicodeDecodeError:
-            message, encoding = base64.b64encode(raw).decode("ascii"), "base64"
-    else:
-        try:
-            json.dumps(message)
-        except (TypeError, ValueError):
-            message, encoding = repr(message), "repr"
-    document = {
-        "message": message,
-        "message_encoding": encoding,
-        "reason": letter.reason,
-        "error": None if letter.error is None else str(letter.error),
-        "error_type": letter.error_type,
-        "attempts": letter.attempts,
-        "first_seen": letter.first_seen,
-        "key": letter.key,
-        "priority": letter.priority,
-        "headers": letter.headers,
-        "traceback": letter.traceback,
-    }
-    return json.dumps(document, default=_json_fallback).encode()
+    """A dead letter as the body RabbitMQDeadLetters publishes: the stored dead-letter record.
 
-
-def _json_fallback(value: Any) -> Any:
-    """Headers and keys may hold AMQP types JSON lacks (bytes, datetime, Decimal)."""
-    if isinstance(value, bytes | bytearray):
-        try:
-            return bytes(value).decode("utf-8")
-        except UnicodeDecodeError:
-            return binascii.b2a_base64(bytes(value), newline=False).decode("ascii")
-    return str(value)
+    The same record as a line of JsonlDeadLetters' file (docs/FORMAT.md), so that the bodies of
+    a dead-letter queue, appended to a ``.jsonl`` file one per line, are what ``batchpunk dlq
+    show`` and ``dlq replay`` read; ``batchpunk.deadletter.letter_from_record`` reads one body.
+    """
+    return letter_record(letter)

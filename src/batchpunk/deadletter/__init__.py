@@ -22,6 +22,8 @@ if TYPE_CHECKING:
         MalformedDeadLetter,
         SqliteDeadLetters,
         StoredError,
+        letter_from_record,
+        letter_record,
         open_dead_letter_file,
     )
 
@@ -34,6 +36,8 @@ __all__ = [
     "MemoryDeadLetters",
     "SqliteDeadLetters",
     "StoredError",
+    "letter_from_record",
+    "letter_record",
     "open_dead_letter_file",
 ]
 
@@ -42,6 +46,8 @@ _LAZY = (
     "SqliteDeadLetters",
     "StoredError",
     "MalformedDeadLetter",
+    "letter_from_record",
+    "letter_record",
     "open_dead_letter_file",
 )
 

@@ -54,6 +54,8 @@ from batchpunk.deadletter._record import DeadLetter
 from batchpunk.errors import BatchpunkError, DeadLetterError, FrameError
 
 __all__ = [
+    "letter_from_record",
+    "letter_record",
     "open_dead_letter_file",
     "JsonlDeadLetters",
     "MalformedDeadLetter",
@@ -474,14 +476,10 @@ class JsonlDeadLetters:
                 continue
             where = f"{self.path}:{line_no}"
             try:
-                record = _parse_line(line, where)
-                letter_id, letter = self._records.decode(record, where)
-                if letter_id is None:
-                    raise MalformedDeadLetter(where, "no 'id' field")
+                letter = _letter_of(self._records, line, where)
             except MalformedDeadLetter as problem:
                 _report(problem, strict)
                 continue
-            letter.headers[ID_HEADER] = letter_id
             letters.append(letter)
         return letters, line_no, False
 
@@ -508,6 +506,39 @@ class JsonlDeadLetters:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(temp)
             return removed
+
+
+def letter_record(letter: DeadLetter, *, serializer: str = "msgpack") -> bytes:
+    """One letter as the stored record, with a fresh id: one JSON Lines line, without its newline.
+
+    Every dead-letter store writes this record (a line of JsonlDeadLetters' file, the ``record``
+    column of SqliteDeadLetters, the body of a RabbitMQDeadLetters message), so whatever holds
+    letters can be read by ``batchpunk dlq show`` and ``dlq replay``: append the bodies to a
+    ``.jsonl`` file, one per line. ``serializer`` is as for JsonlDeadLetters.
+    """
+    codec = _RecordCodec("dead-letter record", serializer, None)
+    return codec.encode(letter, 0, uuid.uuid4().hex)[1]
+
+
+def letter_from_record(
+    data: bytes | str, where: str = "dead-letter record", *, allow_pickle: bool | None = None
+) -> DeadLetter:
+    """The letter of one stored record, its id in ``headers["dlq_id"]``: what ``dlq`` reads.
+
+    The same parse as each line of JsonlDeadLetters.read(); MalformedDeadLetter naming
+    ``where`` when the record is not one. Pickled values load only with ``allow_pickle=True``.
+    """
+    line = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+    return _letter_of(_RecordCodec(where, "msgpack", bool(allow_pickle)), line, where)
+
+
+def _letter_of(codec: _RecordCodec, line: bytes, where: str) -> DeadLetter:
+    record = _parse_line(line, where)
+    letter_id, letter = codec.decode(record, where)
+    if letter_id is None:
+        raise MalformedDeadLetter(where, "no 'id' field")
+    letter.headers[ID_HEADER] = letter_id
+    return letter
 
 
 def _parse_line(line: bytes, where: str) -> Any:
