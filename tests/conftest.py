@@ -36,3 +36,16 @@ def require_server(name: str) -> None:
     if IN_CI:
         pytest.fail(f"{message}, and CI=true requires it (.ci/run starts it)")
     pytest.skip(message)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Print how many generated cases the hostile-input suite ran (tests/hostile_support.py)."""
+    import sys
+
+    support = sys.modules.get("tests.hostile_support")
+    counts = getattr(support, "COUNTS", None)
+    if counts:
+        parts = ", ".join(f"{name} {count}" for name, count in sorted(counts.items()))
+        terminalreporter.write_line(
+            f"hostile inputs: {sum(counts.values())} generated cases ({parts})"
+        )

@@ -97,8 +97,8 @@ def test_demo_runs_in_a_subprocess_and_its_summary_adds_up(tmp_path: Path) -> No
     letters = letters_in(tmp_path / "dead-letters.jsonl")
     assert rows + len(letters) == 40_000
     assert len(letters) == 17
-    assert f"rows in database         │ {rows:,}" in done.stdout
-    assert "dead letters             │ 17 (failed 12, malformed 5)" in done.stdout
+    assert f"rows in database: {rows:,}" in done.stdout
+    assert "dead letters: 17 (failed 12, malformed 5)" in done.stdout
 
 
 def test_sigterm_drains_exits_0_and_a_rerun_completes_without_duplicates(tmp_path: Path) -> None:
@@ -144,16 +144,21 @@ def test_sigterm_drains_exits_0_and_a_rerun_completes_without_duplicates(tmp_pat
     assert sorted(letter_ids) == sorted(malformed | poison)
 
 
-def test_validate_accepts_a_good_file_and_rejects_a_bad_one_with_exit_2(tmp_path: Path) -> None:
+def test_validate_accepts_a_good_file_and_rejects_a_bad_one_with_exit_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """`validate` exits 0 and prints the resolved file with the secret masked; a wrong key
     exits 2 naming section and key, without the secret."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "events.jsonl").write_text("{}\n", encoding="utf-8")
     good = PIPELINE.format(max_size=10).replace('path = "out.db"', 'path = "${DB_PATH}"')
     (tmp_path / "p.toml").write_text(good, encoding="utf-8")
-    env = {"DB_PATH": "/very/secret/place.db"}
+    secret = str(tmp_path / "very-secret-place.db")
+    env = {"DB_PATH": secret}
     result = runner.invoke(app, ["validate", str(tmp_path / "p.toml")], env=env)
     assert result.exit_code == 0, result.output
     assert "valid" in result.output
-    assert "/very/secret/place.db" not in result.output
+    assert secret not in result.output
     (tmp_path / "bad.toml").write_text(good.replace("max_wait", "max_weight"), encoding="utf-8")
     result = runner.invoke(app, ["validate", str(tmp_path / "bad.toml")], env=env)
     assert result.exit_code == 2

@@ -97,7 +97,7 @@ def test_a_good_file_builds_the_described_pipeline() -> None:
         (("live = false", 'live = "no"'), "[metrics] live: expected bool"),
         (('"ConnectionError"', '"NoSuchError"'), "[batch] retry_on: 'NoSuchError' is not an"),
         (("max_size = 50", 'sizer = "len"'), "[batch] sizer: a function cannot come from"),
-        (("count = 100", "count = -1"), "[source] type 'generator': count: expected"),
+        (("count = 100", "count = -1"), "[source] count: expected a number >= 0, got -1"),
         (('table = "events"', 'table = "events; drop"'), "[sink] table: expected a plain SQL"),
     ],
 )

@@ -10,10 +10,12 @@ import asyncio
 import dataclasses
 import json
 import logging
+import math
 import signal
 import sys
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
@@ -22,70 +24,114 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from batchpunk._redact import env_secrets, redact
 from batchpunk.cli import EXIT_ABORTED, EXIT_FAILED, EXIT_MISSING, EXIT_OK, EXIT_USAGE
-from batchpunk.connectors._common import mask_secrets
 from batchpunk.errors import ConfigError, MissingDependency
 
 __all__ = ["app"]
 
 T = TypeVar("T")
 
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
-
 _EXIT_CODES = (
-    "[b]Exit codes[/b]: 0 done (or drained after a first SIGINT/SIGTERM) · 1 failed · "
-    "2 usage or pipeline-file error · 3 missing optional dependency · "
+    "Exit codes: 0 done (or drained after a first SIGINT/SIGTERM), 1 failed, "
+    "2 usage or pipeline-file error, 3 missing optional dependency, "
     "130 stopped at once by a second signal."
 )
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
+# Help texts are printed literally (no rich markup): "[batch]" and "[sink]" must survive, and
+# "\b" keeps click from rewrapping an examples block.
 app = typer.Typer(
     name="batchpunk",
     help=(
         "Fast, lossless batch pipelines: read a source, batch, write a sink, dead-letter what "
         "fails.\n\n"
-        "[b]Examples[/b]\n\n"
-        "  batchpunk demo\n\n"
-        "  batchpunk validate orders.toml\n\n"
-        "  batchpunk run orders.toml\n\n"
+        "\b\nExamples:\n"
+        "  batchpunk demo\n"
+        "  batchpunk validate orders.toml\n"
+        "  batchpunk run orders.toml\n"
         "  batchpunk dlq show dead-letters.jsonl --reason failed\n\n" + _EXIT_CODES
     ),
     no_args_is_help=True,
     add_completion=False,
-    rich_markup_mode="rich",
+    rich_markup_mode=None,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 dlq_app = typer.Typer(
     help=(
         "Inspect dead-letter files and send their letters back through a pipeline's sink.\n\n"
-        "[b]Examples[/b]\n\n"
-        "  batchpunk dlq show dead-letters.jsonl\n\n"
+        "\b\nExamples:\n"
+        "  batchpunk dlq show dead-letters.jsonl\n"
         "  batchpunk dlq replay dead-letters.jsonl --pipeline orders.toml\n\n" + _EXIT_CODES
     ),
     no_args_is_help=True,
-    rich_markup_mode="rich",
+    rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.add_typer(dlq_app, name="dlq")
 
 
-# -- helpers ----------------------------------------------------------------------------------
+# -- output -----------------------------------------------------------------------------------
+#
+# On a terminal the command draws rich tables; anywhere else (a pipe, a file, a container log)
+# it writes plain lines that are never wrapped or truncated, one record per line, so grep and
+# awk see whole records. Every line goes through the one redactor.
+
+
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # a replaced or closed stream
+        return False
+
+
+def _printable(text: str) -> str:
+    """Text any UTF-8 stream can take: lone surrogates become backslash escapes."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _secrets(secrets: Any = ()) -> frozenset[str]:
+    return frozenset(secrets or ()) | env_secrets()
+
+
+def _say(text: str, secrets: Any = (), *, stderr: bool = False) -> None:
+    stream = sys.stderr if stderr else sys.stdout
+    stream.write(_printable(redact(text, _secrets(secrets))) + "\n")
+    stream.flush()
+
+
+def _one_line(text: str) -> str:
+    """One line: line breaks become spaces, other control characters backslash escapes."""
+    if text.isprintable():
+        return text
+    text = " ".join(text.replace("\t", "\\t").split())
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _fail(message: str, code: int = EXIT_FAILED, secrets: Any = ()) -> NoReturn:
-    err.print(f"[bold red]error:[/] {escape(mask_secrets(message, secrets))}", soft_wrap=True)
+    _say(f"error: {_one_line(message)}", secrets, stderr=True)
     raise typer.Exit(code)
 
 
 def _guard(action: Callable[[], T], secrets: Any = ()) -> T:
-    """Run ``action``, turning the errors a user can fix into a message and an exit code."""
+    """Run ``action``; what goes wrong becomes one line on stderr and an exit code, never a
+    traceback: 2 for a mistake in the input, 3 for a missing extra, 1 for a runtime failure
+    (an unreachable server, a full disk), 130 for an interrupt."""
+    from batchpunk.deadletter import MalformedDeadLetter
+
     try:
         return action()
+    except typer.Exit:
+        raise
     except MissingDependency as exc:
         _fail(str(exc), EXIT_MISSING, secrets)
-    except ConfigError as exc:
+    except (ConfigError, MalformedDeadLetter) as exc:
         _fail(str(exc), EXIT_USAGE, secrets)
+    except KeyboardInterrupt:
+        _fail("interrupted: stopped at once by a signal", EXIT_ABORTED, secrets)
+    except Exception as exc:
+        _fail(f"{type(exc).__name__}: {exc}", EXIT_FAILED, secrets)
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
@@ -93,18 +139,30 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
 
 
 class _Redact(logging.Filter):
-    """Masks environment-supplied secrets and URL passwords in every log record."""
+    """Passes every log record through the one redactor (secrets, URL userinfo, tokens)."""
 
     def __init__(self, secrets: frozenset[str]) -> None:
         super().__init__()
-        self.secrets = secrets
+        self.secrets = _secrets(secrets)
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        masked = mask_secrets(message, self.secrets)
+        masked = _printable(redact(message, self.secrets))
         if masked != message:
             record.msg, record.args = masked, ()
+        if record.exc_info and record.exc_info[1] is not None:
+            # A traceback quotes the error and source lines: it goes through the redactor too.
+            text = logging.Formatter().formatException(record.exc_info)
+            record.exc_text = _printable(redact(text, self.secrets))
+            record.exc_info = None
         return True
+
+
+def _log_level(level: str) -> str:
+    name = level.strip().upper()
+    if name not in _LOG_LEVELS:
+        _fail(f"--log-level: expected one of {', '.join(_LOG_LEVELS)}, got {level!r}", EXIT_USAGE)
+    return name
 
 
 def _logging(level: str, secrets: frozenset[str] = frozenset()) -> None:
@@ -113,7 +171,11 @@ def _logging(level: str, secrets: frozenset[str] = frozenset()) -> None:
     handler.addFilter(_Redact(secrets))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level.upper())
+    root.setLevel(level)
+    # "SIGINT: draining, then stopping (send it again to stop at once)" must reach the operator
+    # whatever the level: it is the only sign that the first Ctrl-C was heard.
+    pipeline_log = logging.getLogger("batchpunk.pipeline")
+    pipeline_log.setLevel(min(logging.WARNING, logging.getLevelName(level)))
 
 
 def _log_format(value: str) -> str:
@@ -145,11 +207,19 @@ def _live(title: str, refresh: float, as_log: bool = False) -> Callable[[Callabl
 
 
 def _seconds(value: Any) -> str:
-    if not isinstance(value, int | float):
+    if not isinstance(value, int | float) or not math.isfinite(value):
         return "n/a"
     if value < 1:
         return f"{value * 1000:.1f} ms"
     return f"{value:.2f} s"
+
+
+def _when(timestamp: Any) -> str:
+    """A letter's time, or its raw value when it is not a time (NaN, 1e300, garbage)."""
+    try:
+        return datetime.fromtimestamp(float(timestamp)).strftime("%Y-%m-%d %H:%M:%S")
+    except (OverflowError, OSError, ValueError, TypeError):
+        return repr(timestamp)
 
 
 def _counts(counts: Mapping[str, int] | None) -> str:
@@ -160,16 +230,29 @@ def _counts(counts: Mapping[str, int] | None) -> str:
     return f"{total:,} ({parts})"
 
 
-def _summary(stats: Mapping[str, Any], title: str, extra: Sequence[tuple[str, str]] = ()) -> Table:
-    """The end-of-run table: counts, flush reasons, throughput, latency, acknowledgements."""
+def _pairs(title: str, rows: Sequence[tuple[str, str]], secrets: Any = ()) -> None:
+    """A two-column table on a terminal; ``name: value`` lines anywhere else."""
+    if not _is_terminal(sys.stdout):
+        _say(title, secrets)
+        for name, value in rows:
+            _say(f"{name}: {value}", secrets)
+        return
+    known = _secrets(secrets)
+    table = Table(title=escape(redact(title, known)), show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    for name, value in rows:
+        table.add_row(escape(name), escape(_printable(redact(value, known))))
+    Console(highlight=False).print(table)
+
+
+def _summary_rows(stats: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The end-of-run rows: counts, flush reasons, throughput, latency, acknowledgements."""
     pipeline = stats.get("pipeline", {})
     elapsed = stats.get("elapsed") or pipeline.get("elapsed") or 0.0
     processed = int(stats.get("processed", 0))
     latency = stats.get("latency") or {}
-    table = Table(title=escape(title), show_header=False, title_justify="left")
-    table.add_column(style="bold")
-    table.add_column()
-    rows = [
+    return [
         ("messages read", f"{stats.get('received', 0):,}"),
         ("processed", f"{processed:,}"),
         ("dead letters", _counts(stats.get("dead_letter_reasons"))),
@@ -184,11 +267,15 @@ def _summary(stats: Mapping[str, Any], title: str, extra: Sequence[tuple[str, st
         ),
         ("latency p50 / p99", f"{_seconds(latency.get('p50'))} / {_seconds(latency.get('p99'))}"),
         ("acknowledged / nacked", f"{pipeline.get('acked', 0):,} / {pipeline.get('nacked', 0):,}"),
-        *extra,
     ]
-    for name, value in rows:
-        table.add_row(name, value if "[/]" in value else escape(value))
-    return table
+
+
+def _version(value: bool) -> None:
+    if value:
+        from batchpunk import __version__
+
+        sys.stdout.write(f"batchpunk {__version__}\n")
+        raise typer.Exit(EXIT_OK)
 
 
 # -- commands ---------------------------------------------------------------------------------
@@ -197,14 +284,17 @@ def _summary(stats: Mapping[str, Any], title: str, extra: Sequence[tuple[str, st
 @app.callback()
 def _root(
     version: Annotated[
-        bool, typer.Option("--version", help="Print the version and exit.", is_eager=True)
+        bool,
+        typer.Option(
+            "--version",
+            help="Print the version and exit.",
+            is_eager=True,
+            callback=_version,
+            expose_value=True,
+        ),
     ] = False,
 ) -> None:
-    if version:
-        from batchpunk import __version__
-
-        out.print(f"batchpunk {__version__}")
-        raise typer.Exit(EXIT_OK)
+    """Fast, lossless batch pipelines."""
 
 
 @app.command(epilog=_EXIT_CODES)
@@ -212,9 +302,11 @@ def run(
     pipeline: Annotated[Path, typer.Argument(help="The pipeline file (TOML).", show_default=False)],
     live: Annotated[
         bool | None,
-        typer.Option("--live/--no-live", help="Live terminal view (default: \\[metrics] live)."),
+        typer.Option("--live/--no-live", help="Live terminal view (default: [metrics] live)."),
     ] = None,
-    log_level: Annotated[str, typer.Option(help="Log level on stderr.")] = "WARNING",
+    log_level: Annotated[
+        str, typer.Option(help="Log level on stderr: DEBUG, INFO, WARNING, ERROR or CRITICAL.")
+    ] = "WARNING",
     log_format: Annotated[
         str,
         typer.Option(
@@ -226,22 +318,26 @@ def run(
 ) -> None:
     """Run a pipeline file until its source ends, or until SIGINT/SIGTERM.
 
-    The first SIGINT/SIGTERM drains: no new messages are read, every message already read is
-    written or dead-lettered and then acknowledged, and the command exits 0. A second signal
-    stops at once: unfinished messages are nacked (returned to the broker), exit 130.
+    The file is checked completely (as `batchpunk validate` does) before anything connects.
+    The first SIGINT/SIGTERM (Ctrl-C) drains: no new messages are read, every message already
+    read is written or dead-lettered and then acknowledged, and the command exits 0; a line on
+    stderr says so. A second one stops at once: unfinished messages are nacked (returned to the
+    broker), exit 130.
 
-    [b]Examples[/b]
-
+    \b
+    Examples:
       batchpunk run orders.toml
-
-      PG_PASSWORD=... batchpunk run --no-live examples/rabbitmq-postgres.toml
+      PG_PASSWORD=... batchpunk run --no-live examples/rabbitmq-to-postgres.toml
+      batchpunk run orders.toml --log-level INFO
     """
     from batchpunk.pipeline_file import load_pipeline
 
+    level = _log_level(log_level)
     spec = _guard(lambda: load_pipeline(pipeline))
-    _logging(log_level, spec.secrets)
+    _logging(level, spec.secrets)
     if log_format == "json":
         _json_logs({"pipeline": Path(spec.path).name})
+    _guard(spec.check, spec.secrets)
     show_live = spec.metrics.live if live is None else live
     as_log = log_format == "json"
     code = _guard(lambda: _run(_run_pipeline(spec, show_live, as_log)), spec.secrets)
@@ -261,12 +357,18 @@ async def _run_pipeline(spec: Any, live: bool, live_as_log: bool = False) -> int
     if port is not None:
         from batchpunk.metrics import serve
 
-        server = await serve(
-            port, spec.metrics.prometheus_host, **_status_page(spec, pipeline, letters)
-        )
-        err.print(
+        host = spec.metrics.prometheus_host
+        try:
+            server = await serve(port, host, **_status_page(spec, pipeline, letters))
+        except OSError as exc:
+            _fail(
+                f"[metrics] prometheus_port: cannot listen on {host}:{port}: {exc.strerror or exc}",
+                EXIT_FAILED,
+                spec.secrets,
+            )
+        _say(
             f"metrics: {server.url}/metrics  stats: {server.url}/stats  status page: {server.url}/",
-            soft_wrap=True,
+            stderr=True,
         )
     error: BaseException | None = None
     began = time.perf_counter()
@@ -293,10 +395,15 @@ async def _run_pipeline(spec: Any, live: bool, live_as_log: bool = False) -> int
             await server.close()
     stats = await pipeline.get_stats()
     stats["elapsed"] = time.perf_counter() - began
-    out.print(_summary(stats, f"batchpunk run {spec.path}"))
+    _pairs(f"batchpunk run {spec.path}", _summary_rows(stats), spec.secrets)
     if error is not None:
         _fail(f"the pipeline failed: {type(error).__name__}: {error}", EXIT_FAILED, spec.secrets)
     if pipeline.aborted:
+        _say(
+            "stopped at once by a second signal: unfinished messages were nacked (returned "
+            "to the source)",
+            stderr=True,
+        )
         return EXIT_ABORTED
     return EXIT_OK
 
@@ -354,7 +461,7 @@ def _status_page(spec: Any, pipeline: Any, letters: _Letters) -> dict[str, Any]:
 
 @app.command(epilog=_EXIT_CODES)
 def demo(
-    events: Annotated[int, typer.Option(min=1, help="Events to generate.")] = 300_000,
+    events: Annotated[int, typer.Option(min=1, max=10**9, help="Events to generate.")] = 300_000,
     directory: Annotated[
         Path | None,
         typer.Option(
@@ -363,7 +470,9 @@ def demo(
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed for the positions of bad events.")] = 0,
     live: Annotated[bool, typer.Option("--live/--no-live", help="Live terminal view.")] = True,
-    log_level: Annotated[str, typer.Option(help="Log level on stderr.")] = "ERROR",
+    log_level: Annotated[
+        str, typer.Option(help="Log level on stderr: DEBUG, INFO, WARNING, ERROR or CRITICAL.")
+    ] = "ERROR",
 ) -> None:
     """Run the embedded demo pipeline, with no server, and check that nothing was lost.
 
@@ -372,22 +481,15 @@ def demo(
     to a JSON Lines dead-letter file. The summary counts the rows and the letters and checks
     that they add up to the events generated (exit 1 if not).
 
-    [b]Examples[/b]
-
+    \b
+    Examples:
       batchpunk demo
-
       batchpunk demo --events 50000 --dir ./demo-out --no-live
-
       python -m batchpunk demo
     """
     from batchpunk._demo import run_demo
 
-    _logging(log_level)
-    # Whatever the log level, a user pressing Ctrl-C sees that it was heard ("SIGINT: draining,
-    # then stopping (send it again to stop at once)") and what the second press did.
-    pipeline_log = logging.getLogger("batchpunk.pipeline")
-    if pipeline_log.getEffectiveLevel() > logging.WARNING:
-        pipeline_log.setLevel(logging.WARNING)
+    _logging(_log_level(log_level))
     factory = _live("batchpunk demo", 4.0) if live else None
     try:
         result = _guard(
@@ -396,13 +498,14 @@ def demo(
     except KeyboardInterrupt:
         # A second SIGINT after the pipeline had already drained and given its signals back
         # (the check was under way): the user still asked to stop at once.
-        err.print(_LATE_SECOND_SIGNAL)
+        _say(_LATE_SECOND_SIGNAL, stderr=True)
         raise typer.Exit(EXIT_ABORTED) from None
     # From here to the exit a second SIGINT is noted, not raised: a KeyboardInterrupt in the
     # summary, or the default action during interpreter exit, would hide the exit code.
     late: list[int] = []
     signal.signal(signal.SIGINT, lambda signum, frame: late.append(signum))
-    extra = [
+    rows = [
+        *_summary_rows(result.stats),
         ("rows in database", f"{result.rows:,}  ({result.db_path})"),
         ("letters in file", f"{result.letter_count:,}  ({result.dead_letter_path})"),
         (
@@ -411,18 +514,18 @@ def demo(
             + (f" + returned {result.returned:,}" if result.returned else "")
             + f" = {result.rows + result.letter_count + result.returned:,}"
             + f" of {result.generated:,} generated: "
-            + ("[green]OK[/]" if result.consistent else "[red]MISMATCH[/]"),
+            + ("OK" if result.consistent else "MISMATCH"),
         ),
     ]
-    out.print(_summary(result.stats, "batchpunk demo", extra))
+    _pairs("batchpunk demo", rows)
     if result.aborted:
-        err.print("stopped at once by a second signal: unfinished events were given back")
+        _say("stopped at once by a second signal: unfinished events were given back", stderr=True)
         _demo_exit(EXIT_ABORTED, late)
     for problem in result.problems:
-        err.print(f"[red]check failed:[/] {escape(problem)}")
+        _say(f"check failed: {problem}", stderr=True)
     if not result.consistent:
         _demo_exit(EXIT_FAILED, late)
-    out.print(f"inspect the dead letters: batchpunk dlq show {result.dead_letter_path}")
+    _say(f"inspect the dead letters: batchpunk dlq show {result.dead_letter_path}")
     _demo_exit(EXIT_OK, late)
 
 
@@ -438,7 +541,7 @@ def _demo_exit(code: int, late: list[int]) -> NoReturn:
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if late and code == EXIT_OK:
-        err.print(_LATE_SECOND_SIGNAL)
+        _say(_LATE_SECOND_SIGNAL, stderr=True)
         code = EXIT_ABORTED
     raise typer.Exit(code)
 
@@ -507,36 +610,28 @@ def validate(
 ) -> None:
     """Check a pipeline file without connecting to anything, and print it resolved.
 
-    Every section, key and type is checked and every connector is constructed; environment
-    variables are substituted (and shown masked). Exit 0 if the file is valid, 2 if not.
+    Every section, key, type and range is checked and every component is built exactly as
+    `batchpunk run` builds it, minus connecting; environment variables are substituted (and
+    shown masked). Exit 0 if the file is valid, 2 if not.
 
-    [b]Examples[/b]
-
+    \b
+    Examples:
       batchpunk validate orders.toml
-
       batchpunk validate --json orders.toml
     """
     from batchpunk.pipeline_file import load_pipeline
 
     spec = _guard(lambda: load_pipeline(pipeline))
-
-    def build() -> None:
-        spec.source.build()
-        spec.sink.build()
-        spec.build_dead_letter()
-
-    _guard(build, spec.secrets)
+    _guard(spec.check, spec.secrets)
     described = spec.describe()
     if as_json:
-        out.print_json(json.dumps(described, default=str))
+        _say(json.dumps(_jsonable(described), ensure_ascii=False), spec.secrets)
     else:
-        table = Table(title=f"{pipeline}: valid", title_justify="left", show_header=False)
-        table.add_column(style="bold")
-        table.add_column()
-        for section, values in described.items():
-            shown = ", ".join(f"{k}={v!r}" for k, v in values.items())
-            table.add_row(escape(f"[{section}]"), escape(shown), end_section=True)
-        out.print(table)
+        rows = [
+            (f"[{section}]", ", ".join(f"{k}={v!r}" for k, v in values.items()))
+            for section, values in described.items()
+        ]
+        _pairs(f"{pipeline}: valid", rows, spec.secrets)
     raise typer.Exit(EXIT_OK)
 
 
@@ -545,58 +640,81 @@ def dlq_show(
     file: Annotated[
         Path, typer.Argument(help="A dead-letter file (JSON Lines or SQLite).", show_default=False)
     ],
-    reason: Annotated[str | None, typer.Option(help="Only letters with this reason.")] = None,
+    reason: Annotated[
+        str | None,
+        typer.Option(
+            help="Only letters with this reason: failed, malformed, redelivered, expired, "
+            "dropped or shutdown."
+        ),
+    ] = None,
     limit: Annotated[int, typer.Option(min=0, help="Rows shown (0 for all).")] = 50,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per letter.")] = False,
 ) -> None:
-    """Show the letters of a dead-letter file as a table, optionally of one reason.
+    """Show the letters of a dead-letter file, optionally of one reason.
 
-    [b]Examples[/b]
+    The file is opened read-only: nothing in it changes, and a file that is not a dead-letter
+    store (a pipeline file, an ordinary database) is refused with exit 2. On a terminal the
+    letters are a table; otherwise one tab-separated line per letter, never truncated.
 
+    \b
+    Examples:
       batchpunk dlq show dead-letters.jsonl
-
       batchpunk dlq show dead-letters.jsonl --reason malformed --limit 0
-
       batchpunk dlq show dead-letters.db --json | jq .error
     """
+    _check_reason(reason)
     _require_file(file)
     letters = _guard(lambda: _run(_read_file(file)))
     total = len(letters)
     if reason is not None:
         letters = [letter for letter in letters if letter.reason == reason]
+    shown = letters[: limit or None]
     if as_json:
-        for letter in letters[: limit or None]:
-            sys.stdout.write(json.dumps(_letter_dict(letter), default=repr) + "\n")
+        for letter in shown:
+            _say(json.dumps(_jsonable(_letter_dict(letter)), ensure_ascii=False))
         raise typer.Exit(EXIT_OK)
     counts: dict[str, int] = {}
     for letter in letters:
         counts[letter.reason] = counts.get(letter.reason, 0) + 1
-    shown = letters[: limit or None]
     selected = f"{len(letters):,} of {total:,}" if reason is not None else f"{total:,}"
-    table = Table(
-        title=escape(f"{file}: {selected} letter(s) by reason: {_counts(counts)}"),
-        title_justify="left",
-    )
-    # Fixed columns take about 50 characters; error and message share the rest, one line each.
-    room = max(16, (out.width - 54) // 2)
-    for column in ("#", "reason", "error", "tries", "key", "seen", "message"):
-        table.add_column(column, no_wrap=column in ("error", "message"))
+    title = f"{file}: {selected} letter(s) by reason: {_counts(counts)}"
+    columns = ("#", "reason", "error", "tries", "key", "seen", "message")
+    rows = []
     for index, letter in enumerate(shown, 1):
         kind = letter.error_type.rpartition(".")[2]
         message = letter.message
-        text = message if isinstance(message, str) else json.dumps(message, default=repr)
-        table.add_row(
-            str(index),
-            escape(letter.reason),
-            escape(_short(f"{kind}: {letter.error}" if letter.error is not None else "", room)),
-            str(letter.attempts),
-            "" if letter.key is None else escape(_short(repr(letter.key), 8)),
-            time.strftime("%H:%M:%S", time.localtime(letter.first_seen)),
-            escape(_short(text, room)),
+        text = message if isinstance(message, str) else json.dumps(_jsonable(message))
+        rows.append(
+            (
+                str(index),
+                letter.reason,
+                f"{kind}: {letter.error}" if letter.error is not None else "",
+                str(letter.attempts),
+                "" if letter.key is None else repr(letter.key),
+                _when(letter.first_seen),
+                text,
+            )
         )
-    out.print(table)
+    if _is_terminal(sys.stdout):
+        console = Console(highlight=False)
+        table = Table(title=escape(_printable(redact(title, _secrets()))), title_justify="left")
+        # Fixed columns take about 60 characters; error and message share the rest, one line.
+        room = max(16, (console.width - 64) // 2)
+        for column in columns:
+            table.add_column(column, no_wrap=column in ("error", "message"))
+        for row in rows:
+            cells = [_printable(redact(cell, _secrets())) for cell in row]
+            cells[2], cells[6] = _short(cells[2], room), _short(cells[6], room)
+            cells[4] = _short(cells[4], 8)
+            table.add_row(*(escape(cell) for cell in cells))
+        console.print(table)
+    else:
+        _say(title)
+        _say("\t".join(columns))
+        for row in rows:
+            _say("\t".join(_one_line(cell).replace("\t", " ") for cell in row))
     if len(shown) < len(letters):
-        out.print(f"... {len(letters) - len(shown):,} more (use --limit 0 to show all)")
+        _say(f"... {len(letters) - len(shown):,} more (use --limit 0 to show all)")
     raise typer.Exit(EXIT_OK)
 
 
@@ -610,58 +728,83 @@ def dlq_replay(
         typer.Option("--pipeline", "-p", help="The pipeline file whose [sink] and [batch] to use."),
     ],
     reason: Annotated[str | None, typer.Option(help="Only letters with this reason.")] = None,
-    log_level: Annotated[str, typer.Option(help="Log level on stderr.")] = "WARNING",
+    log_level: Annotated[
+        str, typer.Option(help="Log level on stderr: DEBUG, INFO, WARNING, ERROR or CRITICAL.")
+    ] = "WARNING",
 ) -> None:
     """Send dead letters back through a pipeline's sink; remove each once it was written.
 
     The letters' messages are batched with the pipeline's [batch] settings and written to its
     [sink]. A letter leaves the file only after its message was written; one that fails again
-    stays as it was. Exit 0 if every selected letter was written, 1 otherwise.
+    stays as it was. A letter whose message could only be stored as its repr (text, not the
+    original message) is never sent: it is reported and kept. Exit 0 if every selected letter
+    was written, 1 otherwise.
 
-    [b]Examples[/b]
-
+    \b
+    Examples:
       batchpunk dlq replay dead-letters.jsonl --pipeline orders.toml
-
       batchpunk dlq replay dead-letters.jsonl -p orders.toml --reason failed
     """
     from batchpunk.pipeline_file import load_pipeline
 
+    _check_reason(reason)
+    level = _log_level(log_level)
     _require_file(file)
     spec = _guard(lambda: load_pipeline(pipeline))
-    _logging(log_level, spec.secrets)
-    succeeded, failed, kept = _guard(lambda: _run(_replay(file, spec, reason)), spec.secrets)
-    out.print(
-        f"replayed {succeeded + len(failed):,} letter(s) from {file}: {succeeded:,} written and "
-        f"removed, {len(failed):,} failed again and kept; {kept:,} letter(s) left in the file"
+    _logging(level, spec.secrets)
+    succeeded, failed, unsendable, kept = _guard(
+        lambda: _run(_replay(file, spec, reason)), spec.secrets
     )
-    for letter, error in failed[:10]:
-        err.print(
-            f"  [red]{letter.reason}[/] {escape(mask_secrets(str(error), spec.secrets)[:200])}",
-            soft_wrap=True,
+    _say(
+        f"replayed {succeeded + len(failed):,} letter(s) from {file}: {succeeded:,} written and "
+        f"removed, {len(failed):,} failed again and kept; {kept:,} letter(s) left in the file",
+        spec.secrets,
+    )
+    if unsendable:
+        _say(
+            f"{len(unsendable):,} letter(s) not sent and kept: their message was stored only as "
+            f"its repr, not as the original message ({unsendable[0]})",
+            spec.secrets,
+            stderr=True,
         )
-    raise typer.Exit(EXIT_FAILED if failed else EXIT_OK)
+    for letter, error in failed[:10]:
+        _say(f"  {letter.reason} {str(error)[:200]}", spec.secrets, stderr=True)
+    raise typer.Exit(EXIT_FAILED if failed or unsendable else EXIT_OK)
 
 
 async def _read_file(file: Path) -> list[Any]:
-    from batchpunk._demo import read_letters
-    from batchpunk.deadletter import open_dead_letter_file
+    import sqlite3
 
-    store = open_dead_letter_file(file)
+    from batchpunk._demo import read_letters
+    from batchpunk.deadletter import MalformedDeadLetter, open_dead_letter_file
+
+    store = open_dead_letter_file(file, readonly=True)
     try:
         return await read_letters(store)
+    except sqlite3.DatabaseError as exc:
+        raise MalformedDeadLetter(str(file), f"unreadable SQLite file: {exc}") from None
     finally:
         await store.close()
 
 
-async def _replay(file: Path, spec: Any, reason: str | None) -> tuple[int, list[Any], int]:
+async def _replay(
+    file: Path, spec: Any, reason: str | None
+) -> tuple[int, list[Any], list[str], int]:
     from batchpunk._demo import read_letters
     from batchpunk.deadletter import MemoryDeadLetters, open_dead_letter_file
+    from batchpunk.deadletter._files import UNSTORABLE_HEADER
     from batchpunk.processor import BatchProcessor
 
     store = open_dead_letter_file(file)
     try:
         letters = await read_letters(store)
         chosen = [letter for letter in letters if reason is None or letter.reason == reason]
+        sendable = [letter for letter in chosen if UNSTORABLE_HEADER not in letter.headers]
+        unsendable = [
+            f"{letter.headers['dlq_id']}: {letter.headers[UNSTORABLE_HEADER]}"
+            for letter in chosen
+            if UNSTORABLE_HEADER in letter.headers
+        ]
         sink = spec.sink.build()
         try:
             prepare = getattr(sink, "prepare", None)
@@ -671,18 +814,27 @@ async def _replay(file: Path, spec: Any, reason: str | None) -> tuple[int, list[
                 spec.batch, sink.write, dead_letter=MemoryDeadLetters()
             )
             async with processor:
-                report = await processor.replay(chosen)
+                report = await processor.replay(sendable)
         finally:
             await sink.close()
         if report.succeeded:
             await store.remove(letter.headers["dlq_id"] for letter in report.succeeded)
         left = len(await read_letters(store))
-        return len(report.succeeded), list(report.failed), left
+        return len(report.succeeded), list(report.failed), unsendable, left
     finally:
         await store.close()
 
 
+def _check_reason(reason: str | None) -> None:
+    from batchpunk.deadletter import REASONS
+
+    if reason is not None and reason not in REASONS:
+        _fail(f"--reason: expected one of {', '.join(REASONS)}, got {reason!r}", EXIT_USAGE)
+
+
 def _require_file(file: Path) -> None:
+    if file.is_dir():
+        _fail(f"{file}: a folder, not a dead-letter file", EXIT_USAGE)
     if not file.is_file():
         _fail(f"{file}: no such dead-letter file", EXIT_USAGE)
 
@@ -701,6 +853,22 @@ def _letter_dict(letter: Any) -> dict[str, Any]:
     }
 
 
+def _jsonable(value: Any) -> Any:
+    """A value ``json.dumps`` writes as real JSON: no NaN or Infinity (null), no lone
+    surrogates (escaped), other types as their repr."""
+    if value is None or isinstance(value, bool | int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, str):
+        return _printable(value)
+    if isinstance(value, dict):
+        return {_printable(str(k)): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_jsonable(v) for v in value]
+    return _printable(repr(value))
+
+
 def _short(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
@@ -710,11 +878,11 @@ def _short(text: str, width: int) -> str:
 spool_app = typer.Typer(
     help=(
         "Look into a durable spool directory (docs/spool.md).\n\n"
-        "[b]Examples[/b]\n\n"
+        "\b\nExamples:\n"
         "  batchpunk spool inspect /var/lib/orders/spool\n\n" + _EXIT_CODES
     ),
     no_args_is_help=True,
-    rich_markup_mode="rich",
+    rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.add_typer(spool_app, name="spool")
@@ -729,10 +897,9 @@ def spool_inspect(
 
     Read-only: safe while the owning process runs.
 
-    [b]Examples[/b]
-
+    \b
+    Examples:
       batchpunk spool inspect ./spool
-
       batchpunk spool inspect ./spool --json | jq .unfinished
     """
     from dataclasses import asdict
@@ -748,23 +915,26 @@ def spool_inspect(
         raise typer.Exit(EXIT_OK)
     age = "-" if report.oldest_age is None else _seconds(report.oldest_age)
     owner = f"owned by pid {report.locked_by}" if report.locked_by else "not in use"
-    table = Table(
-        title=escape(
-            f"{report.path}: {report.unfinished:,} unfinished message(s), oldest {age}, {owner}"
-        ),
-        title_justify="left",
-    )
-    for column in ("segment", "bytes", "messages", "unfinished"):
-        table.add_column(column, justify="left" if column == "segment" else "right")
-    for name, size, messages, unfinished in report.segments:
-        table.add_row(escape(name), f"{size:,}", f"{messages:,}", f"{unfinished:,}")
-    out.print(table)
+    title = f"{report.path}: {report.unfinished:,} unfinished message(s), oldest {age}, {owner}"
+    columns = ("segment", "bytes", "messages", "unfinished")
+    if _is_terminal(sys.stdout):
+        table = Table(title=escape(title), title_justify="left")
+        for column in columns:
+            table.add_column(column, justify="left" if column == "segment" else "right")
+        for name, size, messages, unfinished in report.segments:
+            table.add_row(escape(name), f"{size:,}", f"{messages:,}", f"{unfinished:,}")
+        Console(highlight=False).print(table)
+    else:  # plain, one line per segment (see "Output" in docs/cli.md)
+        _say(title)
+        _say("\t".join(columns))
+        for name, size, messages, unfinished in report.segments:
+            _say(f"{name}\t{size}\t{messages}\t{unfinished}")
     for name, offset, length, torn in report.damaged:
         if torn:
-            out.print(f"torn tail: {escape(name)}: {length:,} byte(s) (cut on the next start)")
+            _say(f"torn tail: {name}: {length:,} byte(s) (cut on the next start)")
         else:
-            out.print(
-                f"damaged: {escape(name)} at offset {offset:,}: {length:,} byte(s) "
+            _say(
+                f"damaged: {name} at offset {offset:,}: {length:,} byte(s) "
                 "(dead-lettered as malformed on the next start)"
             )
     raise typer.Exit(EXIT_OK)

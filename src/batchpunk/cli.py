@@ -20,6 +20,7 @@ Exit codes (the same for every command):
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from collections.abc import Sequence
 
@@ -50,7 +51,22 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(EXIT_MISSING)
     from batchpunk._cli_app import app
 
-    app(args=list(argv) if argv is not None else None, prog_name="batchpunk")
+    try:
+        app(args=list(argv) if argv is not None else None, prog_name="batchpunk")
+    except KeyboardInterrupt:  # an interrupt outside the commands' own handling
+        sys.stderr.write("stopped at once by a second signal\n")
+        raise SystemExit(EXIT_ABORTED) from None
+    except Exception as exc:  # the last net: a bug must still be one line, not a traceback
+        from batchpunk._redact import env_secrets, redact
+
+        text = " ".join(f"{type(exc).__name__}: {exc}".split())
+        sys.stderr.write(f"error: {redact(text, env_secrets())}\n")
+        sys.stderr.write(
+            "(an unexpected error: please report it; BATCHPUNK_TRACEBACK=1 shows it)\n"
+        )
+        if os.environ.get("BATCHPUNK_TRACEBACK"):
+            raise
+        raise SystemExit(EXIT_FAILED) from None
 
 
 if __name__ == "__main__":  # pragma: no cover - python -m batchpunk.cli

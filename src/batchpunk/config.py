@@ -1,7 +1,7 @@
 """What to batch, when to flush, how hard to retry: frozen, validated configuration values.
 
-A bad value fails when the config is built, with a ValueError naming the field, never later in
-the middle of a run.
+A bad value fails when the config is built, with a ConfigError (a ValueError) naming the field,
+never later in the middle of a run.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from enum import Enum, StrEnum
 from typing import Any
 
 from batchpunk.codec.options import validate_options
+from batchpunk.errors import ConfigError
 
 __all__ = ["PIPELINE_CIRCUIT_BREAKER", "BatchConfig", "BatchTrigger", "OverflowPolicy", "RetryOn"]
 
@@ -149,7 +150,7 @@ class BatchConfig:
         if self.max_bytes is not None:
             _int("max_bytes", self.max_bytes, minimum=1)
         if self.sizer is not None and not callable(self.sizer):
-            raise ValueError(f"sizer: expected a callable or None, got {self.sizer!r}")
+            raise ConfigError(f"sizer: expected a callable or None, got {self.sizer!r}")
         if self.max_pending is not None:
             _int("max_pending", self.max_pending, minimum=1)
         _bool("preserve_order", self.preserve_order)
@@ -170,7 +171,12 @@ class BatchConfig:
             _retry_on(self.unavailable_on, "unavailable_on")
         if self.delivery_timeout is not None:
             _seconds("delivery_timeout", self.delivery_timeout, positive=True)
-        validate_options(self.serializer, self.compression, self.compression_level)
+        try:
+            validate_options(self.serializer, self.compression, self.compression_level)
+        except ConfigError:
+            raise
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
     @property
     def concurrency(self) -> int:
@@ -199,37 +205,42 @@ class BatchConfig:
 def _enum(kind: type[Any], name: str, value: Any) -> Any:
     try:
         return kind(value)
-    except ValueError:
+    except (ValueError, TypeError):
         allowed = ", ".join(repr(m.value) for m in kind)
-        raise ValueError(f"{name}: expected one of {allowed}, got {value!r}") from None
+        raise ConfigError(f"{name}: expected one of {allowed}, got {value!r}") from None
+
+
+_INT64 = 2**63 - 1
 
 
 def _int(name: str, value: Any, *, minimum: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool):
-        raise ValueError(f"{name}: expected an integer, got {value!r}")
+        raise ConfigError(f"{name}: expected an integer, got {value!r}")
     if value < minimum:
-        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+        raise ConfigError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+    if value > _INT64:
+        raise ConfigError(f"{name}: {value!r} does not fit in 64 bits")
 
 
 def _seconds(name: str, value: Any, *, positive: bool = False) -> None:
     if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
-        raise ValueError(f"{name}: expected a finite number of seconds, got {value!r}")
+        raise ConfigError(f"{name}: expected a finite number of seconds, got {value!r}")
     if value < 0 or (positive and value == 0):
         bound = "> 0" if positive else ">= 0"
-        raise ValueError(f"{name}: expected seconds {bound}, got {value!r}")
+        raise ConfigError(f"{name}: expected seconds {bound}, got {value!r}")
 
 
 def _bool(name: str, value: Any) -> None:
     if not isinstance(value, bool):
-        raise ValueError(f"{name}: expected True or False, got {value!r}")
+        raise ConfigError(f"{name}: expected True or False, got {value!r}")
 
 
 def _retry_on(value: Any, name: str = "retry_on") -> None:
     if isinstance(value, tuple):
         for item in value:
             if not (isinstance(item, type) and issubclass(item, BaseException)):
-                raise ValueError(f"{name}: expected exception types, got {item!r}")
+                raise ConfigError(f"{name}: expected exception types, got {item!r}")
     elif not callable(value):
-        raise ValueError(
+        raise ConfigError(
             f"{name}: expected a tuple of exception types or a predicate, got {value!r}"
         )

@@ -18,6 +18,7 @@ import difflib
 import enum
 import importlib
 import inspect
+import math
 import os
 import re
 import sys
@@ -28,10 +29,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+from batchpunk._redact import redact_value
 from batchpunk.config import PIPELINE_CIRCUIT_BREAKER, BatchConfig
 from batchpunk.connectors._common import mask_secrets
-from batchpunk.errors import ConfigError
+from batchpunk.errors import ConfigError, MissingDependency
 
 if typing.TYPE_CHECKING:
     from batchpunk.pipeline import Pipeline
@@ -108,11 +111,27 @@ class MetricsSpec:
 
     def __post_init__(self) -> None:
         port = self.prometheus_port
-        if port is not None and not 0 <= port <= 65535:
-            raise ConfigError(f"[metrics] prometheus_port: expected 0..65535, got {port}")
-        if self.refresh_per_second <= 0:
+        if port is not None and (
+            not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535
+        ):
+            raise ConfigError(f"[metrics] prometheus_port: expected 0..65535, got {port!r}")
+        host = self.prometheus_host
+        if not isinstance(host, str) or not host.strip() or any(c.isspace() for c in host):
             raise ConfigError(
-                f"[metrics] refresh_per_second: expected > 0, got {self.refresh_per_second}"
+                f"[metrics] prometheus_host: expected an address to bind such as '127.0.0.1' "
+                f"(an empty host would bind every interface), got {host!r}"
+            )
+        if not isinstance(self.live, bool):
+            raise ConfigError(f"[metrics] live: expected true or false, got {self.live!r}")
+        rate = self.refresh_per_second
+        if (
+            not isinstance(rate, int | float)
+            or isinstance(rate, bool)
+            or not math.isfinite(rate)
+            or not 0 < rate <= 100
+        ):
+            raise ConfigError(
+                f"[metrics] refresh_per_second: expected a number in (0, 100], got {rate!r}"
             )
 
 
@@ -134,14 +153,21 @@ class ConnectorSpec:
     secrets: frozenset[str] = field(default=frozenset(), repr=False)
 
     def build(self) -> Any:
-        """A new connector object; a constructor error becomes a ConfigError naming the section."""
+        """A new connector object; a constructor error becomes a ConfigError naming the section.
+
+        Files it reads must exist and files it writes must have a folder: checked here rather
+        than when the file is parsed, so ``dlq replay`` can use a file's [sink] alone.
+        """
+        _check_paths(self.section, self.kind, self.kwargs)
         try:
             return self.cls(**self.kwargs)
         except ConfigError as exc:
             raise ConfigError(
                 mask_secrets(f"[{self.section}] {_strip_section(str(exc))}", self.secrets)
             ) from None
-        except (ValueError, TypeError) as exc:
+        except MissingDependency:
+            raise
+        except Exception as exc:  # a constructor refusing a value, whatever it raises
             raise ConfigError(
                 mask_secrets(f"[{self.section}] type {self.kind!r}: {exc}", self.secrets)
             ) from None
@@ -151,7 +177,7 @@ class ConnectorSpec:
         out: dict[str, Any] = {"type": self.kind}
         for key, value in self.kwargs.items():
             out[key] = _masked(value, self.secrets)
-        return out
+        return dict(_masked(out, self.secrets))
 
 
 @dataclass(frozen=True)
@@ -178,36 +204,61 @@ class PipelineSpec:
     spool: Mapping[str, Any] | None = None
 
     def build(self, *, metrics_collector: object | None = None) -> Pipeline:
-        """A new Pipeline with fresh connectors, ready to ``run()``."""
+        """A new Pipeline with fresh connectors, ready to ``run()``; nothing connects yet.
+
+        ``batchpunk validate`` calls this too (through ``check``), so what it accepts is
+        exactly what ``batchpunk run`` starts with.
+        """
         from batchpunk.pipeline import Pipeline
         from batchpunk.spool import Spool
 
-        return Pipeline(
-            self.source.build(),
-            self.sink.build(),
-            self.batch,
-            dead_letter=self.build_dead_letter(),
-            metrics_collector=metrics_collector,
-            spool=Spool(**self.spool) if self.spool is not None else None,
-        )
+        source = self.source.build()
+        sink = self.sink.build()
+        dead_letter = self.build_dead_letter()
+        try:
+            spool = Spool(**self.spool) if self.spool is not None else None
+            return Pipeline(
+                source,
+                sink,
+                self.batch,
+                dead_letter=dead_letter,
+                metrics_collector=metrics_collector,
+                spool=spool,
+            )
+        except ConfigError:
+            raise
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(self.redact(f"{self.path}: {exc}")) from None
+
+    def check(self) -> None:
+        """Build every component as ``batchpunk run`` does, minus connecting; ConfigError if not.
+
+        The metrics exporter's extra is checked too (MissingDependency names the pip command).
+        """
+        if self.metrics.prometheus_port is not None:
+            from batchpunk.metrics import PrometheusMetrics
+
+            PrometheusMetrics()
+        self.build()
 
     def build_dead_letter(self) -> Any:
         """The [dead_letter] sink, or None when the section is absent."""
         return self.dead_letter.build() if self.dead_letter is not None else None
 
     def redact(self, text: str) -> str:
-        """``text`` with every environment-supplied value and URL password masked."""
+        """``text`` with every environment-supplied value, URL password and credential masked."""
         return mask_secrets(text, self.secrets)
 
     def describe(self) -> dict[str, Any]:
         """The whole file, resolved and masked: what ``batchpunk validate`` prints."""
         batch = self.batch.to_dict()
+        metrics = {f.name: getattr(self.metrics, f.name) for f in fields(MetricsSpec)}
         return {
             "source": self.source.describe(),
             "batch": {k: _masked(v, self.secrets) for k, v in batch.items()},
             "sink": self.sink.describe(),
             "dead_letter": self.dead_letter.describe() if self.dead_letter else {"type": None},
-            "metrics": {f.name: getattr(self.metrics, f.name) for f in fields(MetricsSpec)},
+            "metrics": {k: _masked(v, self.secrets) for k, v in metrics.items()},
         }
 
 
@@ -255,7 +306,7 @@ def parse_pipeline(
             raise ConfigError(f"{path}: [{name}] must be a table (a [{name}] header), got a value")
         resolved[name] = {}
         for key, value in table.items():
-            new, used = _substitute(value, env, f"[{name}] {key}", secrets)
+            new, used = _substitute(value, env, f"[{name}] {_name(key)}", secrets)
             if used:
                 from_env.add((name, key))
             resolved[name][key] = new
@@ -328,7 +379,7 @@ def _substitute(
         items = [_substitute(v, env, where, secrets) for v in value]
         return [v for v, _ in items], any(u for _, u in items)
     if isinstance(value, dict):
-        pairs = {k: _substitute(v, env, f"{where}.{k}", secrets) for k, v in value.items()}
+        pairs = {k: _substitute(v, env, f"{where}.{_name(k)}", secrets) for k, v in value.items()}
         return {k: v for k, (v, _) in pairs.items()}, any(u for _, u in pairs.values())
     return value, False
 
@@ -359,12 +410,23 @@ def _connector(
             )
         target = kind
     cls = _import(section, kind, target)
+    method = _ROLE_METHODS[section]
+    if not callable(getattr(cls, method, None)):
+        raise ConfigError(
+            f"[{section}] type: {kind!r} is not a {section.replace('_', '-')} connector "
+            f"(its class {cls.__name__} has no {method} method)"
+        )
     kwargs = _keywords(section, cls, table, from_env, secrets)
     return ConnectorSpec(section, kind, cls, kwargs, secrets)
 
 
 def _import(section: str, kind: str, target: str) -> type:
     module_name, _, attr = target.partition(":")
+    if not _MODULE.fullmatch(module_name) or not attr.isidentifier():
+        raise ConfigError(
+            f"[{section}] type: {kind!r} is not 'package.module:ClassName' "
+            "(absolute module path, a colon, a class name)"
+        )
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
@@ -373,6 +435,12 @@ def _import(section: str, kind: str, target: str) -> type:
                 f"[{section}] type: {kind!r} needs module {module_name!r}, which is not available"
             ) from None
         raise  # an optional client library is missing: MissingDependency says what to install
+    except MissingDependency:
+        raise
+    except Exception as exc:  # the module itself failed to import: say so in one line
+        raise ConfigError(
+            f"[{section}] type: importing {module_name!r} failed: {type(exc).__name__}: {exc}"
+        ) from None
     cls = getattr(module, attr, None)
     if not isinstance(cls, type):
         raise ConfigError(f"[{section}] type: {target!r} does not name a class")
@@ -387,7 +455,11 @@ def _keywords(
     secrets: frozenset[str],
 ) -> dict[str, Any]:
     """Check ``table`` against ``target``'s keyword parameters: names, presence, types."""
-    signature = inspect.signature(target)
+    try:
+        signature = inspect.signature(target)
+    except (TypeError, ValueError):
+        owner = getattr(target, "__name__", "the class")
+        raise ConfigError(f"[{section}] type: cannot read {owner}'s constructor keywords") from None
     params = {
         name: p
         for name, p in signature.parameters.items()
@@ -411,12 +483,13 @@ def _keywords(
         if (section, key) in from_env and isinstance(value, str):
             value = _coerce_env(value, hint)
         verdict = _matches(value, hint)
+        shown = "a value from the environment" if (section, key) in from_env else repr(value)
         if verdict is False:
-            shown = "a value from the environment" if (section, key) in from_env else repr(value)
             raise ConfigError(
                 f"[{section}] {key}: expected {_describe(param, hint)}, got {shown}"
                 f" ({type(value).__name__})"
             )
+        _check_value(f"[{section}] {key}", key, value, shown)
         out[key] = value
     missing = [
         name
@@ -439,6 +512,12 @@ def _batch(
         raise ConfigError(
             "[batch] sizer: a function cannot come from a pipeline file; use max_bytes with the "
             "default sizer, or build the Pipeline in Python"
+        )
+    if str(table.get("overflow", "")).lower() == "raise":
+        raise ConfigError(
+            "[batch] overflow: 'raise' is for producers calling the processor in Python; a "
+            "pipeline reads its source only when there is room, so use 'block' (or "
+            "'drop_newest' / 'drop_oldest')"
         )
     retry_on = _exception_types(table.pop("retry_on")) if "retry_on" in table else None
     outages = table.pop("unavailable_on", None)
@@ -537,7 +616,9 @@ def _matches(value: Any, hint: Any) -> bool | None:
     if hint is str:
         return isinstance(value, str)
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
-        return isinstance(value, hint) or value in {m.value for m in hint}
+        if isinstance(value, hint):
+            return True
+        return isinstance(value, str | int) and value in {m.value for m in hint}
     if hint is os.PathLike or origin is os.PathLike:
         return isinstance(value, str)
     container = origin or hint
@@ -615,7 +696,107 @@ def _describe(param: inspect.Parameter, hint: Any) -> str:
     return inspect.formatannotation(hint)
 
 
+# -- ranges and meaning ------------------------------------------------------------------------
+
+#: Largest integer any setting may hold: every consumer of a count stores it in 64 bits.
+_INT64 = 2**63 - 1
+#: Longest duration a setting may name (about 31 years): beyond it timers and locks overflow.
+_MAX_SECONDS = 1e9
+#: Numeric settings that may be negative (everything else counts, sizes or waits).
+_SIGNED = frozenset({"start", "seed", "priority", "offset", "compression_level"})
+#: Settings in seconds (checked against _MAX_SECONDS).
+_DURATION = re.compile(r"(timeout|interval|delay|wait|ttl|cooldown|seconds|linger|period)$")
+#: Durations where 0 cannot work (a busy loop, every request timing out at once).
+_POSITIVE = re.compile(r"(^timeout|interval|connect_timeout|^rate|refresh_per_second)$")
+#: The method each role's class must have.
+_ROLE_METHODS = {"source": "__aiter__", "sink": "write", "dead_letter": "put"}
+_MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
+def _check_value(where: str, key: str, value: Any, shown: str) -> None:
+    """Range and meaning beyond the type: finite numbers, 64-bit integers, sane durations."""
+    _check_numbers(where, value, shown)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        if isinstance(value, str) and "\x00" in value:
+            raise ConfigError(f"{where}: a NUL character cannot appear in a setting")
+        for text in value if isinstance(value, list) else [value]:
+            if isinstance(text, str) and "://" in text:
+                _check_url(where, text)
+        return
+    if key not in _SIGNED and value < 0:
+        raise ConfigError(f"{where}: expected a number >= 0, got {shown}")
+    if _DURATION.search(key) and value > _MAX_SECONDS:
+        raise ConfigError(f"{where}: expected at most {_MAX_SECONDS:.0e} seconds, got {shown}")
+    if _POSITIVE.search(key) and value == 0:
+        raise ConfigError(f"{where}: expected a number > 0, got {shown}")
+
+
+def _check_url(where: str, url: str) -> None:
+    """A URL the connectors' parsers accept: a password with '[', '/' or '#' must be quoted."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - parsing the port is the check
+    except ValueError as exc:
+        raise ConfigError(
+            f"{where}: not a valid URL ({exc}); percent-encode special characters in the "
+            "user name and password (urllib.parse.quote)"
+        ) from None
+
+
+def _check_numbers(where: str, value: Any, shown: str) -> None:
+    if isinstance(value, bool):
+        return
+    if isinstance(value, int) and not -_INT64 - 1 <= value <= _INT64:
+        raise ConfigError(f"{where}: {shown} does not fit in 64 bits")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: expected a finite number, got {shown}")
+    if isinstance(value, list):
+        hidden = shown.startswith("a value from the environment")
+        for item in value:
+            _check_numbers(where, item, "an item out of range" if hidden else repr(item))
+    elif isinstance(value, dict):
+        for name, item in value.items():
+            _check_numbers(f"{where}.{name}", item, repr(item))
+
+
+#: Keys that name local files, by section and type ("path" of the HTTP source is a URL path).
+_FILE_KEYS: dict[tuple[str, str], tuple[str, ...]] = {
+    ("source", "jsonl"): ("path", "checkpoint"),
+    ("sink", "jsonl"): ("path",),
+    ("sink", "sqlite"): ("path",),
+    ("dead_letter", "jsonl"): ("path",),
+    ("dead_letter", "sqlite"): ("path",),
+}
+
+
+def _check_paths(section: str, kind: str, kwargs: Mapping[str, Any]) -> None:
+    """Files a connector reads must exist; files it writes must have an existing folder."""
+    for key in _FILE_KEYS.get((section, kind), ()):
+        value = kwargs.get(key)
+        if not isinstance(value, str) or value in ("-", ":memory:") or not value:
+            continue
+        where = f"[{section}] {key}"
+        target = Path(value)
+        reads = section == "source" and key == "path"
+        if reads:
+            if target.is_dir():
+                raise ConfigError(f"{where}: {value!r} is a folder, not a file")
+            if not target.is_file() and not kwargs.get("follow"):
+                raise ConfigError(f"{where}: no such file {value!r}")
+            continue
+        if target.is_dir():
+            raise ConfigError(f"{where}: {value!r} is a folder, not a file")
+        parent = target.parent
+        if not parent.is_dir() and section != "dead_letter":
+            raise ConfigError(f"{where}: the folder {str(parent)!r} does not exist")
+
+
 # -- small helpers ----------------------------------------------------------------------------
+
+
+def _name(key: str) -> str:
+    """A key as a message shows it: plain names as they are, anything else quoted."""
+    return key if key.isidentifier() else repr(key)
 
 
 def _suggest(word: str, choices: Any) -> str:
@@ -628,12 +809,6 @@ def _strip_section(message: str) -> str:
 
 
 def _masked(value: Any, secrets: frozenset[str]) -> Any:
-    if isinstance(value, str):
-        return mask_secrets(value, secrets)
-    if isinstance(value, list):
-        return [_masked(v, secrets) for v in value]
-    if isinstance(value, dict):
-        return {k: _masked(v, secrets) for k, v in value.items()}
     if isinstance(value, enum.Enum):
-        return value.value
-    return value
+        value = value.value
+    return redact_value(value, secrets)

@@ -30,7 +30,7 @@ from batchpunk._scheduler import Scheduler
 from batchpunk.batch import Batch
 from batchpunk.config import BatchConfig, BatchTrigger
 from batchpunk.deadletter import DeadLetter
-from batchpunk.errors import BatchpunkError, ProcessorClosed
+from batchpunk.errors import BatchpunkError, ConfigError, ProcessorClosed
 from batchpunk.metrics import Observer
 from batchpunk.retry import CircuitBreaker
 
@@ -96,9 +96,9 @@ class BatchProcessor(Admission, Generic[T, R]):
         if config is None:
             config = BatchConfig()
         if not isinstance(config, BatchConfig):
-            raise ValueError(f"config: expected a BatchConfig, got {config!r}")
+            raise ConfigError(f"config: expected a BatchConfig, got {config!r}")
         if processor is None or not callable(processor):
-            raise ValueError(f"processor: expected a callable taking a Batch, got {processor!r}")
+            raise ConfigError(f"processor: expected a callable taking a Batch, got {processor!r}")
         #: The durable spool (batchpunk.spool): the engine then carries its records.
         self.spool = spool
         if spool is not None:

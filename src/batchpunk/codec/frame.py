@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from batchpunk.codec._objects import DEFAULT_MAX_OBJECTS, check_objects, object_limit
 from batchpunk.codec.compression import compress, decompress
 from batchpunk.codec.options import (
     COMPRESSION_IDS,
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
     from batchpunk.config import BatchConfig
 
 __all__ = [
+    "DEFAULT_MAX_OBJECTS",
     "DEFAULT_MAX_SIZE",
     "FLAG_SIGNED",
     "FORMAT_VERSION",
@@ -146,16 +148,22 @@ def decode_batch(
     max_size: int = DEFAULT_MAX_SIZE,
     hmac_key: bytes | str | None = None,
     allow_pickle: bool = False,
+    max_objects: int | None = None,
 ) -> list[Any]:
     """The messages of one frame, after every check; FrameError says which check failed.
 
     Checks, in order: magic, version, header length, flags, serializer and compression ids,
     frame length (truncated or trailing bytes), crc32, signature presence (a key needs a signed
     frame, a signed frame needs a key), signature value (constant-time), pickle policy, declared
-    size against ``max_size``, bounded decompression, deserialization to a list.
+    size against ``max_size``, bounded decompression, decoded objects against ``max_objects``
+    (so memory is bounded too, not only bytes), deserialization to a list.
     """
     if not isinstance(max_size, int) or isinstance(max_size, bool) or max_size < 1:
         raise ValueError(f"max_size: expected an integer >= 1, got {max_size!r}")
+    if max_objects is not None and (
+        not isinstance(max_objects, int) or isinstance(max_objects, bool) or max_objects < 1
+    ):
+        raise ValueError(f"max_objects: expected an integer >= 1 or None, got {max_objects!r}")
     if not isinstance(allow_pickle, bool):
         raise ValueError(f"allow_pickle: expected True or False, got {allow_pickle!r}")
     key = validate_hmac_key(hmac_key)
@@ -197,6 +205,7 @@ def decode_batch(
         raw: bytes | bytearray = bytes(payload)
     else:
         raw = decompress(payload, info.compression, info.raw_size)
+    check_objects(raw, info.serializer, object_limit(max_objects, len(view)))
     messages = deserialize(raw, info.serializer)
     if type(messages) is not list:
         raise FrameError(
@@ -307,6 +316,8 @@ class Codec:
         level: the algorithm's own level; None for its default.
         threshold: payloads of at most this many bytes are stored uncompressed.
         max_size: decode refuses frames whose payload would exceed this many bytes.
+        max_objects: decode refuses frames that would decode to more objects than this; None
+            for the default, max(DEFAULT_MAX_OBJECTS, 16 per byte of the frame).
         hmac_key: sign on encode and require a valid signature on decode.
         allow_pickle: decode accepts pickle frames (only for a writer you trust).
     """
@@ -318,6 +329,7 @@ class Codec:
     max_size: int = DEFAULT_MAX_SIZE
     hmac_key: bytes | None = field(default=None, repr=False)
     allow_pickle: bool = False
+    max_objects: int | None = None
 
     def __post_init__(self) -> None:
         validate_options(self.serializer, self.compression, self.level, level_name="level")
@@ -359,5 +371,9 @@ class Codec:
     def decode(self, data: bytes | bytearray | memoryview) -> list[Any]:
         """The messages of one frame; see :func:`decode_batch`."""
         return decode_batch(
-            data, max_size=self.max_size, hmac_key=self.hmac_key, allow_pickle=self.allow_pickle
+            data,
+            max_size=self.max_size,
+            hmac_key=self.hmac_key,
+            allow_pickle=self.allow_pickle,
+            max_objects=self.max_objects,
         )

@@ -13,6 +13,8 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NoReturn, TypeVar
 
+from batchpunk._identifiers import SQL_KEYWORDS
+from batchpunk._redact import redact
 from batchpunk.errors import ConfigError, ConnectorError, PartialFailure
 
 __all__ = [
@@ -28,10 +30,6 @@ __all__ = [
 
 R = TypeVar("R")
 
-_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:@/\s]*):(?P<pw>[^@/\s]*)@")
-_KV_PASSWORD = re.compile(
-    r"(?P<head>\b(?:password|passwd|pwd)\s*=\s*)(?P<pw>'[^']*'|\"[^\"]*\"|\S+)"
-)
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -57,20 +55,13 @@ def fail_payloads(failures: Mapping[int, BaseException], size: int) -> NoReturn:
 
 
 def mask_url(url: str) -> str:
-    """The URL with its password replaced by ``***``: safe for logs, reprs and errors."""
-    return mask_secrets(url)
+    """The URL with its userinfo masked (host and port kept): safe for logs, reprs and errors."""
+    return redact(url)
 
 
 def mask_secrets(text: str, secrets: Any = ()) -> str:
-    """``text`` with URL passwords, ``password=...`` pairs and every given secret masked."""
-    text = _URL_PASSWORD.sub(r"\g<head>:***@", text)
-    text = _KV_PASSWORD.sub(r"\g<head>***", text)
-    for secret in sorted((s for s in secrets if s), key=len, reverse=True):
-        if len(secret) >= 4:
-            text = text.replace(secret, "***")
-        else:  # a short value ("5", "on") is masked as a whole word, not inside other words
-            text = re.sub(rf"(?<![\w]){re.escape(secret)}(?![\w])", "***", text)
-    return text
+    """``text`` through the one redactor (``batchpunk._redact``), with ``secrets`` known too."""
+    return redact(text, secrets or ())
 
 
 def check_identifier(field: str, value: Any) -> str:
@@ -79,6 +70,8 @@ def check_identifier(field: str, value: Any) -> str:
         raise ConfigError(
             f"{field}: expected a plain SQL identifier (letters, digits, _), got {value!r}"
         )
+    if value.lower() in SQL_KEYWORDS:
+        raise ConfigError(f"{field}: {value!r} is an SQL keyword; choose another name")
     return value
 
 

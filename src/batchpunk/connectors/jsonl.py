@@ -9,6 +9,7 @@ write never runs ahead of the disk.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import logging
@@ -83,6 +84,8 @@ class JsonlSource:
         self._settled: set[int] = set()
         self._read_pos = (0, 0)
         self._save_scheduled = False
+        # (st_dev, st_ino) of the file the checkpoint describes; None until it was looked at.
+        self._identity: list[int] | None = None
 
     @property
     def closed(self) -> bool:
@@ -214,6 +217,7 @@ class JsonlSource:
             "offset": prefix,
             "lines": lines,
             "acked": sorted(self._settled),
+            "file": self._identity,
         }
         tmp = f"{self.checkpoint}.tmp"
         try:
@@ -229,6 +233,9 @@ class JsonlSource:
 
     def _load_checkpoint(self) -> tuple[tuple[int, int], set[int]]:
         assert self.checkpoint is not None
+        with contextlib.suppress(OSError):
+            stat = os.stat(self.path)
+            self._identity = [stat.st_dev, stat.st_ino]
         try:
             text = Path(self.checkpoint).read_text(encoding="utf-8")
         except FileNotFoundError:
@@ -237,10 +244,26 @@ class JsonlSource:
             state = json.loads(text)
             offset = (int(state["offset"]), int(state["lines"]))
             acked = {int(o) for o in state["acked"]}
-        except (ValueError, KeyError, TypeError) as exc:
+            recorded = state.get("file")
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ConfigError(
                 f"checkpoint: {self.checkpoint!r} is not a JsonlSource checkpoint ({exc})"
             ) from exc
+        # A checkpoint belongs to one file: if the file was replaced (another inode) or is now
+        # shorter than the acknowledged prefix, resuming would skip lines it never delivered.
+        try:
+            stat = os.stat(self.path)
+        except OSError:
+            return offset, acked
+        replaced = isinstance(recorded, list) and recorded != self._identity
+        if replaced or stat.st_size < offset[0] or any(o >= stat.st_size for o in acked):
+            log.warning(
+                "checkpoint %s is for another version of %s (the file was replaced or is "
+                "shorter than its acknowledged prefix): reading it from the start",
+                self.checkpoint,
+                self.path,
+            )
+            return (0, 0), set()
         return offset, acked
 
     async def close(self) -> None:
@@ -288,12 +311,16 @@ class JsonlSink:
 
     def _append(self, batch: list[Any]) -> dict[int, BaseException]:
         failures: dict[int, BaseException] = {}
-        parts: list[str] = []
+        parts: list[bytes] = []
         dumps = json.dumps
         for index, payload in enumerate(batch):
+            # allow_nan=False: NaN and Infinity are not JSON, and a reader (jq, another
+            # language) would refuse the whole file. A str with a lone surrogate cannot be
+            # UTF-8: it fails alone here rather than failing the whole write (then retried).
             try:
-                parts.append(dumps(payload, ensure_ascii=False, separators=(",", ":")))
-            except (TypeError, ValueError) as exc:
+                text = dumps(payload, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+                parts.append(text.encode("utf-8"))
+            except (TypeError, ValueError, RecursionError) as exc:
                 failures[index] = PayloadError(
                     f"payload at index {index} is not JSON-serializable: {exc}"
                 )
@@ -303,7 +330,7 @@ class JsonlSink:
                 # Closed in close(); stdout is not ours to close.
                 stream = sys.stdout.buffer if self.path == "-" else open(self.path, "ab")  # noqa: SIM115
                 self._stream = stream
-            stream.write(("\n".join(parts) + "\n").encode("utf-8"))
+            stream.write(b"\n".join(parts) + b"\n")
             stream.flush()
             if self.fsync and self.path != "-":
                 os.fsync(stream.fileno())

@@ -36,10 +36,10 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from batchpunk.config import BatchConfig
-from batchpunk.connectors._common import tls_context
+from batchpunk.connectors._common import mask_secrets, mask_url, tls_context
 from batchpunk.connectors._toolkit import (
     ACK,
     DECODINGS,
@@ -122,16 +122,7 @@ def _servers(owner: str, servers: Any) -> list[str]:
 
 def _redact_url(url: str) -> str:
     """The URL without its password or token, fit for a log line or an error."""
-    try:
-        parts = urlsplit(url if "://" in url else f"nats://{url}")
-    except ValueError:
-        return "<unparsable server URL>"
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))
+    return mask_url(url)
 
 
 def _redact_value(value: Any) -> Any:
@@ -153,9 +144,7 @@ def _secrets_of(servers: Sequence[str], *values: str | None) -> list[str]:
 
 
 def _scrub(text: str, secrets: Sequence[str]) -> str:
-    for secret in secrets:
-        text = text.replace(secret, "***")
-    return text
+    return mask_secrets(text, secrets)
 
 
 def _seconds(owner: str, name: str, value: Any) -> float:

@@ -45,8 +45,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any, ClassVar
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
+from batchpunk.connectors._common import mask_secrets
 from batchpunk.errors import ConfigError, ConnectorError, PartialFailure, require
 
 if TYPE_CHECKING:
@@ -154,22 +155,7 @@ def mask_dsn(dsn: str) -> str:
     Handles URL DSNs (userinfo and ``?password=``) and libpq key=value strings alike, so any
     connection string can be logged through it.
     """
-    if "://" not in dsn:
-        return _KV_SECRET.sub(lambda m: f"{m.group(1)}=***", dsn)
-    parts = urlsplit(dsn)
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, hosts = netloc.rsplit("@", 1)
-        if ":" in userinfo:
-            userinfo = userinfo.split(":", 1)[0] + ":***"
-        netloc = f"{userinfo}@{hosts}"
-    query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        query = urlencode(
-            [(k, "***" if k.lower() in _QUERY_SECRETS else v) for k, v in pairs], safe="*"
-        )
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    return mask_secrets(dsn)
 
 
 def _dsn_secrets(dsn: str) -> list[str]:
@@ -282,9 +268,10 @@ class PostgresSink:
         tls: ssl.SSLContext | str | None = None,
     ) -> None:
         if not isinstance(dsn, str) or not dsn.startswith(("postgresql://", "postgres://")):
-            raise ConfigError(  # never echo the DSN: it may hold the password
+            shown = mask_secrets(dsn) if isinstance(dsn, str) else type(dsn).__name__
+            raise ConfigError(
                 "PostgresSink dsn: expected a URL postgresql://user:password@host:port/db "
-                "(asyncpg does not read key=value connection strings)"
+                f"(asyncpg does not read key=value connection strings), got {shown!r}"
             )
         self._dsn = dsn
         self._secrets = _dsn_secrets(dsn)
@@ -768,9 +755,7 @@ class PostgresSink:
         return ", ".join(shown) if shown else _short(dict(values))
 
     def _scrub(self, text: str) -> str:
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        return text
+        return mask_secrets(text, self._secrets)
 
     def _cause(self, exc: BaseException) -> BaseException | None:
         """Chain the driver's error unless its text carries a secret."""

@@ -230,7 +230,7 @@ class SqliteSink:
             for columns, rows in groups.items():
                 try:
                     self._insert_many(db, verb, columns, [row for _, row in rows])
-                except (sqlite3.IntegrityError, OverflowError):
+                except (sqlite3.IntegrityError, OverflowError, UnicodeEncodeError):
                     # Find the offending rows one by one; a failed statement rolls back alone
                     # and the transaction goes on with the good rows.
                     db.execute("ROLLBACK")
@@ -291,6 +291,11 @@ class SqliteSink:
                     failures[index] = PayloadError(
                         f"payload at index {index} holds an integer beyond SQLite's 64 bits"
                     )
+                except UnicodeEncodeError as exc:  # a lone surrogate: this row, not the batch
+                    failures[index] = PayloadError(
+                        f"payload at index {index} holds text UTF-8 cannot encode "
+                        f"({exc.reason} at position {exc.start})"
+                    )
         db.execute("COMMIT")
         return dict(sorted(failures.items()))
 
@@ -316,16 +321,33 @@ def _value(index: int, column: str, value: Any) -> Any:
                 f"payload at index {index}: column {column!r} holds {value}, beyond SQLite's "
                 "64-bit integers"
             )
+        if isinstance(value, str) and not value.isascii():
+            _utf8(index, column, value)
         return value
     if isinstance(value, dict | list | tuple):
         try:
-            return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-        except (TypeError, ValueError) as exc:
+            text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        except (TypeError, ValueError, RecursionError) as exc:
             raise PayloadError(
                 f"payload at index {index}: column {column!r} cannot be stored as JSON: {exc}"
             ) from None
+        if not text.isascii():
+            _utf8(index, column, text)
+        return text
     raise PayloadError(
         f"payload at index {index}: column {column!r} holds a value of type "
         f"{type(value).__name__}, expected str, int, float, bytes, None, or a "
         "JSON-serializable dict or list"
     )
+
+
+def _utf8(index: int, column: str, text: str) -> None:
+    """PayloadError for a str UTF-8 cannot hold (a lone surrogate): that row alone fails,
+    instead of the whole batch failing with UnicodeEncodeError and being retried."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise PayloadError(
+            f"payload at index {index}: column {column!r} holds text UTF-8 cannot encode "
+            f"({exc.reason} at position {exc.start})"
+        ) from None

@@ -48,7 +48,10 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequenc
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any, TypeVar
+from urllib.parse import quote
 
+from batchpunk._identifiers import SQL_KEYWORDS as _SQL_KEYWORDS
+from batchpunk._redact import MASK, is_secret_name, redact
 from batchpunk.codec import decode_batch, decode_value, encode_batch, encode_value
 from batchpunk.deadletter._record import DeadLetter
 from batchpunk.errors import BatchpunkError, DeadLetterError, FrameError
@@ -71,6 +74,9 @@ RECORD_VERSION = 1
 READ_CHUNK = 500
 #: The header key under which read() returns each letter's stable id.
 ID_HEADER = "dlq_id"
+#: Set by read() on a letter whose message was stored only as its repr (why, as text): such a
+#: letter does not carry the original message and must not be replayed.
+UNSTORABLE_HEADER = "dlq_message_unstorable"
 
 _STORED_SERIALIZERS = ("msgpack", "pickle")
 _T = TypeVar("_T")
@@ -171,10 +177,14 @@ class _RecordCodec:
             attempts=_number(letter.attempts, int, 0),
             first_seen=_number(letter.first_seen, float, 0.0),
             error_type=str(letter.error_type),
-            error=None if error is None else _error_text(error),
-            traceback=str(letter.traceback),
+            error=None if error is None else redact(_error_text(error)),
+            traceback=redact(str(letter.traceback)),
         )
-        headers = {k: v for k, v in letter.headers.items() if k != ID_HEADER}
+        headers = {
+            k: MASK if isinstance(k, str) and is_secret_name(k) and v else v
+            for k, v in letter.headers.items()
+            if k != ID_HEADER
+        }
         for name, value in (("message", letter.message), ("key", letter.key), ("headers", headers)):
             if _json_exact(value):
                 record[name] = value
@@ -213,6 +223,8 @@ class _RecordCodec:
             headers = {}
         if not isinstance(headers, dict):
             raise MalformedDeadLetter(where, f"headers: expected an object, got {headers!r}")
+        if "message_repr" in record:  # only the repr was kept: replaying it would send text
+            headers = {**headers, UNSTORABLE_HEADER: str(record.get("message_unstorable", ""))}
         letter_id = record.get("id")
         if letter_id is not None and not isinstance(letter_id, str):
             raise MalformedDeadLetter(where, f"id: expected a string, got {letter_id!r}")
@@ -615,13 +627,19 @@ class SqliteDeadLetters:
         table: str = "dead_letters",
         serializer: str = "msgpack",
         allow_pickle: bool | None = None,
+        readonly: bool = False,
     ) -> None:
         if not isinstance(path, str | os.PathLike):
             raise ValueError(f"path: expected a file path, got {path!r}")
         if not isinstance(table, str) or not _IDENTIFIER.match(table):
             raise ValueError(f"table: expected a plain SQL identifier, got {table!r}")
+        if table.lower() in _SQL_KEYWORDS:
+            raise ValueError(f"table: {table!r} is an SQL keyword; choose another table name")
         self.path = Path(path)
         self.table = table
+        #: Read only (``dlq show``): the file is opened with mode=ro, nothing is created or
+        #: changed (no table, no WAL switch), and a database without the table is refused.
+        self.readonly = readonly
         self._records = _RecordCodec(
             f"SqliteDeadLetters({str(self.path)!r})", serializer, allow_pickle
         )
@@ -688,6 +706,24 @@ class SqliteDeadLetters:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def _connection(self) -> sqlite3.Connection:
+        if self._conn is None and self.readonly:
+            uri = f"file:{quote(str(self.path.absolute()))}?mode=ro"
+            conn = sqlite3.connect(uri, uri=True, timeout=30.0, isolation_level=None)
+            try:
+                found = conn.execute(
+                    "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?",
+                    (self.table,),
+                ).fetchone()
+            except BaseException:
+                conn.close()
+                raise
+            if found is None or "record TEXT" not in str(found[0]):
+                conn.close()
+                raise MalformedDeadLetter(
+                    str(self.path),
+                    f"not a batchpunk dead-letter database (no table {self.table!r} of letters)",
+                )
+            self._conn = conn
         if self._conn is None:
             if str(self.path) != ":memory:":
                 self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -777,15 +813,42 @@ class SqliteDeadLetters:
             self._conn = None
 
 
-def open_dead_letter_file(path: str | Path) -> JsonlDeadLetters | SqliteDeadLetters:
+def open_dead_letter_file(
+    path: str | Path, *, readonly: bool = False
+) -> JsonlDeadLetters | SqliteDeadLetters:
     """The dead-letter store behind a file: SQLite when it is a SQLite database, else JSON Lines.
 
     For tools that are handed a file (``batchpunk dlq show`` and ``replay``) and must not guess
-    from its name.
+    from its name. A file that is neither (a pipeline file, an ordinary database without a
+    table of letters) is refused with MalformedDeadLetter before anything is written to it;
+    ``readonly`` opens an SQLite store without ever writing to it.
     """
     path = Path(path)
     if path.is_file():
         with path.open("rb") as handle:
-            if handle.read(16) == b"SQLite format 3\x00":
-                return SqliteDeadLetters(str(path))
+            head = handle.read(16)
+            if head == b"SQLite format 3\x00":
+                probe = SqliteDeadLetters(str(path), readonly=True)
+                try:
+                    probe._connection()  # refuses a database without a table of letters
+                except sqlite3.DatabaseError as exc:
+                    raise MalformedDeadLetter(str(path), f"unreadable SQLite file: {exc}") from None
+                finally:
+                    probe._disconnect()
+                    probe._executor.shutdown(wait=False)
+                return SqliteDeadLetters(str(path), readonly=readonly)
+            handle.seek(0)
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = decode_value(line)
+                except FrameError:
+                    record = None
+                if not (isinstance(record, dict) and "v" in record):
+                    raise MalformedDeadLetter(
+                        f"{path}:{number}",
+                        "not a batchpunk dead-letter file (expected one JSON record per line)",
+                    )
+                break
     return JsonlDeadLetters(str(path))

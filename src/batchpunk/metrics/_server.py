@@ -179,8 +179,9 @@ class _Routes:
         self._static: dict[str, bytes] = {}
 
     def redact(self, text: str) -> str:
-        masked = mask_secrets(text)
-        return self._redact(masked) if self._redact is not None else masked
+        # The caller's redactor first, while the secrets it knows by value are intact.
+        masked = self._redact(text) if self._redact is not None else text
+        return mask_secrets(masked)
 
     def redact_tree(self, value: Any) -> Any:
         """``value`` made JSON-plain, with every string in it (keys too) redacted.
