@@ -249,7 +249,7 @@ def load() -> str:
     return f"load average {one:.2f} (1 min), {five:.2f} (5 min) on {os.cpu_count()} CPUs"
 
 
-async def main(quick: bool) -> None:
+async def main(quick: bool, plot: bool = False) -> None:
     n = 200_000 if quick else 1_000_000
     rounds = 3 if quick else 5
     print(
@@ -271,6 +271,11 @@ async def main(quick: bool) -> None:
     except ImportError:
         pass
     rate = await rounds_of(rounds, **runs)
+    bars = [
+        ("asyncio.Queue, drain max_size per get", rate.best("queue"), "baseline", True),
+        ("add_message_nowait", rate.best("nowait"), f"{rate.ratio('nowait', 'queue'):.2f}x", False),
+        ("await add_message", rate.best("waited"), f"{rate.ratio('waited', 'queue'):.2f}x", False),
+    ]
     print(rate.line("asyncio.Queue, drain max_size per get", "queue", None, ""))
     print(rate.line("add_message_nowait", "nowait", "queue", "(target >= 2.0x)"))
     print(rate.line("await add_message", "waited", "queue", "(target >= 1.3x)"))
@@ -287,6 +292,15 @@ async def main(quick: bool) -> None:
         submit=lambda: submit_rate(n_callers, per_caller),
         submit_nowait=lambda: submit_rate(n_callers, per_caller, nowait=True),
     )
+    bars += [
+        ("aiodataloader load(), 1000 callers", rate.best("loader"), "baseline", True),
+        (
+            "submit(), 1000 callers",
+            rate.best("submit"),
+            f"{rate.ratio('submit', 'loader'):.2f}x",
+            False,
+        ),
+    ]
     print(rate.line("aiodataloader load(), 1000 callers", "loader", None, ""))
     print(rate.line("submit(), 1000 callers", "submit", "loader", "(target >= 1.1x)"))
     print(rate.line("submit_nowait(), 1000 callers", "submit_nowait", "loader", "(as load())"))
@@ -300,10 +314,25 @@ async def main(quick: bool) -> None:
     per = await bytes_per_pending(1_000_000)
     print(f"  bookkeeping at 1,000,000 pending: {per:.1f} bytes/message  (target <= 100)")
     print(f"  after: {load()}")
+    if plot:
+        try:
+            from bench._plot import bar_chart
+        except ImportError:  # run as a script: bench/ itself is on sys.path
+            from _plot import bar_chart  # type: ignore[no-redef]
+
+        path = bar_chart(
+            "core",
+            "batchpunk against the loops people write by hand",
+            bars,
+            unit="messages per second, wall clock (best round; ratio = median same-round ratio)",
+            note=f"python bench/core.py; {n:,} messages, no-op async handler, max_size {MAX_SIZE}",
+        )
+        print(f"  plot: {path}")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer messages and rounds")
+    parser.add_argument("--plot", action="store_true", help="also write docs/img/core.png")
     args = parser.parse_args()
-    asyncio.run(main(args.quick))
+    asyncio.run(main(args.quick, args.plot))

@@ -97,6 +97,7 @@ async def main() -> None:
     parser.add_argument("--dsn", default="postgresql://postgres@127.0.0.1:5432/test")
     parser.add_argument("--batch", type=int, default=1000, help="rows per write (default 1000)")
     parser.add_argument("--rounds", type=int, help="rounds; the best of each mode is shown")
+    parser.add_argument("--plot", action="store_true", help="also write docs/img/postgres_sink.png")
     args = parser.parse_args()
     bulk = 20_000 if args.quick else 200_000
     single = 1_000 if args.quick else 5_000
@@ -125,6 +126,29 @@ async def main() -> None:
     for name, (count, seconds) in best.items():
         rate = count / seconds
         print(f"  {name:<32}{count:>9}{seconds:>10.2f}{rate:>11,.0f}{rate / baseline:>12.1f}x")
+    if args.plot:
+        try:
+            from bench._plot import bar_chart
+        except ImportError:  # run as a script: bench/ itself is on sys.path
+            from _plot import bar_chart  # type: ignore[no-redef]
+
+        rows = [
+            (
+                name,
+                count / seconds,
+                f"{count / seconds / baseline:.1f}x",
+                name.endswith("(baseline)"),
+            )
+            for name, (count, seconds) in best.items()
+        ]
+        path = bar_chart(
+            "postgres_sink",
+            f"PostgreSQL {version.split()[0]}: batches of {args.batch} against one INSERT a row",
+            rows,
+            unit="rows per second (best round)",
+            note="python bench/postgres_sink.py; one writer, one connection",
+        )
+        print(f"  plot: {path}")
 
 
 if __name__ == "__main__":

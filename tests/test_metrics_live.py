@@ -207,3 +207,62 @@ async def test_a_drawing_error_stops_refreshing_without_breaking_the_block(
     assert reached
     assert "live view stopped refreshing" in caplog.text
     assert "failed to draw its final frame" in caplog.text
+
+
+class TtyBuffer(io.StringIO):
+    """A buffer that says it is a terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+async def test_plain_lines_come_every_30_s_off_a_terminal_and_every_second_on_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without an explicit plain_every, a pipe or a log gets a line every 30 s (not one a
+    second forever), while a terminal without rich keeps one a second."""
+    monkeypatch.setitem(sys.modules, "rich.console", None)
+    async with LiveView(FakeStats(), stream=io.StringIO()) as logged:
+        pass
+    async with LiveView(FakeStats(), stream=TtyBuffer()) as shown:
+        pass
+    assert logged.plain_every == 30.0
+    assert shown.plain_every == 1.0
+
+
+async def test_plain_lines_go_to_a_logger_when_given_one(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With log=, each plain line is an INFO record with reason "summary", the last one marked
+    final, and nothing is written to the stream."""
+    import logging
+
+    stream = io.StringIO()
+    log = logging.getLogger("batchpunk.live.test")
+    with caplog.at_level(logging.INFO, logger="batchpunk.live.test"):
+        async with LiveView(FakeStats(), stream=stream, log=log, plain_every=0.05):
+            await asyncio.sleep(0.07)
+    records = [r for r in caplog.records if r.name == "batchpunk.live.test"]
+    assert len(records) >= 2
+    assert all(getattr(r, "reason", None) == "summary" for r in records)
+    assert records[-1].getMessage().endswith("(final)")
+    assert stream.getvalue() == ""
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [("ftp://host/stats", "url"), ("http://127.0.0.1:1", "unreachable")],
+    ids=["scheme", "closed-port"],
+)
+async def test_remote_stats_names_a_bad_or_unreachable_url(url: str, message: str) -> None:
+    """remote_stats refuses a non-HTTP URL at once and turns a refused connection into a
+    ConnectionError naming the /stats URL."""
+    from batchpunk.metrics.live import remote_stats
+
+    if message == "url":
+        with pytest.raises(ValueError, match="url"):
+            remote_stats(url)
+        return
+    stats = remote_stats(url, timeout=2.0)
+    with pytest.raises(ConnectionError, match=r"http://127\.0\.0\.1:1/stats unreachable"):
+        await stats()

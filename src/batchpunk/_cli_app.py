@@ -7,6 +7,7 @@ printed without a traceback, with every environment-supplied secret and URL pass
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import math
@@ -177,11 +178,30 @@ def _logging(level: str, secrets: frozenset[str] = frozenset()) -> None:
     pipeline_log.setLevel(min(logging.WARNING, logging.getLevelName(level)))
 
 
-def _live(title: str, refresh: float) -> Callable[[Callable[[], Any]], Any]:
+def _log_format(value: str) -> str:
+    if value not in ("human", "json"):
+        raise typer.BadParameter(f"expected 'human' or 'json', got {value!r}")
+    return value
+
+
+def _json_logs(context: Mapping[str, Any]) -> None:
+    """--log-format json: the root handlers (set up by _logging) write one JSON object a line."""
+    from batchpunk.metrics import JsonFormatter
+
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(JsonFormatter(context=context))
+
+
+def _live(title: str, refresh: float, as_log: bool = False) -> Callable[[Callable[[], Any]], Any]:
     from batchpunk.metrics.live import LiveView
 
+    log = None
+    if as_log:  # --log-format json: off a terminal, summaries are log records like the rest
+        log = logging.getLogger("batchpunk.live")
+        log.setLevel(logging.INFO)
+
     def make(stats: Callable[[], Any]) -> Any:
-        return LiveView(stats, refresh_per_second=refresh, title=title)
+        return LiveView(stats, refresh_per_second=refresh, title=title, log=log)
 
     return make
 
@@ -287,6 +307,14 @@ def run(
     log_level: Annotated[
         str, typer.Option(help="Log level on stderr: DEBUG, INFO, WARNING, ERROR or CRITICAL.")
     ] = "WARNING",
+    log_format: Annotated[
+        str,
+        typer.Option(
+            help="Log lines on stderr: human, or json (one object per line, with pipeline, "
+            "batch_id and reason fields).",
+            callback=_log_format,
+        ),
+    ] = "human",
 ) -> None:
     """Run a pipeline file until its source ends, or until SIGINT/SIGTERM.
 
@@ -307,34 +335,41 @@ def run(
     level = _log_level(log_level)
     spec = _guard(lambda: load_pipeline(pipeline))
     _logging(level, spec.secrets)
+    if log_format == "json":
+        _json_logs({"pipeline": Path(spec.path).name})
     _guard(spec.check, spec.secrets)
     show_live = spec.metrics.live if live is None else live
-    code = _guard(lambda: _run(_run_pipeline(spec, show_live)), spec.secrets)
+    as_log = log_format == "json"
+    code = _guard(lambda: _run(_run_pipeline(spec, show_live, as_log)), spec.secrets)
     raise typer.Exit(code)
 
 
-async def _run_pipeline(spec: Any, live: bool) -> int:
+async def _run_pipeline(spec: Any, live: bool, live_as_log: bool = False) -> int:
     collector = None
     port = spec.metrics.prometheus_port
     if port is not None:
         from batchpunk.metrics import PrometheusMetrics
 
         collector = PrometheusMetrics()
-    pipeline = spec.build(metrics_collector=collector)
+    letters = _Letters(spec)
+    pipeline = letters.spec.build(metrics_collector=collector)
     server = None
     if port is not None:
         from batchpunk.metrics import serve
 
         host = spec.metrics.prometheus_host
         try:
-            server = await serve(port, host, processor=pipeline)
+            server = await serve(port, host, **_status_page(spec, pipeline, letters))
         except OSError as exc:
             _fail(
                 f"[metrics] prometheus_port: cannot listen on {host}:{port}: {exc.strerror or exc}",
                 EXIT_FAILED,
                 spec.secrets,
             )
-        _say(f"metrics: {server.url}/metrics  stats: {server.url}/stats", stderr=True)
+        _say(
+            f"metrics: {server.url}/metrics  stats: {server.url}/stats  status page: {server.url}/",
+            stderr=True,
+        )
     error: BaseException | None = None
     began = time.perf_counter()
     from batchpunk._memory import tune_collector
@@ -342,7 +377,11 @@ async def _run_pipeline(spec: Any, live: bool) -> int:
     tune_collector()  # start-up is over: see batchpunk/_memory.py for the choice and figures
     try:
         if live:
-            view = _live(f"batchpunk run {Path(spec.path).name}", spec.metrics.refresh_per_second)
+            view = _live(
+                f"batchpunk run {Path(spec.path).name}",
+                spec.metrics.refresh_per_second,
+                live_as_log,
+            )
             async with view(pipeline.get_stats):
                 await pipeline.run(handle_signals=True)
         else:
@@ -367,6 +406,57 @@ async def _run_pipeline(spec: Any, live: bool) -> int:
         )
         return EXIT_ABORTED
     return EXIT_OK
+
+
+class _Letters:
+    """Keeps the last dead letters for the status page: the spec it builds from wraps the
+    [dead_letter] sink in a RecentDeadLetters (without one, the page reads the in-memory
+    default)."""
+
+    def __init__(self, spec: Any) -> None:
+        self.recent: Any = None
+        self.spec = spec
+        if spec.dead_letter is not None:
+            self.spec = dataclasses.replace(spec, dead_letter=_Wrapped(spec.dead_letter, self))
+
+
+class _Wrapped:
+    """A [dead_letter] section whose build() returns its sink wrapped in RecentDeadLetters."""
+
+    def __init__(self, section: Any, letters: _Letters) -> None:
+        self.section = section
+        self.letters = letters
+
+    def build(self) -> Any:
+        from batchpunk.metrics import RecentDeadLetters
+
+        self.letters.recent = RecentDeadLetters(self.section.build())
+        return self.letters.recent
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.section, name)
+
+
+def _status_page(spec: Any, pipeline: Any, letters: _Letters) -> dict[str, Any]:
+    """serve()'s keywords for the status page: redacted configuration and recent letters."""
+
+    def recent() -> list[tuple[float, Any]]:
+        if letters.recent is not None:
+            return list(letters.recent.recent())
+        kept = getattr(pipeline.dead_letter, "letters", None)  # the in-memory default
+        return [(letter.first_seen, letter) for letter in reversed(kept[-20:])] if kept else []
+
+    config = spec.describe()
+    if spec.metrics.token:  # a token written in the file itself is masked too
+        config["metrics"]["token"] = "***"
+    return {
+        "processor": pipeline,
+        "token": spec.metrics.token,
+        "config": config,
+        "dead_letters": recent,
+        "redact": spec.redact,
+        "title": f"batchpunk run {Path(spec.path).name}",
+    }
 
 
 @app.command(epilog=_EXIT_CODES)
@@ -453,6 +543,61 @@ def _demo_exit(code: int, late: list[int]) -> NoReturn:
     if late and code == EXIT_OK:
         _say(_LATE_SECOND_SIGNAL, stderr=True)
         code = EXIT_ABORTED
+    raise typer.Exit(code)
+
+
+@app.command(epilog=_EXIT_CODES)
+def top(
+    url: Annotated[
+        str,
+        typer.Argument(
+            help="A worker's metrics server: http://host:9464 (or host:9464).", show_default=False
+        ),
+    ],
+    token: Annotated[
+        str | None,
+        typer.Option(envvar="BATCHPUNK_TOKEN", help="Bearer token, if the worker asks for one."),
+    ] = None,
+    refresh: Annotated[float, typer.Option(min=0.1, help="Redraws per second.")] = 1.0,
+    once: Annotated[
+        bool, typer.Option("--once", help="Print one summary line and exit (1 if unreachable).")
+    ] = False,
+) -> None:
+    """The live terminal view of a worker running elsewhere, from its /stats.
+
+    Read-only: needs the worker's metrics server (prometheus_port). Ctrl-C leaves.
+
+    Examples:
+
+      batchpunk top http://127.0.0.1:9464
+
+      BATCHPUNK_TOKEN=... batchpunk top worker-3:9464 --refresh 2
+    """
+    from batchpunk.metrics.live import LiveView, remote_stats, summary_line
+
+    secrets = frozenset({token}) if token else frozenset()
+    try:
+        stats = remote_stats(url, token=token)
+    except ValueError as exc:
+        _fail(str(exc), EXIT_USAGE, secrets)
+
+    async def watch() -> int:
+        if once:
+            try:
+                line = summary_line(await stats(), title=f"batchpunk top {url}")
+                sys.stdout.write(line + "\n")
+            except ConnectionError as exc:
+                _fail(str(exc), EXIT_FAILED, secrets)
+            return EXIT_OK
+        view = LiveView(stats, refresh_per_second=refresh, title=f"batchpunk top {url}")
+        async with view:
+            await asyncio.Event().wait()  # until Ctrl-C
+        return EXIT_OK
+
+    try:
+        code = _run(watch())
+    except KeyboardInterrupt:
+        code = EXIT_OK
     raise typer.Exit(code)
 
 

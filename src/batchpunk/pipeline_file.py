@@ -103,12 +103,15 @@ class MetricsSpec:
             (the endpoint has no authentication).
         live: draw the live terminal view (plain lines when the output is not a terminal).
         refresh_per_second: redraws of the live view per second.
+        token: when set, the metrics server (and its status page) asks for
+            ``Authorization: Bearer <token>``; write it as ``${METRICS_TOKEN}``.
     """
 
     prometheus_port: int | None = None
     prometheus_host: str = "127.0.0.1"
     live: bool = True
     refresh_per_second: float = 4.0
+    token: str | None = None
 
     def __post_init__(self) -> None:
         port = self.prometheus_port

@@ -1,9 +1,9 @@
 """Metrics: the engine's observer, fixed-memory percentiles, exporters and a live view.
 
 Import cost matters here: the engine imports this package, so nothing below imports an optional
-dependency at module level. PrometheusMetrics, serve and OpenTelemetryMetrics import theirs when
-first used, and fail with the pip command to run when it is missing. The live terminal view is
-in :mod:`batchpunk.metrics.live`.
+dependency at module level. PrometheusMetrics, serve (aiohttp; prometheus-client for /metrics)
+and OpenTelemetryMetrics import theirs when first used, and fail with the pip command to run
+when it is missing. The live terminal view is in :mod:`batchpunk.metrics.live`.
 """
 
 from batchpunk.metrics._histogram import LogHistogram
@@ -11,6 +11,7 @@ from batchpunk.metrics._logging import LOG_FIELDS, JsonFormatter, KeyValueFormat
 from batchpunk.metrics._observer import CIRCUIT_STATES, MetricsCollector, Observer
 from batchpunk.metrics._otel import OTEL_METRICS, OpenTelemetryMetrics
 from batchpunk.metrics._prometheus import PROMETHEUS_METRICS, PrometheusMetrics
+from batchpunk.metrics._recent import RecentDeadLetters
 from batchpunk.metrics._recording import RecordingCollector
 from batchpunk.metrics._server import MetricsServer, serve, stats_json
 
@@ -27,6 +28,7 @@ __all__ = [
     "serve",
     "MetricsServer",
     "stats_json",
+    "RecentDeadLetters",
     "OpenTelemetryMetrics",
     "OTEL_METRICS",
     # structured logging

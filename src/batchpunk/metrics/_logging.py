@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Mapping
 from typing import Any
 
 __all__ = ["LOG_FIELDS", "JsonFormatter", "KeyValueFormatter", "log_extra"]
@@ -41,8 +42,20 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per record: time, level, logger, message, the batchpunk fields, error.
 
     Choose it when logs go to a shipper (Loki, Elasticsearch, CloudWatch) that indexes fields.
-    Values JSON cannot hold (a key that is bytes, say) are written as their repr.
+    Values JSON cannot hold (a key that is bytes, say) are written as their repr. ``context``
+    holds fields put on every line, such as the pipeline's name (``batchpunk run`` sets
+    ``pipeline``), so lines of several workers in one log stay apart.
     """
+
+    def __init__(
+        self,
+        fmt: str | None = None,
+        datefmt: str | None = None,
+        *,
+        context: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(fmt, datefmt)
+        self.context = dict(context or {})
 
     def format(self, record: logging.LogRecord) -> str:
         """The record as a single line of JSON."""
@@ -53,6 +66,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        out.update(self.context)
         out.update(_fields(record))
         if record.exc_info:
             out["error"] = self.formatException(record.exc_info)

@@ -1,45 +1,69 @@
-"""A tiny HTTP endpoint on the running event loop: /metrics for Prometheus, /stats as JSON.
+"""The metrics server on the running event loop: /metrics, /stats, /healthz, /readyz and a page.
 
-Why not prometheus-client's own server: it runs a thread per process and knows nothing of the
-processor's async get_stats(). This one is an ``asyncio.start_server`` with a deliberately small
-HTTP/1.1 handler: GET and HEAD only, one request per connection, bounded request size and read
-time, so a misbehaving client can cost neither memory nor a stuck task.
+Why aiohttp rather than a hand-written handler: the server now serves a browser (a page, its
+script and style, a dozen requests a minute from each tab), keep-alive, HEAD, conditional
+static files and header limits, which is what a well-kept HTTP library is for. aiohttp runs on
+the loop the processor already uses (no thread, unlike prometheus-client's own server), and it
+is the library the HTTP source uses too (extra ``server``). bench/live_view.py measures what
+one attached browser costs the engine.
+
+Read-only by design: GET and HEAD only. Bound to 127.0.0.1 unless told otherwise; with a
+``token`` every route but /healthz, /readyz and the page's static shell asks for
+``Authorization: Bearer <token>`` (the page asks for the token once and keeps it in the tab's
+session storage). The page and its chart library ship inside the package: it makes no request
+beyond this server.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import dataclasses
 import enum
+import hmac
 import json
 import logging
 import math
-from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from importlib import resources
+from typing import TYPE_CHECKING, Any, Protocol
 
+from batchpunk.connectors._common import mask_secrets
 from batchpunk.errors import require
 from batchpunk.metrics._health import liveness, readiness
 from batchpunk.metrics._prometheus import pipeline_exposition
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from batchpunk.deadletter import DeadLetter
 
 __all__ = ["MetricsServer", "StatsSource", "serve", "stats_json"]
 
 logger = logging.getLogger("batchpunk")
 
-#: Bytes allowed for the request line and headers together.
-_MAX_HEAD = 16 * 1024
-#: Seconds a client may take to send its request head.
-_READ_TIMEOUT = 10.0
+#: Bytes allowed for the request line, and for each header line.
+_MAX_LINE = 8 * 1024
 
-_REASONS = {
-    200: "OK",
-    400: "Bad Request",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    408: "Request Timeout",
-    431: "Request Header Fields Too Large",
-    500: "Internal Server Error",
-    503: "Service Unavailable",
+#: Files of the page, served from the package (name -> content type).
+_STATIC = {
+    "index.html": "text/html; charset=utf-8",
+    "status.js": "text/javascript; charset=utf-8",
+    "status.css": "text/css; charset=utf-8",
+    "favicon.svg": "image/svg+xml",
+    "vendor/uPlot.iife.min.js": "text/javascript; charset=utf-8",
+    "vendor/uPlot.min.css": "text/css; charset=utf-8",
+    "vendor/uPlot.LICENSE": "text/plain; charset=utf-8",
+}
+
+#: Sent with every answer: the page loads nothing from elsewhere, and is never framed.
+_SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
 }
 
 
@@ -51,13 +75,13 @@ class StatsSource(Protocol):
 
 
 class MetricsServer:
-    """Handle of a running ``serve()`` endpoint: its address, and ``close()`` to stop it.
+    """Handle of a running ``serve()`` server: its address, and ``close()`` to stop it.
 
     Also an async context manager: ``async with await serve(0) as server: ...``.
     """
 
-    def __init__(self, server: asyncio.Server, host: str, port: int) -> None:
-        self._server = server
+    def __init__(self, runner: web.AppRunner, host: str, port: int) -> None:
+        self._runner = runner
         #: The interface listened on.
         self.host = host
         #: The bound port (the one the OS chose when serve() was given port 0).
@@ -65,14 +89,13 @@ class MetricsServer:
 
     @property
     def url(self) -> str:
-        """Base URL of the endpoint, e.g. ``http://127.0.0.1:9464``."""
+        """Base URL of the server, e.g. ``http://127.0.0.1:9464``; the status page is at ``/``."""
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
 
     async def close(self) -> None:
-        """Stop listening and wait for the requests being answered; safe to call twice."""
-        self._server.close()
-        await self._server.wait_closed()
+        """Stop listening and end open connections; safe to call twice."""
+        await self._runner.cleanup()
 
     async def __aenter__(self) -> MetricsServer:
         return self
@@ -90,123 +113,248 @@ async def serve(
     *,
     processor: StatsSource | None = None,
     registry: Any = None,
+    token: str | None = None,
+    config: Mapping[str, Any] | None = None,
+    dead_letters: Callable[[], Iterable[tuple[float, DeadLetter]]] | None = None,
+    redact: Callable[[str], str] | None = None,
+    title: str = "batchpunk",
 ) -> MetricsServer:
-    """Serve /metrics (Prometheus text of ``registry``) and /stats (the processor's stats).
+    """Serve the status page and /metrics, /stats, /status, /healthz, /readyz until ``close()``.
 
-    Runs on the current event loop until ``close()``; port 0 lets the OS choose (read it from
-    the handle's ``port``). ``registry`` defaults to prometheus-client's global REGISTRY, which
-    is where ``PrometheusMetrics()`` registers by default. Bind to 127.0.0.1 (the default) unless
-    the scraper is remote: the endpoint has no authentication. /stats answers 404 when no
-    processor is given.
+    Args:
+        port: the TCP port; 0 lets the OS choose (read it from the handle's ``port``).
+        host: the interface; keep 127.0.0.1 unless a remote scraper or browser needs it.
+        processor: what /stats, /readyz and the page read (a BatchProcessor or a Pipeline).
+        registry: the prometheus-client registry of /metrics (its global REGISTRY by default,
+            where ``PrometheusMetrics()`` registers).
+        token: when set, /metrics, /stats and /status need ``Authorization: Bearer <token>``.
+        config: the configuration in force, already redacted (``PipelineSpec.describe()``);
+            shown on the page. By default the processor's BatchConfig from its stats.
+        dead_letters: returns (time stored, letter) pairs, newest first, for the page's table
+            (``RecentDeadLetters.recent``).
+        redact: masks secrets in any text the page shows (``PipelineSpec.redact``); URL
+            passwords and ``password=`` pairs are masked in any case.
+        title: the page's title.
+
+    Needs aiohttp (extra ``server``); /metrics also needs prometheus-client (extra
+    ``prometheus``) and answers 501 with the pip command without it.
     """
-    prometheus_client = require("prometheus_client", "prometheus", "batchpunk.metrics.serve")
+    web_module = require("aiohttp.web", "server", "batchpunk.metrics.serve")
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         raise ValueError(f"port: expected an int in 0..65535, got {port!r}")
-    if registry is None:
-        registry = prometheus_client.REGISTRY
-    content_type: str = getattr(
-        prometheus_client, "CONTENT_TYPE_PLAIN_0_0_4", prometheus_client.CONTENT_TYPE_LATEST
-    )
+    if token is not None and (not isinstance(token, str) or not token):
+        raise ValueError("token: expected a non-empty string, or None for no authentication")
+    app = _application(_Routes(processor, registry, config, dead_letters, redact, title), token)
+    runner = web_module.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+    await runner.setup()
+    site = web_module.TCPSite(runner, host, port)
+    try:
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    bound = runner.addresses[0]
+    return MetricsServer(runner, str(bound[0]), int(bound[1]))
 
-    async def metrics() -> tuple[int, str, bytes]:
-        body = prometheus_client.generate_latest(registry)
-        if processor is not None:  # the pipeline's own counts, read at scrape time
+
+class _Routes:
+    """The handlers, holding what they read; one instance per server."""
+
+    def __init__(
+        self,
+        processor: StatsSource | None,
+        registry: Any,
+        config: Mapping[str, Any] | None,
+        dead_letters: Callable[[], Iterable[tuple[float, DeadLetter]]] | None,
+        redact: Callable[[str], str] | None,
+        title: str,
+    ) -> None:
+        self.processor = processor
+        self.registry = registry
+        self.dead_letters = dead_letters
+        self.title = title
+        self._redact = redact
+        # Redacted once, here: the page never sees the configuration unmasked.
+        self.config = self.redact_tree(config) if config is not None else None
+        self._static: dict[str, bytes] = {}
+
+    def redact(self, text: str) -> str:
+        # The caller's redactor first, while the secrets it knows by value are intact.
+        masked = self._redact(text) if self._redact is not None else text
+        return mask_secrets(masked)
+
+    def redact_tree(self, value: Any) -> Any:
+        """``value`` made JSON-plain, with every string in it (keys too) redacted.
+
+        String by string rather than over the JSON text: a secret holding a quote or a
+        backslash is escaped in JSON and would slip past a search of the text.
+        """
+        plain = _plain(value)
+        if isinstance(plain, str):
+            return self.redact(plain)
+        if isinstance(plain, dict):
+            return {self.redact(k): self.redact_tree(v) for k, v in plain.items()}
+        if isinstance(plain, list):
+            return [self.redact_tree(v) for v in plain]
+        return plain
+
+    def static(self, name: str) -> bytes:
+        body = self._static.get(name)
+        if body is None:
+            body = resources.files("batchpunk.metrics").joinpath("static", name).read_bytes()
+            self._static[name] = body
+        return body
+
+    async def stats(self, request: web.Request) -> web.StreamResponse:
+        from aiohttp import web
+
+        if self.processor is None:
+            return web.Response(status=404, text="no processor attached to this server\n")
+        history = request.query.get("history", "1") not in ("0", "false", "no")
+        data = await self.processor.get_stats(history=history)
+        data["time"] = time.time()  # the worker's clock, so a remote page needs no clock sync
+        since = request.query.get("since")
+        if history and since is not None:
             try:
-                body += pipeline_exposition(await processor.get_stats()).encode()
+                after = float(since)
+            except ValueError:
+                return web.Response(status=400, text="since: expected a Unix time in seconds\n")
+            data["history"] = [r for r in data.get("history", ()) if r.get("time", 0) > after]
+        return _json(stats_json(data))
+
+    async def status(self, request: web.Request) -> web.StreamResponse:
+        """What the page shows beside the charts: title, configuration, recent dead letters."""
+        from batchpunk.metrics._recent import letter_summary
+
+        config = self.config
+        if config is None and self.processor is not None:
+            stats = await self.processor.get_stats()
+            config = {"batch": self.redact_tree(stats.get("config") or {})}
+        letters = []
+        if self.dead_letters is not None:
+            for stored, letter in self.dead_letters():
+                letters.append(letter_summary(stored, letter, self.redact))
+                if len(letters) >= 20:
+                    break
+        body = {
+            "title": self.title,
+            "config": config,
+            "dead_letters": letters,
+            "dead_letters_kept": self.dead_letters is not None,
+        }
+        return _json(stats_json(body))
+
+    async def metrics(self, request: web.Request) -> web.StreamResponse:
+        from aiohttp import web
+
+        try:
+            prometheus_client = require("prometheus_client", "prometheus", "/metrics")
+        except ImportError as exc:
+            return web.Response(status=501, text=f"{exc}\n")
+        registry = self.registry if self.registry is not None else prometheus_client.REGISTRY
+        content_type: str = getattr(
+            prometheus_client, "CONTENT_TYPE_PLAIN_0_0_4", prometheus_client.CONTENT_TYPE_LATEST
+        )
+        body = prometheus_client.generate_latest(registry)
+        if self.processor is not None:  # the pipeline's own counts, read at scrape time
+            try:
+                body += pipeline_exposition(await self.processor.get_stats()).encode()
             except Exception:
                 logger.exception("/metrics: get_stats() failed; serving the registry alone")
-        return 200, content_type, body
+        response = web.Response(body=body)
+        response.headers["Content-Type"] = content_type
+        return response
 
-    async def healthz() -> tuple[int, str, bytes]:
-        status, data = liveness()
-        return status, "application/json", json.dumps(data).encode()
+    async def healthz(self, request: web.Request) -> web.StreamResponse:
+        status, body = liveness()
+        return _json(stats_json(body), status)
 
-    async def readyz() -> tuple[int, str, bytes]:
-        status, data = readiness(await processor.get_stats() if processor is not None else {})
-        return status, "application/json", json.dumps(data).encode()
+    async def readyz(self, request: web.Request) -> web.StreamResponse:
+        stats = await self.processor.get_stats() if self.processor is not None else {}
+        status, body = readiness(stats)
+        return _json(stats_json(body), status)
 
-    async def stats() -> tuple[int, str, bytes]:
-        if processor is None:
-            return 404, "text/plain; charset=utf-8", b"no processor attached to this endpoint\n"
-        data = await processor.get_stats(history=True)
-        return 200, "application/json", stats_json(data).encode()
+    async def page(self, request: web.Request) -> web.StreamResponse:
+        return self._file("index.html")
 
-    routes: dict[str, Callable[[], Awaitable[tuple[int, str, bytes]]]] = {
-        "/metrics": metrics,
-        "/stats": stats,
-        "/healthz": healthz,
-        "/readyz": readyz,
-    }
+    async def asset(self, request: web.Request) -> web.StreamResponse:
+        name = request.match_info["name"]
+        if name not in _STATIC or name == "index.html":
+            from aiohttp import web
 
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            return web.Response(status=404, text="not found\n")
+        return self._file(name)
+
+    def _file(self, name: str) -> web.StreamResponse:
+        from aiohttp import web
+
+        response = web.Response(body=self.static(name))
+        response.headers["Content-Type"] = _STATIC[name]
+        response.headers["Cache-Control"] = "no-cache"
+        return response
+
+
+def _application(routes: _Routes, token: str | None) -> web.Application:
+    from aiohttp import web
+
+    open_paths = {"/", "/healthz", "/readyz"}
+    expected = f"Bearer {token}".encode() if token is not None else b""
+
+    @web.middleware
+    async def guard(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        path = request.path
+        if token is not None and path not in open_paths and not path.startswith("/static/"):
+            given = request.headers.get("Authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                refused = web.Response(status=401, text="bearer token required\n")
+                refused.headers["WWW-Authenticate"] = 'Bearer realm="batchpunk"'
+                _secure(refused)
+                return refused
+        response: web.StreamResponse
         try:
-            await _answer(reader, writer, routes)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass  # the client went away; nothing to answer
-        finally:
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
+            response = await handler(request)
+        except web.HTTPException as exc:
+            response = web.Response(status=exc.status, text=f"{exc.reason}\n")
+        except Exception:
+            logger.exception(
+                "metrics server failed to answer %s", request.path, extra={"reason": request.path}
+            )
+            response = web.Response(status=500, text="internal error, see the server log\n")
+        _secure(response)
+        return response
 
-    server = await asyncio.start_server(handle, host, port, limit=_MAX_HEAD)
-    bound = server.sockets[0].getsockname()
-    return MetricsServer(server, str(bound[0]), int(bound[1]))
-
-
-async def _answer(
-    reader: asyncio.StreamReader,
-    writer: asyncio.StreamWriter,
-    routes: dict[str, Callable[[], Awaitable[tuple[int, str, bytes]]]],
-) -> None:
-    head_only = False
-    try:
-        async with asyncio.timeout(_READ_TIMEOUT):
-            head = await reader.readuntil(b"\r\n\r\n")
-    except TimeoutError:
-        return await _respond(writer, 408, b"request head not received in time\n", head_only)
-    except asyncio.LimitOverrunError:
-        return await _respond(writer, 431, b"request head too large\n", head_only)
-    request_line = head.split(b"\r\n", 1)[0]
-    parts = request_line.split(b" ")
-    if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
-        return await _respond(writer, 400, b"expected an HTTP/1.x request line\n", head_only)
-    method, target = parts[0], parts[1]
-    if method not in (b"GET", b"HEAD"):
-        return await _respond(writer, 405, b"only GET and HEAD are served\n", head_only)
-    head_only = method == b"HEAD"
-    path = target.split(b"?", 1)[0].decode("latin-1")
-    route = routes.get(path)
-    if route is None:
-        body = b"not found: try /metrics or /stats\n"
-        return await _respond(writer, 404, body, head_only)
-    try:
-        status, content_type, body = await route()
-    except Exception:
-        logger.exception("metrics endpoint failed to answer %s", path, extra={"reason": path})
-        return await _respond(writer, 500, b"internal error, see the server log\n", head_only)
-    await _respond(writer, status, body, head_only, content_type)
+    app = web.Application(
+        middlewares=[guard],
+        handler_args={"max_line_size": _MAX_LINE, "max_field_size": _MAX_LINE},
+    )
+    app.router.add_get("/", routes.page)
+    app.router.add_get("/static/{name:.+}", routes.asset)
+    app.router.add_get("/stats", routes.stats)
+    app.router.add_get("/status", routes.status)
+    app.router.add_get("/metrics", routes.metrics)
+    app.router.add_get("/healthz", routes.healthz)
+    app.router.add_get("/readyz", routes.readyz)
+    return app
 
 
-async def _respond(
-    writer: asyncio.StreamWriter,
-    status: int,
-    body: bytes,
-    head_only: bool,
-    content_type: str = "text/plain; charset=utf-8",
-) -> None:
-    head = (
-        f"HTTP/1.1 {status} {_REASONS[status]}\r\n"
-        f"Content-Type: {content_type}\r\n"
-        f"Content-Length: {len(body)}\r\n"
-        "Connection: close\r\n"
-        "Cache-Control: no-store\r\n"
-        "\r\n"
-    ).encode("latin-1")
-    writer.write(head if head_only else head + body)
-    await writer.drain()
+def _secure(response: web.StreamResponse) -> None:
+    for name, value in _SECURITY_HEADERS.items():
+        response.headers.setdefault(name, value)
+    response.headers["Server"] = "batchpunk"  # not the library and Python versions
+    response.headers.setdefault("Cache-Control", "no-store")
 
 
-def stats_json(stats: dict[str, Any]) -> str:
+def _json(text: str, status: int = 200) -> web.StreamResponse:
+    from aiohttp import web
+
+    response = web.Response(text=text, status=status)
+    response.headers["Content-Type"] = "application/json"
+    return response
+
+
+def stats_json(stats: Mapping[str, Any]) -> str:
     """The stats dict as strict JSON: enums as values, configs as dicts, NaN and inf as null.
 
     Anything else JSON has no type for (a callable sizer, an exception) becomes its repr, so a
@@ -222,7 +370,7 @@ def _plain(value: Any) -> Any:
         return _plain(value.value)
     if isinstance(value, float):
         return value if math.isfinite(value) else None
-    if isinstance(value, dict):
+    if isinstance(value, Mapping):
         return {
             str(k.value if isinstance(k, enum.Enum) else k): _plain(v) for k, v in value.items()
         }

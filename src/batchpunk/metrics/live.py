@@ -1,9 +1,10 @@
 """A live terminal view of a running processor: is it keeping up, why are batches cut, what fails.
 
 ``async with LiveView(processor.get_stats): ...`` redraws a rich dashboard a few times a second
-while the block runs, and leaves the last frame on screen. Without rich (the ``cli`` extra), or
-when the output is not a terminal (a pipe, a CI log), it prints one plain summary line per second
-instead, so logs stay readable.
+while the block runs, and leaves the last frame on screen. Without rich (the ``cli`` extra) it
+prints one plain summary line per second; when the output is not a terminal (a pipe, a CI log,
+a container's log) one line every 30 seconds, so logs stay readable, optionally as a record on a
+logger (``log=``) so that it takes the process's log format (JSON, say).
 
 Cost: each frame is one ``get_stats()`` call (no history) and one render on the event loop, a
 few hundred microseconds; bench/live_view.py measures the engine with and without the view.
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
     from rich.live import Live
     from rich.text import Text
 
-__all__ = ["LiveView", "format_duration", "format_rate", "summary_line"]
+__all__ = ["LiveView", "format_duration", "format_rate", "remote_stats", "summary_line"]
 
 logger = logging.getLogger("batchpunk")
 
@@ -47,8 +48,11 @@ class LiveView:
             or rich is not installed, the view prints plain lines (to the console's file, or
             ``stream``, or stdout).
         title: shown in the header and at the start of each plain line.
-        plain_every: seconds between two plain lines.
+        plain_every: seconds between two plain lines; by default 1 on a terminal and 30
+            elsewhere (a log gains a line every 30 s, not 3,600 an hour).
         stream: where plain lines go when there is no console; default stdout.
+        log: when given, plain lines go to this logger at INFO (``reason="summary"``) rather
+            than to a stream: one format for every line of a service's log.
 
     A stats function that raises does not end the block: the view shows the error and retries
     at the next frame.
@@ -61,8 +65,9 @@ class LiveView:
         refresh_per_second: float = 4.0,
         console: Console | None = None,
         title: str = "batchpunk",
-        plain_every: float = 1.0,
+        plain_every: float | None = None,
         stream: IO[str] | None = None,
+        log: logging.Logger | None = None,
     ) -> None:
         if not callable(stats):
             raise TypeError(f"stats: expected a coroutine function like get_stats, got {stats!r}")
@@ -70,14 +75,18 @@ class LiveView:
             raise ValueError(
                 f"refresh_per_second: expected a positive number, got {refresh_per_second!r}"
             )
-        if not (isinstance(plain_every, int | float) and plain_every > 0):
+        if plain_every is not None and not (
+            isinstance(plain_every, int | float) and plain_every > 0
+        ):
             raise ValueError(f"plain_every: expected a positive number, got {plain_every!r}")
         self._stats = stats
         self.refresh_per_second = float(refresh_per_second)
         self.title = title
-        self.plain_every = float(plain_every)
+        #: Seconds between plain lines; None until entered, when the output decides.
+        self.plain_every = float(plain_every) if plain_every is not None else None
         self._console = console
         self._stream = stream
+        self._log = log
         self._live: Live | None = None
         self._task: asyncio.Task[None] | None = None
         self._started = 0.0
@@ -109,7 +118,9 @@ class LiveView:
             )
             self._live.start()
         else:
-            self._marks = deque(maxlen=2)  # one line a second: "now" is the last second
+            self._marks = deque(maxlen=2)  # one line a period: "now" is the last period
+            if self.plain_every is None:
+                self.plain_every = 1.0 if self._on_terminal() else 30.0
         await self._frame()  # draw at once; it also marks the start of the "now" rate
         self._task = asyncio.get_running_loop().create_task(self._run(), name="batchpunk-live")
         return self
@@ -144,13 +155,22 @@ class LiveView:
         console = self._console if self._console is not None else Console()
         return console if console.is_terminal else None
 
+    def _on_terminal(self) -> bool:
+        if self._log is not None:
+            return False
+        isatty = getattr(self._plain_stream(), "isatty", None)
+        try:
+            return bool(isatty()) if callable(isatty) else False
+        except ValueError:  # a closed stream
+            return False
+
     def _plain_stream(self) -> IO[str]:
         if self._console is not None:
             return self._console.file
         return self._stream if self._stream is not None else sys.stdout
 
     async def _run(self) -> None:
-        period = self.plain_every if self._live is None else 1.0 / self.refresh_per_second
+        period = (self.plain_every or 1.0) if self._live is None else 1.0 / self.refresh_per_second
         loop = asyncio.get_running_loop()
         next_frame = loop.time() + period
         while True:
@@ -184,6 +204,9 @@ class LiveView:
                 line += f"  [stats error: {self._error}]"
             if final:
                 line += "  (final)"
+            if self._log is not None:
+                self._log.info("%s", line, extra={"reason": "summary"})
+                return
             stream = self._plain_stream()
             stream.write(line + "\n")
             stream.flush()
@@ -381,3 +404,49 @@ def _sparkline(rates: deque[float]) -> str:
         return ""
     top = max(rates) or 1.0
     return "".join(_SPARKS[min(7, int(8 * r / top))] if r > 0 else " " for r in rates)
+
+
+def remote_stats(
+    url: str, *, token: str | None = None, timeout: float = 5.0
+) -> Callable[[], Awaitable[dict[str, Any]]]:
+    """A ``get_stats`` for a worker elsewhere: GETs its ``/stats`` (without history) each call.
+
+    ``url`` is the worker's metrics server (``http://host:9464``, ``host:9464``, or the /stats
+    URL itself). Uses the standard library in a worker thread, so ``batchpunk top`` needs no
+    HTTP client extra; an unreachable worker raises ConnectionError naming the URL, which the
+    live view shows while it keeps trying.
+    """
+    import json
+    import urllib.error
+    import urllib.request
+
+    base = url.strip()
+    if "://" not in base:
+        base = "http://" + base
+    if not base.startswith(("http://", "https://")):
+        raise ValueError(f"url: expected an http:// or https:// URL, got {url!r}")
+    base = base.rstrip("/").removesuffix("/stats")
+    target = base + "/stats?history=0"
+    headers = {"Accept": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+
+    def fetch() -> dict[str, Any]:
+        request = urllib.request.Request(target, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                data = json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            hint = " (give the token with --token)" if exc.code == 401 else ""
+            raise ConnectionError(f"{base}/stats answered HTTP {exc.code}{hint}") from None
+        except (urllib.error.URLError, TimeoutError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise ConnectionError(f"{base}/stats unreachable: {reason}") from None
+        if not isinstance(data, dict):
+            raise ConnectionError(f"{base}/stats: expected a JSON object")
+        return data
+
+    async def get_stats() -> dict[str, Any]:
+        return await asyncio.to_thread(fetch)
+
+    return get_stats

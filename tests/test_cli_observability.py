@@ -1,0 +1,171 @@
+"""The command line's observability: `batchpunk top`, `--log-format json`, the status page URL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from batchpunk import BatchConfig, BatchProcessor
+from batchpunk.metrics import serve
+
+POISONED = """
+[source]
+type = "generator"
+count = 3000
+poison = 2
+seed = 3
+
+[batch]
+max_size = 500
+max_retries = 1
+retry_delay = 0.01
+
+[sink]
+type = "sqlite"
+path = "out.db"
+table = "orders"
+columns = ["id", "user", "amount"]
+
+[metrics]
+live = true
+"""
+
+
+def batchpunk(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run the command line in a subprocess and capture what it prints."""
+    return subprocess.run(
+        [sys.executable, "-m", "batchpunk", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_log_format_json_writes_one_object_per_line_with_pipeline_batch_and_reason(
+    tmp_path: Path,
+) -> None:
+    """`run --log-format json` writes only JSON objects on stderr: the dead-letter records carry
+    pipeline, batch_id and reason, and the live view's summary off a terminal is a record too."""
+    (tmp_path / "orders.toml").write_text(POISONED, encoding="utf-8")
+    done = batchpunk(
+        "run", "orders.toml", "--log-format", "json", "--log-level", "INFO", cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    records = [json.loads(line) for line in done.stderr.splitlines() if line.strip()]
+    assert records
+    assert all(r["pipeline"] == "orders.toml" for r in records)
+    dead = [r for r in records if r.get("reason") == "failed"]
+    assert len(dead) == 2
+    assert all(isinstance(r["batch_id"], int) for r in dead)
+    summaries = [r for r in records if r.get("reason") == "summary"]
+    assert summaries
+    assert summaries[-1]["message"].endswith("(final)")
+    assert "processed 2,998" in summaries[-1]["message"]
+
+
+def test_log_format_refuses_an_unknown_format(tmp_path: Path) -> None:
+    """An unknown --log-format is a usage error (exit 2) naming the accepted values."""
+    (tmp_path / "orders.toml").write_text(POISONED, encoding="utf-8")
+    done = batchpunk("run", "orders.toml", "--log-format", "xml", cwd=tmp_path)
+    assert done.returncode == 2
+    assert "'human' or 'json'" in done.stderr
+
+
+async def test_top_once_prints_a_remote_workers_summary(tmp_path: Path) -> None:
+    """`batchpunk top URL --once` prints one summary line read from the worker's /stats, and
+    sends the bearer token when the worker asks for one."""
+    processor = BatchProcessor(BatchConfig(max_size=10), lambda batch: None)
+    async with processor:
+        for i in range(25):
+            await processor.add_message(i)
+        await processor.flush()
+        async with await serve(
+            0, processor=processor, registry=CollectorRegistry(), token="t0ken"
+        ) as server:
+            refused = await _run_async("top", server.url, "--once", cwd=tmp_path)
+            done = await _run_async("top", server.url, "--once", "--token", "t0ken", cwd=tmp_path)
+    assert refused.returncode == 1
+    assert "401" in refused.stderr
+    assert "--token" in refused.stderr
+    assert done.returncode == 0, done.stderr
+    assert f"batchpunk top {server.url}" in done.stdout
+    assert "processed 25" in done.stdout
+
+
+def test_top_names_an_unreachable_worker(tmp_path: Path) -> None:
+    """`top --once` against a closed port exits 1 with the URL in the message."""
+    done = batchpunk("top", "127.0.0.1:1", "--once", cwd=tmp_path)
+    assert done.returncode == 1
+    assert "http://127.0.0.1:1/stats unreachable" in done.stderr
+
+
+async def _run_async(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    import asyncio
+
+    return await asyncio.to_thread(batchpunk, *args, cwd=cwd)
+
+
+@pytest.mark.slow
+def test_run_prints_the_status_page_url_and_serves_health(tmp_path: Path) -> None:
+    """With [metrics] prometheus_port, `run` prints the page's URL, serves the page, /healthz
+    and /readyz (200 while healthy) and masks the token in /status."""
+    (tmp_path / "p.toml").write_text(
+        """
+[source]
+type = "generator"
+count = 10000000
+rate = 5000
+
+[sink]
+type = "jsonl"
+path = "out.jsonl"
+fsync = false
+
+[metrics]
+prometheus_port = 0
+live = false
+token = "${METRICS_TOKEN}"
+""",
+        encoding="utf-8",
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "batchpunk", "run", "p.toml"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "METRICS_TOKEN": "s3cret-metrics-token"},
+    )
+    try:
+        assert process.stderr is not None
+        line = process.stderr.readline()
+        assert "status page: http://127.0.0.1:" in line, line
+        base = line.split("status page: ")[1].strip().rstrip("/")
+        time.sleep(0.5)
+        with urllib.request.urlopen(f"{base}/", timeout=10) as response:
+            assert b"batchpunk" in response.read()
+        with urllib.request.urlopen(f"{base}/healthz", timeout=10) as response:
+            assert response.status == 200
+        with urllib.request.urlopen(f"{base}/readyz", timeout=10) as response:
+            assert response.status == 200
+        request = urllib.request.Request(
+            f"{base}/status", headers={"Authorization": "Bearer s3cret-metrics-token"}
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            status = response.read().decode()
+        assert "s3cret-metrics-token" not in status
+        assert json.loads(status)["config"]["metrics"]["token"] == "***"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 0, stderr
