@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import pytest
 from batchpunk import Batch, BatchConfig, BatchProcessor, OverflowPolicy, PartialFailure, Spool
 from batchpunk.deadletter import MemoryDeadLetters
 from batchpunk.errors import BufferFull
-from batchpunk.spool import HEADER_SIZE, SpoolLocked, _scan, inspect_spool
+from batchpunk.spool import HEADER_SIZE, SpoolLocked, _marker_records, _scan, inspect_spool
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
@@ -59,6 +60,11 @@ async def replay(path: Path) -> tuple[Recorder, MemoryDeadLetters]:
 
 def segments(path: Path) -> list[Path]:
     return sorted(path.glob("*.seg"))
+
+
+def append(path: Path, data: bytes) -> None:
+    with open(path, "ab") as handle:
+        handle.write(data)
 
 
 async def test_every_message_is_processed_and_the_spool_empties(tmp_path: Path) -> None:
@@ -114,6 +120,60 @@ async def test_unfinished_messages_are_replayed_before_new_ones(tmp_path: Path) 
     assert [m["i"] for m in recorder.seen] == [*range(120), "new"]
     assert len(letters) == 0
     assert inspect_spool(path).unfinished == 0
+
+
+async def test_a_finish_marker_ahead_of_every_record_never_finishes_a_new_message(
+    tmp_path: Path,
+) -> None:
+    """A marker for numbers no record on disk has (a crash between a marker and its record) does
+    not make the next start hand those numbers out again, which would lose the new messages."""
+    path = tmp_path / "s"
+    await leave_unfinished(path, [{"i": 0}])  # sequence number 1, unfinished
+    append(segments(path)[-1], _marker_records([2, 3], []))  # records never reached the disk
+    await leave_unfinished(path, [{"i": 1}, {"i": 2}])  # replays i=0, then two new messages
+    assert inspect_spool(path).unfinished == 3
+    recorder, letters = await replay(path)
+    assert sorted(m["i"] for m in recorder.seen) == [0, 1, 2]
+    assert len(letters) == 0
+
+
+async def test_a_message_finished_before_its_write_gets_its_marker_after_its_record(
+    tmp_path: Path,
+) -> None:
+    """Nowait messages processed while the disk still holds back their records: every finish
+    marker is written after the record it marks (never with an older chunk's write)."""
+    spool = Spool(tmp_path / "s", segment_bytes=4096)  # 4 KiB chunks: 300 messages need several
+    write = spool._write
+    first_write_may_go = threading.Event()
+    written: set[int] = set()
+    ahead: list[int] = []
+
+    def gated(segment: Any, data: bytes, sync: bool = True) -> None:
+        if not written:
+            first_write_may_go.wait(10)
+        scan = _scan(data, last=False)  # a write's payload is whole records: chunk, then marks
+        written.update(seq for seq, _, _ in scan.messages)
+        ahead.extend(seq for seq in scan.finished if seq not in written)
+        write(segment, data, sync)
+
+    spool._write = gated  # type: ignore[method-assign]
+    recorder, all_seen = Recorder(), asyncio.Event()
+
+    async def handler(batch: Batch[Any]) -> None:
+        await recorder(batch)
+        if len(recorder.seen) == 300:
+            all_seen.set()
+
+    async with BatchProcessor(config(), handler, spool=spool) as processor:
+        for i in range(300):
+            processor.add_message_nowait({"i": i})
+        await all_seen.wait()  # every message finished before the first write returned
+        first_write_may_go.set()
+        await processor.flush()
+    assert ahead == []
+    assert len(written) == 300
+    assert sorted(m["i"] for m in recorder.seen) == list(range(300))
+    assert segments(tmp_path / "s") == []
 
 
 async def test_a_sync_handler_and_keys_and_priorities_survive_the_spool(tmp_path: Path) -> None:

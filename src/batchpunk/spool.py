@@ -183,7 +183,7 @@ class _Shared(asyncio.Future[None]):
 class _Chunk:
     """Records appended since the last write, and the future their producers wait on."""
 
-    __slots__ = ("count", "data", "early", "first", "future", "segment")
+    __slots__ = ("count", "data", "early", "first", "future", "held", "segment")
 
     def __init__(self, future: _Shared, first: int) -> None:
         self.data = bytearray()
@@ -195,6 +195,10 @@ class _Chunk:
         #: The segment that holds these records once written; messages finished before that.
         self.segment: _Segment | None = None
         self.early = 0
+        #: Finish marks of those messages, held back until the chunk is written: a marker that
+        #: rode with an older chunk would reach the disk before its record, and a crash in
+        #: between left a marker for a sequence number the next start hands out again.
+        self.held: list[int] = []
 
 
 class _Segment:
@@ -366,6 +370,10 @@ def _recover(directory: Path, *, cut: bool) -> _Recovered:
         settled.update(scan.settled)
         for seq, _, _ in scan.messages:
             top = max(top, seq)
+        # Numbers in finish markers count too: a spool written before markers waited for their
+        # records may hold a marker for a number no record on disk has, and handing that number
+        # to a new message would mark it finished on the next start.
+        top = max(top, max(scan.finished, default=0))
     replay: list[tuple[int, bytes, _Segment]] = []
     damaged: list[tuple[_Segment, int, bytes]] = []
     for segment, scan, data in scans:
@@ -859,17 +867,20 @@ class Spool:
             if holder is missing:
                 continue  # finished already (a retried marker), or never spooled (None)
             count += 1
+            segment = holder.segment
+            if segment is None:
+                # Finished before its write returned (a nowait message): its marker waits for
+                # that write, so that it never reaches the disk before the record it marks.
+                holder.early += 1
+                holder.held.append(mark)
+                continue
             if type(mark) is tuple:
                 self._settle.append(mark)
             else:
                 done(mark)
-            segment = holder.segment
-            if segment is None:
-                holder.early += 1  # finished before its write returned
-            else:
-                segment.live -= 1
-                if segment.live == 0:
-                    drained = True
+            segment.live -= 1
+            if segment.live == 0:
+                drained = True
         self.stats["finished"] += count
         if drained:
             self._delete_drained()
@@ -994,6 +1005,9 @@ class Spool:
             stats["written"] += chunk.count
             chunk.segment = segment
             segment.live += chunk.count - chunk.early
+            if chunk.held:
+                self._marks += chunk.held  # their records are written now: the next write
+                chunk.held = []
         if segment.size >= self.segment_bytes:
             self._seal(segment)
         if chunk is not None and not chunk.future.done():
