@@ -26,7 +26,7 @@ def test_ready_when_the_downstream_answers_and_the_circuit_is_closed() -> None:
 
 
 def test_not_ready_while_the_downstream_is_out_the_circuit_open_or_the_source_gone() -> None:
-    """Each of the three conditions of contract 4 gives 503 with its reason."""
+    """Each of the three not-ready conditions gives 503 with its reason."""
     status, body = readiness({"downstream": OUT, "circuit": "closed"})
     assert status == 503
     assert "downstream unavailable" in body["reasons"][0]

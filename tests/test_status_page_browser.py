@@ -228,7 +228,7 @@ async def test_status_page_draws_a_live_pipeline_through_a_sink_outage(
                 async def unhealthy() -> bool:
                     circuit = await page.text_content("#pill-circuit") or ""
                     ds = await page.text_content("#pill-downstream") or ""
-                    if "n/a" not in ds:  # the engine reports contract 4's downstream state
+                    if "n/a" not in ds:  # the engine reports its downstream state
                         return "unavailable" in ds and circuit != "circuit closed"
                     return circuit != "circuit closed"
 
@@ -353,7 +353,7 @@ async def test_page_asks_for_the_token_and_shows_hostile_letters_as_text(tmp_pat
 async def test_page_shows_contract_4_downstream_state_when_the_engine_reports_it(
     tmp_path: Path,
 ) -> None:
-    """Given stats with contract 4's downstream dict, the page shows "downstream unavailable"
+    """Given stats with a downstream section, the page shows "downstream unavailable"
     with its duration and held messages and "not ready", then "available" once it recovers."""
     _require_browser()
     from playwright.async_api import async_playwright

@@ -714,7 +714,7 @@ class Pipeline:
             "nacked": self._nacked,
             "unfinished": self._unfinished(),
             "undelivered_letters": len(self.undelivered),
-            # Contract 4: a source may expose ``connected`` (bool); one that does not counts as
+            # A source may expose ``connected`` (bool, read by /readyz); one that does not counts as
             # connected while the pipeline runs.
             "source_connected": bool(getattr(self.source, "connected", True)),
             "elapsed": time.monotonic() - self._began if self._began else 0.0,

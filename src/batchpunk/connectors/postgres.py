@@ -833,7 +833,7 @@ class PostgresSink:
 
     async def write_envelopes(self, envelopes: Sequence[Envelope]) -> None:
         """Write the envelopes' payloads; with ``positions``, skip and record stream positions
-        in the same transaction (contract 1b: the pipeline calls this instead of write)."""
+        in the same transaction (a pipeline calls this instead of write when it exists)."""
         if self.positions is None:
             return await self.write([envelope.payload for envelope in envelopes])
         await self.positions.write(self, envelopes)

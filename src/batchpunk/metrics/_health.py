@@ -26,7 +26,7 @@ def readiness(stats: Mapping[str, Any]) -> tuple[int, dict[str, Any]]:
     """(status code, JSON body): 503 with the reasons while the pipeline cannot deliver, else 200.
 
     Not ready while ``downstream.state`` is "unavailable", the circuit is "open", or
-    ``pipeline.source_connected`` is False (contract 4 of the project brief). Missing keys count
+    ``pipeline.source_connected`` is False (docs/observability.md). Missing keys count
     as healthy, so a bare BatchProcessor's stats work as well as a pipeline's.
     """
     reasons: list[str] = []

@@ -256,7 +256,7 @@
 
   // -- header and tiles ----------------------------------------------------------------------
   function ready(s) {
-    // The same rule as /readyz (contract 4), computed here to save a request a second.
+    // The same rule as /readyz (metrics/_health.py), computed here to save a request a second.
     const reasons = [];
     if (s.downstream && s.downstream.state === "unavailable") reasons.push("downstream unavailable");
     if (s.circuit === "open") reasons.push("circuit open");
@@ -277,7 +277,7 @@
       const held = down && ds.held ? ", " + num(ds.held) + " held" : "";
       pill("pill-downstream", "downstream " + ds.state + since + held, down ? "bad" : "ok");
     } else {
-      pill("pill-downstream", "downstream n/a", "hidden"); // an engine without contract 4
+      pill("pill-downstream", "downstream n/a", "hidden"); // an engine that reports no "downstream" stats
     }
     const p = s.pipeline || {};
     setText("uptime", p.elapsed ? "up " + uptime(p.elapsed) : "");
