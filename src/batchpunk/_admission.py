@@ -50,7 +50,8 @@ class Admission:
     _unfinished_jobs: int
     _room_waiters: deque[asyncio.Future[None]]
 
-    # What admission hands back to the processor: dead letters and jobs emptied by a drop.
+    # What admission hands on to completion (_completion.Completion overrides these): dead
+    # letters and jobs emptied by a drop.
     def _send_dead(self, entries: Sequence[Entry]) -> None:
         raise NotImplementedError
 

@@ -1,9 +1,11 @@
 """BatchProcessor: the public face of the engine, and the owner of its life cycle.
 
 A message travels admit (``_admission``) -> accumulate (``_accumulator``) -> schedule
-(``_scheduler``) -> execute (``_execution``) -> processed, or dead letter (``_outbox``). This
-module holds the public calls (their hot paths inline), keeps the counts, and starts and stops
-the rest; room, waiting producers and the overflow policies are ``_admission``'s.
+(``_scheduler``) -> execute (``_execution``) -> settle (``_completion``): processed, or dead
+letter (``_outbox``). This
+module holds the public calls (their hot paths inline) and the stats, and starts and stops the
+rest; room, waiting producers and the overflow policies are ``_admission``'s, running jobs and
+settling their outcomes (the counts included) ``_completion``'s.
 
 Conservation holds at every instant: received = processed + dead_lettered + pending + in_flight,
 and after ``stop()`` returns, pending = in_flight = 0.
@@ -22,15 +24,15 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from batchpunk._accumulator import Accumulator, Lane
-from batchpunk._admission import Admission
+from batchpunk._completion import Completion
 from batchpunk._execution import Execution
-from batchpunk._jobs import Job, Trackers
+from batchpunk._jobs import Trackers
 from batchpunk._outbox import Entry, Outbox, as_put, build_letter
 from batchpunk._scheduler import Scheduler
 from batchpunk.batch import Batch
 from batchpunk.config import BatchConfig, BatchTrigger
 from batchpunk.deadletter import DeadLetter
-from batchpunk.errors import BatchpunkError, ConfigError, ProcessorClosed
+from batchpunk.errors import ConfigError, ProcessorClosed
 from batchpunk.metrics import Observer
 from batchpunk.retry import CircuitBreaker
 
@@ -68,7 +70,7 @@ class ReplayReport:
     failed: list[tuple[DeadLetter, BaseException]] = field(default_factory=list)
 
 
-class BatchProcessor(Admission, Generic[T, R]):
+class BatchProcessor(Completion, Generic[T, R]):
     """Accumulates messages into batches and runs ``processor`` on them, losing none.
 
     Args:
@@ -413,104 +415,6 @@ class BatchProcessor(Admission, Generic[T, R]):
         self._observer.received(1)  # never cut, so _emit() does not count it
         self._send_dead([(rejected, _Stored(future))])
         return future
-
-    # -- jobs ------------------------------------------------------------------------------
-    def _emit(self, job: Job) -> None:
-        self._unfinished_jobs += 1
-        size = len(job.batch)
-        self._observer.received(size)
-        self._observer.batch_cut(size, job.nbytes, job.batch.flush_reason)
-        self._sched.push(job)
-
-    def _start_job(self, job: Job) -> None:
-        # The processor's own loop, not the running one: a nowait add between two
-        # run_until_complete calls schedules the batch for when that loop runs again.
-        assert self._loop is not None
-        task = self._loop.create_task(self._run(job))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _run(self, job: Job) -> None:
-        self._in_flight += len(job.batch)
-        try:
-            await self._exec.run(job)
-        except asyncio.CancelledError:
-            pass  # stop() cancelled it; its messages were dead-lettered as "shutdown"
-        finally:
-            self._sched.release(job)
-            self._job_done(job)
-
-    def _job_done(self, job: Job) -> None:
-        self._unfinished_jobs -= 1
-        if self._unfinished_jobs == 0 and self._room_waiters:
-            # Producers still wait and nothing will finish to wake them: cut for them.
-            self._relieve_pressure()
-        if self._job_waiters:
-            for waiter in self._job_waiters:
-                if job.seq <= waiter[0]:
-                    waiter[1] -= 1
-                    if waiter[1] == 0 and not waiter[2].done():
-                        waiter[2].set_result(None)
-            self._job_waiters = [w for w in self._job_waiters if w[1] > 0]
-        self._observer.gauges(self.pending, self._in_flight, self.circuit)
-
-    async def _wait_jobs(self, seconds: float | None) -> bool:
-        """Wait until every job cut so far finished; False on timeout."""
-        if self._unfinished_jobs == 0:
-            return True
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._job_waiters.append([self._acc.seq, self._unfinished_jobs, future])
-        try:
-            await asyncio.wait_for(asyncio.shield(future), seconds)
-        except TimeoutError:
-            return False
-        return True
-
-    # -- outcomes --------------------------------------------------------------------------
-    def _succeeded(self, count: int, latency: float) -> None:
-        self._in_flight -= count
-        self._processed += count
-        self._observer.processed(count, latency)
-        self._release(count)
-
-    def _dead_in_flight(self, entries: list[Entry]) -> None:
-        self._in_flight -= len(entries)
-        self._send_dead(entries)
-
-    def _send_dead(self, entries: Sequence[Entry]) -> None:
-        if self._outbox is not None:
-            self._outbox.add(entries)
-            return
-        self.dead_letters.extend(letter for letter, _ in entries)
-        self._delivered(entries)
-        reasons = sorted({letter.reason for letter, _ in entries})
-        log.warning(
-            "%d message(s) dead-lettered (reason: %s); kept in processor.dead_letters, "
-            "pass dead_letter= to store them",
-            len(entries),
-            ", ".join(reasons),
-            extra={"size": len(entries), "reason": reasons[0]},
-        )
-
-    def _delivered(self, entries: Sequence[Entry]) -> None:
-        """Letters are stored: the messages are finished, their futures fail now."""
-        counts: dict[str, int] = {}
-        for letter, tracker in entries:
-            counts[letter.reason] = counts.get(letter.reason, 0) + 1
-            if tracker is not None and not tracker.done():
-                error = letter.error
-                if error is None:
-                    error = BatchpunkError(f"message dead-lettered ({letter.reason})")
-                tracker.set_exception(error)
-        for reason, count in counts.items():
-            self._dead_reasons[reason] = self._dead_reasons.get(reason, 0) + count
-            self._observer.dead_lettered(count, reason)
-        self._dead_count += len(entries)
-        self._release(len(entries))
-
-    def _release(self, count: int) -> None:
-        self._finished += count
-        self._give_room(count)
 
     # -- shutdown --------------------------------------------------------------------------
     async def _shutdown(self, drain: bool) -> None:
