@@ -31,9 +31,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from batchpunk._redact import redact_value
+from batchpunk._redact import redact, redact_value
 from batchpunk.config import PIPELINE_CIRCUIT_BREAKER, BatchConfig
-from batchpunk.connectors._common import mask_secrets
 from batchpunk.errors import ConfigError, MissingDependency
 
 if typing.TYPE_CHECKING:
@@ -167,13 +166,13 @@ class ConnectorSpec:
             return self.cls(**self.kwargs)
         except ConfigError as exc:
             raise ConfigError(
-                mask_secrets(f"[{self.section}] {_strip_section(str(exc))}", self.secrets)
+                redact(f"[{self.section}] {_strip_section(str(exc))}", self.secrets)
             ) from None
         except MissingDependency:
             raise
         except Exception as exc:  # a constructor refusing a value, whatever it raises
             raise ConfigError(
-                mask_secrets(f"[{self.section}] type {self.kind!r}: {exc}", self.secrets)
+                redact(f"[{self.section}] type {self.kind!r}: {exc}", self.secrets)
             ) from None
 
     def describe(self) -> dict[str, Any]:
@@ -251,7 +250,7 @@ class PipelineSpec:
 
     def redact(self, text: str) -> str:
         """``text`` with every environment-supplied value, URL password and credential masked."""
-        return mask_secrets(text, self.secrets)
+        return redact(text, self.secrets)
 
     def describe(self) -> dict[str, Any]:
         """The whole file, resolved and masked: what ``batchpunk validate`` prints."""
@@ -335,7 +334,7 @@ def parse_pipeline(
         )
         spool = _spool(resolved["spool"], from_env, frozen) if "spool" in resolved else None
     except ConfigError as exc:
-        raise ConfigError(mask_secrets(f"{path}: {exc}", frozen)) from None
+        raise ConfigError(redact(f"{path}: {exc}", frozen)) from None
     return PipelineSpec(path, source, sink, batch, dead_letter, metrics, frozen, spool)
 
 

@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Protocol
 
-from batchpunk.connectors._common import mask_secrets
+from batchpunk._redact import redact
 from batchpunk.errors import require
 from batchpunk.metrics._health import liveness, readiness
 from batchpunk.metrics._prometheus import pipeline_exposition
@@ -181,7 +181,7 @@ class _Routes:
     def redact(self, text: str) -> str:
         # The caller's redactor first, while the secrets it knows by value are intact.
         masked = self._redact(text) if self._redact is not None else text
-        return mask_secrets(masked)
+        return redact(masked)
 
     def redact_tree(self, value: Any) -> Any:
         """``value`` made JSON-plain, with every string in it (keys too) redacted.
