@@ -32,7 +32,6 @@ import asyncio
 import json
 import os
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -53,24 +52,14 @@ CONFIG = BatchConfig(max_size=500, max_wait=0.2, max_concurrent_batches=4, retry
 PARTITIONS = 3
 
 
-def _orders(count: int) -> list[bytes]:
-    return [
-        json.dumps(
-            {"id": i, "customer": f"customer-{i % 977}", "amount_cents": i % 10_000}
-        ).encode()
-        for i in range(count)
-    ]
-
-
-def _unique(prefix: str) -> str:
-    return f"{prefix}{uuid.uuid4().hex[:10]}"
-
-
-def _insert_sql(table: str) -> str:
-    return (
-        f"INSERT INTO {table} (id, customer, amount_cents) VALUES ($1, $2, $3) "
-        "ON CONFLICT DO NOTHING"
-    )
+try:  # the orders, names and statement of bench/brokers.py, so both benches race the same work
+    from bench.brokers import insert_sql as _insert_sql
+    from bench.brokers import orders as _orders
+    from bench.brokers import unique as _unique
+except ImportError:  # run as a script: bench/ itself is on sys.path
+    from brokers import insert_sql as _insert_sql  # type: ignore[no-redef]
+    from brokers import orders as _orders  # type: ignore[no-redef]
+    from brokers import unique as _unique  # type: ignore[no-redef]
 
 
 def _row(body: bytes | str) -> tuple[Any, ...]:
