@@ -11,17 +11,26 @@ here (the kombu pattern, docs/ARCHITECTURE.md):
 - ``REDELIVERED`` (re-exported from ``batchpunk.envelope``) and ``delivery_limit_error``: the one
   flag and the one error for a message delivered past its limit;
 - ``reconnect_delay``: reconnect backoff on ``retry.backoff_delay`` (capped, jittered), so that
-  workers of a restarted broker do not reconnect in lockstep.
+  workers of a restarted broker do not reconnect in lockstep;
+- ``BufferedSource``: the read-ahead buffer of a source whose tasks poll the broker (Redis
+  Streams, Kafka, SQS): starting once, handing out in order, backpressure on the readers, a
+  reader's fatal error, and the end of iteration.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, Self
 
-from batchpunk.envelope import REDELIVERED
+from batchpunk.envelope import REDELIVERED, Envelope
 from batchpunk.errors import ConfigError, DeliveryLimitExceeded
 from batchpunk.retry import backoff_delay
+
+if TYPE_CHECKING:
+    from batchpunk.config import BatchConfig
 
 __all__ = [
     "ACK",
@@ -29,6 +38,7 @@ __all__ = [
     "REDELIVERED",
     "REJECT",
     "REQUEUE",
+    "BufferedSource",
     "Parts",
     "delivery_limit_error",
     "hmac_key_option",
@@ -117,3 +127,154 @@ def reconnect_delay(failures: int, *, base: float = 0.1, cap: float = 5.0) -> fl
     stays away once the broker is back.
     """
     return backoff_delay(max(1, failures), base=base, cap=cap, jitter=True)
+
+
+class BufferedSource:
+    """The read-ahead half of a source whose own tasks poll the broker, written once.
+
+    Redis Streams, Kafka and SQS are read by background tasks (XREADGROUP, getmany,
+    ReceiveMessage) into a buffer that ``__anext__`` drains, so that cancelling a caller never
+    loses what the broker already delivered. The buffer's rules are one contract:
+
+    - the first ``__anext__`` starts the source once (``_open``), however many callers race;
+    - envelopes come out in the order the readers pushed them;
+    - a reader that finds the buffer full (``_full``) waits in ``_wait_for_room`` until the
+      pipeline drained it below ``count``, so a slow downstream holds messages in the broker,
+      not in memory; ``__anext__`` wakes it only then, so handing out costs no wake-up;
+    - a reader's fatal error (``_fail``) is raised by ``__anext__`` once what was read before
+      it has been handed out;
+    - ``stop_consuming()`` ends the iteration at once, stops new reads (the one in flight
+      completes), and cuts a reader's ``_backoff`` short; settling keeps working until the
+      subclass's ``close()``.
+
+    A subclass supplies ``_open()`` (connect and start its reader tasks; on failure close what
+    it opened and raise) and its readers; ``_full``, ``_pause_reading`` and ``_resume_reading``
+    are there to override where the broker can do better (Kafka pauses its partitions).
+    """
+
+    def __init__(self, count: int | None, default_count: int) -> None:
+        #: Envelopes per read, and the level the buffer is drained to before readers resume.
+        self.count = count or default_count
+        self._count_given = count
+        self._buffer: deque[Envelope] = deque()
+        self._ready = asyncio.Event()  # set when the buffer got envelopes, a failure or a stop
+        self._demand = asyncio.Event()  # set when a waiting reader may read again
+        self._paused = False  # a reader waits in _wait_for_room
+        self._started = False
+        self._start_lock = asyncio.Lock()
+        self._consuming = True  # until stop_consuming() (close() calls it)
+        self._stop_reading = asyncio.Event()  # set by stop_consuming()
+        self._failure: BaseException | None = None
+
+    async def prepare(self, config: BatchConfig) -> None:
+        """Size each read to the pipeline's batches (count = config.max_size unless given),
+        so that one read fills about one batch."""
+        if self._count_given is None:
+            self.count = config.max_size
+
+    # -- iteration (the pipeline's side) ---------------------------------------------------
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> Envelope:
+        """The next envelope; ends once stop_consuming() or close() was called.
+
+        Cancelling a caller here is safe: it only waits on the buffer the readers fill.
+        """
+        if not self._started:
+            await self._start()
+        buffer = self._buffer
+        while True:
+            if not self._consuming:
+                raise StopAsyncIteration
+            if buffer:
+                envelope = buffer.popleft()
+                if self._paused and len(buffer) < self.count:
+                    self._paused = False
+                    self._demand.set()
+                return envelope
+            if self._failure is not None:
+                raise self._failure
+            self._ready.clear()
+            self._demand.set()  # an emptied buffer (Kafka drops a revoked partition's) wakes them
+            await self._ready.wait()
+
+    async def _start(self) -> None:
+        async with self._start_lock:
+            if self._started or not self._consuming:
+                return
+            await self._open()
+            self._started = True
+
+    async def _open(self) -> None:
+        """Connect and start the reader tasks; on failure close what was opened and raise."""
+        raise NotImplementedError
+
+    def stop_consuming(self) -> None:
+        """End the iteration soon, while acknowledgements keep working until close().
+
+        For a pipeline that drains: a waiting ``__anext__`` ends, readers start no new read
+        (the one in flight returns normally) and leave their backoff.
+        """
+        self._consuming = False
+        self._stop_reading.set()
+        self._ready.set()
+        self._demand.set()
+
+    # -- the readers' side -----------------------------------------------------------------
+
+    def _full(self) -> bool:
+        """True when a reader must wait for the pipeline before it reads again."""
+        return len(self._buffer) >= self.count
+
+    async def _wait_for_room(self) -> None:
+        """Backpressure: wait until the pipeline drained the buffer below ``count``.
+
+        The reader loops back to its ``while self._consuming`` afterwards, so a stop during
+        the wait starts no read.
+        """
+        self._pause_reading()
+        try:
+            while self._consuming and len(self._buffer) >= self.count:
+                self._paused = True  # again after every wake-up: several readers may wait
+                self._demand.clear()
+                await self._demand.wait()
+        finally:
+            self._resume_reading()
+
+    def _pause_reading(self) -> None:
+        """Called when a reader starts waiting for room (Kafka pauses its partitions)."""
+
+    def _resume_reading(self) -> None:
+        """Called when that reader stops waiting."""
+
+    def _push(self, envelopes: Iterable[Envelope]) -> int:
+        """Append what a read produced and wake the pipeline; how many were appended."""
+        buffer = self._buffer
+        before = len(buffer)
+        buffer.extend(envelopes)
+        added = len(buffer) - before
+        if added:
+            self._ready.set()
+        return added
+
+    def _fail(self, error: BaseException) -> None:
+        """Stop the source: ``__anext__`` raises ``error`` once the buffer is drained."""
+        self._failure = error
+        self._ready.set()
+
+    async def _backoff(self, failures: int) -> None:
+        """Wait before retrying after ``failures`` failed reads in a row (reconnect_delay),
+        or until stop_consuming(): an unreachable broker must not delay a shutdown."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop_reading.wait(), reconnect_delay(failures))
+
+    def _unhanded(self) -> list[Envelope]:
+        """Take the envelopes read ahead and never handed out, to give them back.
+
+        The buffer is emptied in place: a waiting ``__anext__`` holds this very deque.
+        """
+        unhanded = list(self._buffer)
+        self._buffer.clear()
+        return unhanded
