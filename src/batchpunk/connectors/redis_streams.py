@@ -28,23 +28,21 @@ import importlib
 import json
 import logging
 import time
-from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from batchpunk.config import BatchConfig
 from batchpunk.connectors._common import mask_secrets, mask_url
 from batchpunk.connectors._toolkit import (
     ACK,
     DECODINGS,
     REDELIVERED,
     REQUEUE,
+    BufferedSource,
     Parts,
     delivery_limit_error,
     hmac_key_option,
     payload_decoder,
-    reconnect_delay,
 )
 from batchpunk.envelope import Envelope
 from batchpunk.errors import (
@@ -195,7 +193,7 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-class RedisStreamSource:
+class RedisStreamSource(BufferedSource):
     """Reads a Redis stream through a consumer group, acknowledging entries after their batch.
 
     Args:
@@ -245,6 +243,9 @@ class RedisStreamSource:
         hmac_key: bytes | str | None = None,
     ) -> None:
         owner = "RedisStreamSource"
+        super().__init__(
+            None if count is None else _positive_int(owner, "count", count), _DEFAULT_COUNT
+        )
         self._client_kwargs = _client_kwargs(owner, url, tls)
         self._url = url
         self._secret = _secret(url)
@@ -253,8 +254,6 @@ class RedisStreamSource:
         self.consumer = _name(owner, "consumer", consumer)
         self.claim_idle = _seconds(owner, "claim_idle", claim_idle)
         self.max_deliveries = _positive_int(owner, "max_deliveries", max_deliveries)
-        self._count_given = None if count is None else _positive_int(owner, "count", count)
-        self.count = self._count_given or _DEFAULT_COUNT
         self.block = _seconds(owner, "block", block)
         self.field = _name(owner, "field", field)
         self._field_bytes = self.field.encode()
@@ -269,20 +268,12 @@ class RedisStreamSource:
 
         self._client: Any = None
         self._errors: Any = None
-        self._started = False
-        self._start_lock = asyncio.Lock()
-        self._consuming = True  # until stop_consuming() or close()
         self._closing = False
         self._close_lock = asyncio.Lock()
-        self._buffer: deque[Envelope] = deque()
         # Entries handed out and not yet settled: the janitor keeps them claimed. The value is
         # the parts ledger of a frame entry, or _ONE for an entry holding one message.
         self._held: dict[str, Parts | int] = {}
-        self._ready = asyncio.Event()
-        self._demand = asyncio.Event()
-        self._stop_reading = asyncio.Event()  # set by stop_consuming() and close()
         self._stop = asyncio.Event()  # set by close()
-        self._failure: BaseException | None = None
         self._reader: asyncio.Task[None] | None = None
         self._janitor: asyncio.Task[None] | None = None
         self._settler: asyncio.Task[None] | None = None
@@ -299,58 +290,25 @@ class RedisStreamSource:
             f"group={self.group!r}, consumer={self.consumer!r})"
         )
 
-    async def prepare(self, config: BatchConfig) -> None:
-        """Size each read to the pipeline's batches: count = config.max_size unless given."""
-        if self._count_given is None:
-            self.count = config.max_size
+    # -- starting (the buffer and iteration are BufferedSource's) -----------------------------
 
-    # -- iteration -------------------------------------------------------------------------
-
-    def __aiter__(self) -> RedisStreamSource:
-        return self
-
-    async def __anext__(self) -> Envelope:
-        """The next envelope; ends (StopAsyncIteration) once close() was called.
-
-        Cancelling a caller here is safe: it only waits on the buffer the reader task fills.
-        """
-        if not self._started:
-            await self._start()
-        while True:
-            if not self._consuming:
-                raise StopAsyncIteration
-            if self._buffer:
-                envelope = self._buffer.popleft()
-                if len(self._buffer) < self.count:
-                    self._demand.set()
-                return envelope
-            if self._failure is not None:
-                raise self._failure
-            self._ready.clear()
-            await self._ready.wait()
-
-    async def _start(self) -> None:
-        async with self._start_lock:
-            if self._started or not self._consuming:
-                return
-            redis = require("redis.asyncio", "redis", "RedisStreamSource")
-            self._errors = require("redis.exceptions", "redis", "RedisStreamSource")
-            self._client = redis.Redis.from_url(
-                self._url,
-                socket_timeout=self.block + 10.0,
-                socket_connect_timeout=5.0,
-                **self._client_kwargs,
-            )
-            try:
-                await self._ensure_group()
-            except Exception as exc:
-                exc.add_note(f"while starting {self!r}")
-                await self._client.aclose()
-                raise
-            self._started = True
-            self._demand.set()
-            self._reader = asyncio.create_task(self._read_loop(), name=f"{self!r} reader")
-            self._janitor = asyncio.create_task(self._janitor_loop(), name=f"{self!r} janitor")
+    async def _open(self) -> None:
+        redis = require("redis.asyncio", "redis", "RedisStreamSource")
+        self._errors = require("redis.exceptions", "redis", "RedisStreamSource")
+        self._client = redis.Redis.from_url(
+            self._url,
+            socket_timeout=self.block + 10.0,
+            socket_connect_timeout=5.0,
+            **self._client_kwargs,
+        )
+        try:
+            await self._ensure_group()
+        except Exception as exc:
+            exc.add_note(f"while starting {self!r}")
+            await self._client.aclose()
+            raise
+        self._reader = asyncio.create_task(self._read_loop(), name=f"{self!r} reader")
+        self._janitor = asyncio.create_task(self._janitor_loop(), name=f"{self!r} janitor")
 
     async def _ensure_group(self) -> None:
         errors = self._errors
@@ -393,9 +351,8 @@ class RedisStreamSource:
         errors = self._errors
         failures = 0
         while self._consuming:
-            if len(self._buffer) >= self.count:
-                self._demand.clear()
-                await self._demand.wait()
+            if self._full():
+                await self._wait_for_room()
                 continue
             try:
                 if self._pending_phase:
@@ -420,15 +377,15 @@ class RedisStreamSource:
                     "recreating it",
                     self,
                 )
-                await self._retry_later(failures)
                 failures += 1
+                await self._backoff(failures)
                 with contextlib.suppress(errors.RedisError, ConfigError):
                     await self._ensure_group()
                 continue
             except (errors.ConnectionError, errors.TimeoutError, OSError) as exc:
                 self._log_transient("read", exc)
-                await self._retry_later(failures)
                 failures += 1
+                await self._backoff(failures)
                 continue
             except Exception as exc:
                 self._fail(exc)
@@ -483,17 +440,12 @@ class RedisStreamSource:
                 counts[_text(row["message_id"])] = int(row["times_delivered"])
         return counts
 
-    def _push(self, envelopes: list[Envelope]) -> None:
-        if envelopes:
-            self._buffer.extend(envelopes)
-            self._ready.set()
-
-    def _fail(self, exc: BaseException) -> None:
-        if isinstance(exc, Exception) and self._secret and self._secret in str(exc):
-            exc = BatchpunkError(_scrub(str(exc), self._secret))
-        logger.error("%r: stopped reading: %s", self, _scrub(str(exc), self._secret))
-        self._failure = exc
-        self._ready.set()
+    def _fail(self, error: BaseException) -> None:
+        """Stop with ``error``, its password scrubbed, and log it."""
+        if isinstance(error, Exception) and self._secret and self._secret in str(error):
+            error = BatchpunkError(_scrub(str(error), self._secret))
+        logger.error("%r: stopped reading: %s", self, _scrub(str(error), self._secret))
+        super()._fail(error)
 
     def _log_transient(self, what: str, exc: BaseException) -> None:
         logger.warning(
@@ -503,9 +455,6 @@ class RedisStreamSource:
             type(exc).__name__,
             _scrub(str(exc), self._secret),
         )
-
-    async def _retry_later(self, failures: int) -> None:
-        await _wait(self._stop_reading, reconnect_delay(failures + 1, cap=_MAX_BACKOFF))
 
     # -- turning entries into envelopes ----------------------------------------------------
 
@@ -754,21 +703,9 @@ class RedisStreamSource:
 
     # -- stopping and closing ----------------------------------------------------------------
 
-    def stop_consuming(self) -> None:
-        """End the iteration soon, while acks, nacks and held-entry refreshes keep working.
-
-        For a pipeline that drains: no new reads or claims start, a waiting ``__anext__`` ends,
-        and close() later finishes the job. The in-flight XREADGROUP still returns normally.
-        """
-        self._consuming = False
-        self._stop_reading.set()
-        self._ready.set()
-        self._demand.set()
-
     def _requeue_unhanded(self) -> None:
         """Give back entries read ahead that iteration will never hand out (it has ended)."""
-        unhanded = list(self._buffer)
-        self._buffer.clear()
+        unhanded = self._unhanded()
         ids = (e.receipt.key if isinstance(e.receipt, Parts) else str(e.receipt) for e in unhanded)
         for entry_id in dict.fromkeys(ids):
             if self._held.pop(entry_id, None) is not None:
