@@ -34,9 +34,8 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
-from batchpunk.config import BatchConfig
 from batchpunk.connectors._common import PayloadError, mask_secrets, tls_context
-from batchpunk.connectors._toolkit import payload_decoder, reconnect_delay
+from batchpunk.connectors._toolkit import BufferedSource, payload_decoder, reconnect_delay
 from batchpunk.envelope import Envelope
 from batchpunk.errors import ConfigError, ConnectorError, PartialFailure, require
 
@@ -217,7 +216,7 @@ def _unavailable(errors: Any) -> tuple[type[BaseException], ...]:
 # -- the source ------------------------------------------------------------------------------
 
 
-class KafkaSource:
+class KafkaSource(BufferedSource):
     """Reads topics through a consumer group and commits only offsets below which all is done.
 
     Args:
@@ -267,6 +266,7 @@ class KafkaSource:
         sasl_password: str | None = None,
     ) -> None:
         owner = "KafkaSource"
+        super().__init__(None if count is None else _count(owner, "count", count), _DEFAULT_COUNT)
         self.bootstrap_servers = _servers(owner, bootstrap_servers)
         if isinstance(topics, str):
             topics = [topics]
@@ -287,8 +287,6 @@ class KafkaSource:
             if max_message_bytes is None
             else _count(owner, "max_message_bytes", max_message_bytes)
         )
-        self._count_given = None if count is None else _count(owner, "count", count)
-        self.count = self._count_given or _DEFAULT_COUNT
         self._buffer_given = (
             None if buffer_size is None else _count(owner, "buffer_size", buffer_size)
         )
@@ -310,21 +308,13 @@ class KafkaSource:
         self._consumer: Any = None
         self._errors: Any = None
         self._ledgers: dict[Any, _Ledger] = {}
-        self._buffer: deque[Envelope] = deque()
-        self._ready = asyncio.Event()
-        self._demand = asyncio.Event()
         self._commit_wake = asyncio.Event()
         self._acked = asyncio.Event()
-        self._started = False
-        self._start_lock = asyncio.Lock()
-        self._consuming = True
         self._closing = False
         self._closed = False
-        self._failure: BaseException | None = None
         self._fetcher: asyncio.Task[None] | None = None
         self._committer: asyncio.Task[None] | None = None
         self._positions: PositionStore | None = None
-        self._paused = False
         #: Counts for tests and stats: records read, malformed, commits sent, rebalances seen.
         self.read = 0
         self.malformed = 0
@@ -347,73 +337,39 @@ class KafkaSource:
         """True while the consumer runs and holds a group assignment (or is joining one)."""
         return self._consumer is not None and self._failure is None and not self._closed
 
-    async def prepare(self, config: BatchConfig) -> None:
-        """Size each fetch to the pipeline's batches: count = config.max_size unless given."""
-        if self._count_given is None:
-            self.count = config.max_size
-
     def use_positions(self, store: PositionStore) -> None:
         """Skip offsets ``store`` says were already written (called by the pipeline)."""
         self._positions = store
 
-    # -- iteration -------------------------------------------------------------------------
+    # -- starting (the buffer and iteration are BufferedSource's) -----------------------------
 
-    def __aiter__(self) -> KafkaSource:
-        return self
-
-    async def __anext__(self) -> Envelope:
-        """The next envelope; ends once stop_consuming() or close() was called.
-
-        Cancelling a caller here is safe: it only waits on the buffer the fetch task fills.
-        """
-        if not self._started:
-            await self._start()
-        buffer = self._buffer
-        while True:
-            if not self._consuming:
-                raise StopAsyncIteration
-            if buffer:
-                envelope = buffer.popleft()
-                if self._paused and len(buffer) < self.count:
-                    self._demand.set()
-                return envelope
-            if self._failure is not None:
-                raise self._failure
-            self._ready.clear()
-            self._demand.set()
-            await self._ready.wait()
-
-    async def _start(self) -> None:
-        async with self._start_lock:
-            if self._started or not self._consuming:
-                return
-            aiokafka = require("aiokafka", "kafka", "KafkaSource")
-            self._errors = require("aiokafka.errors", "kafka", "KafkaSource")
-            consumer = aiokafka.AIOKafkaConsumer(
-                bootstrap_servers=self.bootstrap_servers,
-                group_id=self.group_id,
-                client_id=self.client_id or f"batchpunk-{self.group_id}",
-                enable_auto_commit=False,
-                auto_offset_reset=self.auto_offset_reset,
-                max_poll_records=self.count,
-                session_timeout_ms=round(self.session_timeout * 1000),
-                heartbeat_interval_ms=max(100, round(self.session_timeout * 1000 / 3)),
-                # How long the group waits for members to rejoin: our revoke handling plus margin.
-                rebalance_timeout_ms=round((self.revoke_timeout + 2) * 1000),
-                **self._security,
-            )
-            consumer.subscribe(topics=self.topics, listener=_listener(self, aiokafka))
-            self._consumer = consumer  # before start(): the first assignment may come at once
-            try:
-                await consumer.start()
-            except Exception as exc:
-                self._consumer = None
-                with contextlib.suppress(Exception):
-                    await consumer.stop()
-                raise self._translate(exc, "connecting") from exc
-            self._started = True
-            self._fetcher = asyncio.create_task(self._fetch_loop(), name=f"{self!r} fetch")
-            self._committer = asyncio.create_task(self._commit_loop(), name=f"{self!r} commit")
+    async def _open(self) -> None:
+        aiokafka = require("aiokafka", "kafka", "KafkaSource")
+        self._errors = require("aiokafka.errors", "kafka", "KafkaSource")
+        consumer = aiokafka.AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap_servers,
+            group_id=self.group_id,
+            client_id=self.client_id or f"batchpunk-{self.group_id}",
+            enable_auto_commit=False,
+            auto_offset_reset=self.auto_offset_reset,
+            max_poll_records=self.count,
+            session_timeout_ms=round(self.session_timeout * 1000),
+            heartbeat_interval_ms=max(100, round(self.session_timeout * 1000 / 3)),
+            # How long the group waits for members to rejoin: our revoke handling plus margin.
+            rebalance_timeout_ms=round((self.revoke_timeout + 2) * 1000),
+            **self._security,
+        )
+        consumer.subscribe(topics=self.topics, listener=_listener(self, aiokafka))
+        self._consumer = consumer  # before start(): the first assignment may come at once
+        try:
+            await consumer.start()
+        except Exception as exc:
+            self._consumer = None
+            with contextlib.suppress(Exception):
+                await consumer.stop()
+            raise self._translate(exc, "connecting") from exc
+        self._fetcher = asyncio.create_task(self._fetch_loop(), name=f"{self!r} fetch")
+        self._committer = asyncio.create_task(self._commit_loop(), name=f"{self!r} commit")
 
     def _translate(self, exc: BaseException, doing: str) -> BaseException:
         text = mask_secrets(f"{self!r}: {doing} failed: {type(exc).__name__}: {exc}", self._secrets)
@@ -427,8 +383,8 @@ class KafkaSource:
         consumer, errors = self._consumer, self._errors
         failures = 0
         while self._consuming:
-            if len(self._buffer) >= self.buffer_size:
-                await self._pause_until_demand()
+            if self._full():
+                await self._wait_for_room()
                 continue
             try:
                 records = await consumer.getmany(
@@ -440,40 +396,34 @@ class KafkaSource:
             except _unavailable(errors) as exc:
                 logger.warning("%s; retrying", self._translate(exc, "fetching"))
                 failures += 1
-                await asyncio.sleep(reconnect_delay(failures))
+                await self._backoff(failures)
                 continue
             except Exception as exc:
                 error = self._translate(exc, "fetching")
                 logger.error("%s; the source stops", error)
-                self._failure = error
-                self._ready.set()
+                self._fail(error)
                 return
             if records:
                 self._accept(records)
 
-    async def _pause_until_demand(self) -> None:
-        """Backpressure: pause every assigned partition until the pipeline reads again."""
-        consumer = self._consumer
-        self._demand.clear()
-        assigned = consumer.assignment()
+    def _full(self) -> bool:
+        return len(self._buffer) >= self.buffer_size
+
+    def _pause_reading(self) -> None:
+        """Backpressure: pause every assigned partition, so aiokafka stops prefetching too."""
+        assigned = self._consumer.assignment()
         if assigned:
-            consumer.pause(*assigned)
-        self._paused = True
-        try:
-            while self._consuming and len(self._buffer) >= self.count:
-                self._demand.clear()
-                await self._demand.wait()
-        finally:
-            self._paused = False
-            assigned = consumer.assignment()
-            if assigned and not self._closing:
-                consumer.resume(*assigned)
+            self._consumer.pause(*assigned)
+
+    def _resume_reading(self) -> None:
+        assigned = self._consumer.assignment()
+        if assigned and not self._closing:
+            self._consumer.resume(*assigned)
 
     def _accept(self, records: Mapping[Any, Sequence[Any]]) -> None:
         """Turn fetched records into envelopes; records of a partition not (or no longer) ours
         are dropped unread: their next owner reads them from the committed offset."""
-        buffer = self._buffer
-        before = len(buffer)
+        envelopes: list[Envelope] = []
         assigned: Any = None
         for tp, batch in records.items():
             ledger = self._ledgers.get(tp)
@@ -501,10 +451,8 @@ class KafkaSource:
                     ledger.end = offset + 1  # written before: finished without processing
                     continue
                 ledger.deliver(offset)
-                buffer.append(self._envelope(ledger, record))
-        self.read += len(buffer) - before
-        if len(buffer) > before:
-            self._ready.set()
+                envelopes.append(self._envelope(ledger, record))
+        self.read += self._push(envelopes)
 
     def _envelope(self, ledger: _Ledger, record: Any) -> Envelope:
         key = _text_or_bytes(record.key)
@@ -721,12 +669,6 @@ class KafkaSource:
 
     # -- stopping and closing ----------------------------------------------------------------
 
-    def stop_consuming(self) -> None:
-        """End the iteration soon, while acknowledgements and commits keep working."""
-        self._consuming = False
-        self._ready.set()
-        self._demand.set()
-
     async def close(self) -> None:
         """Stop fetching, commit what finished, leave the group. Safe to call again.
 
@@ -747,7 +689,7 @@ class KafkaSource:
             committer.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await committer
-        self._buffer.clear()
+        self._unhanded()  # uncommitted: the partition's next reader gets them
         consumer = self._consumer
         if consumer is not None:
             try:
