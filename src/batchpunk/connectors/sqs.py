@@ -28,17 +28,15 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from batchpunk.config import BatchConfig
 from batchpunk.connectors._common import PayloadError, mask_secrets
 from batchpunk.connectors._toolkit import (
     REDELIVERED,
+    BufferedSource,
     delivery_limit_error,
     payload_decoder,
-    reconnect_delay,
 )
 from batchpunk.envelope import Envelope
 from batchpunk.errors import (
@@ -202,7 +200,7 @@ class _Held:
         self.settled = False
 
 
-class SqsSource:
+class SqsSource(BufferedSource):
     """Receives from an SQS queue and deletes each message only after its batch finished.
 
     Args:
@@ -245,6 +243,7 @@ class SqsSource:
         aws_session_token: str | None = None,
     ) -> None:
         owner = "SqsSource"
+        super().__init__(None if count is None else _int(owner, "count", count, 1), _DEFAULT_COUNT)
         self.queue_url = _check_url(owner, queue_url)
         if decode not in DECODINGS:
             raise ConfigError(f"{owner}.decode: expected one of {DECODINGS}, got {decode!r}")
@@ -257,8 +256,6 @@ class SqsSource:
         )
         self.visibility_timeout = self._visibility_given or 30
         self.max_receives = _int(owner, "max_receives", max_receives, 1)
-        self._count_given = None if count is None else _int(owner, "count", count, 1)
-        self.count = self._count_given or _DEFAULT_COUNT
         self._receivers_given = (
             None if receivers is None else _int(owner, "receivers", receivers, 1)
         )
@@ -281,17 +278,10 @@ class SqsSource:
         )
         decoder = payload_decoder(owner, decode)  # the toolkit's: one per project
         self._decoder: Callable[[str], Any] = lambda body: decoder(body.encode())[0]
-        self._buffer: deque[Envelope] = deque()
         self._held: dict[str, _Held] = {}  # receipt handle -> held message
         self._by_id: dict[str, _Held] = {}  # message id -> held message
-        self._ready = asyncio.Event()
-        self._demand = asyncio.Event()
-        self._stop = asyncio.Event()
-        self._consuming = True
-        self._started = False
+        self._stop = asyncio.Event()  # set by close(): the keeper ends
         self._closed = False
-        self._start_lock = asyncio.Lock()
-        self._failure: BaseException | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._keeper: asyncio.Task[None] | None = None
         #: Counts for tests and stats.
@@ -313,57 +303,26 @@ class SqsSource:
         """True while the source receives without a lasting failure."""
         return self._started and self._failure is None and not self._closed
 
-    async def prepare(self, config: BatchConfig) -> None:
-        """Size the receives to the pipeline's batches: count = config.max_size unless given."""
-        if self._count_given is None:
-            self.count = config.max_size
+    # -- starting (the buffer and iteration are BufferedSource's) -----------------------------
 
-    # -- iteration -------------------------------------------------------------------------
-
-    def __aiter__(self) -> SqsSource:
-        return self
-
-    async def __anext__(self) -> Envelope:
-        """The next envelope; ends once stop_consuming() or close() was called."""
-        if not self._started:
-            await self._start()
-        buffer = self._buffer
-        while True:
-            if not self._consuming:
-                raise StopAsyncIteration
-            if buffer:
-                envelope = buffer.popleft()
-                if len(buffer) < self.count:
-                    self._demand.set()
-                return envelope
-            if self._failure is not None:
-                raise self._failure
-            self._ready.clear()
-            await self._ready.wait()
-
-    async def _start(self) -> None:
-        async with self._start_lock:
-            if self._started or not self._consuming:
-                return
-            try:
-                client = await self._client.get()
-                reply = await client.get_queue_attributes(
-                    QueueUrl=self.queue_url, AttributeNames=["VisibilityTimeout", "FifoQueue"]
-                )
-            except Exception as exc:
-                await self._client.close()
-                raise _translate(repr(self), exc, "opening the queue", self._secrets) from exc
-            attributes = reply.get("Attributes", {})
-            if self._visibility_given is None:
-                self.visibility_timeout = int(attributes.get("VisibilityTimeout", 30))
-            self.fifo = attributes.get("FifoQueue") == "true"
-            self._started = True
-            self._demand.set()
-            self._tasks = [
-                asyncio.create_task(self._receive_loop(), name=f"{self!r} receive {i}")
-                for i in range(self.receivers)
-            ]
-            self._keeper = asyncio.create_task(self._keep_loop(), name=f"{self!r} keeper")
+    async def _open(self) -> None:
+        try:
+            client = await self._client.get()
+            reply = await client.get_queue_attributes(
+                QueueUrl=self.queue_url, AttributeNames=["VisibilityTimeout", "FifoQueue"]
+            )
+        except Exception as exc:
+            await self._client.close()
+            raise _translate(repr(self), exc, "opening the queue", self._secrets) from exc
+        attributes = reply.get("Attributes", {})
+        if self._visibility_given is None:
+            self.visibility_timeout = int(attributes.get("VisibilityTimeout", 30))
+        self.fifo = attributes.get("FifoQueue") == "true"
+        self._tasks = [
+            asyncio.create_task(self._receive_loop(), name=f"{self!r} receive {i}")
+            for i in range(self.receivers)
+        ]
+        self._keeper = asyncio.create_task(self._keep_loop(), name=f"{self!r} keeper")
 
     fifo = False
 
@@ -373,9 +332,8 @@ class SqsSource:
         failures = 0
         client = await self._client.get()
         while self._consuming:
-            if len(self._buffer) >= self.count:
-                self._demand.clear()
-                await self._demand.wait()
+            if self._full():
+                await self._wait_for_room()
                 continue
             try:
                 reply = await client.receive_message(
@@ -396,12 +354,10 @@ class SqsSource:
                 if isinstance(error, SqsUnavailable):
                     logger.warning("%s; retrying", error)
                     failures += 1
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._stop.wait(), reconnect_delay(failures))
+                    await self._backoff(failures)
                     continue
                 logger.error("%s; the source stops", error)
-                self._failure = error
-                self._ready.set()
+                self._fail(error)
                 return
             messages = reply.get("Messages", ())
             if not messages:
@@ -409,6 +365,7 @@ class SqsSource:
             if self._stopping():  # received while stopping: give them back at once
                 await self._release([m["ReceiptHandle"] for m in messages])
                 return
+            envelopes: list[Envelope] = []
             for message in messages:
                 held = self._by_id.get(message["MessageId"])
                 if held is not None:
@@ -418,9 +375,8 @@ class SqsSource:
                     held.handle = message["ReceiptHandle"]
                     self._held[held.handle] = held
                     continue
-                self._buffer.append(self._envelope(message))
-                self.received += 1
-            self._ready.set()
+                envelopes.append(self._envelope(message))
+            self.received += self._push(envelopes)
 
     def _envelope(self, message: Mapping[str, Any]) -> Envelope:
         handle, message_id = message["ReceiptHandle"], message["MessageId"]
@@ -574,12 +530,6 @@ class SqsSource:
     def _stopping(self) -> bool:
         return not self._consuming
 
-    def stop_consuming(self) -> None:
-        """End the iteration soon; deletes and visibility extensions keep working."""
-        self._consuming = False
-        self._ready.set()
-        self._demand.set()
-
     async def close(self) -> None:
         """Stop receiving, give back every message not settled, close. Safe to call again.
 
@@ -593,7 +543,7 @@ class SqsSource:
             _, pending = await asyncio.wait(self._tasks, timeout=self.wait_time + 5)
             for task in pending:
                 task.cancel()
-        self._buffer.clear()
+        self._unhanded()
         # Everything still held (read ahead, or handed out and never settled) goes back now,
         # rather than staying invisible for a whole visibility timeout.
         handles = list(self._held)
