@@ -47,7 +47,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any, Self, TypeVar
 from urllib.parse import quote
 
 from batchpunk._identifiers import SQL_KEYWORDS as _SQL_KEYWORDS
@@ -332,7 +332,38 @@ def _report(problem: MalformedDeadLetter, strict: bool) -> None:
 # -- JSON Lines -------------------------------------------------------------------------------
 
 
-class JsonlDeadLetters:
+class _Store:
+    """What both file stores share: a context manager that closes, refusal once closed, and a
+    ``put`` that returns only once its letters are durable (the engine counts a letter, and
+    the pipeline acknowledges its message, only then). Each store says how in ``_store``."""
+
+    _closed: bool
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def put(self, letters: Sequence[DeadLetter]) -> None:
+        """Store the letters; return only once they are durable."""
+        self._check_open()
+        if not letters:
+            return
+        await self._store(list(letters))
+
+    async def _store(self, letters: list[DeadLetter]) -> None:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise DeadLetterError(f"{self!r} is closed")
+
+
+class JsonlDeadLetters(_Store):
     """Dead letters appended to a JSON Lines file, one record per line, fsynced per put.
 
     Attributes:
@@ -370,18 +401,9 @@ class JsonlDeadLetters:
     def __repr__(self) -> str:
         return f"JsonlDeadLetters({str(self.path)!r})"
 
-    async def __aenter__(self) -> JsonlDeadLetters:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()
-
-    async def put(self, letters: Sequence[DeadLetter]) -> None:
-        """Append the letters and fsync; return only once they are durable."""
-        self._check_open()
-        if not letters:
-            return
-        await asyncio.to_thread(self._append, list(letters))
+    async def _store(self, letters: list[DeadLetter]) -> None:
+        """Append the letters and fsync, on a worker thread."""
+        await asyncio.to_thread(self._append, letters)
 
     async def read(self, *, strict: bool = False) -> AsyncIterator[DeadLetter]:
         """Every stored letter, oldest first, each with ``headers["dlq_id"]``."""
@@ -420,10 +442,6 @@ class JsonlDeadLetters:
         self._closed = True
 
     # -- worker-thread side --
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise DeadLetterError(f"{self!r} is closed")
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -607,7 +625,7 @@ def _fsync_dir(directory: Path) -> None:
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
-class SqliteDeadLetters:
+class SqliteDeadLetters(_Store):
     """Dead letters in an SQLite table (WAL, synchronous=FULL), one transaction per put.
 
     Attributes:
@@ -650,18 +668,9 @@ class SqliteDeadLetters:
     def __repr__(self) -> str:
         return f"SqliteDeadLetters({str(self.path)!r}, table={self.table!r})"
 
-    async def __aenter__(self) -> SqliteDeadLetters:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()
-
-    async def put(self, letters: Sequence[DeadLetter]) -> None:
-        """Insert the letters in one transaction; return once it is committed."""
-        self._check_open()
-        if not letters:
-            return
-        await self._run(self._insert, list(letters))
+    async def _store(self, letters: list[DeadLetter]) -> None:
+        """Insert the letters in one transaction, committed before this returns."""
+        await self._run(self._insert, letters)
 
     async def read(self, *, strict: bool = False) -> AsyncIterator[DeadLetter]:
         """Every stored letter, oldest first, each with ``headers["dlq_id"]``."""
@@ -697,10 +706,6 @@ class SqliteDeadLetters:
             self._executor.shutdown(wait=False)
 
     # -- worker-thread side --
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise DeadLetterError(f"{self!r} is closed")
 
     async def _run(self, fn: Callable[..., _T], *args: Any) -> _T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
