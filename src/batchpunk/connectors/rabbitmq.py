@@ -33,7 +33,7 @@ import ssl
 import uuid
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 from urllib.parse import unquote, urlsplit
 
 from batchpunk.config import BatchConfig, BatchTrigger
@@ -974,24 +974,30 @@ def _identity(body: bytes) -> bytes:
 
 
 class _Publisher:
-    """A robust connection and a confirming channel, opened on first use, for the sinks."""
+    """A robust connection and a confirming channel, opened on first use, for the sinks.
+
+    Its settings are the publishing ones every RabbitMQ sink takes (RabbitMQSink documents
+    them); a sink that takes no others, RabbitMQDeadLetters, is this constructor under its
+    own name (``_where``, which errors and ``repr`` show).
+    """
+
+    _where: ClassVar[str]
 
     def __init__(
         self,
-        where: str,
         url: str,
         exchange: str,
         routing_key: str,
         *,
-        declare: bool,
-        exchange_type: str,
-        queue: str | None,
-        tls: ssl.SSLContext | Mapping[str, Any] | None,
-        timeout: float,
-        reconnect_interval: float | None,
-        close_timeout: float,
+        declare: bool = True,
+        exchange_type: str = "direct",
+        queue: str | None = None,
+        tls: ssl.SSLContext | Mapping[str, Any] | None = None,
+        timeout: float = 30.0,
+        reconnect_interval: float | None = None,
+        close_timeout: float = 5.0,
     ) -> None:
-        self._where = where
+        where = self._where
         self._url = _check_url(url, where)
         _check_type(exchange, str, f"{where}.exchange", "a name ('' for the default exchange)")
         _check_type(routing_key, str, f"{where}.routing_key", "a string")
@@ -1136,6 +1142,8 @@ class RabbitMQSink(_Publisher):
     that is not retried.
     """
 
+    _where = "RabbitMQSink"
+
     def __init__(
         self,
         url: str,
@@ -1160,7 +1168,6 @@ class RabbitMQSink(_Publisher):
                 f"RabbitMQSink.mode: expected one of {', '.join(SINK_MODES)}, got {mode!r}"
             )
         super().__init__(
-            "RabbitMQSink",
             url,
             exchange,
             routing_key,
@@ -1234,36 +1241,12 @@ class RabbitMQDeadLetters(_Publisher):
     broker confirmed every letter; otherwise it raises DeadLetterError and batchpunk retries.
 
     Give ``queue`` to declare a durable queue bound to the exchange: an exchange without a
-    bound queue drops messages, which here would be an error on every put.
+    bound queue drops messages, which here would be an error on every put. The other settings
+    are RabbitMQSink's publishing ones: url, exchange, routing_key, declare, exchange_type,
+    tls, timeout, reconnect_interval, close_timeout.
     """
 
-    def __init__(
-        self,
-        url: str,
-        exchange: str,
-        routing_key: str,
-        *,
-        declare: bool = True,
-        exchange_type: str = "direct",
-        queue: str | None = None,
-        tls: ssl.SSLContext | Mapping[str, Any] | None = None,
-        timeout: float = 30.0,
-        reconnect_interval: float | None = None,
-        close_timeout: float = 5.0,
-    ) -> None:
-        super().__init__(
-            "RabbitMQDeadLetters",
-            url,
-            exchange,
-            routing_key,
-            declare=declare,
-            exchange_type=exchange_type,
-            queue=queue,
-            tls=tls,
-            timeout=timeout,
-            reconnect_interval=reconnect_interval,
-            close_timeout=close_timeout,
-        )
+    _where = "RabbitMQDeadLetters"
 
     async def put(self, letters: Sequence[DeadLetter]) -> None:
         """Publish the letters; returns once all are confirmed by the broker."""
