@@ -188,36 +188,37 @@ class _Connection:
 
     The client reconnects on its own, forever by default (a worker outlives a broker restart).
     The first connection, though, is bounded by ``connect_timeout`` so a wrong address fails
-    at start-up rather than hanging.
+    at start-up rather than hanging. It checks the connection settings the source and the sink
+    share, as given to them, so that both refuse the same values with the same words.
     """
 
     def __init__(
         self,
         owner: str,
         servers: list[str],
-        *,
-        tls: ssl.SSLContext | None,
-        user: str | None,
-        password: str | None,
-        token: str | None,
         name: str,
-        connect_timeout: float,
-        reconnect_attempts: int,
+        *,
+        tls: TlsSetting,
+        user: Any,
+        password: Any,
+        token: Any,
+        connect_timeout: Any,
+        reconnect_attempts: Any,
     ) -> None:
         self.owner = owner
         self.servers = servers
-        self.tls = tls
-        self.user = user
-        self.password = password
-        self.token = token
+        self.tls = tls_context(tls, owner)
+        self.user = _optional_secret(owner, "user", user)
+        self.password = _optional_secret(owner, "password", password)
+        self.token = _optional_secret(owner, "token", token)
         self.name = name
-        self.connect_timeout = connect_timeout
-        self.reconnect_attempts = reconnect_attempts
-        self.secrets = _secrets_of(servers, password, token)
+        self.connect_timeout = _seconds(owner, "connect_timeout", connect_timeout)
+        self.reconnect_attempts = _count(owner, "reconnect_attempts", reconnect_attempts, -1)
+        self.secrets = _secrets_of(servers, self.password, self.token)
         self.where = ", ".join(_redact_url(s) for s in servers)
         self.nc: Any = None
         self.closing = False
-        self.tls_wanted = tls is not None or any(s.startswith("tls://") for s in servers)
+        self.tls_wanted = self.tls is not None or any(s.startswith("tls://") for s in servers)
 
     def scrub(self, text: str) -> str:
         return _scrub(text, self.secrets)
@@ -401,13 +402,13 @@ class NatsJetStreamSource:
         self._conn = _Connection(
             owner,
             self.servers,
-            tls=tls_context(tls, owner),
-            user=_optional_secret(owner, "user", user),
-            password=_optional_secret(owner, "password", password),
-            token=_optional_secret(owner, "token", token),
-            name=f"batchpunk:{self.durable}",
-            connect_timeout=_seconds(owner, "connect_timeout", connect_timeout),
-            reconnect_attempts=_count(owner, "reconnect_attempts", reconnect_attempts, -1),
+            f"batchpunk:{self.durable}",
+            tls=tls,
+            user=user,
+            password=password,
+            token=token,
+            connect_timeout=connect_timeout,
+            reconnect_attempts=reconnect_attempts,
         )
         self._js: Any = None
         # The private inbox every pull request of this source replies to (one subscription,
@@ -1124,13 +1125,13 @@ class NatsJetStreamSink:
         self._conn = _Connection(
             owner,
             self.servers,
-            tls=tls_context(tls, owner),
-            user=_optional_secret(owner, "user", user),
-            password=_optional_secret(owner, "password", password),
-            token=_optional_secret(owner, "token", token),
-            name=f"batchpunk:{self.subject}",
-            connect_timeout=_seconds(owner, "connect_timeout", connect_timeout),
-            reconnect_attempts=_count(owner, "reconnect_attempts", reconnect_attempts, -1),
+            f"batchpunk:{self.subject}",
+            tls=tls,
+            user=user,
+            password=password,
+            token=token,
+            connect_timeout=connect_timeout,
+            reconnect_attempts=reconnect_attempts,
         )
         self._js: Any = None
         self._lock = asyncio.Lock()
