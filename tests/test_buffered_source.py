@@ -21,7 +21,7 @@ class _Scripted(BufferedSource):
     """Readers that read one envelope per pass, counting reads per reader."""
 
     def __init__(self, *, count: int | None = 4, readers: int = 1) -> None:
-        super().__init__(count, 10)
+        super().__init__("Scripted", count, 10)
         self.readers = readers
         self.opened = 0
         self.reads = [0] * readers

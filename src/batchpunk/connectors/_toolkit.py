@@ -6,6 +6,7 @@ here (the kombu pattern, docs/ARCHITECTURE.md):
 - ``payload_decoder``: json, bytes, text or frame, with the frame's HMAC checked wherever a frame
   can arrive, so no source can forget it;
 - ``hmac_key_option``: one way to read and validate an HMAC key setting;
+- ``int_option``: one check, with one wording, for every integer setting of a connector;
 - ``Parts``: the ledger of a delivery that holds a frame of many messages, settled once every
   part is, with one rule for mixed outcomes;
 - ``REDELIVERED`` (re-exported from ``batchpunk.envelope``) and ``delivery_limit_error``: the one
@@ -42,6 +43,7 @@ __all__ = [
     "Parts",
     "delivery_limit_error",
     "hmac_key_option",
+    "int_option",
     "payload_decoder",
     "reconnect_delay",
 ]
@@ -63,6 +65,20 @@ def hmac_key_option(owner: str, value: Any) -> bytes | None:
     if isinstance(value, str) and value:
         return value.encode()
     raise ConfigError(f"{owner}.hmac_key: expected bytes or a non-empty string")
+
+
+def int_option(owner: str, field: str, value: Any, low: int = 1, high: int | None = None) -> int:
+    """An integer setting from ``low`` to ``high`` (None: no upper bound); a bool is refused
+    (True is an int to Python, never a count to a user)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < low
+        or (high is not None and value > high)
+    ):
+        span = f">= {low}" if high is None else f"from {low} to {high}"
+        raise ConfigError(f"{owner}.{field}: expected an integer {span}, got {value!r}")
+    return value
 
 
 def payload_decoder(
@@ -152,10 +168,10 @@ class BufferedSource:
     are there to override where the broker can do better (Kafka pauses its partitions).
     """
 
-    def __init__(self, count: int | None, default_count: int) -> None:
+    def __init__(self, owner: str, count: int | None, default_count: int) -> None:
+        self._count_given = None if count is None else int_option(owner, "count", count)
         #: Envelopes per read, and the level the buffer is drained to before readers resume.
-        self.count = count or default_count
-        self._count_given = count
+        self.count = self._count_given or default_count
         self._buffer: deque[Envelope] = deque()
         self._ready = asyncio.Event()  # set when the buffer got envelopes, a failure or a stop
         self._demand = asyncio.Event()  # set when a waiting reader may read again

@@ -35,7 +35,12 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from batchpunk.connectors._common import PayloadError, mask_secrets, tls_context
-from batchpunk.connectors._toolkit import BufferedSource, payload_decoder, reconnect_delay
+from batchpunk.connectors._toolkit import (
+    BufferedSource,
+    int_option,
+    payload_decoder,
+    reconnect_delay,
+)
 from batchpunk.envelope import Envelope
 from batchpunk.errors import ConfigError, ConnectorError, PartialFailure, require
 
@@ -163,12 +168,6 @@ def _seconds(owner: str, field: str, value: Any) -> float:
     return float(value)
 
 
-def _count(owner: str, field: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{owner}.{field}: expected an integer >= 1, got {value!r}")
-    return value
-
-
 def _security(
     owner: str,
     tls: Any,
@@ -266,7 +265,6 @@ class KafkaSource(BufferedSource):
         sasl_password: str | None = None,
     ) -> None:
         owner = "KafkaSource"
-        super().__init__(None if count is None else _count(owner, "count", count), _DEFAULT_COUNT)
         self.bootstrap_servers = _servers(owner, bootstrap_servers)
         if isinstance(topics, str):
             topics = [topics]
@@ -285,10 +283,11 @@ class KafkaSource(BufferedSource):
         self.max_message_bytes = (
             None
             if max_message_bytes is None
-            else _count(owner, "max_message_bytes", max_message_bytes)
+            else int_option(owner, "max_message_bytes", max_message_bytes)
         )
+        super().__init__(owner, count, _DEFAULT_COUNT)  # checks count here, in Args order
         self._buffer_given = (
-            None if buffer_size is None else _count(owner, "buffer_size", buffer_size)
+            None if buffer_size is None else int_option(owner, "buffer_size", buffer_size)
         )
         self.fetch_timeout = _seconds(owner, "fetch_timeout", fetch_timeout)
         self.commit_interval = _seconds(owner, "commit_interval", commit_interval)
@@ -789,7 +788,7 @@ class KafkaSink:
         if isinstance(linger, bool) or not isinstance(linger, int | float) or linger < 0:
             raise ConfigError(f"{owner}.linger: expected seconds >= 0, got {linger!r}")
         self.linger = float(linger)
-        self.max_request_size = _count(owner, "max_request_size", max_request_size)
+        self.max_request_size = int_option(owner, "max_request_size", max_request_size)
         if not isinstance(enable_idempotence, bool):
             raise ConfigError(f"{owner}.enable_idempotence: expected true or false")
         self.enable_idempotence = enable_idempotence

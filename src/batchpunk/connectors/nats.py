@@ -49,6 +49,7 @@ from batchpunk.connectors._toolkit import (
     Parts,
     delivery_limit_error,
     hmac_key_option,
+    int_option,
     payload_decoder,
     reconnect_delay,
 )
@@ -158,12 +159,6 @@ def _seconds(owner: str, name: str, value: Any) -> float:
     return float(value)
 
 
-def _count(owner: str, name: str, value: Any, minimum: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ConfigError(f"{owner}.{name}: expected an integer >= {minimum}, got {value!r}")
-    return value
-
-
 def _name(owner: str, name: str, value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ConfigError(f"{owner}.{name}: expected a non-empty string, got {value!r}")
@@ -213,7 +208,7 @@ class _Connection:
         self.token = _optional_secret(owner, "token", token)
         self.name = name
         self.connect_timeout = _seconds(owner, "connect_timeout", connect_timeout)
-        self.reconnect_attempts = _count(owner, "reconnect_attempts", reconnect_attempts, -1)
+        self.reconnect_attempts = int_option(owner, "reconnect_attempts", reconnect_attempts, -1)
         self.secrets = _secrets_of(servers, self.password, self.token)
         self.where = ", ".join(_redact_url(s) for s in servers)
         self.nc: Any = None
@@ -375,8 +370,8 @@ class NatsJetStreamSource:
                 f"got stream={stream!r}, durable={durable!r}"
             )
         self.ack_wait = _seconds(owner, "ack_wait", ack_wait)
-        self.max_deliver = _count(owner, "max_deliver", max_deliver, 2)
-        self.batch = None if batch is None else _count(owner, "batch", batch, 1)
+        self.max_deliver = int_option(owner, "max_deliver", max_deliver, 2)
+        self.batch = None if batch is None else int_option(owner, "batch", batch, 1)
         self.fetch_timeout = _seconds(owner, "fetch_timeout", fetch_timeout)
         if decode not in DECODINGS:
             raise ConfigError(f"{owner}.decode: expected one of {DECODINGS}, got {decode!r}")
@@ -387,7 +382,7 @@ class NatsJetStreamSource:
         self.max_ack_pending = (
             None
             if max_ack_pending is None
-            else _count(owner, "max_ack_pending", max_ack_pending, 1)
+            else int_option(owner, "max_ack_pending", max_ack_pending, 1)
         )
         if not isinstance(nak_delay, int | float) or isinstance(nak_delay, bool) or nak_delay < 0:
             raise ConfigError(f"{owner}.nak_delay: expected seconds >= 0, got {nak_delay!r}")
@@ -1118,7 +1113,7 @@ class NatsJetStreamSink:
             )
         self.msg_id = msg_id
         self.timeout = _seconds(owner, "timeout", timeout)
-        self.max_in_flight = _count(owner, "max_in_flight", max_in_flight, 1)
+        self.max_in_flight = int_option(owner, "max_in_flight", max_in_flight, 1)
         self.serializer = serializer
         self.compression = compression
         self._hmac_key = _hmac_key(owner, hmac_key)

@@ -42,6 +42,7 @@ from batchpunk.connectors._toolkit import (
     Parts,
     delivery_limit_error,
     hmac_key_option,
+    int_option,
     payload_decoder,
 )
 from batchpunk.envelope import Envelope
@@ -176,12 +177,6 @@ def _seconds(owner: str, field: str, value: Any) -> float:
     return float(value)
 
 
-def _positive_int(owner: str, field: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{owner}.{field}: expected an integer >= 1, got {value!r}")
-    return value
-
-
 async def _wait(event: asyncio.Event, seconds: float) -> bool:
     """Wait up to ``seconds`` for ``event``; whether it is set. Cancels only an Event.wait()."""
     with contextlib.suppress(TimeoutError):
@@ -243,9 +238,6 @@ class RedisStreamSource(BufferedSource):
         hmac_key: bytes | str | None = None,
     ) -> None:
         owner = "RedisStreamSource"
-        super().__init__(
-            None if count is None else _positive_int(owner, "count", count), _DEFAULT_COUNT
-        )
         self._client_kwargs = _client_kwargs(owner, url, tls)
         self._url = url
         self._secret = _secret(url)
@@ -253,7 +245,8 @@ class RedisStreamSource(BufferedSource):
         self.group = _name(owner, "group", group)
         self.consumer = _name(owner, "consumer", consumer)
         self.claim_idle = _seconds(owner, "claim_idle", claim_idle)
-        self.max_deliveries = _positive_int(owner, "max_deliveries", max_deliveries)
+        self.max_deliveries = int_option(owner, "max_deliveries", max_deliveries)
+        super().__init__(owner, count, _DEFAULT_COUNT)  # checks count here, in Args order
         self.block = _seconds(owner, "block", block)
         self.field = _name(owner, "field", field)
         self._field_bytes = self.field.encode()
@@ -785,7 +778,7 @@ class RedisStreamSink:
         self._client_kwargs = _client_kwargs(owner, url, tls)
         self._url = url
         self.stream = _name(owner, "stream", stream)
-        self.maxlen = None if maxlen is None else _positive_int(owner, "maxlen", maxlen)
+        self.maxlen = None if maxlen is None else int_option(owner, "maxlen", maxlen)
         self.field = _name(owner, "field", field)
         if encode not in ENCODINGS:
             raise ConfigError(f"{owner}.encode: expected one of {ENCODINGS}, got {encode!r}")

@@ -36,6 +36,7 @@ from batchpunk.connectors._toolkit import (
     REDELIVERED,
     BufferedSource,
     delivery_limit_error,
+    int_option,
     payload_decoder,
 )
 from batchpunk.envelope import Envelope
@@ -177,18 +178,6 @@ def _credentials(
     }
 
 
-def _int(owner: str, field: str, value: Any, low: int, high: int | None = None) -> int:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int)
-        or value < low
-        or (high is not None and value > high)
-    ):
-        span = f">= {low}" if high is None else f"from {low} to {high}"
-        raise ConfigError(f"{owner}.{field}: expected an integer {span}, got {value!r}")
-    return value
-
-
 class _Held:
     """One received message until it is deleted or given back (the envelope's receipt)."""
 
@@ -243,21 +232,21 @@ class SqsSource(BufferedSource):
         aws_session_token: str | None = None,
     ) -> None:
         owner = "SqsSource"
-        super().__init__(None if count is None else _int(owner, "count", count, 1), _DEFAULT_COUNT)
         self.queue_url = _check_url(owner, queue_url)
         if decode not in DECODINGS:
             raise ConfigError(f"{owner}.decode: expected one of {DECODINGS}, got {decode!r}")
         self.decode = decode
-        self.wait_time = _int(owner, "wait_time", wait_time, 0, 20)
+        self.wait_time = int_option(owner, "wait_time", wait_time, 0, 20)
         self._visibility_given = (
             None
             if visibility_timeout is None
-            else _int(owner, "visibility_timeout", visibility_timeout, 1, 43_200)
+            else int_option(owner, "visibility_timeout", visibility_timeout, 1, 43_200)
         )
         self.visibility_timeout = self._visibility_given or 30
-        self.max_receives = _int(owner, "max_receives", max_receives, 1)
+        self.max_receives = int_option(owner, "max_receives", max_receives, 1)
+        super().__init__(owner, count, _DEFAULT_COUNT)  # checks count here, in Args order
         self._receivers_given = (
-            None if receivers is None else _int(owner, "receivers", receivers, 1)
+            None if receivers is None else int_option(owner, "receivers", receivers, 1)
         )
         if batch_key not in ("group", "none"):
             raise ConfigError(f"{owner}.batch_key: expected 'group' or 'none', got {batch_key!r}")
@@ -265,7 +254,7 @@ class SqsSource(BufferedSource):
         self.max_message_bytes = (
             None
             if max_message_bytes is None
-            else _int(owner, "max_message_bytes", max_message_bytes, 1)
+            else int_option(owner, "max_message_bytes", max_message_bytes, 1)
         )
         self._secrets = [s for s in (aws_secret_access_key, aws_session_token) if s]
         self._client = _Client(
@@ -603,7 +592,7 @@ class SqsSink:
                 raise ConfigError(f"{owner}.{name}: expected a field name, got {value!r}")
         self.group_field = group_field
         self.dedup_field = dedup_field
-        self.delay = _int(owner, "delay", delay, 0, 900)
+        self.delay = int_option(owner, "delay", delay, 0, 900)
         self._secrets = [s for s in (aws_secret_access_key, aws_session_token) if s]
         self._client = _Client(
             owner,
