@@ -6,7 +6,8 @@ here (the kombu pattern, docs/ARCHITECTURE.md):
 - ``payload_decoder``: json, bytes, text or frame, with the frame's HMAC checked wherever a frame
   can arrive, so no source can forget it;
 - ``hmac_key_option``: one way to read and validate an HMAC key setting;
-- ``int_option``: one check, with one wording, for every integer setting of a connector;
+- ``int_option`` and ``choice_option``: one check, with one wording, for every integer
+  setting and every setting that names one of a few choices (decode, encode, batch_key);
 - ``Parts``: the ledger of a delivery that holds a frame of many messages, settled once every
   part is, with one rule for mixed outcomes;
 - ``REDELIVERED`` (re-exported from ``batchpunk.envelope``) and ``delivery_limit_error``: the one
@@ -42,6 +43,7 @@ __all__ = [
     "BufferedSource",
     "Parts",
     "delivery_limit_error",
+    "choice_option",
     "hmac_key_option",
     "int_option",
     "payload_decoder",
@@ -79,6 +81,13 @@ def int_option(owner: str, field: str, value: Any, low: int = 1, high: int | Non
         span = f">= {low}" if high is None else f"from {low} to {high}"
         raise ConfigError(f"{owner}.{field}: expected an integer {span}, got {value!r}")
     return value
+
+
+def choice_option(owner: str, field: str, value: Any, choices: tuple[str, ...]) -> str:
+    """A setting that must be one of ``choices``; the error lists them all."""
+    if value not in choices:
+        raise ConfigError(f"{owner}.{field}: expected one of {choices}, got {value!r}")
+    return str(value)
 
 
 def payload_decoder(

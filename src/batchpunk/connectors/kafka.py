@@ -37,6 +37,7 @@ from typing import Any, Protocol
 from batchpunk.connectors._common import PayloadError, mask_secrets, tls_context
 from batchpunk.connectors._toolkit import (
     BufferedSource,
+    choice_option,
     int_option,
     payload_decoder,
     reconnect_delay,
@@ -274,12 +275,8 @@ class KafkaSource(BufferedSource):
         if not isinstance(group_id, str) or not group_id:
             raise ConfigError(f"{owner}.group_id: expected a non-empty string, got {group_id!r}")
         self.group_id = group_id
-        if decode not in DECODINGS:
-            raise ConfigError(f"{owner}.decode: expected one of {DECODINGS}, got {decode!r}")
-        self.decode = decode
-        if batch_key not in BATCH_KEYS:
-            raise ConfigError(f"{owner}.batch_key: expected one of {BATCH_KEYS}, got {batch_key!r}")
-        self.batch_key = batch_key
+        self.decode = choice_option(owner, "decode", decode, DECODINGS)
+        self.batch_key = choice_option(owner, "batch_key", batch_key, BATCH_KEYS)
         self.max_message_bytes = (
             None
             if max_message_bytes is None
@@ -774,9 +771,7 @@ class KafkaSink:
         if not isinstance(topic, str) or not topic:
             raise ConfigError(f"{owner}.topic: expected a topic name, got {topic!r}")
         self.topic = topic
-        if encode not in ENCODINGS:
-            raise ConfigError(f"{owner}.encode: expected one of {ENCODINGS}, got {encode!r}")
-        self.encode = encode
+        self.encode = choice_option(owner, "encode", encode, ENCODINGS)
         if key_field is not None and (not isinstance(key_field, str) or not key_field):
             raise ConfigError(f"{owner}.key_field: expected a field name, got {key_field!r}")
         self.key_field = key_field

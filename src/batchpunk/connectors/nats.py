@@ -47,6 +47,7 @@ from batchpunk.connectors._toolkit import (
     REJECT,
     REQUEUE,
     Parts,
+    choice_option,
     delivery_limit_error,
     hmac_key_option,
     int_option,
@@ -373,9 +374,7 @@ class NatsJetStreamSource:
         self.max_deliver = int_option(owner, "max_deliver", max_deliver, 2)
         self.batch = None if batch is None else int_option(owner, "batch", batch, 1)
         self.fetch_timeout = _seconds(owner, "fetch_timeout", fetch_timeout)
-        if decode not in DECODINGS:
-            raise ConfigError(f"{owner}.decode: expected one of {DECODINGS}, got {decode!r}")
-        self.decode = decode
+        self.decode = choice_option(owner, "decode", decode, DECODINGS)
         if not isinstance(create, bool):
             raise ConfigError(f"{owner}.create: expected true or false, got {create!r}")
         self.create = create
@@ -1103,9 +1102,7 @@ class NatsJetStreamSink:
         self.subject = _name(owner, "subject", subject)
         if any(c in self.subject for c in "*>"):
             raise ConfigError(f"{owner}.subject: cannot publish to a wildcard, got {subject!r}")
-        if encode not in ENCODINGS:
-            raise ConfigError(f"{owner}.encode: expected one of {ENCODINGS}, got {encode!r}")
-        self.encode = encode
+        self.encode = choice_option(owner, "encode", encode, ENCODINGS)
         self.stream = None if stream is None else _name(owner, "stream", stream)
         if msg_id is not None and not (isinstance(msg_id, str) or callable(msg_id)):
             raise ConfigError(

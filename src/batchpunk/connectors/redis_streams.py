@@ -40,6 +40,7 @@ from batchpunk.connectors._toolkit import (
     REQUEUE,
     BufferedSource,
     Parts,
+    choice_option,
     delivery_limit_error,
     hmac_key_option,
     int_option,
@@ -250,9 +251,7 @@ class RedisStreamSource(BufferedSource):
         self.block = _seconds(owner, "block", block)
         self.field = _name(owner, "field", field)
         self._field_bytes = self.field.encode()
-        if decode not in DECODINGS:
-            raise ConfigError(f"{owner}.decode: expected one of {DECODINGS}, got {decode!r}")
-        self.decode = decode
+        self.decode = choice_option(owner, "decode", decode, DECODINGS)
         if not isinstance(create_group, bool):
             raise ConfigError(f"{owner}.create_group: expected true or false")
         self.create_group = create_group
@@ -780,9 +779,7 @@ class RedisStreamSink:
         self.stream = _name(owner, "stream", stream)
         self.maxlen = None if maxlen is None else int_option(owner, "maxlen", maxlen)
         self.field = _name(owner, "field", field)
-        if encode not in ENCODINGS:
-            raise ConfigError(f"{owner}.encode: expected one of {ENCODINGS}, got {encode!r}")
-        self.encode = encode
+        self.encode = choice_option(owner, "encode", encode, ENCODINGS)
         if not isinstance(approximate, bool):
             raise ConfigError(f"{owner}.approximate: expected true or false")
         self.approximate = approximate

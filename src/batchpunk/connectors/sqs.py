@@ -35,6 +35,7 @@ from batchpunk.connectors._common import PayloadError, mask_secrets
 from batchpunk.connectors._toolkit import (
     REDELIVERED,
     BufferedSource,
+    choice_option,
     delivery_limit_error,
     int_option,
     payload_decoder,
@@ -233,9 +234,7 @@ class SqsSource(BufferedSource):
     ) -> None:
         owner = "SqsSource"
         self.queue_url = _check_url(owner, queue_url)
-        if decode not in DECODINGS:
-            raise ConfigError(f"{owner}.decode: expected one of {DECODINGS}, got {decode!r}")
-        self.decode = decode
+        self.decode = choice_option(owner, "decode", decode, DECODINGS)
         self.wait_time = int_option(owner, "wait_time", wait_time, 0, 20)
         self._visibility_given = (
             None
@@ -584,9 +583,7 @@ class SqsSink:
     ) -> None:
         owner = "SqsSink"
         self.queue_url = _check_url(owner, queue_url)
-        if encode not in ENCODINGS:
-            raise ConfigError(f"{owner}.encode: expected one of {ENCODINGS}, got {encode!r}")
-        self.encode = encode
+        self.encode = choice_option(owner, "encode", encode, ENCODINGS)
         for name, value in (("group_field", group_field), ("dedup_field", dedup_field)):
             if value is not None and (not isinstance(value, str) or not value):
                 raise ConfigError(f"{owner}.{name}: expected a field name, got {value!r}")
