@@ -1,13 +1,15 @@
-"""BufferedSource, the read-ahead buffer Redis Streams, Kafka and SQS sources share.
+"""BufferedSource, the read-ahead buffer and reader loop Redis Streams, Kafka and SQS share.
 
-A scripted subclass stands in for a broker: its readers push one envelope per read, so each
-rule of the buffer (start once, backpressure, failure after what was read, stop) is checked
-without a server. The brokers' own behaviour around it is in tests/integration.
+A scripted subclass stands in for a broker: it supplies the primitives (``_open``, ``_read``,
+``_read_failed``) the way a connector does, so each rule of the base (start once,
+backpressure, outage or fatal failure, stop) is checked without a server. The brokers' own
+behaviour around it is in tests/integration.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Sequence
 
 import pytest
 
@@ -18,28 +20,43 @@ from batchpunk.envelope import Envelope
 
 
 class _Scripted(BufferedSource):
-    """Readers that read one envelope per pass, counting reads per reader."""
+    """Readers whose every read returns one envelope, or what ``script`` says for that read."""
 
-    def __init__(self, *, count: int | None = 4, readers: int = 1) -> None:
+    def __init__(
+        self,
+        *,
+        count: int | None = 4,
+        readers: int = 1,
+        script: Callable[[int], Sequence[Envelope]] | None = None,
+    ) -> None:
         super().__init__("Scripted", count, 10)
         self.readers = readers
+        self.script = script
         self.opened = 0
-        self.reads = [0] * readers
+        self.calls = 0
+        self.reads: dict[asyncio.Task[None] | None, int] = {}
         self.tasks: list[asyncio.Task[None]] = []
+        self.ended = 0
 
     async def _open(self) -> None:
         self.opened += 1
         await asyncio.sleep(0)  # racing first callers pile up on the start lock here
-        self.tasks = [asyncio.create_task(self._read_loop(i)) for i in range(self.readers)]
+        self.tasks = [asyncio.create_task(self._read_loop()) for _ in range(self.readers)]
 
-    async def _read_loop(self, reader: int) -> None:
-        while self._consuming:
-            if self._full():
-                await self._wait_for_room()
-                continue
-            self.reads[reader] += 1
-            self._push([Envelope((reader, self.reads[reader]))])
-            await asyncio.sleep(0)
+    async def _read(self) -> Sequence[Envelope]:
+        self.calls += 1
+        if self.script is not None:
+            return self.script(self.calls)
+        await asyncio.sleep(0)  # a read takes a while: other readers read meanwhile
+        task = asyncio.current_task()
+        self.reads[task] = self.reads.get(task, 0) + 1  # type: ignore[index]
+        return [Envelope(self.calls)]
+
+    def _read_failed(self, exc: Exception) -> BaseException | None:
+        return None if isinstance(exc, OSError) else exc
+
+    def _reading_ended(self) -> None:
+        self.ended += 1
 
     async def close(self) -> None:
         self.stop_consuming()
@@ -65,64 +82,81 @@ async def test_a_full_buffer_stops_the_reader_until_drained_below_count() -> Non
     await source.__anext__()
     await _settle()
     assert len(source._buffer) == 4
-    reads = sum(source.reads)
+    calls = source.calls
     await _settle()
-    assert sum(source.reads) == reads  # waiting on demand, not polling
+    assert source.calls == calls  # waiting on demand, not polling
     await source.__anext__()
     await _settle()
-    assert sum(source.reads) == reads + 1
+    assert source.calls == calls + 1
     assert len(source._buffer) == 4
     await source.close()
 
 
 async def test_every_waiting_reader_reads_again_once_the_buffer_is_drained() -> None:
     """With several readers waiting for room, draining the buffer wakes all of them."""
-    source = _Scripted(count=4, readers=3)
+    source = _Scripted(count=6, readers=3)
     await source.__anext__()
     await _settle()
-    before = list(source.reads)
-    for _ in range(4):
+    before = dict(source.reads)
+    assert len(before) == 3
+    while source._buffer:
         await source.__anext__()
     await _settle()
-    assert all(after > was for after, was in zip(source.reads, before, strict=True))
+    assert all(source.reads[task] > reads for task, reads in before.items())
     await source.close()
 
 
-async def test_a_readers_failure_is_raised_after_what_it_read_before() -> None:
-    """Envelopes pushed before a fatal error are handed out first, then the error is raised."""
+async def test_a_fatal_read_error_is_raised_after_what_was_read_before() -> None:
+    """Envelopes read before a fatal error are handed out first, then the error is raised."""
 
-    class Failing(_Scripted):
-        async def _read_loop(self, reader: int) -> None:
-            self._push([Envelope("a"), Envelope("b")])
-            self._fail(RuntimeError("the broker refused"))
+    def script(call: int) -> Sequence[Envelope]:
+        if call == 1:
+            return [Envelope("a"), Envelope("b")]
+        raise RuntimeError("the broker refused")
 
-    source = Failing()
+    source = _Scripted(script=script)
     assert [(await source.__anext__()).payload for _ in range(2)] == ["a", "b"]
     with pytest.raises(RuntimeError, match="refused"):
         await source.__anext__()
+
+
+async def test_an_outage_is_retried_after_a_backoff_counted_from_the_last_success(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Failed reads back off with a growing failure count, which a good read resets."""
+    delays: list[int] = []
+    monkeypatch.setattr(_toolkit, "reconnect_delay", lambda failures: delays.append(failures) or 0)
+
+    def script(call: int) -> Sequence[Envelope]:
+        if call in (1, 2, 4):
+            raise OSError("connection refused")
+        return [Envelope(call)]
+
+    source = _Scripted(script=script)
+    assert (await source.__anext__()).payload == 3
+    assert (await source.__anext__()).payload == 5
+    assert delays == [1, 2, 1]
+    await source.close()
 
 
 async def test_stop_consuming_ends_a_waiting_iteration_and_cuts_a_backoff_short(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A caller waiting for envelopes gets StopAsyncIteration, and a reader backing off from
-    an unreachable broker returns at once instead of after its reconnect delay."""
+    an unreachable broker leaves its loop at once instead of after its reconnect delay."""
     monkeypatch.setattr(_toolkit, "reconnect_delay", lambda failures: 60.0)
 
-    class Unreachable(_Scripted):
-        async def _read_loop(self, reader: int) -> None:
-            failures = 0
-            while self._consuming:
-                failures += 1
-                await self._backoff(failures)
+    def unreachable(call: int) -> Sequence[Envelope]:
+        raise OSError("no route to host")
 
-    source = Unreachable()
+    source = _Scripted(script=unreachable)
     waiting = asyncio.create_task(source.__anext__())
     await _settle()
     source.stop_consuming()
     with pytest.raises(StopAsyncIteration):
         await asyncio.wait_for(waiting, 1)
     await asyncio.wait_for(asyncio.gather(*source.tasks), 1)
+    assert source.ended == 1
 
 
 async def test_prepare_sizes_reads_to_the_batches_unless_count_was_given() -> None:

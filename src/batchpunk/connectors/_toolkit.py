@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Self
 
 from batchpunk.envelope import REDELIVERED, Envelope
@@ -163,18 +163,21 @@ class BufferedSource:
 
     - the first ``__anext__`` starts the source once (``_open``), however many callers race;
     - envelopes come out in the order the readers pushed them;
-    - a reader that finds the buffer full (``_full``) waits in ``_wait_for_room`` until the
-      pipeline drained it below ``count``, so a slow downstream holds messages in the broker,
-      not in memory; ``__anext__`` wakes it only then, so handing out costs no wake-up;
-    - a reader's fatal error (``_fail``) is raised by ``__anext__`` once what was read before
-      it has been handed out;
+    - a reader (``_read_loop``, one task or several) that finds the buffer full (``_full``)
+      waits until the pipeline drained it below ``count``, so a slow downstream holds messages
+      in the broker, not in memory; ``__anext__`` wakes it only then, so handing out costs no
+      wake-up;
+    - a failed read is either an outage, retried after a capped, jittered ``_backoff``, or
+      fatal: ``__anext__`` raises it once what was read before it has been handed out;
     - ``stop_consuming()`` ends the iteration at once, stops new reads (the one in flight
-      completes), and cuts a reader's ``_backoff`` short; settling keeps working until the
-      subclass's ``close()``.
+      completes), and cuts a backoff short; settling keeps working until the subclass's
+      ``close()``.
 
-    A subclass supplies ``_open()`` (connect and start its reader tasks; on failure close what
-    it opened and raise) and its readers; ``_full``, ``_pause_reading`` and ``_resume_reading``
-    are there to override where the broker can do better (Kafka pauses its partitions).
+    A subclass supplies the primitives: ``_open()`` (connect and start ``_read_loop`` tasks;
+    on failure close what it opened and raise), ``_read()`` (one read: the envelopes to hand
+    out) and ``_read_failed()`` (outage or fatal). ``_full``, ``_pause_reading``,
+    ``_resume_reading`` and ``_reading_ended`` are there to override where the broker can do
+    better (Kafka pauses its partitions; Redis gives back unhanded entries at once).
     """
 
     def __init__(self, owner: str, count: int | None, default_count: int) -> None:
@@ -249,6 +252,39 @@ class BufferedSource:
 
     # -- the readers' side -----------------------------------------------------------------
 
+    async def _read_loop(self) -> None:
+        """One reader task: read while iterating, wait for room, back off from outages."""
+        failures = 0
+        while self._consuming:
+            if self._full():
+                await self._wait_for_room()
+                continue
+            try:
+                envelopes = await self._read()
+            except Exception as exc:
+                error = self._read_failed(exc)
+                if error is not None:
+                    self._fail(error)
+                    return
+                failures += 1
+                await self._backoff(failures)
+                continue
+            failures = 0
+            self._push(envelopes)
+        self._reading_ended()
+
+    async def _read(self) -> Sequence[Envelope]:
+        """One read from the broker: the envelopes to hand out, in order (maybe none)."""
+        raise NotImplementedError
+
+    def _read_failed(self, exc: Exception) -> BaseException | None:
+        """None when a failed read is an outage (logged here, retried after a backoff); else
+        the error that stops the source."""
+        return exc
+
+    def _reading_ended(self) -> None:
+        """Called when a reader leaves its loop after stop_consuming()."""
+
     def _full(self) -> bool:
         """True when a reader must wait for the pipeline before it reads again."""
         return len(self._buffer) >= self.count
@@ -274,15 +310,13 @@ class BufferedSource:
     def _resume_reading(self) -> None:
         """Called when that reader stops waiting."""
 
-    def _push(self, envelopes: Iterable[Envelope]) -> int:
-        """Append what a read produced and wake the pipeline; how many were appended."""
+    def _push(self, envelopes: Iterable[Envelope]) -> None:
+        """Append what a read produced and wake the pipeline."""
         buffer = self._buffer
         before = len(buffer)
         buffer.extend(envelopes)
-        added = len(buffer) - before
-        if added:
+        if len(buffer) > before:
             self._ready.set()
-        return added
 
     def _fail(self, error: BaseException) -> None:
         """Stop the source: ``__anext__`` raises ``error`` once the buffer is drained."""

@@ -364,7 +364,7 @@ class KafkaSource(BufferedSource):
             with contextlib.suppress(Exception):
                 await consumer.stop()
             raise self._translate(exc, "connecting") from exc
-        self._fetcher = asyncio.create_task(self._fetch_loop(), name=f"{self!r} fetch")
+        self._fetcher = asyncio.create_task(self._read_loop(), name=f"{self!r} fetch")
         self._committer = asyncio.create_task(self._commit_loop(), name=f"{self!r} commit")
 
     def _translate(self, exc: BaseException, doing: str) -> BaseException:
@@ -375,32 +375,19 @@ class KafkaSource(BufferedSource):
 
     # -- the fetch task ----------------------------------------------------------------------
 
-    async def _fetch_loop(self) -> None:
-        consumer, errors = self._consumer, self._errors
-        failures = 0
-        while self._consuming:
-            if self._full():
-                await self._wait_for_room()
-                continue
-            try:
-                records = await consumer.getmany(
-                    timeout_ms=round(self.fetch_timeout * 1000), max_records=self.count
-                )
-                failures = 0
-            except asyncio.CancelledError:
-                raise
-            except _unavailable(errors) as exc:
-                logger.warning("%s; retrying", self._translate(exc, "fetching"))
-                failures += 1
-                await self._backoff(failures)
-                continue
-            except Exception as exc:
-                error = self._translate(exc, "fetching")
-                logger.error("%s; the source stops", error)
-                self._fail(error)
-                return
-            if records:
-                self._accept(records)
+    async def _read(self) -> list[Envelope]:
+        records = await self._consumer.getmany(
+            timeout_ms=round(self.fetch_timeout * 1000), max_records=self.count
+        )
+        return self._accept(records) if records else []
+
+    def _read_failed(self, exc: Exception) -> BaseException | None:
+        if isinstance(exc, _unavailable(self._errors)):
+            logger.warning("%s; retrying", self._translate(exc, "fetching"))
+            return None
+        error = self._translate(exc, "fetching")
+        logger.error("%s; the source stops", error)
+        return error
 
     def _full(self) -> bool:
         return len(self._buffer) >= self.buffer_size
@@ -416,7 +403,7 @@ class KafkaSource(BufferedSource):
         if assigned and not self._closing:
             self._consumer.resume(*assigned)
 
-    def _accept(self, records: Mapping[Any, Sequence[Any]]) -> None:
+    def _accept(self, records: Mapping[Any, Sequence[Any]]) -> list[Envelope]:
         """Turn fetched records into envelopes; records of a partition not (or no longer) ours
         are dropped unread: their next owner reads them from the committed offset."""
         envelopes: list[Envelope] = []
@@ -448,7 +435,8 @@ class KafkaSource(BufferedSource):
                     continue
                 ledger.deliver(offset)
                 envelopes.append(self._envelope(ledger, record))
-        self.read += self._push(envelopes)
+        self.read += len(envelopes)
+        return envelopes
 
     def _envelope(self, ledger: _Ledger, record: Any) -> Envelope:
         key = _text_or_bytes(record.key)

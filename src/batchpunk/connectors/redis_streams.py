@@ -275,6 +275,7 @@ class RedisStreamSource(BufferedSource):
         self._requeues: list[str] = []
         self._pending_phase = True
         self._pending_cursor = "0"
+        self._lost_group = False  # the group vanished: recreate it before the next read
 
     def __repr__(self) -> str:
         return (
@@ -338,51 +339,39 @@ class RedisStreamSource(BufferedSource):
 
     # -- the reader task ---------------------------------------------------------------------
 
-    async def _read_loop(self) -> None:
-        """Fill the buffer on demand: own pending entries first, then new ones."""
+    async def _read(self) -> list[Envelope]:
+        """Own pending entries first (a restarted worker finishes its own), then new ones."""
+        if self._lost_group:  # after the backoff, not at once: Redis may still be restarting
+            self._lost_group = False
+            with contextlib.suppress(self._errors.RedisError, ConfigError):
+                await self._ensure_group()
+        if self._pending_phase:
+            return await self._read_pending()
+        return await self._read_new()
+
+    def _read_failed(self, exc: Exception) -> BaseException | None:
         errors = self._errors
-        failures = 0
-        while self._consuming:
-            if self._full():
-                await self._wait_for_room()
-                continue
-            try:
-                if self._pending_phase:
-                    envelopes = await self._read_pending()
-                else:
-                    envelopes = await self._read_new()
-                failures = 0
-            except (errors.AuthenticationError, errors.AuthorizationError) as exc:
-                self._fail(exc)
-                return
-            except errors.ResponseError as exc:
-                # NOGROUP: the group (or the whole key) is gone; UNBLOCKED: it went while this
-                # read was blocked on it. Both happen when Redis restarts without persistence.
-                if not str(exc).startswith(("NOGROUP", "UNBLOCKED")):
-                    self._fail(exc)
-                    return
-                if not self.create_group:
-                    self._fail(ConfigError(self._no_group_message()))
-                    return
-                logger.warning(
-                    "%r: group or stream disappeared (Redis restarted or the key was deleted); "
-                    "recreating it",
-                    self,
-                )
-                failures += 1
-                await self._backoff(failures)
-                with contextlib.suppress(errors.RedisError, ConfigError):
-                    await self._ensure_group()
-                continue
-            except (errors.ConnectionError, errors.TimeoutError, OSError) as exc:
-                self._log_transient("read", exc)
-                failures += 1
-                await self._backoff(failures)
-                continue
-            except Exception as exc:
-                self._fail(exc)
-                return
-            self._push(envelopes)
+        # NOGROUP: the group (or the whole key) is gone; UNBLOCKED: it went while this read
+        # was blocked on it. Both happen when Redis restarts without persistence.
+        if isinstance(exc, errors.ResponseError) and str(exc).startswith(("NOGROUP", "UNBLOCKED")):
+            if not self.create_group:
+                return ConfigError(self._no_group_message())
+            logger.warning(
+                "%r: group or stream disappeared (Redis restarted or the key was deleted); "
+                "recreating it",
+                self,
+            )
+            self._lost_group = True
+            return None
+        refused = errors.AuthenticationError | errors.AuthorizationError  # ConnectionErrors too
+        if isinstance(exc, errors.ConnectionError | errors.TimeoutError | OSError) and not (
+            isinstance(exc, refused)
+        ):
+            self._log_transient("read", exc)
+            return None
+        return exc  # refused credentials or command, or unexpected: retrying cannot help
+
+    def _reading_ended(self) -> None:
         self._requeue_unhanded()
 
     async def _read_pending(self) -> list[Envelope]:

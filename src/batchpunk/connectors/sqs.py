@@ -307,7 +307,7 @@ class SqsSource(BufferedSource):
             self.visibility_timeout = int(attributes.get("VisibilityTimeout", 30))
         self.fifo = attributes.get("FifoQueue") == "true"
         self._tasks = [
-            asyncio.create_task(self._receive_loop(), name=f"{self!r} receive {i}")
+            asyncio.create_task(self._read_loop(), name=f"{self!r} receive {i}")
             for i in range(self.receivers)
         ]
         self._keeper = asyncio.create_task(self._keep_loop(), name=f"{self!r} keeper")
@@ -316,55 +316,47 @@ class SqsSource(BufferedSource):
 
     # -- receiving -----------------------------------------------------------------------------
 
-    async def _receive_loop(self) -> None:
-        failures = 0
+    async def _read(self) -> list[Envelope]:
         client = await self._client.get()
-        while self._consuming:
-            if self._full():
-                await self._wait_for_room()
+        reply = await client.receive_message(
+            QueueUrl=self.queue_url,
+            MaxNumberOfMessages=BATCH_ENTRIES,
+            WaitTimeSeconds=self.wait_time,
+            VisibilityTimeout=self.visibility_timeout,
+            MessageSystemAttributeNames=[
+                "ApproximateReceiveCount",
+                "SentTimestamp",
+                "MessageGroupId",
+            ],
+            MessageAttributeNames=["All"],
+        )
+        messages = reply.get("Messages", ())
+        if not messages:
+            return []
+        if self._stopping():  # received while stopping: give them back at once
+            await self._release([m["ReceiptHandle"] for m in messages])
+            return []
+        envelopes: list[Envelope] = []
+        for message in messages:
+            held = self._by_id.get(message["MessageId"])
+            if held is not None:
+                # Delivered again while this worker holds it (a standard queue delivers at
+                # least once): one envelope is enough; only the newest receipt counts.
+                self._held.pop(held.handle, None)
+                held.handle = message["ReceiptHandle"]
+                self._held[held.handle] = held
                 continue
-            try:
-                reply = await client.receive_message(
-                    QueueUrl=self.queue_url,
-                    MaxNumberOfMessages=BATCH_ENTRIES,
-                    WaitTimeSeconds=self.wait_time,
-                    VisibilityTimeout=self.visibility_timeout,
-                    MessageSystemAttributeNames=[
-                        "ApproximateReceiveCount",
-                        "SentTimestamp",
-                        "MessageGroupId",
-                    ],
-                    MessageAttributeNames=["All"],
-                )
-                failures = 0
-            except Exception as exc:
-                error = _translate(repr(self), exc, "receiving", self._secrets)
-                if isinstance(error, SqsUnavailable):
-                    logger.warning("%s; retrying", error)
-                    failures += 1
-                    await self._backoff(failures)
-                    continue
-                logger.error("%s; the source stops", error)
-                self._fail(error)
-                return
-            messages = reply.get("Messages", ())
-            if not messages:
-                continue
-            if self._stopping():  # received while stopping: give them back at once
-                await self._release([m["ReceiptHandle"] for m in messages])
-                return
-            envelopes: list[Envelope] = []
-            for message in messages:
-                held = self._by_id.get(message["MessageId"])
-                if held is not None:
-                    # Delivered again while this worker holds it (a standard queue delivers at
-                    # least once): one envelope is enough; only the newest receipt counts.
-                    self._held.pop(held.handle, None)
-                    held.handle = message["ReceiptHandle"]
-                    self._held[held.handle] = held
-                    continue
-                envelopes.append(self._envelope(message))
-            self.received += self._push(envelopes)
+            envelopes.append(self._envelope(message))
+        self.received += len(envelopes)
+        return envelopes
+
+    def _read_failed(self, exc: Exception) -> BaseException | None:
+        error = _translate(repr(self), exc, "receiving", self._secrets)
+        if isinstance(error, SqsUnavailable):
+            logger.warning("%s; retrying", error)
+            return None
+        logger.error("%s; the source stops", error)
+        return error
 
     def _envelope(self, message: Mapping[str, Any]) -> Envelope:
         handle, message_id = message["ReceiptHandle"], message["MessageId"]
