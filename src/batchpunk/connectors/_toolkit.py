@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ACK",
     "DECODINGS",
+    "ENCODINGS",
     "REDELIVERED",
     "REJECT",
     "REQUEUE",
@@ -52,6 +53,10 @@ __all__ = [
 
 #: How a source turns message bytes into payloads.
 DECODINGS = ("json", "bytes", "text", "frame")
+
+#: How a sink of a broker that carries bytes (Redis Streams, NATS) turns payloads into them:
+#: the same names, so what such a sink writes, a source of either broker reads.
+ENCODINGS = DECODINGS
 
 #: Outcomes of one message, in the order ``Parts`` ranks them (see there).
 REJECT, ACK, REQUEUE = 1, 2, 3

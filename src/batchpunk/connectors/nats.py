@@ -43,6 +43,7 @@ from batchpunk.connectors._common import mask_secrets, mask_url, tls_context
 from batchpunk.connectors._toolkit import (
     ACK,
     DECODINGS,
+    ENCODINGS,
     REDELIVERED,
     REJECT,
     REQUEUE,
@@ -75,10 +76,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-#: How a Source turns message bytes into payloads.
-#: How a Sink turns payloads into message bytes.
-ENCODINGS = ("json", "bytes", "text", "frame")
 
 #: TLS: None/False (plain, unless a server URL says tls://), True (system trust store), an
 #: ssl.SSLContext, or a mapping with ``ca_file``, ``cert_file``, ``key_file``, ``verify``.

@@ -36,6 +36,7 @@ from batchpunk.connectors._common import mask_secrets, mask_url
 from batchpunk.connectors._toolkit import (
     ACK,
     DECODINGS,
+    ENCODINGS,
     REDELIVERED,
     REQUEUE,
     BufferedSource,
@@ -65,9 +66,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-ENCODINGS = ("json", "bytes", "text", "frame")
 
 _ONE = 1  # the value in _held of an entry holding one message (no parts ledger)
 _CHUNK = 1000  # ids per XACK / XCLAIM command
