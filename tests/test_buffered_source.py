@@ -92,6 +92,28 @@ async def test_a_full_buffer_stops_the_reader_until_drained_below_count() -> Non
     await source.close()
 
 
+@pytest.mark.timeout(10)
+async def test_a_high_water_mark_below_count_waits_instead_of_spinning() -> None:
+    """A _full below count (KafkaSource with buffer_size under the batch size) still waits.
+
+    Before, the reader waited only while the buffer held count envelopes, so it returned at
+    once, found the buffer full again and looped without yielding: the event loop froze.
+    """
+
+    class Small(_Scripted):
+        def _full(self) -> bool:
+            return len(self._buffer) >= 3
+
+    source = Small(count=8)
+    await source.__anext__()
+    await _settle()
+    assert len(source._buffer) == 3
+    await source.__anext__()
+    await _settle()
+    assert len(source._buffer) == 3
+    await source.close()
+
+
 async def test_every_waiting_reader_reads_again_once_the_buffer_is_drained() -> None:
     """With several readers waiting for room, draining the buffer wakes all of them."""
     source = _Scripted(count=6, readers=3)

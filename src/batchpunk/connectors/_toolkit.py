@@ -295,14 +295,16 @@ class BufferedSource:
         return len(self._buffer) >= self.count
 
     async def _wait_for_room(self) -> None:
-        """Backpressure: wait until the pipeline drained the buffer below ``count``.
+        """Backpressure: wait until the pipeline drained the buffer below ``count``, and below
+        the ``_full`` mark where that is lower (Kafka's buffer_size may be): waiting for less
+        would send the reader straight back here without yielding, freezing the loop.
 
         The reader loops back to its ``while self._consuming`` afterwards, so a stop during
         the wait starts no read.
         """
         self._pause_reading()
         try:
-            while self._consuming and len(self._buffer) >= self.count:
+            while self._consuming and (len(self._buffer) >= self.count or self._full()):
                 self._paused = True  # again after every wake-up: several readers may wait
                 self._demand.clear()
                 await self._demand.wait()
