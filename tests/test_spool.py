@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import threading
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -152,7 +154,7 @@ async def test_a_message_finished_before_its_write_gets_its_marker_after_its_rec
         if not written:
             first_write_may_go.wait(10)
         scan = _scan(data, last=False)  # a write's payload is whole records: chunk, then marks
-        written.update(seq for seq, _, _ in scan.messages)
+        written.update(seq for seq, _, _, _ in scan.messages)
         ahead.extend(seq for seq in scan.finished if seq not in written)
         write(segment, data, sync)
 
@@ -250,8 +252,8 @@ async def test_a_torn_tail_is_cut_at_every_byte_offset_of_the_last_record(tmp_pa
     last = segments(source)[-1]
     data = last.read_bytes()
     scan = _scan(data, last=True)
-    start = scan.messages[-1][1]
-    assert scan.messages[-1][1] + scan.messages[-1][2] == len(data)
+    start, length = scan.groups[-1]  # each await add_message above is a group of its own
+    assert start + length == len(data)
     for cut in range(start, len(data) + 1):
         path = tmp_path / f"cut{cut}"
         shutil.copytree(source, path)
@@ -273,7 +275,7 @@ async def test_a_flipped_byte_in_the_middle_is_one_malformed_letter_with_its_byt
     await leave_unfinished(path, [{"n": i} for i in range(10)])
     seg = segments(path)[-1]
     data = bytearray(seg.read_bytes())
-    _, offset, length = _scan(bytes(data), last=True).messages[4]
+    offset, length = _scan(bytes(data), last=True).groups[4]  # message 4's own group
     original = bytes(data[offset : offset + length])
     spot = {"payload": offset + length - 3, "length field": offset + 6, "crc": offset}[where]
     data[spot] ^= 0x55
@@ -307,6 +309,82 @@ async def test_a_damaged_record_at_the_end_that_is_complete_is_dead_lettered(
     recorder, letters = await replay(path)
     assert [m["n"] for m in recorder.seen] == [0, 1]
     assert [letter.reason for letter in letters.letters] == ["malformed"]
+
+
+async def leave_groups(path: Path, groups: list[list[Any]]) -> None:
+    """Spool each list as one group commit (its producers await together), leave all unfinished."""
+    processor = BatchProcessor(config(), never, spool=Spool(path))
+    async with processor:
+        for group in groups:
+            await asyncio.gather(*(processor.add_message(m) for m in group))
+
+
+GROUPS = [[{"n": 0}], [{"n": n} for n in range(1, 6)], [{"n": 6}], [{"n": n} for n in range(7, 11)]]
+
+
+async def test_a_torn_group_is_cut_at_every_byte_offset_and_loses_only_its_own_messages(
+    tmp_path: Path,
+) -> None:
+    """A group commit is one record: cut anywhere, its messages go (their producers were never
+    told they were durable) and every earlier group is replayed, without a dead letter."""
+    source = tmp_path / "source"
+    await leave_groups(source, GROUPS)
+    data = segments(source)[-1].read_bytes()
+    scan = _scan(data, last=True)
+    assert len(scan.groups) == len(GROUPS)  # one record per group commit
+    start, length = scan.groups[-1]
+    assert start + length == len(data)
+    for cut in range(start, len(data) + 1):
+        path = tmp_path / f"cut{cut}"
+        shutil.copytree(source, path)
+        os.truncate(segments(path)[-1], cut)
+        recorder, letters = await replay(path)
+        expected = 11 if cut == len(data) else 7
+        assert [m["n"] for m in recorder.seen] == list(range(expected)), cut
+        assert len(letters) == 0, cut
+        assert inspect_spool(path).unfinished == 0
+        shutil.rmtree(path)
+
+
+@pytest.mark.parametrize("where", ["a message", "a length", "the count"])
+async def test_a_damaged_group_in_the_middle_is_one_malformed_letter_with_its_bytes(
+    tmp_path: Path, where: str
+) -> None:
+    """A flipped byte anywhere in a group makes the whole group one "malformed" letter holding
+    its bytes (the CRC covers the group, not each message); the other groups are replayed."""
+    path = tmp_path / "s"
+    await leave_groups(path, GROUPS)
+    seg = segments(path)[-1]
+    data = bytearray(seg.read_bytes())
+    offset, length = _scan(bytes(data), last=True).groups[1]  # messages 1 to 5
+    original = bytes(data[offset : offset + length])
+    # Header 9 bytes, then first sequence number (8), count (4), serializer id (1), lengths.
+    spot = {"a message": offset + length - 30, "a length": offset + 26, "the count": offset + 17}
+    data[spot[where]] ^= 0x55
+    seg.write_bytes(bytes(data))
+    assert inspect_spool(path).unfinished == 6
+    recorder, letters = await replay(path)
+    assert [m["n"] for m in recorder.seen] == [0, 6, 7, 8, 9, 10]
+    assert [letter.reason for letter in letters.letters] == ["malformed"]
+    assert len(letters.letters[0].message) == len(original)
+    again, more = await replay(path)
+    assert again.seen == []
+    assert len(more) == 0
+
+
+def test_a_group_whose_lengths_do_not_add_up_is_damage_even_with_a_good_crc() -> None:
+    """Lengths that overrun or fall short of the record are not trusted because the CRC
+    matches (a writer bug, not a disk fault, but replaying a misparse would be worse)."""
+    body = b'[{"n":1},null,0]'
+    for lengths in ([len(body) + 1], [len(body) - 1], [len(body), 0, 2**31]):
+        packed = struct.pack(f"<{len(lengths)}I", *lengths)
+        payload = struct.pack("<QIB", 1, len(lengths), 1) + packed + body
+        rest = struct.pack("<BI", 1, len(payload)) + payload
+        record = struct.pack("<I", zlib.crc32(rest)) + rest
+        scan = _scan(record + _marker_records([9], []), last=False)
+        assert scan.messages == [], lengths
+        assert scan.damaged == [(0, len(record))], lengths
+        assert scan.finished == [9]
 
 
 async def test_max_bytes_refuses_under_raise_and_waits_under_block(tmp_path: Path) -> None:

@@ -63,14 +63,14 @@ log = logging.getLogger("batchpunk.spool")
 #: Record header: CRC-32 of everything after it, record type, payload length (little-endian).
 _HEADER = struct.Struct("<IBI")
 HEADER_SIZE = _HEADER.size
-#: A message record's payload starts with its sequence number and serializer id.
-_MSG_PREFIX = struct.Struct("<QB")
+#: A message group's payload starts with its first sequence number, its message count and the
+#: serializer id; then one u32 length per message, then the messages' bytes back to back.
+_GROUP = struct.Struct("<QIB")
 #: A settled-damage record: segment number and byte offset of the damaged bytes.
 _DAMAGE = struct.Struct("<QQ")
 _CRC = struct.Struct("<I")
-_KIND_LEN = struct.Struct("<BI")
-#: Type, length, sequence number, serializer id: a message record's bytes after its CRC.
-_MSG_HEAD = struct.Struct("<BIQB")
+#: Type, length, first sequence number, count, serializer id: a group's bytes after its CRC.
+_GROUP_HEAD = struct.Struct("<BIQIB")
 MESSAGE, FINISHED, DAMAGE_SETTLED = 1, 2, 3
 _SERIALIZER_IDS = {"json": 1, "msgpack": 2, "pickle": 3}
 _SERIALIZER_NAMES = {v: k for k, v in _SERIALIZER_IDS.items()}
@@ -181,16 +181,22 @@ class _Shared(asyncio.Future[None]):
 
 
 class _Chunk:
-    """Records appended since the last write, and the future their producers wait on."""
+    """Messages appended since the last write, and the future their producers wait on.
 
-    __slots__ = ("count", "data", "early", "first", "future", "held", "segment")
+    It keeps each message's serialized bytes in a list and is framed only when written, as one
+    record for the whole group (one header, one CRC-32): an append is then a list append, where
+    framing and checksumming each message on the event loop cost twice as much as the rest of
+    the spool's per-message work (docs/spool.md, "Format").
+    """
+
+    __slots__ = ("bodies", "early", "first", "future", "held", "segment", "size")
 
     def __init__(self, future: _Shared, first: int) -> None:
-        self.data = bytearray()
-        #: Its records' sequence numbers, first .. first + count - 1: appends go to the newest
-        #: chunk only, so a chunk's numbers are consecutive (a range, not a list per message).
+        self.bodies: list[bytes] = []
+        self.size = 0  # bytes in bodies
+        #: Its messages' sequence numbers, first .. first + len(bodies) - 1: appends go to the
+        #: newest chunk only, so a chunk's numbers are consecutive (a range, not a list).
         self.first = first
-        self.count = 0
         self.future = future
         #: The segment that holds these records once written; messages finished before that.
         self.segment: _Segment | None = None
@@ -199,6 +205,21 @@ class _Chunk:
         #: rode with an older chunk would reach the disk before its record, and a crash in
         #: between left a marker for a sequence number the next start hands out again.
         self.held: list[int] = []
+
+    def framed(self, serializer_id: int) -> bytes:
+        """The group record: header and CRC-32, the message lengths, then the messages."""
+        bodies = self.bodies
+        count = len(bodies)
+        lengths = struct.pack(f"<{count}I", *map(len, bodies))
+        payload = b"".join(bodies)
+        length = _GROUP.size + len(lengths) + len(payload)
+        head = _GROUP_HEAD.pack(MESSAGE, length, self.first, count, serializer_id)
+        crc = zlib.crc32(payload, zlib.crc32(lengths, zlib.crc32(head)))
+        return b"".join((_CRC.pack(crc), head, lengths, payload))
+
+    def overhead(self) -> int:
+        """Bytes the spool counts as buffered for this chunk (bodies and their lengths)."""
+        return self.size + 4 * len(self.bodies)
 
 
 class _Segment:
@@ -244,7 +265,8 @@ class SpoolReport:
 class _Scan:
     """The records of one segment file: messages, finish marks, and damage found."""
 
-    messages: list[tuple[int, int, int]]  # (seq, offset, length)
+    messages: list[tuple[int, int, int, int]]  # (seq, serializer id, offset, length)
+    groups: list[tuple[int, int]]  # (offset, length) of each message group record
     finished: list[int]
     settled: list[tuple[int, int]]
     damaged: list[tuple[int, int]]  # (offset, length) of bytes that do not check out
@@ -264,7 +286,23 @@ def _record_at(data: bytes, offset: int) -> tuple[int, int] | None:
         return None
     if zlib.crc32(data[offset + 4 : end]) != crc:
         return None
+    if kind == MESSAGE and _group_lengths(data, offset + HEADER_SIZE, end) is None:
+        return None  # checks out but does not add up: damage all the same
     return kind, HEADER_SIZE + length
+
+
+def _group_lengths(data: bytes, body: int, end: int) -> tuple[int, ...] | None:
+    """The message lengths of the group whose payload spans ``body`` .. ``end``, if they fit."""
+    if end - body < _GROUP.size:
+        return None
+    count = _GROUP.unpack_from(data, body)[1]
+    start = body + _GROUP.size
+    if start + 4 * count > end:
+        return None
+    lengths: tuple[int, ...] = struct.unpack_from(f"<{count}I", data, start)
+    if start + 4 * count + sum(lengths) != end:
+        return None
+    return lengths
 
 
 def _scan(data: bytes, *, last: bool) -> _Scan:
@@ -273,16 +311,22 @@ def _scan(data: bytes, *, last: bool) -> _Scan:
     Damage followed by nothing valid is a torn tail in the last segment (cut, not dead-lettered,
     when the last record is incomplete), and dead-lettered damage anywhere else.
     """
-    out = _Scan([], [], [], [], len(data), False)
+    out = _Scan([], [], [], [], [], len(data), False)
     offset, size = 0, len(data)
     while offset < size:
         found = _record_at(data, offset)
         if found is not None:
             kind, total = found
             body = offset + HEADER_SIZE
-            if kind == MESSAGE and total - HEADER_SIZE >= _MSG_PREFIX.size:
-                seq = _MSG_PREFIX.unpack_from(data, body)[0]
-                out.messages.append((seq, offset, total))
+            if kind == MESSAGE:
+                first, count, sid = _GROUP.unpack_from(data, body)
+                lengths = _group_lengths(data, body, offset + total)
+                assert lengths is not None  # _record_at checked it
+                at = body + _GROUP.size + 4 * count
+                for index, length in enumerate(lengths):
+                    out.messages.append((first + index, sid, at, length))
+                    at += length
+                out.groups.append((offset, total))
             elif kind == FINISHED:
                 count = (total - HEADER_SIZE) // 8
                 out.finished.extend(struct.unpack_from(f"<{count}Q", data, body))
@@ -332,7 +376,7 @@ def _segment_files(directory: Path) -> list[tuple[int, Path]]:
 @dataclass
 class _Recovered:
     segments: list[_Segment]
-    replay: list[tuple[int, bytes, _Segment]]  # (seq, record bytes, segment)
+    replay: list[tuple[int, int, bytes, _Segment]]  # (seq, serializer id, bytes, segment)
     damaged: list[tuple[_Segment, int, bytes]]
     next_seq: int
     torn: list[tuple[str, int]]
@@ -368,18 +412,18 @@ def _recover(directory: Path, *, cut: bool) -> _Recovered:
         scans.append((segment, scan, whole))
         finished.update(scan.finished)
         settled.update(scan.settled)
-        for seq, _, _ in scan.messages:
+        for seq, _, _, _ in scan.messages:
             top = max(top, seq)
         # Numbers in finish markers count too: a spool written before markers waited for their
         # records may hold a marker for a number no record on disk has, and handing that number
         # to a new message would mark it finished on the next start.
         top = max(top, max(scan.finished, default=0))
-    replay: list[tuple[int, bytes, _Segment]] = []
+    replay: list[tuple[int, int, bytes, _Segment]] = []
     damaged: list[tuple[_Segment, int, bytes]] = []
     for segment, scan, data in scans:
-        for seq, offset, total in scan.messages:
+        for seq, sid, offset, length in scan.messages:
             if seq not in finished:
-                replay.append((seq, data[offset : offset + total], segment))
+                replay.append((seq, sid, data[offset : offset + length], segment))
                 segment.live += 1
         for offset, length in scan.damaged:
             if (segment.number, offset) not in settled:
@@ -389,14 +433,12 @@ def _recover(directory: Path, *, cut: bool) -> _Recovered:
     return _Recovered([s for s, _, _ in scans], replay, damaged, top + 1, torn)
 
 
-def _decode_message(record: bytes) -> tuple[Any, Any, int]:
-    """(message, key, priority) of a message record that checked out."""
-    body = memoryview(record)[HEADER_SIZE:]
-    _, serializer_id = _MSG_PREFIX.unpack_from(body, 0)
+def _decode_message(serializer_id: int, body: bytes) -> tuple[Any, Any, int]:
+    """(message, key, priority) of one message of a group that checked out."""
     name = _SERIALIZER_NAMES.get(serializer_id)
     if name is None:
         raise SpoolDamaged(f"unknown serializer id {serializer_id}")
-    value = deserialize(bytes(body[_MSG_PREFIX.size :]), name)
+    value = deserialize(body, name)
     if not isinstance(value, list) or len(value) != 3:
         raise SpoolDamaged("a message record must hold [message, key, priority]")
     message, key, priority = value
@@ -418,7 +460,7 @@ def inspect_spool(path: str | os.PathLike[str]) -> SpoolReport:
     rows = []
     oldest: float | None = None
     for segment in recovered.segments:
-        count = sum(1 for item in recovered.replay if item[2] is segment)
+        count = sum(1 for item in recovered.replay if item[3] is segment)
         data = segment.path.read_bytes()
         total = len(_scan(data, last=False).messages)
         rows.append((segment.path.name, segment.path.stat().st_size, total, count))
@@ -836,19 +878,16 @@ class Spool:
     def _append(self, body: bytes, message: Any) -> _Record:
         seq = self._next_seq
         self._next_seq = seq + 1
-        head = _MSG_HEAD.pack(MESSAGE, len(body) + _MSG_PREFIX.size, seq, self._sid)
         chunks = self._chunks
-        if not chunks or len(chunks[-1].data) >= self._chunk_bytes:
+        if not chunks or chunks[-1].size >= self._chunk_bytes:
             assert self._loop is not None
             chunks.append(_Chunk(_Shared(loop=self._loop), seq))
         chunk = self._last = chunks[-1]
-        buf = chunk.data
-        # The CRC runs over head and body in two steps: no concatenated copy of the record.
-        buf += _CRC.pack(zlib.crc32(body, zlib.crc32(head)))
-        buf += head
-        buf += body
-        chunk.count += 1
-        self._buffered += len(head) + len(body) + 4
+        # Framing and the CRC wait for the write: one header and one checksum per group.
+        chunk.bodies.append(body)
+        size = len(body)
+        chunk.size += size
+        self._buffered += size + 4
         self._where[seq] = chunk
         if not self._writing:
             self._schedule(chunk)
@@ -918,7 +957,7 @@ class Spool:
         """After an append: make sure a write will carry it."""
         if self._writing or self._retrying:
             return  # the running write's completion starts the next one
-        if not self.commit_interval and len(chunk.data) >= KICK_BYTES:
+        if not self.commit_interval and chunk.size >= KICK_BYTES:
             self._kick()
             return
         if not self._kick_pending:
@@ -954,8 +993,10 @@ class Spool:
         loop = self._loop
         assert loop is not None
         chunk = self._chunks.popleft() if self._chunks else None
-        data = bytes(chunk.data) if chunk is not None else b""
-        self._buffered -= len(data)
+        data = b""
+        if chunk is not None:
+            data = chunk.framed(self._sid)
+            self._buffered -= chunk.overhead()
         marks, settle = self._marks, self._settle
         self._marks, self._settle = [], []
         payload = data + _marker_records(marks, settle)
@@ -1002,9 +1043,10 @@ class Spool:
         segment.size += size
         self._disk += size
         if chunk is not None:
-            stats["written"] += chunk.count
+            count = len(chunk.bodies)
+            stats["written"] += count
             chunk.segment = segment
-            segment.live += chunk.count - chunk.early
+            segment.live += count - chunk.early
             if chunk.held:
                 self._marks += chunk.held  # their records are written now: the next write
                 chunk.held = []
@@ -1045,14 +1087,15 @@ class Spool:
         if self._policy is OverflowPolicy.BLOCK:
             # The same chunk goes out again first; its producers keep waiting.
             self._chunks.appendleft(chunk)
-            self._buffered += len(chunk.data)
+            self._buffered += chunk.overhead()
             log.warning("spool %s: write failed (%s); retrying, producers wait", self.path, exc)
             return
         # Refusing policies: the waiting producers get BufferFull; their messages never entered
         # the engine. Messages added without waiting stay in the engine, in memory only.
-        for seq in range(chunk.first, chunk.first + chunk.count):
+        count = len(chunk.bodies)
+        for seq in range(chunk.first, chunk.first + count):
             self._where.pop(seq, None)
-        self.stats["refused"] += chunk.count
+        self.stats["refused"] += count
         waiter = chunk.future
         if not waiter.done():
             waiter.set_exception(BufferFull(f"spool {self.path}: the disk is full ({exc})"))
@@ -1144,12 +1187,12 @@ class Spool:
                 _Record(mark, raw), "malformed", error, headers={"spool_segment": segment.path.name}
             )
         replay = recovered.replay
-        for seq, _, segment in replay:
+        for seq, _, _, segment in replay:
             self._where[seq] = segment
         self._delete_drained()
-        for seq, raw, _segment in replay:
+        for seq, sid, raw, _segment in replay:
             try:
-                message, key, priority = _decode_message(raw)
+                message, key, priority = _decode_message(sid, raw)
             except (BatchpunkError, ValueError) as exc:
                 processor.reject(_Record(seq, raw), "malformed", exc)
                 continue
