@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import shutil
 import struct
@@ -509,6 +510,23 @@ async def test_records_are_checksummed_and_carry_the_codec_payload(tmp_path: Pat
     assert report.unfinished == 1
     assert report.oldest_age is not None
     assert report.segments[0][2:] == (1, 1)
+
+
+@pytest.mark.parametrize("sync", ["data", "full", "none"])
+async def test_each_commit_is_synced_by_its_write(tmp_path: Path, sync: str) -> None:
+    """The segment is opened with O_DSYNC ("data") or O_SYNC ("full"), so the write of a group
+    commit returns once durable, or with neither ("none"); the explicit sync calls are the
+    fallback where the platform lacks the flags."""
+    spool = Spool(tmp_path / "s", sync=sync)
+    async with BatchProcessor(config(), never, spool=spool) as processor:
+        await processor.add_message({"i": 0})
+        assert spool._fd is not None
+        flags = fcntl.fcntl(spool._fd, fcntl.F_GETFL)
+    if sync == "none":
+        assert flags & (os.O_DSYNC | os.O_SYNC) == 0
+    else:
+        wanted = os.O_DSYNC if sync == "data" else os.O_SYNC
+        assert flags & wanted == wanted
 
 
 def test_settings_are_checked_when_the_spool_is_built(tmp_path: Path) -> None:

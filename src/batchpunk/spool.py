@@ -78,6 +78,13 @@ _SERIALIZER_NAMES = {v: k for k, v in _SERIALIZER_IDS.items()}
 MAX_RECORD = 64 * 2**20
 _SUFFIX = ".seg"
 _SYNC_MODES = ("data", "full", "none")
+#: Open flags that make each write(2) return only once its bytes are durable, as a write then
+#: fdatasync (or fsync, for "full") would: the writer thread then makes one system call per commit
+#: instead of two. Each call gives up the GIL and must take it back before the thread goes on, and
+#: while the event loop is busy resuming producers that wait is the commit's largest cost
+#: (measured: 1.4 to 2.2 ms a commit with a separate fdatasync whose own syscall took 0.35 ms).
+#: 0 where the platform lacks the flag: the explicit sync call is made instead.
+_SYNC_FLAGS = {"data": getattr(os, "O_DSYNC", 0), "full": getattr(os, "O_SYNC", 0), "none": 0}
 #: Seconds finish markers wait for a message commit to ride along with before going alone.
 MARKER_DELAY = 0.05
 #: Bytes appended that start a write at once when none is running (else: at the end of this
@@ -1002,7 +1009,8 @@ class Spool:
         payload = data + _marker_records(marks, settle)
         segment = self._target()
         self._writing = True
-        # Finish markers alone are written without a sync: the next message commit syncs them.
+        # Finish markers alone need no sync (the next message commit syncs them); with a
+        # synchronous descriptor they get one anyway, at most once per MARKER_DELAY of quiet.
         future = loop.run_in_executor(self._pool, self._write, segment, payload, bool(data))
         future.add_done_callback(
             partial(self._written, chunk, segment, marks, settle, len(payload), time.perf_counter())
@@ -1125,12 +1133,17 @@ class Spool:
             self._delete_drained()
 
     def _write(self, segment: _Segment, data: bytes, sync: bool = True) -> None:
-        """On the writer thread: append to the segment and sync; cut back on any failure."""
+        """On the writer thread: append to the segment and sync; cut back on any failure.
+
+        ``sync`` False (finish markers alone) skips the explicit sync call only: a descriptor
+        opened with _SYNC_FLAGS syncs every write.
+        """
         if self._fd_segment is not segment:
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
-            self._fd = os.open(segment.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | _SYNC_FLAGS[self.sync]
+            self._fd = os.open(segment.path, flags, 0o644)
             self._fd_segment = segment
             if self.sync != "none":
                 _sync_dir(self.path)
@@ -1141,10 +1154,11 @@ class Spool:
             while view:
                 written = os.write(fd, view)
                 view = view[written:]
-            if sync and self.sync == "data":
-                os.fdatasync(fd)
-            elif sync and self.sync == "full":
-                os.fsync(fd)
+            if sync and not _SYNC_FLAGS[self.sync]:  # else each write above was synced
+                if self.sync == "data":
+                    os.fdatasync(fd)
+                elif self.sync == "full":
+                    os.fsync(fd)
         except OSError:
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, segment.size)
