@@ -19,7 +19,14 @@ import pytest
 from batchpunk import Batch, BatchConfig, BatchProcessor, OverflowPolicy, PartialFailure, Spool
 from batchpunk.deadletter import MemoryDeadLetters
 from batchpunk.errors import BufferFull
-from batchpunk.spool import HEADER_SIZE, SpoolLocked, _marker_records, _scan, inspect_spool
+from batchpunk.spool import (
+    HANDOFF_SECONDS,
+    HEADER_SIZE,
+    SpoolLocked,
+    _marker_records,
+    _scan,
+    inspect_spool,
+)
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
@@ -527,6 +534,29 @@ async def test_each_commit_is_synced_by_its_write(tmp_path: Path, sync: str) -> 
     else:
         wanted = os.O_DSYNC if sync == "data" else os.O_SYNC
         assert flags & wanted == wanted
+
+
+async def test_a_writer_thread_slow_to_start_holds_the_loop_only_briefly(tmp_path: Path) -> None:
+    """A commit waits for its write to begin at most HANDOFF_SECONDS; a writer thread that is
+    busy longer delays the write, never the loop, and no message is lost."""
+    recorder = Recorder()
+    spool = Spool(tmp_path / "s")
+    async with BatchProcessor(config(), recorder, spool=spool) as processor:
+        assert spool._pool is not None
+        gate = threading.Event()
+        spool._pool.submit(gate.wait, 10)  # the writer thread is busy: no write can begin
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        tasks = [asyncio.ensure_future(processor.add_message({"i": i})) for i in range(20)]
+        await asyncio.sleep(0.05)
+        assert spool._writing
+        assert not any(task.done() for task in tasks)  # not durable before the write
+        assert loop.time() - began < 50 * HANDOFF_SECONDS  # not the 10 s the gate holds
+        gate.set()
+        await asyncio.gather(*tasks)
+        await processor.flush()
+    assert sorted(m["i"] for m in recorder.seen) == list(range(20))
+    assert segments(tmp_path / "s") == []
 
 
 def test_settings_are_checked_when_the_spool_is_built(tmp_path: Path) -> None:

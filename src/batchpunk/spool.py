@@ -31,6 +31,7 @@ import inspect
 import logging
 import os
 import struct
+import threading
 import time
 import zlib
 from collections import deque
@@ -90,6 +91,8 @@ MARKER_DELAY = 0.05
 #: Bytes appended that start a write at once when none is running (else: at the end of this
 #: loop iteration): small enough that producers fill the next group while this one syncs.
 KICK_BYTES = 32 << 10
+#: Seconds a commit's hand-off waits for the writer thread to begin (it takes microseconds).
+HANDOFF_SECONDS = 0.01
 #: Seconds close() waits for the last writes (a full disk under BLOCK may never drain).
 CLOSE_SECONDS = 10.0
 
@@ -1011,7 +1014,16 @@ class Spool:
         self._writing = True
         # Finish markers alone need no sync (the next message commit syncs them); with a
         # synchronous descriptor they get one anyway, at most once per MARKER_DELAY of quiet.
-        future = loop.run_in_executor(self._pool, self._write, segment, payload, bool(data))
+        # Wait (briefly) until the writer thread has the write under way. Otherwise the thread,
+        # woken by the hand-off, waits for the GIL, which this loop keeps while it resumes the
+        # last group's producers: up to sys.getswitchinterval() (5 ms), and the write and its
+        # sync no longer overlap that work (measured: the loop idled 13 to 16% of the time).
+        started = threading.Lock()
+        started.acquire()
+        begin = partial(self._begin, started)
+        future = loop.run_in_executor(self._pool, begin, segment, payload, bool(data))
+        if started.acquire(True, HANDOFF_SECONDS):
+            started.release()
         future.add_done_callback(
             partial(self._written, chunk, segment, marks, settle, len(payload), time.perf_counter())
         )
@@ -1131,6 +1143,11 @@ class Spool:
             self._fd, self._fd_segment = None, None
         if segment.live == 0:
             self._delete_drained()
+
+    def _begin(self, started: threading.Lock, segment: _Segment, data: bytes, sync: bool) -> None:
+        """On the writer thread: tell the loop the write began (it stops waiting), then write."""
+        started.release()
+        self._write(segment, data, sync)
 
     def _write(self, segment: _Segment, data: bytes, sync: bool = True) -> None:
         """On the writer thread: append to the segment and sync; cut back on any failure.
