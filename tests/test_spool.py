@@ -25,6 +25,7 @@ from batchpunk.spool import (
     SpoolLocked,
     _marker_records,
     _scan,
+    _Shared,
     inspect_spool,
 )
 
@@ -116,6 +117,27 @@ async def test_producers_sharing_one_commit_all_resume_and_one_cancel_spares_the
     again, letters = await replay(tmp_path / "s")
     assert [m["i"] for m in again.seen] == [7]
     assert not letters.letters
+
+
+async def test_a_commit_callback_removed_before_the_commit_is_never_called() -> None:
+    """The shared commit future keeps waiters without a Handle each; removing one (as
+    asyncio.wait does) removes every registration of it and leaves the others in order."""
+    future = _Shared(loop=asyncio.get_running_loop())
+    called: list[str] = []
+
+    def first(_: object) -> None:
+        called.append("first")
+
+    def second(_: object) -> None:
+        called.append("second")
+
+    future.add_done_callback(first)
+    future.add_done_callback(second)
+    future.add_done_callback(first)
+    assert future.remove_done_callback(first) == 2
+    future.set_result(None)
+    await asyncio.sleep(0)
+    assert called == ["second"]
 
 
 async def test_unfinished_messages_are_replayed_before_new_ones(tmp_path: Path) -> None:
