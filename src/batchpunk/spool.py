@@ -203,9 +203,9 @@ class _Chunk:
     """Messages appended since the last write, and the future their producers wait on.
 
     It keeps each message's serialized bytes in a list and is framed only when written, as one
-    record for the whole group (one header, one CRC-32): an append is then a list append, where
-    framing and checksumming each message on the event loop cost twice as much as the rest of
-    the spool's per-message work (docs/spool.md, "Format").
+    record for the whole group (one header, one CRC-32): appends run on the event loop once per
+    message, and framing each one there cost 0.98 us a message against 0.25 us for the list
+    append and bookkeeping (docs/spool.md, "Format").
     """
 
     __slots__ = ("bodies", "early", "first", "future", "held", "segment", "size")
@@ -525,9 +525,10 @@ class Spool:
         commit_interval: seconds a commit waits to gather more messages before its fsync. 0
             (the default) commits as soon as the previous commit returned, which already groups
             everything appended meanwhile; a few milliseconds trade latency for fewer fsyncs.
-        sync: "data" (fdatasync: survives power loss, the default), "full" (fsync: also the
-            file's metadata), or "none" (the write reaches the kernel only: survives a crash of
-            the process, not of the machine). docs/spool.md gives the measured cost of each.
+        sync: "data" (fdatasync's guarantee, by O_DSYNC writes: survives power loss, the
+            default), "full" (fsync's, by O_SYNC: also the file's metadata), or "none" (the
+            write reaches the kernel only: survives a crash of the process, not of the
+            machine). docs/spool.md gives the measured cost of each.
         serializer: "json" (default) or "msgpack"; "pickle" only if you ask for it, and then it
             is read back on replay (only ever from this spool's own files).
         ack_on_write: pipelines only: acknowledge a broker message once it is in the spool rather
