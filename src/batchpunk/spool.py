@@ -91,8 +91,9 @@ MARKER_DELAY = 0.05
 #: Bytes appended that start a write at once when none is running (else: at the end of this
 #: loop iteration): small enough that producers fill the next group while this one syncs.
 KICK_BYTES = 32 << 10
-#: Seconds a commit's hand-off waits for the writer thread to begin (it takes microseconds).
-HANDOFF_SECONDS = 0.01
+#: Seconds a commit's hand-off may hold the loop while the writer thread begins (it takes
+#: microseconds; the cap bounds the stall when the machine is too busy to run the thread).
+HANDOFF_SECONDS = 0.002
 #: Seconds close() waits for the last writes (a full disk under BLOCK may never drain).
 CLOSE_SECONDS = 10.0
 
