@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import threading
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +19,15 @@ import pytest
 from batchpunk import Batch, BatchConfig, BatchProcessor, OverflowPolicy, PartialFailure, Spool
 from batchpunk.deadletter import MemoryDeadLetters
 from batchpunk.errors import BufferFull
-from batchpunk.spool import HEADER_SIZE, SpoolLocked, _marker_records, _scan, inspect_spool
+from batchpunk.spool import (
+    HANDOFF_SECONDS,
+    HEADER_SIZE,
+    SpoolLocked,
+    _marker_records,
+    _scan,
+    _Shared,
+    inspect_spool,
+)
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
@@ -108,6 +119,27 @@ async def test_producers_sharing_one_commit_all_resume_and_one_cancel_spares_the
     assert not letters.letters
 
 
+async def test_a_commit_callback_removed_before_the_commit_is_never_called() -> None:
+    """The shared commit future keeps waiters without a Handle each; removing one (as
+    asyncio.wait does) removes every registration of it and leaves the others in order."""
+    future = _Shared(loop=asyncio.get_running_loop())
+    called: list[str] = []
+
+    def first(_: object) -> None:
+        called.append("first")
+
+    def second(_: object) -> None:
+        called.append("second")
+
+    future.add_done_callback(first)
+    future.add_done_callback(second)
+    future.add_done_callback(first)
+    assert future.remove_done_callback(first) == 2
+    future.set_result(None)
+    await asyncio.sleep(0)
+    assert called == ["second"]
+
+
 async def test_unfinished_messages_are_replayed_before_new_ones(tmp_path: Path) -> None:
     """What a stop left unfinished comes back first on the next start, and is not dead-lettered."""
     path = tmp_path / "s"
@@ -152,7 +184,7 @@ async def test_a_message_finished_before_its_write_gets_its_marker_after_its_rec
         if not written:
             first_write_may_go.wait(10)
         scan = _scan(data, last=False)  # a write's payload is whole records: chunk, then marks
-        written.update(seq for seq, _, _ in scan.messages)
+        written.update(seq for seq, _, _, _ in scan.messages)
         ahead.extend(seq for seq in scan.finished if seq not in written)
         write(segment, data, sync)
 
@@ -250,8 +282,8 @@ async def test_a_torn_tail_is_cut_at_every_byte_offset_of_the_last_record(tmp_pa
     last = segments(source)[-1]
     data = last.read_bytes()
     scan = _scan(data, last=True)
-    start = scan.messages[-1][1]
-    assert scan.messages[-1][1] + scan.messages[-1][2] == len(data)
+    start, length = scan.groups[-1]  # each await add_message above is a group of its own
+    assert start + length == len(data)
     for cut in range(start, len(data) + 1):
         path = tmp_path / f"cut{cut}"
         shutil.copytree(source, path)
@@ -273,7 +305,7 @@ async def test_a_flipped_byte_in_the_middle_is_one_malformed_letter_with_its_byt
     await leave_unfinished(path, [{"n": i} for i in range(10)])
     seg = segments(path)[-1]
     data = bytearray(seg.read_bytes())
-    _, offset, length = _scan(bytes(data), last=True).messages[4]
+    offset, length = _scan(bytes(data), last=True).groups[4]  # message 4's own group
     original = bytes(data[offset : offset + length])
     spot = {"payload": offset + length - 3, "length field": offset + 6, "crc": offset}[where]
     data[spot] ^= 0x55
@@ -307,6 +339,82 @@ async def test_a_damaged_record_at_the_end_that_is_complete_is_dead_lettered(
     recorder, letters = await replay(path)
     assert [m["n"] for m in recorder.seen] == [0, 1]
     assert [letter.reason for letter in letters.letters] == ["malformed"]
+
+
+async def leave_groups(path: Path, groups: list[list[Any]]) -> None:
+    """Spool each list as one group commit (its producers await together), leave all unfinished."""
+    processor = BatchProcessor(config(), never, spool=Spool(path))
+    async with processor:
+        for group in groups:
+            await asyncio.gather(*(processor.add_message(m) for m in group))
+
+
+GROUPS = [[{"n": 0}], [{"n": n} for n in range(1, 6)], [{"n": 6}], [{"n": n} for n in range(7, 11)]]
+
+
+async def test_a_torn_group_is_cut_at_every_byte_offset_and_loses_only_its_own_messages(
+    tmp_path: Path,
+) -> None:
+    """A group commit is one record: cut anywhere, its messages go (their producers were never
+    told they were durable) and every earlier group is replayed, without a dead letter."""
+    source = tmp_path / "source"
+    await leave_groups(source, GROUPS)
+    data = segments(source)[-1].read_bytes()
+    scan = _scan(data, last=True)
+    assert len(scan.groups) == len(GROUPS)  # one record per group commit
+    start, length = scan.groups[-1]
+    assert start + length == len(data)
+    for cut in range(start, len(data) + 1):
+        path = tmp_path / f"cut{cut}"
+        shutil.copytree(source, path)
+        os.truncate(segments(path)[-1], cut)
+        recorder, letters = await replay(path)
+        expected = 11 if cut == len(data) else 7
+        assert [m["n"] for m in recorder.seen] == list(range(expected)), cut
+        assert len(letters) == 0, cut
+        assert inspect_spool(path).unfinished == 0
+        shutil.rmtree(path)
+
+
+@pytest.mark.parametrize("where", ["a message", "a length", "the count"])
+async def test_a_damaged_group_in_the_middle_is_one_malformed_letter_with_its_bytes(
+    tmp_path: Path, where: str
+) -> None:
+    """A flipped byte anywhere in a group makes the whole group one "malformed" letter holding
+    its bytes (the CRC covers the group, not each message); the other groups are replayed."""
+    path = tmp_path / "s"
+    await leave_groups(path, GROUPS)
+    seg = segments(path)[-1]
+    data = bytearray(seg.read_bytes())
+    offset, length = _scan(bytes(data), last=True).groups[1]  # messages 1 to 5
+    original = bytes(data[offset : offset + length])
+    # Header 9 bytes, then first sequence number (8), count (4), serializer id (1), lengths.
+    spot = {"a message": offset + length - 30, "a length": offset + 26, "the count": offset + 17}
+    data[spot[where]] ^= 0x55
+    seg.write_bytes(bytes(data))
+    assert inspect_spool(path).unfinished == 6
+    recorder, letters = await replay(path)
+    assert [m["n"] for m in recorder.seen] == [0, 6, 7, 8, 9, 10]
+    assert [letter.reason for letter in letters.letters] == ["malformed"]
+    assert len(letters.letters[0].message) == len(original)
+    again, more = await replay(path)
+    assert again.seen == []
+    assert len(more) == 0
+
+
+def test_a_group_whose_lengths_do_not_add_up_is_damage_even_with_a_good_crc() -> None:
+    """Lengths that overrun or fall short of the record are not trusted because the CRC
+    matches (a writer bug, not a disk fault, but replaying a misparse would be worse)."""
+    body = b'[{"n":1},null,0]'
+    for lengths in ([len(body) + 1], [len(body) - 1], [len(body), 0, 2**31]):
+        packed = struct.pack(f"<{len(lengths)}I", *lengths)
+        payload = struct.pack("<QIB", 1, len(lengths), 1) + packed + body
+        rest = struct.pack("<BI", 1, len(payload)) + payload
+        record = struct.pack("<I", zlib.crc32(rest)) + rest
+        scan = _scan(record + _marker_records([9], []), last=False)
+        assert scan.messages == [], lengths
+        assert scan.damaged == [(0, len(record))], lengths
+        assert scan.finished == [9]
 
 
 async def test_max_bytes_refuses_under_raise_and_waits_under_block(tmp_path: Path) -> None:
@@ -431,6 +539,46 @@ async def test_records_are_checksummed_and_carry_the_codec_payload(tmp_path: Pat
     assert report.unfinished == 1
     assert report.oldest_age is not None
     assert report.segments[0][2:] == (1, 1)
+
+
+@pytest.mark.parametrize("sync", ["data", "full", "none"])
+async def test_each_commit_is_synced_by_its_write(tmp_path: Path, sync: str) -> None:
+    """The segment is opened with O_DSYNC ("data") or O_SYNC ("full"), so the write of a group
+    commit returns once durable, or with neither ("none"); the explicit sync calls are the
+    fallback where the platform lacks the flags."""
+    spool = Spool(tmp_path / "s", sync=sync)
+    async with BatchProcessor(config(), never, spool=spool) as processor:
+        await processor.add_message({"i": 0})
+        assert spool._fd is not None
+        flags = fcntl.fcntl(spool._fd, fcntl.F_GETFL)
+    if sync == "none":
+        assert flags & (os.O_DSYNC | os.O_SYNC) == 0
+    else:
+        wanted = os.O_DSYNC if sync == "data" else os.O_SYNC
+        assert flags & wanted == wanted
+
+
+async def test_a_writer_thread_slow_to_start_holds_the_loop_only_briefly(tmp_path: Path) -> None:
+    """A commit waits for its write to begin at most HANDOFF_SECONDS; a writer thread that is
+    busy longer delays the write, never the loop, and no message is lost."""
+    recorder = Recorder()
+    spool = Spool(tmp_path / "s")
+    async with BatchProcessor(config(), recorder, spool=spool) as processor:
+        assert spool._pool is not None
+        gate = threading.Event()
+        spool._pool.submit(gate.wait, 10)  # the writer thread is busy: no write can begin
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        tasks = [asyncio.ensure_future(processor.add_message({"i": i})) for i in range(20)]
+        await asyncio.sleep(0.05)
+        assert spool._writing
+        assert not any(task.done() for task in tasks)  # not durable before the write
+        assert loop.time() - began < 50 * HANDOFF_SECONDS  # not the 10 s the gate holds
+        gate.set()
+        await asyncio.gather(*tasks)
+        await processor.flush()
+    assert sorted(m["i"] for m in recorder.seen) == list(range(20))
+    assert segments(tmp_path / "s") == []
 
 
 def test_settings_are_checked_when_the_spool_is_built(tmp_path: Path) -> None:

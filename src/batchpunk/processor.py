@@ -281,6 +281,7 @@ class BatchProcessor(Completion, Generic[T, R]):
             admitted = spool.admit_now(message, key, priority)
             if admitted is not None:
                 message, commit = admitted
+                admitted = None  # else the pair lives (and the GC scans it) until durable
                 await commit  # durable once this returns (one commit future per group)
             else:
                 message = await spool.admit(message, key, priority)

@@ -31,6 +31,7 @@ import inspect
 import logging
 import os
 import struct
+import threading
 import time
 import zlib
 from collections import deque
@@ -63,14 +64,14 @@ log = logging.getLogger("batchpunk.spool")
 #: Record header: CRC-32 of everything after it, record type, payload length (little-endian).
 _HEADER = struct.Struct("<IBI")
 HEADER_SIZE = _HEADER.size
-#: A message record's payload starts with its sequence number and serializer id.
-_MSG_PREFIX = struct.Struct("<QB")
+#: A message group's payload starts with its first sequence number, its message count and the
+#: serializer id; then one u32 length per message, then the messages' bytes back to back.
+_GROUP = struct.Struct("<QIB")
 #: A settled-damage record: segment number and byte offset of the damaged bytes.
 _DAMAGE = struct.Struct("<QQ")
 _CRC = struct.Struct("<I")
-_KIND_LEN = struct.Struct("<BI")
-#: Type, length, sequence number, serializer id: a message record's bytes after its CRC.
-_MSG_HEAD = struct.Struct("<BIQB")
+#: Type, length, first sequence number, count, serializer id: a group's bytes after its CRC.
+_GROUP_HEAD = struct.Struct("<BIQIB")
 MESSAGE, FINISHED, DAMAGE_SETTLED = 1, 2, 3
 _SERIALIZER_IDS = {"json": 1, "msgpack": 2, "pickle": 3}
 _SERIALIZER_NAMES = {v: k for k, v in _SERIALIZER_IDS.items()}
@@ -78,11 +79,21 @@ _SERIALIZER_NAMES = {v: k for k, v in _SERIALIZER_IDS.items()}
 MAX_RECORD = 64 * 2**20
 _SUFFIX = ".seg"
 _SYNC_MODES = ("data", "full", "none")
+#: Open flags that make each write(2) return only once its bytes are durable, as a write then
+#: fdatasync (or fsync, for "full") would: the writer thread then makes one system call per commit
+#: instead of two. Each call gives up the GIL and must take it back before the thread goes on, and
+#: while the event loop is busy resuming producers that wait is the commit's largest cost
+#: (measured: 1.4 to 2.2 ms a commit with a separate fdatasync whose own syscall took 0.35 ms).
+#: 0 where the platform lacks the flag: the explicit sync call is made instead.
+_SYNC_FLAGS = {"data": getattr(os, "O_DSYNC", 0), "full": getattr(os, "O_SYNC", 0), "none": 0}
 #: Seconds finish markers wait for a message commit to ride along with before going alone.
 MARKER_DELAY = 0.05
 #: Bytes appended that start a write at once when none is running (else: at the end of this
 #: loop iteration): small enough that producers fill the next group while this one syncs.
 KICK_BYTES = 32 << 10
+#: Seconds a commit's hand-off may hold the loop while the writer thread begins (it takes
+#: microseconds; the cap bounds the stall when the machine is too busy to run the thread).
+HANDOFF_SECONDS = 0.002
 #: Seconds close() waits for the last writes (a full disk under BLOCK may never drain).
 CLOSE_SECONDS = 10.0
 
@@ -134,7 +145,9 @@ class _Shared(asyncio.Future[None]):
 
     def __init__(self, *, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(loop=loop)
-        self._waiters: list[tuple[Callable[[Any], object], Any]] = []
+        #: Callback, context, callback, context, ...: flat, so that a waiting producer costs
+        #: no tuple (one object less per message for the garbage collector to scan).
+        self._waiters: list[Any] = []
 
     def cancel(self, msg: Any = None) -> bool:
         return False
@@ -143,11 +156,17 @@ class _Shared(asyncio.Future[None]):
         if self.done():
             super().add_done_callback(fn, context=context)
         else:
-            self._waiters.append((fn, context))
+            waiters = self._waiters
+            waiters.append(fn)
+            waiters.append(context)
 
     def remove_done_callback(self, fn: Callable[[Any], object]) -> int:
-        kept = [waiter for waiter in self._waiters if waiter[0] != fn]
-        removed = len(self._waiters) - len(kept)
+        waiters = self._waiters
+        kept: list[Any] = []
+        for index in range(0, len(waiters), 2):
+            if waiters[index] != fn:
+                kept += waiters[index : index + 2]
+        removed = (len(waiters) - len(kept)) // 2
         self._waiters = kept
         return removed + super().remove_done_callback(fn)
 
@@ -164,9 +183,10 @@ class _Shared(asyncio.Future[None]):
         if waiters:
             self.get_loop().call_soon(self._wake, waiters)
 
-    def _wake(self, waiters: list[tuple[Callable[[Any], object], Any]]) -> None:
+    def _wake(self, waiters: list[Any]) -> None:
         """Run every waiter's callback; one that raises is reported as a Handle's would be."""
-        for fn, context in waiters:
+        pairs = iter(waiters)
+        for fn, context in zip(pairs, pairs, strict=True):
             try:
                 if context is None:
                     fn(self)
@@ -181,16 +201,22 @@ class _Shared(asyncio.Future[None]):
 
 
 class _Chunk:
-    """Records appended since the last write, and the future their producers wait on."""
+    """Messages appended since the last write, and the future their producers wait on.
 
-    __slots__ = ("count", "data", "early", "first", "future", "held", "segment")
+    It keeps each message's serialized bytes in a list and is framed only when written, as one
+    record for the whole group (one header, one CRC-32): appends run on the event loop once per
+    message, and framing each one there cost 0.98 us a message against 0.25 us for the list
+    append and bookkeeping (docs/spool.md, "Format").
+    """
+
+    __slots__ = ("bodies", "early", "first", "future", "held", "segment", "size")
 
     def __init__(self, future: _Shared, first: int) -> None:
-        self.data = bytearray()
-        #: Its records' sequence numbers, first .. first + count - 1: appends go to the newest
-        #: chunk only, so a chunk's numbers are consecutive (a range, not a list per message).
+        self.bodies: list[bytes] = []
+        self.size = 0  # bytes in bodies
+        #: Its messages' sequence numbers, first .. first + len(bodies) - 1: appends go to the
+        #: newest chunk only, so a chunk's numbers are consecutive (a range, not a list).
         self.first = first
-        self.count = 0
         self.future = future
         #: The segment that holds these records once written; messages finished before that.
         self.segment: _Segment | None = None
@@ -199,6 +225,21 @@ class _Chunk:
         #: rode with an older chunk would reach the disk before its record, and a crash in
         #: between left a marker for a sequence number the next start hands out again.
         self.held: list[int] = []
+
+    def framed(self, serializer_id: int) -> bytes:
+        """The group record: header and CRC-32, the message lengths, then the messages."""
+        bodies = self.bodies
+        count = len(bodies)
+        lengths = struct.pack(f"<{count}I", *map(len, bodies))
+        payload = b"".join(bodies)
+        length = _GROUP.size + len(lengths) + len(payload)
+        head = _GROUP_HEAD.pack(MESSAGE, length, self.first, count, serializer_id)
+        crc = zlib.crc32(payload, zlib.crc32(lengths, zlib.crc32(head)))
+        return b"".join((_CRC.pack(crc), head, lengths, payload))
+
+    def overhead(self) -> int:
+        """Bytes the spool counts as buffered for this chunk (bodies and their lengths)."""
+        return self.size + 4 * len(self.bodies)
 
 
 class _Segment:
@@ -244,7 +285,8 @@ class SpoolReport:
 class _Scan:
     """The records of one segment file: messages, finish marks, and damage found."""
 
-    messages: list[tuple[int, int, int]]  # (seq, offset, length)
+    messages: list[tuple[int, int, int, int]]  # (seq, serializer id, offset, length)
+    groups: list[tuple[int, int]]  # (offset, length) of each message group record
     finished: list[int]
     settled: list[tuple[int, int]]
     damaged: list[tuple[int, int]]  # (offset, length) of bytes that do not check out
@@ -264,7 +306,23 @@ def _record_at(data: bytes, offset: int) -> tuple[int, int] | None:
         return None
     if zlib.crc32(data[offset + 4 : end]) != crc:
         return None
+    if kind == MESSAGE and _group_lengths(data, offset + HEADER_SIZE, end) is None:
+        return None  # checks out but does not add up: damage all the same
     return kind, HEADER_SIZE + length
+
+
+def _group_lengths(data: bytes, body: int, end: int) -> tuple[int, ...] | None:
+    """The message lengths of the group whose payload spans ``body`` .. ``end``, if they fit."""
+    if end - body < _GROUP.size:
+        return None
+    count = _GROUP.unpack_from(data, body)[1]
+    start = body + _GROUP.size
+    if start + 4 * count > end:
+        return None
+    lengths: tuple[int, ...] = struct.unpack_from(f"<{count}I", data, start)
+    if start + 4 * count + sum(lengths) != end:
+        return None
+    return lengths
 
 
 def _scan(data: bytes, *, last: bool) -> _Scan:
@@ -273,16 +331,22 @@ def _scan(data: bytes, *, last: bool) -> _Scan:
     Damage followed by nothing valid is a torn tail in the last segment (cut, not dead-lettered,
     when the last record is incomplete), and dead-lettered damage anywhere else.
     """
-    out = _Scan([], [], [], [], len(data), False)
+    out = _Scan([], [], [], [], [], len(data), False)
     offset, size = 0, len(data)
     while offset < size:
         found = _record_at(data, offset)
         if found is not None:
             kind, total = found
             body = offset + HEADER_SIZE
-            if kind == MESSAGE and total - HEADER_SIZE >= _MSG_PREFIX.size:
-                seq = _MSG_PREFIX.unpack_from(data, body)[0]
-                out.messages.append((seq, offset, total))
+            if kind == MESSAGE:
+                first, count, sid = _GROUP.unpack_from(data, body)
+                lengths = _group_lengths(data, body, offset + total)
+                assert lengths is not None  # _record_at checked it
+                at = body + _GROUP.size + 4 * count
+                for index, length in enumerate(lengths):
+                    out.messages.append((first + index, sid, at, length))
+                    at += length
+                out.groups.append((offset, total))
             elif kind == FINISHED:
                 count = (total - HEADER_SIZE) // 8
                 out.finished.extend(struct.unpack_from(f"<{count}Q", data, body))
@@ -332,7 +396,7 @@ def _segment_files(directory: Path) -> list[tuple[int, Path]]:
 @dataclass
 class _Recovered:
     segments: list[_Segment]
-    replay: list[tuple[int, bytes, _Segment]]  # (seq, record bytes, segment)
+    replay: list[tuple[int, int, bytes, _Segment]]  # (seq, serializer id, bytes, segment)
     damaged: list[tuple[_Segment, int, bytes]]
     next_seq: int
     torn: list[tuple[str, int]]
@@ -368,18 +432,18 @@ def _recover(directory: Path, *, cut: bool) -> _Recovered:
         scans.append((segment, scan, whole))
         finished.update(scan.finished)
         settled.update(scan.settled)
-        for seq, _, _ in scan.messages:
+        for seq, _, _, _ in scan.messages:
             top = max(top, seq)
         # Numbers in finish markers count too: a spool written before markers waited for their
         # records may hold a marker for a number no record on disk has, and handing that number
         # to a new message would mark it finished on the next start.
         top = max(top, max(scan.finished, default=0))
-    replay: list[tuple[int, bytes, _Segment]] = []
+    replay: list[tuple[int, int, bytes, _Segment]] = []
     damaged: list[tuple[_Segment, int, bytes]] = []
     for segment, scan, data in scans:
-        for seq, offset, total in scan.messages:
+        for seq, sid, offset, length in scan.messages:
             if seq not in finished:
-                replay.append((seq, data[offset : offset + total], segment))
+                replay.append((seq, sid, data[offset : offset + length], segment))
                 segment.live += 1
         for offset, length in scan.damaged:
             if (segment.number, offset) not in settled:
@@ -389,14 +453,12 @@ def _recover(directory: Path, *, cut: bool) -> _Recovered:
     return _Recovered([s for s, _, _ in scans], replay, damaged, top + 1, torn)
 
 
-def _decode_message(record: bytes) -> tuple[Any, Any, int]:
-    """(message, key, priority) of a message record that checked out."""
-    body = memoryview(record)[HEADER_SIZE:]
-    _, serializer_id = _MSG_PREFIX.unpack_from(body, 0)
+def _decode_message(serializer_id: int, body: bytes) -> tuple[Any, Any, int]:
+    """(message, key, priority) of one message of a group that checked out."""
     name = _SERIALIZER_NAMES.get(serializer_id)
     if name is None:
         raise SpoolDamaged(f"unknown serializer id {serializer_id}")
-    value = deserialize(bytes(body[_MSG_PREFIX.size :]), name)
+    value = deserialize(body, name)
     if not isinstance(value, list) or len(value) != 3:
         raise SpoolDamaged("a message record must hold [message, key, priority]")
     message, key, priority = value
@@ -418,7 +480,7 @@ def inspect_spool(path: str | os.PathLike[str]) -> SpoolReport:
     rows = []
     oldest: float | None = None
     for segment in recovered.segments:
-        count = sum(1 for item in recovered.replay if item[2] is segment)
+        count = sum(1 for item in recovered.replay if item[3] is segment)
         data = segment.path.read_bytes()
         total = len(_scan(data, last=False).messages)
         rows.append((segment.path.name, segment.path.stat().st_size, total, count))
@@ -464,9 +526,10 @@ class Spool:
         commit_interval: seconds a commit waits to gather more messages before its fsync. 0
             (the default) commits as soon as the previous commit returned, which already groups
             everything appended meanwhile; a few milliseconds trade latency for fewer fsyncs.
-        sync: "data" (fdatasync: survives power loss, the default), "full" (fsync: also the
-            file's metadata), or "none" (the write reaches the kernel only: survives a crash of
-            the process, not of the machine). docs/spool.md gives the measured cost of each.
+        sync: "data" (fdatasync's guarantee, by O_DSYNC writes: survives power loss, the
+            default), "full" (fsync's, by O_SYNC: also the file's metadata), or "none" (the
+            write reaches the kernel only: survives a crash of the process, not of the
+            machine). docs/spool.md gives the measured cost of each.
         serializer: "json" (default) or "msgpack"; "pickle" only if you ask for it, and then it
             is read back on replay (only ever from this spool's own files).
         ack_on_write: pipelines only: acknowledge a broker message once it is in the spool rather
@@ -516,6 +579,7 @@ class Spool:
         self.serializer = serializer
         self.ack_on_write = ack_on_write
         self._sid = _SERIALIZER_IDS[serializer]
+        #: orjson.dumps and the codec's arguments for it, when json and orjson is installed.
         self._fast = _fast_json() if serializer == "json" else None
         #: Set by a Pipeline, whose engine carries envelopes: what of a message is written (its
         #: payload), and what a replayed (message, key, priority) becomes (a new envelope).
@@ -826,8 +890,9 @@ class Spool:
             message = self.extract(message)
         fast = self._fast
         if fast is not None:
+            dumps, default, option = fast
             try:
-                data: bytes = fast([message, key, priority])
+                data: bytes = dumps([message, key, priority], default, option)
                 return data
             except TypeError:
                 pass  # orjson refused: the codec's reference path decides (and names the fault)
@@ -836,19 +901,16 @@ class Spool:
     def _append(self, body: bytes, message: Any) -> _Record:
         seq = self._next_seq
         self._next_seq = seq + 1
-        head = _MSG_HEAD.pack(MESSAGE, len(body) + _MSG_PREFIX.size, seq, self._sid)
         chunks = self._chunks
-        if not chunks or len(chunks[-1].data) >= self._chunk_bytes:
+        if not chunks or chunks[-1].size >= self._chunk_bytes:
             assert self._loop is not None
             chunks.append(_Chunk(_Shared(loop=self._loop), seq))
         chunk = self._last = chunks[-1]
-        buf = chunk.data
-        # The CRC runs over head and body in two steps: no concatenated copy of the record.
-        buf += _CRC.pack(zlib.crc32(body, zlib.crc32(head)))
-        buf += head
-        buf += body
-        chunk.count += 1
-        self._buffered += len(head) + len(body) + 4
+        # Framing and the CRC wait for the write: one header and one checksum per group.
+        chunk.bodies.append(body)
+        size = len(body)
+        chunk.size += size
+        self._buffered += size + 4
         self._where[seq] = chunk
         if not self._writing:
             self._schedule(chunk)
@@ -918,7 +980,7 @@ class Spool:
         """After an append: make sure a write will carry it."""
         if self._writing or self._retrying:
             return  # the running write's completion starts the next one
-        if not self.commit_interval and len(chunk.data) >= KICK_BYTES:
+        if not self.commit_interval and chunk.size >= KICK_BYTES:
             self._kick()
             return
         if not self._kick_pending:
@@ -954,15 +1016,27 @@ class Spool:
         loop = self._loop
         assert loop is not None
         chunk = self._chunks.popleft() if self._chunks else None
-        data = bytes(chunk.data) if chunk is not None else b""
-        self._buffered -= len(data)
+        data = b""
+        if chunk is not None:
+            data = chunk.framed(self._sid)
+            self._buffered -= chunk.overhead()
         marks, settle = self._marks, self._settle
         self._marks, self._settle = [], []
         payload = data + _marker_records(marks, settle)
         segment = self._target()
         self._writing = True
-        # Finish markers alone are written without a sync: the next message commit syncs them.
-        future = loop.run_in_executor(self._pool, self._write, segment, payload, bool(data))
+        # Finish markers alone need no sync (the next message commit syncs them); with a
+        # synchronous descriptor they get one anyway, at most once per MARKER_DELAY of quiet.
+        # Wait (briefly) until the writer thread has the write under way. Otherwise the thread,
+        # woken by the hand-off, waits for the GIL, which this loop keeps while it resumes the
+        # last group's producers: up to sys.getswitchinterval() (5 ms), and the write and its
+        # sync no longer overlap that work (measured: the loop idled 13 to 16% of the time).
+        started = threading.Lock()
+        started.acquire()
+        begin = partial(self._begin, started)
+        future = loop.run_in_executor(self._pool, begin, segment, payload, bool(data))
+        if started.acquire(True, HANDOFF_SECONDS):
+            started.release()
         future.add_done_callback(
             partial(self._written, chunk, segment, marks, settle, len(payload), time.perf_counter())
         )
@@ -1002,9 +1076,10 @@ class Spool:
         segment.size += size
         self._disk += size
         if chunk is not None:
-            stats["written"] += chunk.count
+            count = len(chunk.bodies)
+            stats["written"] += count
             chunk.segment = segment
-            segment.live += chunk.count - chunk.early
+            segment.live += count - chunk.early
             if chunk.held:
                 self._marks += chunk.held  # their records are written now: the next write
                 chunk.held = []
@@ -1045,14 +1120,15 @@ class Spool:
         if self._policy is OverflowPolicy.BLOCK:
             # The same chunk goes out again first; its producers keep waiting.
             self._chunks.appendleft(chunk)
-            self._buffered += len(chunk.data)
+            self._buffered += chunk.overhead()
             log.warning("spool %s: write failed (%s); retrying, producers wait", self.path, exc)
             return
         # Refusing policies: the waiting producers get BufferFull; their messages never entered
         # the engine. Messages added without waiting stay in the engine, in memory only.
-        for seq in range(chunk.first, chunk.first + chunk.count):
+        count = len(chunk.bodies)
+        for seq in range(chunk.first, chunk.first + count):
             self._where.pop(seq, None)
-        self.stats["refused"] += chunk.count
+        self.stats["refused"] += count
         waiter = chunk.future
         if not waiter.done():
             waiter.set_exception(BufferFull(f"spool {self.path}: the disk is full ({exc})"))
@@ -1081,13 +1157,23 @@ class Spool:
         if segment.live == 0:
             self._delete_drained()
 
+    def _begin(self, started: threading.Lock, segment: _Segment, data: bytes, sync: bool) -> None:
+        """On the writer thread: tell the loop the write began (it stops waiting), then write."""
+        started.release()
+        self._write(segment, data, sync)
+
     def _write(self, segment: _Segment, data: bytes, sync: bool = True) -> None:
-        """On the writer thread: append to the segment and sync; cut back on any failure."""
+        """On the writer thread: append to the segment and sync; cut back on any failure.
+
+        ``sync`` False (finish markers alone) skips the explicit sync call only: a descriptor
+        opened with _SYNC_FLAGS syncs every write.
+        """
         if self._fd_segment is not segment:
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
-            self._fd = os.open(segment.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | _SYNC_FLAGS[self.sync]
+            self._fd = os.open(segment.path, flags, 0o644)
             self._fd_segment = segment
             if self.sync != "none":
                 _sync_dir(self.path)
@@ -1098,10 +1184,11 @@ class Spool:
             while view:
                 written = os.write(fd, view)
                 view = view[written:]
-            if sync and self.sync == "data":
-                os.fdatasync(fd)
-            elif sync and self.sync == "full":
-                os.fsync(fd)
+            if sync and not _SYNC_FLAGS[self.sync]:  # else each write above was synced
+                if self.sync == "data":
+                    os.fdatasync(fd)
+                elif self.sync == "full":
+                    os.fsync(fd)
         except OSError:
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, segment.size)
@@ -1144,12 +1231,12 @@ class Spool:
                 _Record(mark, raw), "malformed", error, headers={"spool_segment": segment.path.name}
             )
         replay = recovered.replay
-        for seq, _, segment in replay:
+        for seq, _, _, segment in replay:
             self._where[seq] = segment
         self._delete_drained()
-        for seq, raw, _segment in replay:
+        for seq, sid, raw, _segment in replay:
             try:
-                message, key, priority = _decode_message(raw)
+                message, key, priority = _decode_message(sid, raw)
             except (BatchpunkError, ValueError) as exc:
                 processor.reject(_Record(seq, raw), "malformed", exc)
                 continue
@@ -1245,19 +1332,18 @@ def _marker_records(marks: list[int], settle: list[tuple[int, int]]) -> bytes:
     return bytes(out)
 
 
-def _fast_json() -> Callable[[Any], bytes] | None:
-    """orjson.dumps with the codec's options (same bytes as the codec's json path), if installed."""
-    from functools import partial
+def _fast_json() -> tuple[Callable[[Any, Any, int], bytes], Callable[[Any], Any], int] | None:
+    """orjson.dumps, default and option as the codec calls it (same bytes), if installed.
 
+    Apart, not as a ``partial`` with keywords, which merges them into a new dict per call:
+    positional arguments took ``Spool._encode`` from 385 ns to 217 ns a message (a 64-byte body).
+    """
     from batchpunk.codec.serializers import _orjson_options, _refuse, orjson_module
 
     orjson = orjson_module()
     if orjson is None:
         return None
-    encode: Callable[[Any], bytes] = partial(
-        orjson.dumps, default=_refuse, option=_orjson_options(orjson)
-    )
-    return encode
+    return orjson.dumps, _refuse, _orjson_options(orjson)
 
 
 def _sync_dir(directory: Path) -> None:
