@@ -78,6 +78,24 @@ def append(path: Path, data: bytes) -> None:
         handle.write(data)
 
 
+async def cut_at_every_offset(
+    source: Path, tmp_path: Path, start: int, *, whole: int, torn: int
+) -> None:
+    """Truncate a copy of ``source``'s last segment at every offset from ``start`` to its end:
+    each starts cleanly, replays messages 0 .. torn - 1 (0 .. whole - 1 uncut), no dead letter."""
+    end = segments(source)[-1].stat().st_size
+    for cut in range(start, end + 1):
+        path = tmp_path / f"cut{cut}"
+        shutil.copytree(source, path)
+        os.truncate(segments(path)[-1], cut)
+        recorder, letters = await replay(path)
+        expected = whole if cut == end else torn
+        assert [m["n"] for m in recorder.seen] == list(range(expected)), cut
+        assert len(letters) == 0, cut
+        assert inspect_spool(path).unfinished == 0
+        shutil.rmtree(path)
+
+
 async def test_every_message_is_processed_and_the_spool_empties(tmp_path: Path) -> None:
     """Messages added every way reach the handler once and their segments are deleted."""
     recorder = Recorder()
@@ -284,16 +302,7 @@ async def test_a_torn_tail_is_cut_at_every_byte_offset_of_the_last_record(tmp_pa
     scan = _scan(data, last=True)
     start, length = scan.groups[-1]  # each await add_message above is a group of its own
     assert start + length == len(data)
-    for cut in range(start, len(data) + 1):
-        path = tmp_path / f"cut{cut}"
-        shutil.copytree(source, path)
-        os.truncate(segments(path)[-1], cut)
-        recorder, letters = await replay(path)
-        expected = 6 if cut == len(data) else 5
-        assert [m["n"] for m in recorder.seen] == list(range(expected)), cut
-        assert len(letters) == 0, cut
-        assert inspect_spool(path).unfinished == 0
-        shutil.rmtree(path)
+    await cut_at_every_offset(source, tmp_path, start, whole=6, torn=5)
 
 
 @pytest.mark.parametrize("where", ["payload", "length field", "crc"])
@@ -364,16 +373,7 @@ async def test_a_torn_group_is_cut_at_every_byte_offset_and_loses_only_its_own_m
     assert len(scan.groups) == len(GROUPS)  # one record per group commit
     start, length = scan.groups[-1]
     assert start + length == len(data)
-    for cut in range(start, len(data) + 1):
-        path = tmp_path / f"cut{cut}"
-        shutil.copytree(source, path)
-        os.truncate(segments(path)[-1], cut)
-        recorder, letters = await replay(path)
-        expected = 11 if cut == len(data) else 7
-        assert [m["n"] for m in recorder.seen] == list(range(expected)), cut
-        assert len(letters) == 0, cut
-        assert inspect_spool(path).unfinished == 0
-        shutil.rmtree(path)
+    await cut_at_every_offset(source, tmp_path, start, whole=11, torn=7)
 
 
 @pytest.mark.parametrize("where", ["a message", "a length", "the count"])
