@@ -1,8 +1,11 @@
 """Accumulating: messages wait in lanes, one per (key, priority), until a trigger cuts a batch.
 
 A lane holds its messages in a Batch that is handed over whole when cut, so cutting never copies.
-Time triggers are loop deadlines (``call_at``) armed when a lane receives its first message;
-a cut disarms them by bumping the lane's generation, so a stale timer does nothing.
+Time triggers are loop deadlines (``call_at``), one timer per lane at a time: a cut leaves the
+lane's timer running, and when it fires it cuts the lane only if the lane's current first message
+has waited max_wait, else it re-arms for that message's deadline. A busy lane, cut on size many
+times per max_wait, so costs one timer per max_wait rather than a TimerHandle created and
+cancelled per batch (each also a heap push and a cancelled entry for the loop to sweep).
 """
 
 from __future__ import annotations
@@ -33,7 +36,6 @@ class Lane:
     __slots__ = (
         "first_seen",
         "first_wall",
-        "gen",
         "items",
         "key",
         "nbytes",
@@ -52,7 +54,8 @@ class Lane:
         self.nbytes = 0
         self.first_seen = 0.0
         self.first_wall = 0.0
-        self.gen = 0
+        #: The lane's pending deadline callback, if any; it may belong to a message already cut
+        #: (it then re-arms itself for the current first message, see _deadline).
         self.timer: asyncio.TimerHandle | None = None
 
 
@@ -154,15 +157,19 @@ class Accumulator:
         """Start the lane's clock: its first message just arrived."""
         lane.first_seen = now = self.loop.time()
         lane.first_wall = time.time()
-        if self.timed:
-            lane.timer = self.loop.call_at(
-                now + self.config.max_wait, self._deadline, lane, lane.gen
-            )
+        if self.timed and lane.timer is None:
+            due = now + self.config.max_wait
+            lane.timer = self.loop.call_at(due, self._deadline, lane, due)
 
-    def _deadline(self, lane: Lane, gen: int) -> None:
-        if lane.gen != gen or not lane.items:
-            return
+    def _deadline(self, lane: Lane, due: float) -> None:
         lane.timer = None
+        if not lane.items:
+            return  # cut meanwhile and empty: the next first message arms a new timer
+        current = lane.first_seen + self.config.max_wait
+        if current > due:
+            # Cut and refilled meanwhile: this was an earlier first message's deadline.
+            lane.timer = self.loop.call_at(current, self._deadline, lane, current)
+            return
         if self.all_mode and not self.full(lane):
             return  # ALL waits for size too; check() cuts when it arrives
         self.cut(lane, "timeout")
@@ -224,15 +231,11 @@ class Accumulator:
                 yield lane
 
     def reset(self, lane: Lane) -> None:
-        """Empty a lane whose messages were cut or taken over, and disarm its deadline."""
+        """Empty a lane whose messages were cut or taken over (its timer runs on, harmless)."""
         lane.items.clear()
         lane.trackers = None
         lane.times = [] if lane.times is not None else None
         lane.nbytes = 0
-        lane.gen += 1
-        if lane.timer is not None:
-            lane.timer.cancel()
-            lane.timer = None
 
     def take_oldest(
         self, waiting: Iterable[Job]
