@@ -1,13 +1,14 @@
 """A producer process for the spool crash tests: killed with -9 at random moments, restarted.
 
-    python _spool_producer.py sqlite   DB       SPOOL|- FIRST_ID DLQ
-    python _spool_producer.py postgres TABLE    SPOOL|- FIRST_ID DLQ
+    python _spool_producer.py sqlite   DB       SPOOL|- FIRST_ID DLQ [COUNT]
+    python _spool_producer.py postgres TABLE    SPOOL|- FIRST_ID DLQ [COUNT]
     python _spool_producer.py http     DB       SPOOL    PORTFILE DLQ
 
-sqlite/postgres: 64 tasks add messages {"id": n} (n from FIRST_ID upward) until killed, and write
-each id to stdout (unbuffered) once ``await add_message`` returned. FIRST_ID -1 adds nothing: it
-replays what the spool holds, drains and exits. SPOOL "-" runs without a spool (the negative
-control). Ids divisible by 997 are poison: the sink fails them for good (dead letters).
+sqlite/postgres: 64 tasks add messages {"id": n} (n from FIRST_ID upward) until killed, or until
+COUNT of them were added (then it drains and exits), and write each id to stdout (unbuffered)
+once ``await add_message`` returned. FIRST_ID -1 adds nothing: it replays what the spool holds,
+drains and exits. SPOOL "-" runs without a spool (the negative control). Ids divisible by 997
+are poison: the sink fails them for good (dead letters).
 
 http: a Pipeline from an HttpSource through the spool into SQLite; the port goes to PORTFILE.
 
@@ -100,7 +101,9 @@ class PostgresRows:
             raise PartialFailure(bad)
 
 
-async def produce(mode: str, target: str, spool_path: str, first: int, dlq: str) -> None:
+async def produce(
+    mode: str, target: str, spool_path: str, first: int, dlq: str, count: int | None
+) -> None:
     config = BatchConfig(
         max_size=200, max_wait=0.02, max_pending=20_000, max_concurrent_batches=4, retry_delay=0.05
     )
@@ -128,7 +131,7 @@ async def produce(mode: str, target: str, spool_path: str, first: int, dlq: str)
         if first < 0:
             await processor.flush()
             return
-        ids = itertools.count(first)
+        ids = itertools.count(first) if count is None else iter(range(first, first + count))
 
         async def task() -> None:
             for n in ids:
@@ -176,7 +179,8 @@ def main() -> None:
     if mode == "http":
         asyncio.run(serve(target, spool_path, arg, dlq))
     else:
-        asyncio.run(produce(mode, target, spool_path, int(arg), dlq))
+        count = int(sys.argv[6]) if len(sys.argv) > 6 else None
+        asyncio.run(produce(mode, target, spool_path, int(arg), dlq, count))
 
 
 if __name__ == "__main__":
