@@ -210,6 +210,22 @@ async def test_a_cancelled_submit_does_not_disturb_its_batch() -> None:
     assert stats["processed"] == 2
 
 
+async def test_a_cancelled_submit_in_the_middle_leaves_every_other_caller_its_result() -> None:
+    """Callers before and after a cancelled one get theirs (with results, and with None)."""
+    for result in (lambda m: m * 2, None):
+        rec = Recorder(result=result)
+        async with BatchProcessor(config(max_size=5, max_wait=0.01), rec) as p:
+            calls = [asyncio.ensure_future(p.submit(i)) for i in range(5)]
+            await asyncio.sleep(0)
+            calls[2].cancel()
+            kept = await asyncio.gather(*(calls[i] for i in (0, 1, 3, 4)))
+            assert kept == ([0, 2, 6, 8] if result is not None else [None] * 4)
+            assert calls[2].cancelled()
+            stats = await ledger(p)
+        assert rec.processed == [0, 1, 2, 3, 4]
+        assert stats["processed"] == 5
+
+
 async def test_submit_nowait_returns_each_messages_future_at_once() -> None:
     """submit_nowait accepts at once and its future holds that message's own result."""
     rec = Recorder(result=lambda m: m * 3)

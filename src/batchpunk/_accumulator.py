@@ -20,8 +20,7 @@ from batchpunk._jobs import Job, Tracker, Trackers, pick
 from batchpunk.batch import Batch
 from batchpunk.config import BatchConfig, BatchTrigger
 
-# Job, Tracker, Trackers and pick live in _jobs; they are re-exported for older imports.
-__all__ = ["Accumulator", "Job", "Lane", "Tracker", "Trackers", "pick"]
+__all__ = ["Accumulator", "Lane"]
 
 
 class Lane:

@@ -20,6 +20,7 @@ from collections import deque
 from collections.abc import AsyncIterable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from functools import partial
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -187,7 +188,7 @@ class BatchProcessor(Completion, Generic[T, R]):
         if self._state is not _State.NEW:
             raise ProcessorClosed("a stopped BatchProcessor cannot start again; create a new one")
         self._loop = asyncio.get_running_loop()
-        self._new_future = self._loop.create_future
+        self._new_future = _future_factory(self._loop)
         self._acc.bind(self._loop)
         if self._outbox is not None:
             self._outbox.start()
@@ -588,3 +589,15 @@ def _entries(
         )
         for index, message in enumerate(batch)
     ]
+
+
+def _future_factory(loop: asyncio.AbstractEventLoop) -> Callable[[], asyncio.Future[Any]]:
+    """What submit calls for a message's future: ``loop.create_future`` without its frame.
+
+    asyncio's own loops create a plain ``asyncio.Future(loop=loop)``; calling that class through
+    a ``partial`` (C code end to end) saves the Python method's frame, a tenth of submit's own
+    cost. A loop that overrides create_future (its own future type) keeps its method.
+    """
+    if type(loop).create_future is asyncio.BaseEventLoop.create_future:
+        return partial(asyncio.Future, loop=loop)
+    return loop.create_future
