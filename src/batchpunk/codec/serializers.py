@@ -186,10 +186,9 @@ _LONG_NUMBER = b"0" * 20
 
 def _json_loads(payload: bytes | bytearray) -> Any:
     orjson = orjson_module()
-    if orjson is not None:
-        if _LONG_NUMBER not in payload.translate(_DIGIT_TABLE):
-            try:
-                return orjson.loads(payload)
-            except ValueError:  # orjson.JSONDecodeError: let the reference decoder decide
-                pass
+    if orjson is not None and _LONG_NUMBER not in payload.translate(_DIGIT_TABLE):
+        try:
+            return orjson.loads(payload)
+        except ValueError:  # orjson.JSONDecodeError: let the reference decoder decide
+            pass
     return json.loads(payload)
