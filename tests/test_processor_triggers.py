@@ -94,6 +94,33 @@ async def test_both_cuts_a_partial_lane_on_its_deadline() -> None:
         assert rec.calls[0].flush_reason == "timeout"
 
 
+async def test_a_lane_refilled_after_a_size_cut_times_out_on_its_new_first_message() -> None:
+    """The deadline after a size cut is the new first message's, not the cut batch's.
+
+    The lane's timer outlives the cut (one timer per lane): when it fires at the first batch's
+    deadline it must re-arm for the refill's, neither cutting it early nor forgetting it.
+    """
+    rec = Recorder()
+    async with BatchProcessor(config(trigger="both", max_size=3, max_wait=0.1), rec) as p:
+        loop = asyncio.get_running_loop()
+        for i in range(3):
+            p.add_message_nowait(i)  # cut on size at once; its timer stays armed for +0.1 s
+        await asyncio.sleep(0.05)
+        refilled = loop.time()
+        p.add_message_nowait(3)
+        await rec.wait_calls(2)
+        assert [c.messages for c in rec.calls] == [[0, 1, 2], [3]]
+        assert [c.flush_reason for c in rec.calls] == ["size", "timeout"]
+        # Not at the first batch's deadline (0.05 s after the refill) but at the refill's own.
+        assert rec.calls[1].started - refilled >= 0.1 - 0.002
+        # And again for a third fill, after the re-armed timer fired and the lane was empty.
+        third = loop.time()
+        p.add_message_nowait(4)
+        await rec.wait_calls(3)
+        assert rec.calls[2].messages == [4]
+        assert 0.1 - 0.002 <= rec.calls[2].started - third < 0.1 + 0.08
+
+
 async def test_all_waits_for_size_after_the_deadline_passed() -> None:
     """ALL does not cut a short lane at its deadline; the message that fills it cuts at once."""
     rec = Recorder()
