@@ -299,3 +299,20 @@ async def test_chunked_lanes_keep_each_submitters_result(trigger: str) -> None:
         results = await asyncio.gather(*(p.submit(i) for i in range(7)))
     assert results == [-i for i in range(7)]
     assert len(rec.calls) >= 3
+
+
+async def test_a_stopped_processor_leaves_no_timer_that_keeps_it_alive() -> None:
+    """Lane timers outlive cuts, not the processor: once stopped it can be collected at once."""
+    import gc
+    import weakref
+
+    processor = BatchProcessor(config(trigger="both", max_size=2, max_wait=60.0), Recorder())
+    await processor.start()
+    for i in range(5):
+        processor.add_message_nowait(i)  # size cuts with the shared lane's timer still armed
+        processor.add_message_nowait(i, key=f"k{i % 2}")  # keyed lanes, cut and forgotten
+    await processor.stop()
+    ref = weakref.ref(processor)
+    del processor
+    gc.collect()
+    assert ref() is None

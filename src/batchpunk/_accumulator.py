@@ -185,7 +185,11 @@ class Accumulator:
         self.reset(lane)
         if lane is not self.default:
             # Keyed lanes come and go with traffic: forget empty ones so memory follows load.
+            # The next message of this key gets a new lane and timer; this one's is of no use.
             self.lanes.pop((lane.key, lane.priority), None)
+            if lane.timer is not None:
+                lane.timer.cancel()
+                lane.timer = None
         max_size = self.max_size
         if len(items) <= max_size or self.size_triggers:
             self._emit(items, trackers, times, first_seen, first_wall, nbytes, reason)
@@ -222,6 +226,14 @@ class Accumulator:
         """Cut every non-empty lane (flush, shutdown)."""
         for lane in list(self.lanes.values()):
             self.cut(lane, reason)
+
+    def disarm(self) -> None:
+        """Cancel every lane's timer (on stop: a timer that outlived its batches would keep the
+        accumulator, and with it the processor, alive until it fired)."""
+        for lane in self.lanes.values():
+            if lane.timer is not None:
+                lane.timer.cancel()
+                lane.timer = None
 
     def take_all(self) -> Iterator[Lane]:
         """Yield each non-empty lane for the caller to empty (stop without drain)."""

@@ -467,6 +467,7 @@ class BatchProcessor(Completion, Generic[T, R]):
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._observer.drain(), timeout)
         self._exec.close()
+        self._acc.disarm()
         self._state = _State.CLOSED
 
     def _abandon_waiting(self, error: BaseException) -> None:
