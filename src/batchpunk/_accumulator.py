@@ -57,6 +57,12 @@ class Lane:
         #: (it then re-arms itself for the current first message, see _deadline).
         self.timer: asyncio.TimerHandle | None = None
 
+    def stop_timer(self) -> None:
+        """Cancel the pending deadline, if any (a forgotten keyed lane; the processor stopping)."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
 
 class Accumulator:
     """Owns the lanes and decides when each becomes one or more batches.
@@ -187,9 +193,7 @@ class Accumulator:
             # Keyed lanes come and go with traffic: forget empty ones so memory follows load.
             # The next message of this key gets a new lane and timer; this one's is of no use.
             self.lanes.pop((lane.key, lane.priority), None)
-            if lane.timer is not None:
-                lane.timer.cancel()
-                lane.timer = None
+            lane.stop_timer()
         max_size = self.max_size
         if len(items) <= max_size or self.size_triggers:
             self._emit(items, trackers, times, first_seen, first_wall, nbytes, reason)
@@ -231,9 +235,7 @@ class Accumulator:
         """Cancel every lane's timer (on stop: a timer that outlived its batches would keep the
         accumulator, and with it the processor, alive until it fired)."""
         for lane in self.lanes.values():
-            if lane.timer is not None:
-                lane.timer.cancel()
-                lane.timer = None
+            lane.stop_timer()
 
     def take_all(self) -> Iterator[Lane]:
         """Yield each non-empty lane for the caller to empty (stop without drain)."""
