@@ -4,11 +4,11 @@
     python _spool_producer.py postgres TABLE    SPOOL|- FIRST_ID DLQ [COUNT]
     python _spool_producer.py http     DB       SPOOL    PORTFILE DLQ
 
-sqlite/postgres: 64 tasks add messages {"id": n} (n from FIRST_ID upward) until killed, or until
-COUNT of them were added (then it drains and exits), and write each id to stdout (unbuffered)
-once ``await add_message`` returned. FIRST_ID -1 adds nothing: it replays what the spool holds,
-drains and exits. SPOOL "-" runs without a spool (the negative control). Ids divisible by 997
-are poison: the sink fails them for good (dead letters).
+sqlite/postgres: the spool's unfinished messages are replayed on start; then 64 tasks add
+messages {"id": n} (n from FIRST_ID upward) until killed, or until COUNT of them were added (0:
+none), then it drains and exits. Each id goes to stdout (unbuffered) once ``await add_message``
+returned. SPOOL "-" runs without a spool (the negative control). Ids divisible by 997 are
+poison: the sink fails them for good (dead letters).
 
 http: a Pipeline from an HttpSource through the spool into SQLite; the port goes to PORTFILE.
 
@@ -128,9 +128,6 @@ async def produce(
     spool = None if spool_path == "-" else Spool(spool_path, segment_bytes=1 << 20)
     processor = BatchProcessor(config, handler, dead_letter=JsonlDeadLetters(dlq), spool=spool)
     async with processor:
-        if first < 0:
-            await processor.flush()
-            return
         ids = itertools.count(first) if count is None else iter(range(first, first + count))
 
         async def task() -> None:

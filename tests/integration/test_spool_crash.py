@@ -138,13 +138,8 @@ def crash_rounds(mode: str, target: str, spool: Path, dlq: Path, seed: int) -> l
         acked += got
         if spool.exists():  # what the next start recovers, for history() when a check fails
             shutil.copytree(spool, spool.with_name(f"after-kill-{round_ + 1}"))
-    rest = TOTAL - len(acked)
-    if rest > 0:
-        first = str((KILLS + 1) * 10_000_000)
-        acked += run_to_end(mode, target, str(spool), first, str(dlq), str(rest))
-    else:
-        run_to_end(mode, target, str(spool), "-1", str(dlq))
-    return acked
+    first, rest = str((KILLS + 1) * 10_000_000), str(max(0, TOTAL - len(acked)))
+    return acked + run_to_end(mode, target, str(spool), first, str(dlq), rest)
 
 
 def history(spool: Path, ids: list[int], limit: int = 5) -> str:
