@@ -1,6 +1,6 @@
 """The durable spool's cost, beside the in-memory path and a hand-written SQLite outbox (one run).
 
-Run: python bench/spool.py [--quick]
+Run: python bench/spool.py [--quick] [--ceiling]
 
 Each row: 1,000 concurrent producers each awaiting ``add_message`` in a loop (the way a busy
 service calls it), a no-op async handler, max_size 1000. "Added latency" is the time one
@@ -19,6 +19,11 @@ Baselines measured in the same run:
     next insert's FULL commit syncs the WAL), as the spool's finish markers are not: a lost
     delete or marker costs a duplicate, never a message. A row with the stdlib's json.dumps shows
     what a plainer hand-written outbox costs.
+
+--ceiling adds two diagnostic rows, not modes (nothing in them is durable): the spool with its
+disk writes skipped, and with its serialization skipped too, so only its bookkeeping and its
+producers' wait for a commit remain. Their ratios to the outbox bound what any spool written in
+Python on this event loop could reach.
 
 Target: the spool (sync="data", fdatasync) >= 2x the SQLite outbox; the HTTP source >= 20,000
 events/s with NDJSON requests of 100 events (server in its own process, through a spool).
@@ -79,6 +84,31 @@ async def run_memory(n: int, _: Path) -> list[float]:
 def run_spool(**settings: Any) -> Callable[[int, Path], Awaitable[list[float]]]:
     async def run(n: int, directory: Path) -> list[float]:
         spool = Spool(directory / "spool", **settings)
+        async with BatchProcessor(config(), noop, spool=spool) as processor:
+            return await drive(processor.add_message, n)
+
+    return run
+
+
+class _WritesSkipped(Spool):
+    """--ceiling only: the spool with its disk writes skipped (nothing is durable)."""
+
+    def _write(self, segment: Any, data: bytes, sync: bool = True) -> None:
+        return None
+
+
+class _WritesAndEncodingSkipped(_WritesSkipped):
+    """--ceiling only: the spool's bookkeeping and its producers' wait, nothing else."""
+
+    _BODY = json.dumps([{"id": 0, "body": "x" * 64}, None, 0]).encode()
+
+    def _encode(self, message: Any, key: Any, priority: int) -> bytes:
+        return self._BODY
+
+
+def run_ceiling(kind: type[Spool]) -> Callable[[int, Path], Awaitable[list[float]]]:
+    async def run(n: int, directory: Path) -> list[float]:
+        spool = kind(directory / "spool", sync="none")
         async with BatchProcessor(config(), noop, spool=spool) as processor:
             return await drive(processor.add_message, n)
 
@@ -249,6 +279,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer messages")
     parser.add_argument("--rounds", type=int, default=3, help="rounds over every row")
     parser.add_argument("--producers", type=int, default=PRODUCERS, help="concurrent producers")
+    parser.add_argument(
+        "--ceiling",
+        action="store_true",
+        help="add two diagnostic rows: the spool with its writes (and its encoding) skipped",
+    )
     args = parser.parse_args()
     globals()["PRODUCERS"] = args.producers
     n = 50_000 if args.quick else 100_000
@@ -267,6 +302,12 @@ def main() -> None:
         ('spool sync="none" (no fsync)', run_spool(sync="none")),
         ("spool data, commit_interval 2 ms", run_spool(sync="data", commit_interval=0.002)),
     ]
+    writes, everything = "ceiling: spool, no writes", "ceiling: spool, no writes/encoding"
+    if args.ceiling:
+        rows += [
+            (writes, run_ceiling(_WritesSkipped)),
+            (everything, run_ceiling(_WritesAndEncodingSkipped)),
+        ]
     # Rounds run every row in turn; a row shows its best round (the one least disturbed by the
     # neighbours); ratios are medians of same-round ratios.
     rounds: list[dict[str, tuple[float, float, float, float]]] = []
@@ -289,6 +330,10 @@ def main() -> None:
     print(
         f"  spool (fdatasync) vs in-memory     : {ratio(spool, memory):.2f}x  (durability's price)"
     )
+    if args.ceiling:
+        # Not modes (nothing is durable): how far the target is from what the event loop allows.
+        print(f"  {writes} vs SQLite outbox : {ratio(writes, outbox):.2f}x")
+        print(f"  {everything} vs SQLite outbox : {ratio(everything, outbox):.2f}x")
     requests = 500 if args.quick else 2000
     directory = Path(tempfile.mkdtemp(prefix="bench-http-", dir=os.environ.get("BENCH_DIR")))
     try:
