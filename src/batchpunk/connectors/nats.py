@@ -179,8 +179,8 @@ def _optional_secret(owner: str, name: str, value: Any) -> str | None:
 class _Connection:
     """One NATS connection with batchpunk's logging, reconnect and secret hygiene.
 
-    ``check_subjects`` False turns off nats-py's client-side subject check on publish, for a
-    connection that publishes only to subjects it did not take from the user as they were.
+    ``check_subjects`` False skips nats-py's client-side check of every published subject, for
+    a connection whose subjects are all chosen by the server or built from checked names.
 
     The client reconnects on its own, forever by default (a worker outlives a broker restart).
     The first connection, though, is bounded by ``connect_timeout`` so a wrong address fails
@@ -846,7 +846,7 @@ class NatsJetStreamSource:
             self._ready.extend(envelopes)
             self._wakeup.set()
         else:  # an empty frame: nothing to process, nothing to lose
-            await self._settle_message(delivery, _ACK)
+            await self._publish_settlements([(delivery, _ACK)])
 
     def _on_status(self, subject: str, status: str, description: str) -> None:
         if status == "100":  # idle heartbeat: the request is alive
@@ -973,9 +973,6 @@ class NatsJetStreamSource:
             elif receipt is not None:
                 replies.append((receipt, how))
         await self._publish_settlements(replies)
-
-    async def _settle_message(self, delivery: str | Parts, how: str) -> None:
-        await self._publish_settlements([(delivery, how)])
 
     async def _publish_settlements(self, replies: list[tuple[str | Parts, str]]) -> None:
         """Publish each (delivery, ack/nak/term) as nats-py's Msg.ack/nak/term would, once."""
