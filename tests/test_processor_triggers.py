@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 from typing import Any
 
 import pytest
@@ -303,9 +305,6 @@ async def test_chunked_lanes_keep_each_submitters_result(trigger: str) -> None:
 
 async def test_a_stopped_processor_leaves_no_timer_that_keeps_it_alive() -> None:
     """Lane timers outlive cuts, not the processor: once stopped it can be collected at once."""
-    import gc
-    import weakref
-
     processor = BatchProcessor(config(trigger="both", max_size=2, max_wait=60.0), Recorder())
     await processor.start()
     for i in range(5):

@@ -30,6 +30,7 @@ from batchpunk.errors import PartialFailure
 from batchpunk.pipeline import Pipeline
 from tests.conftest import require_server
 from tests.integration._harness import (
+    Report,
     letter_id,
     make_orders,
     read_dead_letters,
@@ -90,7 +91,7 @@ async def test_sqs_every_good_message_lands_once_and_every_poison_one_is_dead_le
         assert (final.outstanding, final.unacknowledged) == (0, 0), str(final)
 
 
-async def assert_one_letter_per_delivery(path: Path, report: Any) -> None:
+async def assert_one_letter_per_delivery(path: Path, report: Report) -> None:
     """Each poison message has one letter per delivery of it: never two from one delivery.
 
     A standard queue delivers at least once, and may deliver a message again after it was
