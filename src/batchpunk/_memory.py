@@ -16,6 +16,12 @@ docs/brokers.md):
 
 Reference cycles are still collected (the collector keeps running, less often); memory held
 by cycles can grow by at most about ``YOUNG_THRESHOLD`` objects between collections.
+
+No full collection runs before the freeze. In a process that has imported batchpunk, asyncpg,
+redis, aio-pika and nats-py (about 62,000 tracked objects) it took 27 to 33 ms of CPU and found
+46 unreachable objects: start-up leaves almost no garbage, so freezing those few costs a few
+kilobytes once, where the collection cost every start (and every run of bench/brokers.py) the
+CPU of some 4,000 messages.
 """
 
 from __future__ import annotations
@@ -33,7 +39,6 @@ YOUNG_THRESHOLD = 50_000
 def tune_collector() -> tuple[int, int, int]:
     """Freeze what start-up allocated and raise the young threshold; returns the old ones."""
     old = gc.get_threshold()
-    gc.collect()
     gc.freeze()
     gc.set_threshold(YOUNG_THRESHOLD, old[1], old[2])
     return old
