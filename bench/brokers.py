@@ -1,7 +1,7 @@
 """Broker -> PostgreSQL: batchpunk against a hand-written loop and FastStream, in one run.
 
 Run: python bench/brokers.py [--quick] [--brokers rabbitmq,redis,nats] [--messages N]
-                             [--rounds R]
+                             [--rounds R] [--floor]
      python bench/brokers.py --brokers kafka,sqs [--messages N] [--sqs-messages N]
                              (Kafka and SQS beside their hand-written loops: bench/_kafka_sqs.py)
 
@@ -19,6 +19,13 @@ write idempotent: ON CONFLICT DO NOTHING) by, in turn within each round:
   tunes it (batchpunk._memory);
 - **FastStream**: its batch subscriber where it has one (Redis streams, NATS pull), with the
   same executemany in the handler; FastStream acknowledges after the handler returns.
+
+--floor adds a diagnostic row per broker, not a contender: the **client floor**, the cheapest use
+of the same client library that batchpunk's source makes (RabbitMQ: a consumer callback on the
+aiormq channel and one multiple ack per 500; Redis: XREADGROUP COUNT 500 and one XACK; NATS: a
+pull request and a callback on its inbox, one ack publish per message), reading and
+acknowledging only: no decoding, no database. Its CPU per message is what any consumer on that
+client spends before doing anything with a message, the floor under the 7 us budget.
 
 Each is timed on the wall clock from its start (connecting included) until every row is
 committed and every message acknowledged (checked afterwards: row count, and nothing pending on
@@ -352,6 +359,95 @@ async def _hand_nats(
         await nc.close()
 
 
+# -- the client floor (--floor) -------------------------------------------------------------------
+
+
+async def client_floor(place: Place, table: str, count: int, finish: Callable[[], None]) -> None:
+    """Read and acknowledge ``count`` messages the cheapest way the client allows; write nothing."""
+    if place.broker == "rabbitmq":
+        await _floor_rabbitmq(place, count)
+    elif place.broker == "redis":
+        await _floor_redis(place, count)
+    else:
+        await _floor_nats(place, count)
+    finish()
+
+
+async def _floor_rabbitmq(place: Place, count: int) -> None:
+    import aiormq
+
+    connection = await aiormq.connect(RABBITMQ_URL)
+    try:
+        channel = await connection.channel()
+        await channel.basic_qos(prefetch_count=2 * BATCH)
+        seen = 0
+        done = asyncio.Event()
+
+        async def on_message(message: Any) -> None:
+            nonlocal seen
+            seen += 1
+            if seen % BATCH == 0 or seen == count:
+                await channel.basic_ack(message.delivery.delivery_tag, multiple=True)
+            if seen == count:
+                done.set()
+
+        await channel.basic_consume(place.name, on_message, no_ack=False)
+        await done.wait()
+    finally:
+        await connection.close()
+
+
+async def _floor_redis(place: Place, count: int) -> None:
+    import redis.asyncio
+
+    client = redis.asyncio.Redis.from_url(REDIS_URL)
+    try:
+        done = 0
+        while done < count:
+            reply = await client.xreadgroup(
+                place.group, "floor-1", {place.name: ">"}, count=BATCH, block=1000
+            )
+            for _, entries in reply or ():
+                await client.xack(place.name, place.group, *(i for i, _ in entries))
+                done += len(entries)
+    finally:
+        await client.aclose()
+
+
+async def _floor_nats(place: Place, count: int) -> None:
+    import nats
+
+    nc = await nats.connect(NATS_URL)
+    try:
+        replies: list[str] = []
+        need = 0
+        arrived = asyncio.Event()
+
+        async def on_message(message: Any) -> None:
+            if message.reply:
+                replies.append(message.reply)
+                if len(replies) >= need:
+                    arrived.set()
+
+        inbox = nc.new_inbox()
+        await nc.subscribe(inbox, cb=on_message)
+        pull = f"$JS.API.CONSUMER.MSG.NEXT.{place.name}.{place.group}"
+        done = 0
+        while done < count:
+            need = min(BATCH, count - done)
+            arrived.clear()
+            request = json.dumps({"batch": need, "expires": 5_000_000_000}).encode()
+            await nc.publish(pull, request, reply=inbox)
+            await asyncio.wait_for(arrived.wait(), 10)
+            batch, replies[:] = list(replies), []
+            for reply in batch:
+                await nc.publish(reply, b"+ACK")
+            done += len(batch)
+        await nc.flush()
+    finally:
+        await nc.close()
+
+
 # -- FastStream ----------------------------------------------------------------------------------
 
 
@@ -434,9 +530,14 @@ async def measure(
             raise SystemExit(f"{broker} {name}: never reported the end")
         wall, cpu = ended[0] - wall, ended[1] - cpu
         rows = await admin.fetchval(f"SELECT count(*) FROM {table}")
-        if rows != count:
+        if rows != (0 if run is client_floor else count):
             raise SystemExit(f"{broker} {name}: {rows} rows in the table, expected {count}")
         left = await place.pending()
+        for _ in range(20):  # a broker may count acknowledgements it received a moment late
+            if not left:
+                break
+            await asyncio.sleep(0.1)
+            left = await place.pending()
         if left:
             raise SystemExit(f"{broker} {name}: {left} message(s) still pending")
         return count / wall, cpu / count * 1e6
@@ -456,6 +557,11 @@ async def main() -> None:
     parser.add_argument("--brokers", default=",".join(BROKERS), help="comma-separated subset")
     parser.add_argument("--messages", type=int, help="messages per contender and round")
     parser.add_argument("--rounds", type=int, help="interleaved rounds")
+    parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="add the client floor per broker: read and acknowledge only (see above)",
+    )
     parser.add_argument(
         "--collector",
         choices=("tuned", "default"),
@@ -495,6 +601,8 @@ async def main() -> None:
             }
             if has_faststream and broker in FASTSTREAM_BROKERS:
                 contenders["FastStream"] = faststream
+            if args.floor:
+                contenders["client floor"] = client_floor
             results: dict[str, list[tuple[float, float]]] = {name: [] for name in contenders}
             for _ in range(rounds):
                 for name, run in contenders.items():
