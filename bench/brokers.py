@@ -277,14 +277,13 @@ async def hand_written(place: Place, table: str, count: int, finish: Callable[[]
     conn = await asyncpg.connect(DSN)
     try:
         sql = insert_sql(table)
+        # Each loop calls finish() itself, before closing its broker connection (not timed).
         if place.broker == "rabbitmq":
             await _hand_rabbitmq(place, conn, sql, count, finish)
         elif place.broker == "redis":
             await _hand_redis(place, conn, sql, count, finish)
         else:
             await _hand_nats(place, conn, sql, count, finish)
-            return
-        finish()
     finally:
         await conn.close()
 
@@ -319,6 +318,7 @@ async def _hand_rabbitmq(
 async def _hand_redis(
     place: Place, conn: Any, sql: str, count: int, finish: Callable[[], None]
 ) -> None:
+    """The hand-written loop; without a connection (``conn`` None), the client floor's."""
     import redis.asyncio
 
     client = redis.asyncio.Redis.from_url(REDIS_URL)
@@ -329,7 +329,8 @@ async def _hand_redis(
                 place.group, "hand-1", {place.name: ">"}, count=BATCH, block=1000
             )
             for _, entries in reply or ():
-                await conn.executemany(sql, [row(json.loads(f[b"data"])) for _, f in entries])
+                if conn is not None:
+                    await conn.executemany(sql, [row(json.loads(f[b"data"])) for _, f in entries])
                 await client.xack(place.name, place.group, *(i for i, _ in entries))
                 done += len(entries)
         finish()
@@ -367,7 +368,7 @@ async def client_floor(place: Place, table: str, count: int, finish: Callable[[]
     if place.broker == "rabbitmq":
         await _floor_rabbitmq(place, count)
     elif place.broker == "redis":
-        await _floor_redis(place, count)
+        await _hand_redis(place, None, "", count, lambda: None)
     else:
         await _floor_nats(place, count)
     finish()
@@ -395,23 +396,6 @@ async def _floor_rabbitmq(place: Place, count: int) -> None:
         await done.wait()
     finally:
         await connection.close()
-
-
-async def _floor_redis(place: Place, count: int) -> None:
-    import redis.asyncio
-
-    client = redis.asyncio.Redis.from_url(REDIS_URL)
-    try:
-        done = 0
-        while done < count:
-            reply = await client.xreadgroup(
-                place.group, "floor-1", {place.name: ">"}, count=BATCH, block=1000
-            )
-            for _, entries in reply or ():
-                await client.xack(place.name, place.group, *(i for i, _ in entries))
-                done += len(entries)
-    finally:
-        await client.aclose()
 
 
 async def _floor_nats(place: Place, count: int) -> None:
