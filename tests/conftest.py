@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import socket
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -40,14 +45,74 @@ def require_server(name: str) -> None:
     pytest.skip(message)
 
 
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    """Print how many generated cases the hostile-input suite ran (tests/hostile_support.py)."""
+def _hostile_counts() -> dict[str, int]:
     import sys
 
     support = sys.modules.get("tests.hostile_support")
-    counts = getattr(support, "COUNTS", None)
+    return dict(getattr(support, "COUNTS", None) or {})
+
+
+#: What the test workers counted (pytest-xdist), added up in the controlling process.
+_WORKER_COUNTS: dict[str, int] = {}
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """On a test worker: hand its hostile-input counts to the controlling process."""
+    output = getattr(session.config, "workeroutput", None)
+    if output is not None:
+        output["hostile_counts"] = _hostile_counts()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: object, error: object) -> None:
+    """In the controlling process: add up a finished worker's counts (pytest-xdist hook)."""
+    for name, count in getattr(node, "workeroutput", {}).get("hostile_counts", {}).items():
+        _WORKER_COUNTS[name] = _WORKER_COUNTS.get(name, 0) + count
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Print how many generated cases the hostile-input suite ran (tests/hostile_support.py)."""
+    counts = _hostile_counts()
+    for name, count in _WORKER_COUNTS.items():
+        counts[name] = counts.get(name, 0) + count
     if counts:
         parts = ", ".join(f"{name} {count}" for name, count in sorted(counts.items()))
         terminalreporter.write_line(
             f"hostile inputs: {sum(counts.values())} generated cases ({parts})"
         )
+
+
+#: Shared by every test worker of every run on this machine: the servers are shared too.
+_LOCKS = Path(tempfile.gettempdir())
+
+
+@contextlib.contextmanager
+def _server_lock(exclusive: bool) -> Iterator[None]:
+    """Shared for a test, exclusive for one marked ``exclusive`` (it stops a shared server).
+
+    A turnstile in front keeps a waiting exclusive test from being starved by a stream of
+    shared ones: while it waits, no new test starts.
+    """
+    with (
+        open(_LOCKS / "batchpunk-tests.turnstile", "a") as turnstile,
+        open(_LOCKS / "batchpunk-tests.lock", "a") as lock,
+    ):
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        finally:
+            if not exclusive:
+                fcntl.flock(turnstile, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            if exclusive:
+                fcntl.flock(turnstile, fcntl.LOCK_UN)
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Iterator[None]:
+    """Hold the server lock around the whole test; outside pytest-timeout's clock."""
+    with _server_lock(item.get_closest_marker("exclusive") is not None):
+        yield

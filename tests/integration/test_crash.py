@@ -390,6 +390,7 @@ async def test_sigterm_while_the_worker_is_still_connecting_exits_0(tmp_path: Pa
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.exclusive  # stops the shared RabbitMQ: every other test waits
 async def test_rabbitmq_restart_under_load_workers_reconnect_and_lose_nothing(
     tmp_path: Path,
 ) -> None:
