@@ -91,3 +91,55 @@ def test_a_sasl_password_never_shows_in_the_repr() -> None:
     )
     assert "hunter22" not in repr(source)
     assert json.dumps(repr(source))
+
+
+class _WrittenFrom:
+    """A position store (the sink's side of ``PostgresSink(positions=...)``) that says the
+    offsets from ``first`` to ``last`` of partition 0 were already written."""
+
+    def __init__(self, first: int, last: int) -> None:
+        self.ranges = {0: [(first, last)]}
+
+    async def load_positions(
+        self, topic: str, floors: dict[int, int]
+    ) -> dict[int, list[tuple[int, int]]]:
+        return self.ranges
+
+
+async def test_records_skipped_as_already_written_are_committed_without_any_ack() -> None:
+    """Offsets 0-9 are processed and acked; 10-29, which the position store says a killed
+    worker already wrote, arrive afterwards and are skipped. No ack will ever come for them,
+    yet the group's committed offset must move past them (it stayed at 10 before the fix, and
+    Kafka's lag showed 20 messages that were done)."""
+    require_server("kafka")
+    import asyncio
+
+    place = KafkaPlace(broker="kafka", name=unique("t"), group=unique("g"), partitions=1)
+    await place.create()
+    source = place.build_source(fetch_timeout=0.2, commit_interval=0.05)
+    source.use_positions(_WrittenFrom(10, 29))
+    try:
+        await place.publish([{"id": i} for i in range(10)])
+        iterator = source.__aiter__()
+        first = [await asyncio.wait_for(iterator.__anext__(), 30) for _ in range(10)]
+        assert [envelope.payload["id"] for envelope in first] == list(range(10))
+        await source.ack_many(first)
+        for _ in range(100):
+            if (await place.committed())[0] == 10:
+                break
+            await asyncio.sleep(0.1)
+        assert (await place.committed())[0] == 10
+        await place.publish([{"id": i} for i in range(10, 30)])
+        reader = asyncio.create_task(iterator.__anext__())  # keeps the source fetching
+        committed = 10
+        for _ in range(100):
+            committed = (await place.committed())[0]
+            if committed == 30:
+                break
+            await asyncio.sleep(0.1)
+        assert not reader.done(), "a record the store called written was handed out"
+        reader.cancel()
+        assert committed == 30, f"committed offset {committed}, expected 30"
+    finally:
+        await source.close()
+        await place.delete()

@@ -408,6 +408,7 @@ class KafkaSource(BufferedSource):
         are dropped unread: their next owner reads them from the committed offset."""
         envelopes: list[Envelope] = []
         assigned: Any = None
+        skipped = False
         for tp, batch in records.items():
             ledger = self._ledgers.get(tp)
             if ledger is None:
@@ -432,9 +433,14 @@ class KafkaSource(BufferedSource):
                     ledger = self._ledgers[tp] = fresh
                 if ledger.skip and ledger.written(offset):
                     ledger.end = offset + 1  # written before: finished without processing
+                    skipped = True
                     continue
                 ledger.deliver(offset)
                 envelopes.append(self._envelope(ledger, record))
+        if skipped and not self._commit_wake.is_set():
+            # No acknowledgement will come for a skipped record: without this wake-up the
+            # commit past a written range waited for the next ack, forever if none came.
+            self._commit_wake.set()
         self.read += len(envelopes)
         return envelopes
 
