@@ -82,8 +82,9 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         )
 
 
-#: Shared by every test worker of every run on this machine: the servers are shared too.
+#: Shared by every test worker of this user's runs on this machine: the servers are shared too.
 _LOCKS = Path(tempfile.gettempdir())
+_NAME = f"batchpunk-tests-{os.getuid()}"
 
 
 @contextlib.contextmanager
@@ -94,8 +95,8 @@ def _server_lock(exclusive: bool) -> Iterator[None]:
     shared ones: while it waits, no new test starts.
     """
     with (
-        open(_LOCKS / "batchpunk-tests.turnstile", "a") as turnstile,
-        open(_LOCKS / "batchpunk-tests.lock", "a") as lock,
+        open(_LOCKS / f"{_NAME}.turnstile", "a") as turnstile,
+        open(_LOCKS / f"{_NAME}.lock", "a") as lock,
     ):
         fcntl.flock(turnstile, fcntl.LOCK_EX)
         try:
