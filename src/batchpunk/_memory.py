@@ -18,10 +18,10 @@ Reference cycles are still collected (the collector keeps running, less often); 
 by cycles can grow by at most about ``YOUNG_THRESHOLD`` objects between collections.
 
 No full collection runs before the freeze. In a process that has imported batchpunk, asyncpg,
-redis, aio-pika and nats-py (about 62,000 tracked objects) it took 27 to 33 ms of CPU and found
-46 unreachable objects: start-up leaves almost no garbage, so freezing those few costs a few
-kilobytes once, where the collection cost every start (and every run of bench/brokers.py) the
-CPU of some 4,000 messages.
+redis, aio-pika and nats-py (about 62,000 tracked objects) it took 27.6 to 40.6 ms of CPU (three
+processes) and found 46 unreachable objects: start-up leaves almost no garbage, so freezing
+those few costs a few kilobytes once, where the collection cost every start (and every run of
+bench/brokers.py) the CPU of some 4,000 messages.
 """
 
 from __future__ import annotations
