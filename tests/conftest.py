@@ -112,6 +112,24 @@ def _server_lock(exclusive: bool) -> Iterator[None]:
                 fcntl.flock(turnstile, fcntl.LOCK_UN)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """In-process tests first; those with servers or marked slow after (a stable sort).
+
+    With pytest-xdist's ``--dist load`` both workers go through the list front to back, so the
+    in-process tests, whose timers are tight, run beside each other rather than beside the
+    busy worker processes of an integration test.
+    """
+
+    def with_servers(item: pytest.Item) -> bool:
+        return (
+            item.path.parent.name in ("integration", "contract")
+            or item.get_closest_marker("integration") is not None
+            or item.get_closest_marker("slow") is not None
+        )
+
+    items.sort(key=with_servers)
+
+
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)
 def pytest_runtest_protocol(item: pytest.Item) -> Iterator[None]:
     """Hold the server lock around the whole test; outside pytest-timeout's clock."""

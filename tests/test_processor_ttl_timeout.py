@@ -37,10 +37,12 @@ async def test_a_message_that_waited_past_its_ttl_is_dead_lettered_expired() -> 
 async def test_only_the_stale_messages_of_a_batch_expire() -> None:
     """In one batch, messages older than the ttl expire and the younger ones are processed."""
     rec = Recorder()
-    cfg = config(trigger="timeout", max_wait=0.05, message_ttl=0.03)
+    # 75 ms of slack each way (a loaded machine's loop can oversleep tens of milliseconds):
+    # "young" joins the batch 75 ms before its cut and has waited 75 ms less than the ttl.
+    cfg = config(trigger="timeout", max_wait=0.25, message_ttl=0.15)
     async with BatchProcessor(cfg, rec) as p:
         await p.add_message("old")
-        await asyncio.sleep(0.035)
+        await asyncio.sleep(0.175)
         await p.add_message("young")
         await rec.wait_calls(1)
     assert [c.messages for c in rec.calls] == [["young"]]
@@ -153,10 +155,10 @@ async def test_an_abandoned_sync_call_does_not_block_the_retry_with_one_slot() -
 async def test_submitters_of_a_partly_expired_batch_get_their_own_outcome() -> None:
     """The expired submit raises MessageExpired; the young ones in the same batch get results."""
     rec = Recorder(result=lambda m: f"ok {m}")
-    cfg = config(trigger="timeout", max_wait=0.05, message_ttl=0.03)
+    cfg = config(trigger="timeout", max_wait=0.25, message_ttl=0.15)  # slack as above
     async with BatchProcessor(cfg, rec) as p:
         old = asyncio.ensure_future(p.submit("old"))
-        await asyncio.sleep(0.035)
+        await asyncio.sleep(0.175)
         young = [asyncio.ensure_future(p.submit(m)) for m in ("y1", "y2")]
         outcomes = await asyncio.gather(old, *young, return_exceptions=True)
     assert isinstance(outcomes[0], MessageExpired)
