@@ -165,3 +165,26 @@ def test_failed_pulls_back_off_on_the_shared_reconnect_delay_and_an_answer_reset
     src._on_status("inbox.1", "408", "Request Timeout")  # the server served the pull
     assert src._pull_failures == 0
     assert src._failed_pull_delay() <= 0.1
+
+
+async def test_settlements_without_a_connection_log_one_line_for_the_batch(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """500 acks while disconnected: one warning naming the count and the first, not 500; each
+    message leaves the unsettled set (the server redelivers it after ack_wait)."""
+    import logging
+
+    from batchpunk.envelope import Envelope
+
+    src = source()
+    replies = [
+        f"$JS.ACK.ORDERS.writer.1.{seq}.{seq}.1700000000000000000.0" for seq in range(1, 501)
+    ]
+    for reply in replies:
+        src._unsettled[reply] = None
+    with caplog.at_level(logging.WARNING, "batchpunk"):
+        await src.ack_many([Envelope({"n": i}, receipt=r) for i, r in enumerate(replies)])
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert "500 settlement(s) failed (first: ack of stream sequence 1)" in warnings[0]
+    assert not src._unsettled

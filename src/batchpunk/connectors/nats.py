@@ -975,9 +975,17 @@ class NatsJetStreamSource:
         await self._publish_settlements(replies)
 
     async def _publish_settlements(self, replies: list[tuple[str | Parts, str]]) -> None:
-        """Publish each (delivery, ack/nak/term) as nats-py's Msg.ack/nak/term would, once."""
+        """Publish each (delivery, ack/nak/term) as nats-py's Msg.ack/nak/term would, once.
+
+        Failures are logged once per call, not per message: a lost connection would otherwise
+        write a line for every message of the batch. Never lost either way: an unsettled
+        message comes back after ack_wait (a duplicate at worst).
+        """
         unsettled = self._unsettled
         nc = self._conn.nc
+        failed = 0
+        first = ""  # the first failed settlement, named in the log line
+        error: BaseException | None = None
         for delivery, how in replies:
             reply = delivery.key if isinstance(delivery, Parts) else delivery
             if reply not in unsettled:
@@ -989,15 +997,17 @@ class NatsJetStreamSource:
                     raise ConnectionError("not connected")
                 await nc.publish(reply, payload)
             except Exception as exc:
-                # Never lost: an unsettled message comes back after ack_wait (a duplicate at
-                # worst).
-                log.warning(
-                    "NatsJetStreamSource: %s of stream sequence %s failed, the server will "
-                    "redeliver it after ack_wait: %s",
-                    how,
-                    _stream_seq(reply),
-                    self._conn.scrub(f"{type(exc).__name__}: {exc}"),
-                )
+                if not failed:
+                    first, error = f"{how} of stream sequence {_stream_seq(reply)}", exc
+                failed += 1
+        if error is not None:
+            log.warning(
+                "NatsJetStreamSource: %d settlement(s) failed (first: %s), the server will "
+                "redeliver those messages after ack_wait: %s",
+                failed,
+                first,
+                self._conn.scrub(f"{type(error).__name__}: {error}"),
+            )
 
     async def _keep_in_progress(self) -> None:
         """Every ack_wait/3, tell the server each unsettled message is still being worked on."""
