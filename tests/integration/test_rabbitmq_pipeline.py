@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from batchpunk.config import BatchConfig, BatchTrigger
 from batchpunk.connectors.rabbitmq import RabbitMQSource
 from batchpunk.pipeline import Pipeline
 from batchpunk.pipeline_file import parse_pipeline
@@ -117,6 +118,36 @@ async def test_a_graceful_stop_mid_run_requeues_what_was_not_written(channel: An
         remaining = await take(rest, 2000 - len(sink.ids))
         assert {e.payload["id"] for e in remaining} | sink.ids == set(range(2000))
         await rest.close()
+    finally:
+        await delete_queue(channel, queue)
+
+
+async def test_acks_held_behind_a_waiting_lane_do_not_fill_the_prefetch_window(
+    channel: Any,
+) -> None:
+    """Nine urgent messages wait at the head for a tenth (SIZE trigger, a lane per priority):
+    the ordinary messages behind them are all written: their acks are not held back until the
+    window (prefetch 20) is full and the broker stops delivering."""
+    queue = unique_queue("pipe-window")
+    await channel.declare_queue(queue, durable=True, arguments={"x-max-priority": 10})
+    try:
+        urgent = [json.dumps({"id": 1000 + i}).encode() for i in range(9)]
+        await publish_raw(channel, queue, urgent, priority=5)
+        await publish_json(channel, queue, [{"id": i} for i in range(40)])
+        config = BatchConfig(
+            max_size=10, trigger=BatchTrigger.SIZE, max_concurrent_batches=1, drain_timeout=2
+        )
+        progress = asyncio.Event()
+        sink, letters = IdSink(progress), Letters(progress)
+        source = RabbitMQSource(RABBITMQ_URL, queue, declare=False)
+        pipeline = Pipeline(source, sink, config, dead_letter=letters)
+        # Before the fix: 10 of the 40 written, then nothing (delivered 20, acked 0).
+        await run_until(pipeline, lambda: set(range(40)) <= sink.ids, progress)
+        assert source.prefetch == 20
+        # stop() drained the urgent lane too: every message written once, the queue empty.
+        assert sink.ids == set(range(40)) | {1000 + i for i in range(9)}
+        assert len(letters) == 0
+        await wait_ready(channel, queue, 0)
     finally:
         await delete_queue(channel, queue)
 

@@ -18,7 +18,8 @@ Three choices here are not the obvious ones:
   no object per message); one flusher task then sends a single ``basic.ack(multiple=True)`` for
   the longest run of settled deliveries at the head of the channel. Acks behind an unsettled
   delivery wait for it (the next multiple ack covers them) unless half the prefetch window is
-  waiting; nacks go out at once. A multiple ack never covers a delivery that was not acked.
+  waiting or the unsent deliveries fill it; nacks go out at once. A multiple ack never covers a
+  delivery that was not acked.
 * Delivery tags belong to one channel. After a reconnect the old channel's tags are stale: their
   settlements are dropped and counted (``stats().stale``), never sent, and the broker redelivers
   those messages. A stale tag never crashes the worker.
@@ -261,6 +262,13 @@ class _Tracker:
             if gap > 0:  # never seen on one consumer's channel; keep the indices right anyway
                 states.extend(bytes((_SENT,)) * gap)
         states.append(_PENDING)
+        if self.acks_behind and not self.dirty:
+            window = self.source.prefetch
+            if window and len(states) >= window:
+                # Held acks may now fill the window: the broker would send nothing more, and
+                # with no batch to finish no settlement would come to flush them.
+                self.dirty = True
+                self.source._mark_dirty(self)
         return self.gen * _GEN + tag
 
     def split(self, tag: int, parts: int) -> None:
@@ -322,7 +330,8 @@ class _Tracker:
         The settled run at the head of the channel goes out as one ``basic.ack(multiple=True)``
         (after the single nacks inside it). Behind an unsettled delivery, nacks go out at once;
         acks wait for the gap to close (a later multiple ack covers them) unless more than half
-        the prefetch window waits, which would starve the consumer: then they go out singly.
+        the prefetch window waits or the unsent deliveries fill the window (the broker would
+        send nothing more): then they go out singly.
         """
         self.dirty = False
         if self.dead:
@@ -363,9 +372,15 @@ class _Tracker:
             # Every delivery up to last_ack is settled: nacks above go first, on the same
             # channel, so the broker has already taken them out when it reads this ack.
             frames.append((last_ack, _ACK, acks > 1, acks))
-        limit = max(1, (self.source.prefetch or 0) // 2)
-        if states and (self.others_behind or self.acks_behind > limit):
-            singles = self.acks_behind > limit
+        window = self.source.prefetch or 0
+        held = self.acks_behind
+        # Singly when more than half the window waits, or when the unsent deliveries fill it:
+        # the broker then sends nothing more, and a lane that waits for more messages (a SIZE
+        # trigger, a priority of its own) would wait for ever.
+        singles = held > max(1, window // 2) or (
+            held > 0 and window > 0 and len(states) - states.count(_SENT) >= window
+        )
+        if states and (self.others_behind or singles):
             for index, state in enumerate(states):
                 if (state == _ACK and singles) or state in (_REJECT, _REQUEUE):
                     frames.append((base + index, state, False, 1))
