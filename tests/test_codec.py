@@ -338,6 +338,21 @@ def test_json_decoding_agrees_on_foreign_payloads(
         assert [type(v) for v in got] == [type(v) for v in expected]
 
 
+@pytest.mark.parametrize(
+    "text",
+    [b'{"name": "\xed\xa0\x80"}', b'["\xff"]', b'["\xed\xa0\x80", ' + b"1" * 20 + b"]"],
+    ids=["encoded lone surrogate", "invalid byte", "invalid with a long number"],
+)
+def test_json_decoding_refuses_invalid_utf8_on_both_paths(json_path: str, text: bytes) -> None:
+    """JSON text is UTF-8: bytes that are not (a surrogate in UTF-8 form, 0xff) are a
+    FrameError on both paths, never a str holding a lone surrogate (json.loads alone decodes
+    bytes with "surrogatepass")."""
+    with pytest.raises(FrameError, match="does not decode as json"):
+        decode_batch(craft_frame(text))
+    with pytest.raises(FrameError, match="does not decode as json"):
+        codec.decode_value(text)
+
+
 def test_orjson_does_the_work_when_it_agrees(monkeypatch: pytest.MonkeyPatch) -> None:
     """With orjson installed, a plain batch never reaches the standard-library encoder."""
     import orjson

@@ -191,4 +191,6 @@ def _json_loads(payload: bytes | bytearray) -> Any:
             return orjson.loads(payload)
         except ValueError:  # orjson.JSONDecodeError: let the reference decoder decide
             pass
-    return json.loads(payload)
+    # Decoded strictly first: json.loads would decode bytes with "surrogatepass", turning
+    # invalid UTF-8 (an encoded lone surrogate) into a str no encoder takes back.
+    return json.loads(bytes(payload).decode(json.detect_encoding(payload)))
