@@ -119,7 +119,8 @@ class PositionTable:
         Envelopes without a position are written as usual inside the same transaction. A
         payload that cannot be shaped into a row fails alone (PartialFailure, the rest commits);
         a row the table refuses fails the whole call (nothing commits) and the engine bisects
-        the batch down to it, as for any sink that cannot name its bad rows.
+        the batch down to it, as for any sink that cannot name its bad rows; alone, it fails
+        with the error write() gives it (PostgresDataError naming the row and column).
         """
         await sink.open()
         pool, info = sink._pool, sink._info
@@ -163,8 +164,16 @@ class PositionTable:
                             if positions[todo[index]] is not None:
                                 written.add(positions[todo[index]])  # type: ignore[arg-type]
                         if shaped.rows:
-                            rows = [r for _, r in shaped.rows]
-                            await sink._write_rows(conn, shaped.columns, rows)
+                            pending = [(todo[i], r) for i, r in shaped.rows]
+                            try:
+                                await sink._write_rows(
+                                    conn, shaped.columns, [r for _, r in pending]
+                                )
+                            except Exception as exc:
+                                if len(pending) > 1:  # the engine bisects down to the row
+                                    raise
+                                error, bad = await sink._blame(conn, shaped.columns, pending, exc)
+                                raise bad.get(0, error) from sink._cause(exc)
                     new: dict[tuple[str, int], list[int]] = {}
                     for position in positions:
                         if position is not None and position not in written:

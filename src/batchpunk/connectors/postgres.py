@@ -36,6 +36,7 @@ The DSN's password never appears in a log line, a repr or an error message.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -437,20 +438,12 @@ class PostgresSink:
                         await self._write_rows(conn, shaped.columns, [r for _, r in pending])
                         break
                     except Exception as exc:
-                        error = self._translate(exc, "writing")
-                        if error.retryable:
-                            raise error from self._cause(exc)
-                        bad = await self._locate(conn, shaped.columns, pending, exc)
-                        if not bad and len(pending) == 1:
-                            bad = {0: error}
+                        error, bad = await self._blame(conn, shaped.columns, pending, exc)
                         rounds_left -= 1
                         if not bad or (rounds_left < 0 and len(pending) > 1):
                             raise error from self._cause(exc)
                         for position, row_error in bad.items():
-                            index, values = pending[position]
-                            failures[index] = self._row_error(
-                                row_error, index, values, shaped.columns
-                            )
+                            failures[pending[position][0]] = row_error
                         pending = [p for n, p in enumerate(pending) if n not in bad]
         except PostgresSinkError:
             raise
@@ -466,13 +459,14 @@ class PostgresSink:
         self, conn: Any, columns: tuple[str, ...], rows: list[tuple[Any, ...]]
     ) -> None:
         if self._key is None:
-            await conn.copy_records_to_table(
-                self._table,
-                schema_name=self._schema,
-                records=rows,
-                columns=columns,
-                timeout=self._timeout,
-            )
+            async with _savepoint(conn):
+                await conn.copy_records_to_table(
+                    self._table,
+                    schema_name=self._schema,
+                    records=rows,
+                    columns=columns,
+                    timeout=self._timeout,
+                )
             return
         listed = ", ".join(_quote(c) for c in columns)
         keys = ", ".join(_quote(c) for c in self._key)
@@ -481,12 +475,13 @@ class PostgresSink:
             if all(c in types for c in columns):
                 arrays = ", ".join(f"${n}::{types[c]}[]" for n, c in enumerate(columns, 1))
                 try:
-                    await conn.execute(
-                        f"INSERT INTO {self._target} ({listed}) SELECT * FROM unnest({arrays}) "
-                        f"ON CONFLICT ({keys}) DO NOTHING",
-                        *(list(column) for column in zip(*rows, strict=True)),
-                        timeout=self._timeout,
-                    )
+                    async with _savepoint(conn):
+                        await conn.execute(
+                            f"INSERT INTO {self._target} ({listed}) SELECT * FROM unnest({arrays}) "
+                            f"ON CONFLICT ({keys}) DO NOTHING",
+                            *(list(column) for column in zip(*rows, strict=True)),
+                            timeout=self._timeout,
+                        )
                     return
                 except Exception as exc:
                     if self._translate(exc, "writing").retryable:
@@ -624,6 +619,26 @@ class PostgresSink:
         return _Shaped(columns or (), rows, failures)
 
     # -- errors ----------------------------------------------------------------------------
+
+    async def _blame(
+        self,
+        conn: Any,
+        columns: tuple[str, ...],
+        pending: list[tuple[int, tuple[Any, ...]]],
+        exc: Exception,
+    ) -> tuple[PostgresSinkError, dict[int, PostgresDataError]]:
+        """What a failed write of ``pending`` means: the error for all of it, and the rows it
+        blames (by position in ``pending``, each with its own error naming row and column).
+
+        A retryable failure blames no row; a single pending row is always blamed.
+        """
+        error = self._translate(exc, "writing")
+        if error.retryable:
+            return error, {}
+        bad = await self._locate(conn, columns, pending, exc)
+        if not bad and len(pending) == 1:
+            bad = {0: error}
+        return error, {n: self._row_error(e, *pending[n], columns) for n, e in bad.items()}
 
     async def _locate(
         self,
@@ -878,6 +893,15 @@ def _server_message(exc: BaseException, target: str = "", name: str = "") -> str
     if target:
         text = text.replace(f'"{_STAGE}"', target).replace(_STAGE, name)
     return text
+
+
+def _savepoint(conn: Any) -> Any:
+    """A savepoint when ``conn`` is in a caller's transaction (PositionTable.write), else none.
+
+    A statement failing inside it leaves that transaction usable: for the staged COPY after a
+    refused unnest INSERT, and for ``_locate``'s probe after a refused row.
+    """
+    return conn.transaction() if conn.is_in_transaction() else contextlib.nullcontext()
 
 
 def _split_table(table: Any) -> tuple[str | None, str]:
