@@ -706,3 +706,150 @@ async def test_a_payload_the_spool_cannot_write_is_dead_lettered_and_the_pipelin
     ]
     assert "json serializer cannot encode" in str(letters.letters[0].error)
     assert sorted(source.acked, key=repr) == sorted([1, 2, b"\x00raw"], key=repr)
+
+
+class HeldLetters(MemoryDeadLetters):
+    """A dead-letter sink that stores nothing until its gate opens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+
+    async def put(self, letters: Any) -> None:
+        await self.gate.wait()
+        await super().put(letters)
+
+
+async def wait_for(condition: Any, seconds: float = 5.0) -> None:
+    for _ in range(int(seconds * 100)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"not true within {seconds} s")
+
+
+@pytest.mark.parametrize("full", ["spool", "engine"])
+async def test_a_dropped_message_is_acknowledged_on_write_only_once_its_letter_is_stored(
+    tmp_path: Path, full: str
+) -> None:
+    """ack_on_write settles a message once it is in the spool; one the drop policy refused
+    (the spool or the engine full) is settled when its letter is stored, never on another
+    message's commit (its letter could then be lost with nothing left anywhere). The first
+    message too big for a fresh spool must not end the consumer either."""
+    from batchpunk.pipeline import Pipeline
+
+    gate = asyncio.Event()
+
+    class Sink:
+        async def write(self, batch: Any) -> None:
+            await gate.wait()
+
+        async def close(self) -> None:
+            return None
+
+    if full == "spool":
+        payloads: list[Any] = ["x" * 5000, 1, 2]  # the first cannot fit max_bytes
+        spool = Spool(tmp_path / "s", max_bytes=4096, segment_bytes=4096, ack_on_write=True)
+        settings: dict[str, Any] = {}
+    else:
+        payloads = [1, 2, 3]  # the third finds max_pending full
+        spool = Spool(tmp_path / "s", ack_on_write=True)
+        settings = {"max_pending": 2, "max_size": 10, "max_wait": 5.0}
+    dropped = payloads[0] if full == "spool" else 3
+    letters = HeldLetters()
+    overflow = OverflowPolicy.DROP_NEWEST
+    pipeline = Pipeline(
+        AckingSource(payloads),
+        Sink(),
+        config(overflow=overflow, drain_timeout=5.0, **settings),
+        spool=spool,
+        dead_letter=letters,
+    )
+    source = pipeline.source
+    run = asyncio.ensure_future(pipeline.run())
+    await wait_for(lambda: len(source.acked) == 2)  # the two written ones, durable
+    await asyncio.sleep(0.05)
+    assert dropped not in source.acked
+    assert not run.done()
+    letters.gate.set()
+    gate.set()
+    await wait_for(lambda: len(source.acked) == 3)
+    await run
+    assert [(letter.reason, letter.message) for letter in letters.letters] == [("dropped", dropped)]
+    assert inspect_spool(tmp_path / "s").unfinished == 0
+
+
+async def test_a_message_with_an_unusable_key_is_never_written_to_the_spool(
+    tmp_path: Path,
+) -> None:
+    """A list key is refused before the spool write: one "malformed" letter, and nothing left
+    in the spool to be processed after the next start (where the key would come back as a
+    hashable value and the message would end in two places)."""
+    from batchpunk.envelope import Envelope
+    from batchpunk.pipeline import Pipeline
+
+    written: list[Any] = []
+
+    async def sink(batch: Any) -> None:
+        written.extend(batch)
+
+    source = AckingSource([])
+    source.envelopes = [Envelope({"n": 1}, [1, 2]), Envelope({"n": 2}, "k")]
+    letters = MemoryDeadLetters()
+    spool = Spool(tmp_path / "s")
+    pipeline = Pipeline(source, _FunctionSink(sink), config(), dead_letter=letters, spool=spool)
+    await pipeline.run()
+    assert written == [{"n": 2}]
+    assert [(letter.reason, letter.message) for letter in letters.letters] == [
+        ("malformed", {"n": 1})
+    ]
+    assert "key: expected a hashable value" in str(letters.letters[0].error)
+    assert inspect_spool(tmp_path / "s").unfinished == 0
+    processor = BatchProcessor(config(), Recorder(), spool=Spool(tmp_path / "p"))
+    async with processor:
+        with pytest.raises(ValueError, match="priority: expected an int"):
+            await processor.add_message(1, priority=1.5)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="key: expected a hashable value"):
+            processor.add_message_nowait(1, key={})
+    assert inspect_spool(tmp_path / "p").unfinished == 0
+
+
+class _FunctionSink:
+    def __init__(self, write: Any) -> None:
+        self.write = write
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_spooled_messages_whose_letters_were_not_stored_stay_in_the_spool(
+    tmp_path: Path,
+) -> None:
+    """At stop, letters the dead-letter sink did not store are not handed to the source or to
+    pipeline.undelivered as the spool's records: their messages stay in the spool and are
+    processed again after the next start."""
+    from batchpunk.pipeline import Pipeline
+
+    nacked: list[Any] = []
+
+    class Source(AckingSource):
+        async def nack_many(self, envelopes: Any, requeue: bool) -> None:
+            nacked.extend(envelopes)
+
+    async def failing(batch: Any) -> None:
+        raise RuntimeError("sink down")
+
+    letters = HeldLetters()
+    pipeline = Pipeline(
+        Source([1, 2, 3, 4]),
+        _FunctionSink(failing),
+        config(max_size=2, drain_timeout=0.3, retry_failed=False),
+        spool=Spool(tmp_path / "s"),
+        dead_letter=letters,
+    )
+    await pipeline.run()
+    assert [type(e).__name__ for e in nacked] == []
+    assert pipeline.undelivered == []
+    assert inspect_spool(tmp_path / "s").unfinished == 4
+    recorder, _ = await replay(tmp_path / "s")
+    assert sorted(recorder.seen) == [1, 2, 3, 4]

@@ -29,7 +29,17 @@ from batchpunk.deadletter import DeadLetter
 from batchpunk.errors import BufferFull, ProcessorClosed
 from batchpunk.metrics import Observer
 
-__all__ = ["Admission"]
+__all__ = ["Admission", "check_key"]
+
+
+def check_key(key: Any, priority: Any) -> None:
+    """ValueError unless the key is hashable and the priority an int (what a lane needs)."""
+    if type(priority) is not int:
+        raise ValueError(f"priority: expected an int, got {priority!r}")
+    try:
+        hash(key)
+    except TypeError:
+        raise ValueError(f"key: expected a hashable value, got {key!r}") from None
 
 
 class Admission:
@@ -111,12 +121,7 @@ class Admission:
             self._add(message, key, priority, tracker)
 
     def _add(self, message: Any, key: Any, priority: int, tracker: Tracker) -> None:
-        if type(priority) is not int:
-            raise ValueError(f"priority: expected an int, got {priority!r}")
-        try:
-            hash(key)
-        except TypeError:
-            raise ValueError(f"key: expected a hashable value, got {key!r}") from None
+        check_key(key, priority)
         self._acc.add(message, key, priority, tracker)
         self._room -= 1
 

@@ -380,7 +380,8 @@ class Pipeline:
 
     async def _consume(self, processor: BatchProcessor[Any, Any]) -> None:
         add_nowait, add = processor.add_message_nowait, processor.add_message
-        spool, ack_on_write = self.spool, self._ack_on_write
+        # ack_on_write: the spool whose commits settle envelopes.
+        spooled = self.spool if self._ack_on_write else None
         next_envelope = self.source.__aiter__().__anext__
         while not self.stop_requested:
             self._in_next = True
@@ -407,15 +408,20 @@ class Pipeline:
             if envelope.error is not None:
                 self._reject(processor, envelope, "malformed", envelope.error)
                 continue
+            # ack_on_write settles an envelope once it is in the spool: only if it was written.
+            # One the drop policy dead-lettered instead (spool or engine full) is settled when
+            # its letter is stored, as without a spool; acking it on another message's commit
+            # would lose it if the letter never were.
+            sequence = spooled.sequence if spooled is not None else 0
             try:
                 try:
                     add_nowait(envelope, key=envelope.key, priority=envelope.priority)
-                    if ack_on_write and spool is not None:  # settled once its commit is done
-                        spool.when_durable(partial(self._durable, envelope))
+                    if spooled is not None and spooled.sequence != sequence:
+                        spooled.when_durable(partial(self._durable, envelope))
                 except BufferFull:
                     await add(envelope, key=envelope.key, priority=envelope.priority)
-                    if ack_on_write:  # with a spool, add_message returned once durable
-                        self._durable(envelope)
+                    if spooled is not None and spooled.sequence != sequence:
+                        self._durable(envelope)  # add_message returned once it was durable
             except ProcessorClosed:
                 # Stop began while this waited for room: it goes back to the source.
                 self._give_back_later([envelope])

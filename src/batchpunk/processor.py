@@ -462,7 +462,10 @@ class BatchProcessor(Completion, Generic[T, R]):
                     len(left),
                     timeout,
                 )
-                self.dead_letters.extend(letter for letter, _ in left)
+                letters = [letter for letter, _ in left]
+                if self.spool is not None:
+                    letters = self.spool.unstored(letters)
+                self.dead_letters.extend(letters)
                 self._delivered(left)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._observer.drain(), timeout)

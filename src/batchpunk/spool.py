@@ -41,6 +41,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from batchpunk._admission import check_key
 from batchpunk.codec.serializers import deserialize, serialize
 from batchpunk.config import OverflowPolicy
 from batchpunk.deadletter import DeadLetter
@@ -646,6 +647,11 @@ class Spool:
         return len(self._where)
 
     @property
+    def sequence(self) -> int:
+        """The sequence number the next appended message gets: a change says one was written."""
+        return self._next_seq
+
+    @property
     def disk_bytes(self) -> int:
         """Bytes the spool's segment files use now (what max_bytes bounds)."""
         return self._disk
@@ -756,6 +762,32 @@ class Spool:
             self._finish_many(marks)
 
         return put_letters
+
+    def unstored(self, letters: list[DeadLetter]) -> list[DeadLetter]:
+        """Letters not stored by stop(), as processor.dead_letters should hold them.
+
+        A spooled message's letter is dropped from the list: the message stays unfinished in the
+        spool and is processed again after the next start (its letter stored then). A message
+        never written keeps its letter, with the message itself instead of its record.
+        """
+        out: list[DeadLetter] = []
+        kept = 0
+        for letter in letters:
+            record = letter.message
+            if type(record) is not _Record:
+                out.append(letter)
+            elif record.mark is not None:
+                kept += 1
+            else:
+                out.append(dataclasses.replace(letter, message=record.message))
+        if kept:
+            log.warning(
+                "spool %s: %d message(s) whose dead letter was not stored stay in the spool; "
+                "they are processed again after the next start",
+                self.path,
+                kept,
+            )
+        return out
 
     # -- admitting messages (called by BatchProcessor's add and submit methods) ---------------
 
@@ -886,6 +918,10 @@ class Spool:
         )
 
     def _encode(self, message: Any, key: Any, priority: int) -> bytes:
+        if key is not None or priority != 0 or type(priority) is not int:
+            # Before anything is written: a message the engine then refused for its key would
+            # stay in the spool, unfinished, and be processed after the next start.
+            check_key(key, priority)
         if self.extract is not None:
             message = self.extract(message)
         fast = self._fast
