@@ -186,3 +186,111 @@ def test_settings_are_checked_at_construction() -> None:
         HttpSource(reply_after="never")
     with pytest.raises(ConfigError, match="path"):
         HttpSource(path="events")
+
+
+async def _raw_reply(port: int, request: bytes) -> bytes:
+    """Send bytes no HTTP client would (a bad header); read the reply until the server closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(65536), 5.0)
+    finally:
+        writer.close()
+
+
+async def test_a_client_still_sending_its_body_hears_503_and_does_not_hold_stop(
+    tmp_path: Path,
+) -> None:
+    """stop() waited on aiohttp's 60 s shutdown_timeout for a handler stuck reading a slow body.
+
+    The request is answered 503 + Retry-After (the client sends again) and stop() ends promptly.
+    """
+    source = HttpSource(port=0)
+    config = BatchConfig(max_size=100, max_wait=0.01, drain_timeout=0.5)
+    pipeline = Pipeline(source, Store(), config, spool=Spool(tmp_path / "s"))
+    task = asyncio.ensure_future(pipeline.run())
+    for _ in range(500):
+        if source._runner is not None:
+            break
+        await asyncio.sleep(0.01)
+    reader, writer = await asyncio.open_connection("127.0.0.1", source.port)
+    body = b'{"a": 1}\n{"a": 2}\n'
+    writer.write(b"POST /events HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body))
+    writer.write(body[:5])  # the rest never comes while the pipeline stops
+    await writer.drain()
+    await asyncio.sleep(0.1)
+    stopping = asyncio.ensure_future(pipeline.stop())
+    finished, _ = await asyncio.wait({stopping}, timeout=5.0)
+    try:
+        reply = await asyncio.wait_for(reader.read(65536), 1.0) if finished else b""
+    finally:
+        writer.close()  # without the fix this lets the server, and the test, finish
+        await stopping
+        await task
+    assert finished, "stop() was held by a client still sending its body"
+    assert reply.startswith(b"HTTP/1.1 503 "), reply
+    assert b"Retry-After: 1" in reply
+
+
+async def test_an_authorization_header_that_is_not_utf8_gets_401(tmp_path: Path) -> None:
+    """aiohttp passes non-UTF-8 header bytes as lone surrogates; encoding them raised (a 500)."""
+    source = HttpSource(port=0, token="s3cret")
+    async with serving(source, Store(), Spool(tmp_path / "s")):
+        body = b'{"a": 1}'
+        reply = await _raw_reply(
+            source.port,
+            b"POST /events HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            b"Authorization: Bearer \xff\xfe\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body),
+        )
+    assert reply.startswith(b"HTTP/1.1 401 "), reply[:200]
+
+
+async def test_a_body_that_fails_its_content_encoding_gets_400(tmp_path: Path) -> None:
+    """A body that is not what its Content-Encoding says is the client's fault: 400, not 500."""
+    source = HttpSource(port=0)
+    async with (
+        serving(source, Store(), Spool(tmp_path / "s")) as (url, _),
+        aiohttp.ClientSession() as http,
+        http.post(url, data=b"not gzip", headers={"Content-Encoding": "gzip"}) as reply,
+    ):
+        assert reply.status == 400
+        assert "content-encoding: gzip" in (await reply.json())["error"]
+
+
+async def test_nan_and_infinity_are_refused_as_not_json(tmp_path: Path) -> None:
+    """NaN / Infinity are not JSON: the spool would store them as null, so a replay would differ.
+
+    The words inside strings are fine, and big integers keep their value on the strict path.
+    """
+    store = Store()
+    source = HttpSource(port=0)
+    async with serving(source, store, Spool(tmp_path / "s")) as (url, _):
+        async with aiohttp.ClientSession() as http:
+            for body in (b'{"v": 1}\n{"v": NaN}\n', b"[1, -Infinity]", b'{"v": Infinity}'):
+                async with http.post(url, data=body) as reply:
+                    assert reply.status == 400, body
+                    error = (await reply.json())["error"]
+                    assert error.startswith("line 2" if b"NaN" in body else "line 1"), error
+            fine = b'{"s": "NaN or Infinity", "n": 123456789012345678901234}'
+            async with http.post(url, data=fine) as reply:
+                assert reply.status == 202
+        for _ in range(500):
+            if store.rows:
+                break
+            await asyncio.sleep(0.01)
+    assert store.rows == [{"s": "NaN or Infinity", "n": 123456789012345678901234}]
+
+
+async def test_a_request_larger_than_max_queue_gets_413_not_429(tmp_path: Path) -> None:
+    """With max_queue < max_events, such a request could never fit: 429 sent it back forever."""
+    source = HttpSource(port=0, max_queue=50, max_events=100)
+    body = b"\n".join(b'{"n": %d}' % i for i in range(60))
+    async with (
+        serving(source, Store(), Spool(tmp_path / "s")) as (url, _),
+        aiohttp.ClientSession() as http,
+        http.post(url, data=body) as reply,
+    ):
+        assert reply.status == 413
+        assert "max_queue is 50" in (await reply.json())["error"]
+        assert "Retry-After" not in reply.headers

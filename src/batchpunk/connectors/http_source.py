@@ -3,8 +3,10 @@
 The endpoint takes a JSON object (one event), a JSON array (many), or NDJSON (one per line). It
 answers 202 only after every event of the request is durable in the pipeline's spool (or, with
 ``reply_after="processed"``, after each was processed or durably dead-lettered), 429 with
-Retry-After when the pipeline is behind, 400 naming the first bad line, 401 without the right
-bearer token, 413 over the size limits, 503 while stopping.
+Retry-After when the pipeline is behind, 400 naming the first bad line (or a body that cannot be
+read, such as broken gzip), 401 without the right bearer token, 413 over the size limits (or
+more events than ``max_queue`` could ever hold), 503 while stopping (also to a client whose body
+was still arriving).
 
 Why aiohttp (the ``server`` extra, shared with the metrics server): a mature asyncio-native HTTP
 server that runs inside our event loop with no second framework (uvicorn + Starlette would bring
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 from collections import deque
 from collections.abc import Sequence
@@ -37,6 +40,11 @@ __all__ = ["HttpSource"]
 log = logging.getLogger("batchpunk.connectors.http_source")
 
 _REPLY_AFTER = ("durable", "processed")
+
+#: Seconds aiohttp gives each connection's handler at close (twice: to finish, then once
+#: cancelled) before it gives up on it. Its default, 60 s, let one slow client hold stop();
+#: by then every waiting request has had its answer, so only a reply still being written waits.
+_SHUTDOWN_GRACE = 1.0
 
 
 class _Request:
@@ -64,7 +72,8 @@ class HttpSource:
         max_body_bytes: largest request body; bigger ones get 413.
         max_events: most events in one request; more get 413.
         max_queue: events received and not yet read by the pipeline; a request that does not
-            fit gets 429 with Retry-After (the pipeline is behind: backpressure).
+            fit gets 429 with Retry-After (the pipeline is behind: backpressure), and one with
+            more events than ``max_queue`` gets 413 (it could never fit).
         reply_after: "durable" (202 once every event is in the spool; needs a [spool] section,
             else it means processed) or "processed" (202 once every event was processed or
             durably dead-lettered).
@@ -74,6 +83,7 @@ class HttpSource:
         key_field: an event field whose value becomes the lane key.
 
     Events must be JSON objects or values; a body that does not parse gets 400 naming the line.
+    NaN and Infinity are not JSON (RFC 8259) and are refused like any other invalid JSON.
     """
 
     def __init__(
@@ -130,6 +140,8 @@ class HttpSource:
         self._accepting = True
         self._ending = False
         self._pending: set[_Request] = set()
+        #: Bodies still arriving: stop_consuming() cancels them so that their clients hear 503.
+        self._reading: set[asyncio.Task[bytes]] = set()
         #: Counts by reply status.
         self.replies: dict[int, int] = {}
 
@@ -150,7 +162,7 @@ class HttpSource:
             ) from None
         app = web.Application(client_max_size=self.max_body_bytes)
         app.router.add_post(self.path, self._handle)
-        runner = web.AppRunner(app, access_log=None)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=_SHUTDOWN_GRACE)
         await runner.setup()
         site = web.TCPSite(runner, self.host, self.port)
         try:
@@ -166,9 +178,15 @@ class HttpSource:
         log.info("listening on http://%s:%d%s", self.host, self.port, self.path)
 
     def stop_consuming(self) -> None:
-        """Refuse new requests (503) and end iteration once the received events are read."""
+        """Refuse new requests (503) and end iteration once the received events are read.
+
+        A request whose body is still arriving is answered 503 at once: waiting for a slow
+        client would hold stop() (and its events could no longer be read anyway).
+        """
         self._accepting = False
         self._ending = True
+        for reading in list(self._reading):
+            reading.cancel()
         self._wake()
 
     async def close(self) -> None:
@@ -227,16 +245,29 @@ class HttpSource:
         if self._token is not None:
             given = request.headers.get("Authorization", "")
             scheme, _, value = given.partition(" ")
+            # aiohttp hands header bytes that are not UTF-8 over as lone surrogates, which a
+            # plain encode() refuses (a 500); "surrogatepass" encodes any str, and what it makes
+            # of them is not UTF-8, so it never equals the token.
             if scheme.lower() != "bearer" or not hmac.compare_digest(
-                value.strip().encode(), self._token
+                value.strip().encode("utf-8", "surrogatepass"), self._token
             ):
                 return self._reply(401, {"error": "missing or wrong bearer token"})
         try:
-            body = await request.read()
+            body = await self._read(request)
         except web.HTTPRequestEntityTooLarge:
             return self._reply(
                 413, {"error": f"body larger than max_body_bytes={self.max_body_bytes}"}
             )
+        except web.RequestPayloadError as exc:  # e.g. Content-Encoding: gzip that is not gzip
+            detail = str(exc).strip().rpartition("\n")[2].strip()
+            reply = self._reply(400, {"error": f"the body cannot be read: {detail}"})
+            # The connection cannot parse anything after this. Mark the body finished, or
+            # aiohttp reads it again after the reply and logs the error as unhandled; then close.
+            request.content.feed_eof()
+            reply.force_close()
+            return reply
+        if body is None or not self._accepting:
+            return self._reply(503, {"error": "shutting down; retry"}, retry=True)
         try:
             events = self._parse(body)
         except _BadBody as exc:
@@ -247,6 +278,12 @@ class HttpSource:
             )
         if not events:
             return self._reply(400, {"error": "no events in the body"})
+        if len(events) > self.max_queue:
+            # 429 would send the client back forever: even an empty queue cannot take it.
+            return self._reply(
+                413,
+                {"error": f"{len(events)} events; max_queue is {self.max_queue}, split them"},
+            )
         if len(self._queue) + len(events) > self.max_queue:
             return self._reply(
                 429, {"error": "the pipeline is behind; retry after the delay"}, retry=True
@@ -270,6 +307,22 @@ class HttpSource:
             return self._reply(503, {"error": "stopping before the events were kept"}, retry=True)
         return self._reply(202, {"accepted": len(events)})
 
+    async def _read(self, request: Any) -> bytes | None:
+        """The body; None when stop_consuming() came while it was still arriving."""
+        if request.content.is_eof():  # all there already (the common case): no task needed
+            body: bytes = await request.read()
+            return body
+        reading: asyncio.Task[bytes] = asyncio.ensure_future(request.read())
+        self._reading.add(reading)
+        try:
+            await asyncio.wait((reading,))
+        finally:
+            self._reading.discard(reading)
+            reading.cancel()  # a no-op once done; else this handler itself is being cancelled
+        if reading.cancelled():
+            return None
+        return reading.result()
+
     def _reply(self, status: int, body: dict[str, Any], *, retry: bool = False) -> Any:
         from aiohttp import web
 
@@ -284,7 +337,7 @@ class HttpSource:
             return []
         if text[:1] in (b"[", b"{"):
             try:
-                value = decode_value(text, "json")
+                value = _loads(text)
             except FrameError:
                 if text[:1] == b"[":
                     raise _BadBody(f"line 1: not a valid JSON array ({_reason(text)})") from None
@@ -296,15 +349,42 @@ class HttpSource:
             if not line:
                 continue
             try:
-                events.append(decode_value(line, "json"))
+                events.append(_loads(line))
             except FrameError as exc:
                 raise _BadBody(f"line {number}: not valid JSON ({_short(exc)})") from None
         return events
 
 
+def _loads(data: bytes) -> Any:
+    """decode_value's json, strict about NaN and Infinity where the text may hold them.
+
+    orjson (decode_value's fast path) refuses them, but the standard library it falls back on
+    takes them: text that may hold one is parsed strictly instead.
+    """
+    if b"NaN" in data or b"Infinity" in data:
+        return _strict_loads(data)
+    return decode_value(data, "json")
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _strict_loads(data: bytes) -> Any:
+    """decode_value's json without NaN, Infinity and -Infinity (the codec keeps them, FORMAT.md).
+
+    The same standard-library path that decode_value falls back on, so the values agree.
+    """
+    try:
+        text = data.decode(json.detect_encoding(data))
+        return json.loads(text, parse_constant=_no_constant)
+    except Exception as exc:  # hostile bytes may raise anything (RecursionError): as decode_value
+        raise FrameError(f"payload does not decode as json: {exc}") from exc
+
+
 def _reason(text: bytes) -> str:
     try:
-        decode_value(text, "json")
+        _loads(text)
     except FrameError as exc:
         return _short(exc)
     return "unknown"
