@@ -294,3 +294,57 @@ async def test_a_request_larger_than_max_queue_gets_413_not_429(tmp_path: Path) 
         assert reply.status == 413
         assert "max_queue is 50" in (await reply.json())["error"]
         assert "Retry-After" not in reply.headers
+
+
+async def test_events_received_when_stop_begins_are_all_read_and_kept(tmp_path: Path) -> None:
+    """A stop requested the moment a request's events arrive: the pipeline reads on until the
+    source ends (it promised to hand out what it received), so the request gets 202, not a
+    503 for events it would half keep."""
+    store = Store()
+    started: list[Pipeline] = []
+
+    class StopOnArrival(HttpSource):
+        def _wake(self) -> None:
+            if self._queue and started and not started[0].stop_requested:
+                started[0].request_stop()
+            super()._wake()
+
+    source = StopOnArrival(port=0)
+    async with serving(source, store, Spool(tmp_path / "s")) as (url, pipeline):
+        started.append(pipeline)
+        async with aiohttp.ClientSession() as http:
+            body = b"\n".join(b'{"n": %d}' % i for i in range(30))
+            async with http.post(url, data=body) as reply:
+                assert reply.status == 202, await reply.text()
+    assert sorted(row["n"] for row in store.rows) == list(range(30))
+
+
+async def test_a_503_at_stop_says_how_many_events_the_spool_kept(tmp_path: Path) -> None:
+    """The sink is stuck and max_pending full when stop begins: the events already in the spool
+    are kept (the next start processes them), the rest are not. The 503 says how many were
+    kept, and exactly that many come out of the spool after a restart."""
+    store = Store()
+    store.open.clear()
+    source = HttpSource(port=0)
+    spool = Spool(tmp_path / "s")
+    body = b"\n".join(b'{"n": %d}' % i for i in range(30))
+    async with (
+        serving(source, store, spool, max_pending=10) as (url, pipeline),
+        aiohttp.ClientSession() as http,
+    ):
+        request = asyncio.ensure_future(http.post(url, data=body))
+        await asyncio.sleep(0.3)
+        await pipeline.stop()
+        reply = await request
+        assert reply.status == 503
+        answer = await reply.json()
+        reply.release()
+    assert 0 < answer["kept"] < 30
+    assert f"{answer['kept']} of the 30 events were kept" in answer["error"]
+    again = Store()
+    async with serving(HttpSource(port=0), again, Spool(tmp_path / "s")):
+        for _ in range(500):
+            if len(again.rows) >= answer["kept"]:
+                break
+            await asyncio.sleep(0.01)
+    assert sorted(row["n"] for row in again.rows) == list(range(answer["kept"]))

@@ -383,7 +383,11 @@ class Pipeline:
         # ack_on_write: the spool whose commits settle envelopes.
         spooled = self.spool if self._ack_on_write else None
         next_envelope = self.source.__aiter__().__anext__
-        while not self.stop_requested:
+        # A source that can stop consuming ends its iteration itself, once it has handed out
+        # what it promised to (the HTTP source: the rest of the requests it received, so that
+        # none is answered "not kept" for part of its events): read on until it does.
+        reads_to_the_end = isinstance(self.source, StopsConsuming)
+        while not self.stop_requested or (reads_to_the_end and not self.aborted):
             self._in_next = True
             try:
                 envelope = await next_envelope()
@@ -423,8 +427,12 @@ class Pipeline:
                     if spooled is not None and spooled.sequence != sequence:
                         self._durable(envelope)  # add_message returned once it was durable
             except ProcessorClosed:
-                # Stop began while this waited for room: it goes back to the source.
-                self._give_back_later([envelope])
+                # Stop began while this waited for room: it goes back to the source, unless
+                # it is in the spool already (the next start processes it): then it is kept.
+                if spooled is not None and spooled.sequence != sequence:
+                    self._durable(envelope)
+                else:
+                    self._give_back_later([envelope])
                 return
             except asyncio.CancelledError:
                 self._give_back_later([envelope])  # a hard stop while this waited for room

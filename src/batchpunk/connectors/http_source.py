@@ -50,10 +50,10 @@ _SHUTDOWN_GRACE = 1.0
 class _Request:
     """One POST waiting for its events: the reply goes out when ``left`` reaches 0."""
 
-    __slots__ = ("future", "left")
+    __slots__ = ("future", "left", "total")
 
     def __init__(self, count: int, future: asyncio.Future[bool]) -> None:
-        self.left = count
+        self.left = self.total = count
         self.future = future
 
 
@@ -304,7 +304,13 @@ class HttpSource:
         finally:
             self._pending.discard(pending)
         if not kept:
-            return self._reply(503, {"error": "stopping before the events were kept"}, retry=True)
+            # Some events may be safe already (a stop while the pipeline could take no more):
+            # say how many, so that a client resending the whole request knows it duplicates.
+            safe = pending.total - pending.left
+            error = "stopping before the events were kept"
+            if safe:
+                error = f"stopping: {safe} of the {pending.total} events were kept, the rest not"
+            return self._reply(503, {"error": error, "kept": safe}, retry=True)
         return self._reply(202, {"accepted": len(events)})
 
     async def _read(self, request: Any) -> bytes | None:
