@@ -129,3 +129,25 @@ def test_the_ledger_commits_the_first_unfinished_offset_whatever_the_finish_orde
     ledger.finish(4)
     ledger.finish(3)
     assert ledger.committable() == 10
+
+
+def test_the_ledger_refuses_an_offset_not_above_the_last_one_delivered() -> None:
+    """An offset delivered again into the same ledger is refused (not handed out), even when
+    ``end`` was set back while offsets were out (as the position-store assignment once did):
+    the queue of unfinished offsets stays increasing, so finishing every delivered offset, in
+    any order, empties it."""
+    ledger = _Ledger(("t", 0))
+    assert all(ledger.deliver(offset) for offset in range(10))
+    assert not ledger.deliver(5)
+    assert not ledger.deliver(9)
+    for offset in reversed(range(10)):
+        ledger.finish(offset)
+    assert ledger.committable() == 10
+    assert not ledger.deliver(9)  # all finished: still only above the last delivered
+    assert ledger.deliver(12)
+    ledger.end = 0  # set back while 12 is out
+    assert not ledger.deliver(11)
+    assert not ledger.deliver(12)
+    assert list(ledger.outstanding) == [12]
+    ledger.finish(12)
+    assert not ledger.outstanding

@@ -143,3 +143,95 @@ async def test_records_skipped_as_already_written_are_committed_without_any_ack(
     finally:
         await source.close()
         await place.delete()
+
+
+class _SlowStore:
+    """A position store that answers only once aiokafka has fetched every partition of the
+    new assignment (and 1 s more): as the real one does when the sink's pool is busy."""
+
+    def __init__(self, source: Any, ranges: dict[int, list[tuple[int, int]]]) -> None:
+        self.source = source
+        self.ranges = ranges
+
+    async def load_positions(
+        self, topic: str, floors: dict[int, int]
+    ) -> dict[int, list[tuple[int, int]]]:
+        import asyncio
+
+        from aiokafka import TopicPartition
+
+        consumer = self.source._consumer
+        tps = [TopicPartition(topic, partition) for partition in floors]
+        for _ in range(300):
+            if all(consumer.highwater(tp) is not None for tp in tps):
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(1)
+        return self.ranges
+
+
+async def test_records_fetched_while_the_position_store_loads_are_handed_out_once() -> None:
+    """aiokafka fetches a new assignment before on_partitions_assigned returns. While the store
+    is slow to answer, partition 0 (no commit; the store says 5-9 were written), 1 (committed
+    at 3) and 2 (no commit, nothing written) are fetched. Each offset must be handed out at
+    most once, 5-9 never, and once all is acked the commit reaches 20 everywhere (before the
+    fix, 0-19 were handed out, then 0-4 and 10-19 again into the same ledger: the commit of
+    partition 0 stayed stuck for good)."""
+    require_server("kafka")
+    import asyncio
+
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    from tests.integration._kafka_sqs import kafka_producer
+
+    place = KafkaPlace(broker="kafka", name=unique("t"), group=unique("g"), partitions=3)
+    await place.create()
+    async with kafka_producer() as producer:
+        for partition in range(3):
+            for i in range(20):
+                await producer.send_and_wait(
+                    place.name, json.dumps({"id": i}).encode(), partition=partition
+                )
+    committer = AIOKafkaConsumer(
+        bootstrap_servers=KAFKA, group_id=place.group, enable_auto_commit=False
+    )
+    await committer.start()
+    try:
+        committer.assign([TopicPartition(place.name, 1)])
+        await committer.commit({TopicPartition(place.name, 1): 3})
+    finally:
+        await committer.stop()
+    source = place.build_source(fetch_timeout=0.2, commit_interval=0.05)
+    source.use_positions(_SlowStore(source, {0: [(5, 9)]}))
+    handed: list[Any] = []
+
+    async def consume() -> None:
+        async for envelope in source:
+            handed.append(envelope)
+
+    consumer = asyncio.create_task(consume())
+    try:
+        expected = {0: [*range(5), *range(10, 20)], 1: list(range(3, 20)), 2: list(range(20))}
+        for _ in range(60):  # until all expected came and nothing more for 1.5 s
+            before = len(handed)
+            await asyncio.sleep(1.5)
+            if len(handed) >= 52 and len(handed) == before:
+                break
+        got: dict[int, list[int]] = {0: [], 1: [], 2: []}
+        for envelope in handed:
+            got[envelope.headers["partition"]].append(envelope.headers["offset"])
+        assert got == expected, f"handed out (partition: offsets): {got}"
+        # concurrent batches finish in any order: the later half first
+        await source.ack_many(handed[len(handed) // 2 :])
+        await source.ack_many(handed[: len(handed) // 2])
+        committed: dict[int, int] = {}
+        for _ in range(100):
+            committed = await place.committed()
+            if committed == {0: 20, 1: 20, 2: 20}:
+                break
+            await asyncio.sleep(0.1)
+        assert committed == {0: 20, 1: 20, 2: 20}
+    finally:
+        consumer.cancel()
+        await source.close()
+        await place.delete()

@@ -21,6 +21,8 @@ committed offset never passes one that did not):
   later for a released partition are ignored; its next owner reads those messages again.
 - With a position store (``PostgresSink(positions=...)``, wired by the pipeline), a newly
   assigned partition skips the offsets the store says were already written: effectively once.
+  Records aiokafka fetches before the store has answered are dropped, and fetched again after
+  the seek that follows its answer.
 """
 
 from __future__ import annotations
@@ -104,7 +106,18 @@ class _Ledger:
     head only moves forward.
     """
 
-    __slots__ = ("alive", "committed", "end", "finished", "outstanding", "partition", "skip", "tp")
+    __slots__ = (
+        "alive",
+        "committed",
+        "end",
+        "finished",
+        "loading",
+        "outstanding",
+        "partition",
+        "refetch",
+        "skip",
+        "tp",
+    )
 
     def __init__(self, tp: Any, start: int | None = None) -> None:
         self.tp = tp
@@ -115,11 +128,22 @@ class _Ledger:
         self.committed = start  # the last offset committed, None before the first commit
         self.alive = True  # False once revoked: late acks are ignored
         self.skip: list[tuple[int, int]] = []  # ranges a position store says are written
+        # True while the position store is asked about a new assignment: records are dropped
+        # (fetched again after the seek that follows); ``refetch`` is the lowest one dropped.
+        self.loading = False
+        self.refetch: int | None = None
 
-    def deliver(self, offset: int) -> None:
-        """Record an offset handed out (in increasing order)."""
-        self.outstanding.append(offset)
+    def deliver(self, offset: int) -> bool:
+        """Record an offset handed out; False (not recorded) unless it is above every offset
+        delivered before, so that no offset is handed out twice and the queue stays ordered."""
+        outstanding = self.outstanding
+        if (self.end is not None and offset < self.end) or (
+            outstanding and offset <= outstanding[-1]
+        ):
+            return False
+        outstanding.append(offset)
         self.end = offset + 1
+        return True
 
     def finish(self, offset: int) -> None:
         """Record an offset finished: processed, or its dead letter stored."""
@@ -419,7 +443,17 @@ class KafkaSource(BufferedSource):
                 if tp not in assigned:
                     continue
                 ledger = self._ledgers[tp] = _Ledger(tp)
+                # With a position store, _assigned is still to come: it loads the skip ranges.
+                ledger.loading = self._positions is not None
             if not ledger.alive:
+                continue
+            if ledger.loading:
+                # The position store has not answered yet: hand nothing out, and let _assigned
+                # seek back to these records once it has (at or below ``refetch``).
+                if batch:
+                    first = min(record.offset for record in batch)
+                    if ledger.refetch is None or first < ledger.refetch:
+                        ledger.refetch = first
                 continue
             for record in batch:
                 offset = record.offset
@@ -435,7 +469,8 @@ class KafkaSource(BufferedSource):
                     ledger.end = offset + 1  # written before: finished without processing
                     skipped = True
                     continue
-                ledger.deliver(offset)
+                if not ledger.deliver(offset):
+                    continue  # already handed out by this ledger (never expected here)
                 envelopes.append(self._envelope(ledger, record))
         if skipped and not self._commit_wake.is_set():
             # No acknowledgement will come for a skipped record: without this wake-up the
@@ -566,22 +601,7 @@ class KafkaSource(BufferedSource):
         if not ledgers:
             return
         # Records read ahead and never handed out: drop them, their next owner reads them.
-        gone = {id(ledger) for ledger in ledgers}
-        kept: deque[Envelope] = deque()
-        dropped: dict[int, int] = {}
-        for envelope in self._buffer:
-            ledger, offset = envelope.receipt
-            if id(ledger) in gone:
-                first = dropped.get(id(ledger))
-                dropped[id(ledger)] = offset if first is None or offset < first else first
-            else:
-                kept.append(envelope)
-        self._buffer.clear()  # in place: a waiting __anext__ holds this very deque
-        self._buffer.extend(kept)
-        for ledger in ledgers:
-            first = dropped.get(id(ledger))
-            if first is not None:
-                ledger.forget_from(first)
+        self._drop_buffered(ledgers)
         # Batches already running get revoke_timeout to finish (not at close: the pipeline has
         # settled or handed back everything by then).
         deadline = time.monotonic() + self.revoke_timeout
@@ -614,48 +634,104 @@ class KafkaSource(BufferedSource):
             ledger.alive = False
             self._ledgers.pop(ledger.tp, None)
 
+    def _drop_buffered(self, ledgers: Sequence[_Ledger]) -> None:
+        """Drop the buffered (never handed out) envelopes of ``ledgers`` from the buffer and
+        from the ledgers."""
+        gone = {id(ledger) for ledger in ledgers}
+        kept: deque[Envelope] = deque()
+        dropped: dict[int, int] = {}
+        for envelope in self._buffer:
+            ledger, offset = envelope.receipt
+            if id(ledger) in gone:
+                first = dropped.get(id(ledger))
+                dropped[id(ledger)] = offset if first is None or offset < first else first
+            else:
+                kept.append(envelope)
+        self._buffer.clear()  # in place: a waiting __anext__ holds this very deque
+        self._buffer.extend(kept)
+        for ledger in ledgers:
+            first = dropped.get(id(ledger))
+            if first is not None:
+                ledger.forget_from(first)
+
     async def _assigned(self, assigned: Sequence[Any]) -> None:
         consumer = self._consumer
-        for tp in assigned:
-            if tp not in self._ledgers:
-                self._ledgers[tp] = _Ledger(tp)
         store = self._positions
-        if store is None or not assigned:
+        if store is None:
+            for tp in assigned:
+                if tp not in self._ledgers:
+                    self._ledgers[tp] = _Ledger(tp)
             return
+        # aiokafka fetches the new assignment already: until the store has answered, _accept
+        # hands nothing out for these partitions (a "loading" ledger drops their records).
+        loading: dict[Any, _Ledger] = {}
+        replaced: list[_Ledger] = []
+        for tp in assigned:
+            old = self._ledgers.get(tp)
+            if old is not None and old.loading:
+                loading[tp] = old  # made by _accept, with the first offset it dropped
+                continue
+            ledger = loading[tp] = self._ledgers[tp] = _Ledger(tp)
+            ledger.loading = True
+            if old is not None and old.alive:  # not expected: ledgers are made loading
+                old.alive = False
+                replaced.append(old)
+                ledger.refetch = old.outstanding[0] if old.outstanding else None
+        if replaced:
+            self._drop_buffered(replaced)
         by_topic: dict[str, list[Any]] = {}
         for tp in assigned:
             by_topic.setdefault(tp.topic, []).append(tp)
-        for topic, tps in by_topic.items():
-            floors: dict[int, int] = {}
-            for tp in tps:
-                committed = await consumer.committed(tp)
-                floors[tp.partition] = committed if committed is not None else 0
-            written = await store.load_positions(topic, floors)
-            for tp in tps:
-                ranges = sorted(written.get(tp.partition, ()))
-                ledger = self._ledgers[tp]
-                position = floors[tp.partition]
-                rest: list[tuple[int, int]] = []
-                for first, last in ranges:  # skip the written prefix with one seek
-                    if first <= position <= last:
-                        position = last + 1
-                    elif last >= position:
-                        rest.append((first, last))
-                ledger.skip = rest
-                if position != floors[tp.partition] or ranges:
-                    consumer.seek(tp, position)
-                    ledger.end = ledger.committed = position
+        try:
+            for topic, tps in by_topic.items():
+                committed: dict[int, int | None] = {}
+                for tp in tps:
+                    committed[tp.partition] = await consumer.committed(tp)
+                floors = {p: c if c is not None else 0 for p, c in committed.items()}
+                written = await store.load_positions(topic, floors)
+                moved: dict[Any, int] = {}
+                for tp in tps:
+                    ledger = loading.pop(tp)
+                    ranges = sorted(written.get(tp.partition, ()))
+                    position = floors[tp.partition]
+                    rest: list[tuple[int, int]] = []
+                    for first, last in ranges:  # skip the written prefix with one seek
+                        if first <= position <= last:
+                            position = last + 1
+                        elif last >= position:
+                            rest.append((first, last))
+                    # A fresh ledger, and a seek that fetches again what was dropped meanwhile.
+                    start: int | None = position
+                    if committed[tp.partition] is None and not ranges:
+                        start = None  # keep where auto_offset_reset put the fetch
+                    ledger.alive = False
+                    fresh = self._ledgers[tp] = _Ledger(tp, start)
+                    fresh.skip = rest
+                    seek = start if start is not None else ledger.refetch
+                    if seek is not None:
+                        consumer.seek(tp, seek)
                     if position != floors[tp.partition]:
-                        await consumer.commit({tp: position})
-                        logger.info(
-                            "%r: %s[%d] resumes at offset %d, after the positions the sink "
-                            "stored (committed was %d)",
-                            self,
-                            topic,
-                            tp.partition,
-                            position,
-                            floors[tp.partition],
-                        )
+                        moved[tp] = position
+                for tp, position in moved.items():
+                    await consumer.commit({tp: position})
+                    logger.info(
+                        "%r: %s[%d] resumes at offset %d, after the positions the sink "
+                        "stored (committed was %d)",
+                        self,
+                        topic,
+                        tp.partition,
+                        position,
+                        floors[tp.partition],
+                    )
+        finally:
+            # The store or Kafka failed: read these partitions without skip ranges from where
+            # their records were dropped (a written message may be processed again, none lost).
+            for tp, ledger in loading.items():
+                ledger.loading = False
+                if ledger.refetch is not None:
+                    with contextlib.suppress(Exception):
+                        consumer.seek(tp, ledger.refetch)
+                    ledger.refetch = None
 
     # -- stopping and closing ----------------------------------------------------------------
 
