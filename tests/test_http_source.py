@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -348,3 +349,28 @@ async def test_a_503_at_stop_says_how_many_events_the_spool_kept(tmp_path: Path)
                 break
             await asyncio.sleep(0.01)
     assert sorted(row["n"] for row in again.rows) == list(range(answer["kept"]))
+
+
+async def test_a_client_hanging_up_mid_body_is_not_logged_as_a_server_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A client that closes its connection before its body ended is ordinary: nothing is
+    accepted, no traceback at ERROR (aiohttp logged one per such client), and the server goes
+    on serving."""
+    source = HttpSource(port=0)
+    await source.prepare(BatchConfig())
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", source.port)
+        writer.write(b"POST /events HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{")
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        writer.close()
+        for _ in range(200):
+            if source.replies.get(499):
+                break
+            await asyncio.sleep(0.01)
+        assert source.replies == {499: 1}
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(source._queue) == 0
+    finally:
+        await source.close()

@@ -266,6 +266,12 @@ class HttpSource:
             request.content.feed_eof()
             reply.force_close()
             return reply
+        except ConnectionResetError:
+            # The client hung up before its body ended: nothing was accepted and nobody is
+            # left to answer. A debug line, not aiohttp's traceback at ERROR per client.
+            # (499 is counted in ``replies``, as nginx logs such a request; it is never sent.)
+            log.debug("a client closed its connection before its body ended")
+            return self._reply(499, {"error": "the client closed the connection"})
         if body is None or not self._accepting:
             return self._reply(503, {"error": "shutting down; retry"}, retry=True)
         try:
