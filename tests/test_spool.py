@@ -18,7 +18,7 @@ import pytest
 
 from batchpunk import Batch, BatchConfig, BatchProcessor, OverflowPolicy, PartialFailure, Spool
 from batchpunk.deadletter import MemoryDeadLetters
-from batchpunk.errors import BufferFull
+from batchpunk.errors import BufferFull, ProcessorClosed
 from batchpunk.spool import (
     HANDOFF_SECONDS,
     HEADER_SIZE,
@@ -853,3 +853,324 @@ async def test_spooled_messages_whose_letters_were_not_stored_stay_in_the_spool(
     assert inspect_spool(tmp_path / "s").unfinished == 4
     recorder, _ = await replay(tmp_path / "s")
     assert sorted(recorder.seen) == [1, 2, 3, 4]
+
+
+async def test_a_message_drop_oldest_keeps_without_waiting_is_in_the_spool(tmp_path: Path) -> None:
+    """add_message_nowait under drop_oldest with max_pending reached: the engine dead-letters
+    the oldest waiting message and keeps the new one, so the spool must write the new one too
+    (it was handed to the engine unwritten: a crash lost a message the engine had accepted)."""
+    path = tmp_path / "s"
+    letters = MemoryDeadLetters()
+    cfg = config(
+        max_pending=2, overflow=OverflowPolicy.DROP_OLDEST, max_size=1, max_concurrent_batches=1
+    )
+    async with BatchProcessor(cfg, never, dead_letter=letters, spool=Spool(path)) as processor:
+        for i in range(3):
+            processor.add_message_nowait(i)  # 0 runs for ever, 1 waits and is dropped for 2
+        await asyncio.sleep(0.3)  # the next group commit and the dropped letter are done
+        assert [letter.message for letter in letters.letters] == [1]
+        crashed = tmp_path / "crashed"
+        shutil.copytree(path, crashed)  # what a kill -9 now leaves on disk
+    recorder, _ = await replay(crashed)
+    assert sorted(recorder.seen) == [0, 2]
+
+
+async def test_a_partial_failure_that_does_not_fit_the_batch_finishes_nothing(
+    tmp_path: Path,
+) -> None:
+    """A PartialFailure with one result for a batch of two is the engine's ResultMismatch: the
+    whole batch is retried, so the spool must finish none of it (it finished the message not
+    named as failed, and a crash during the retry lost it)."""
+    calls: list[list[Any]] = []
+    hang = asyncio.Event()
+
+    async def handler(batch: Batch[Any]) -> None:
+        calls.append(list(batch))
+        if len(calls) == 1:
+            raise PartialFailure({0: ValueError("a failed")}, results=["ok"])
+        await hang.wait()  # the retry is slow; the process dies meanwhile
+
+    path = tmp_path / "s"
+    cfg = config(max_size=2, retry_delay=0.0, retry_jitter=False)
+    processor = BatchProcessor(cfg, handler, dead_letter=MemoryDeadLetters(), spool=Spool(path))
+    await processor.start()
+    await processor.add_message("a")
+    await processor.add_message("b")
+    await wait_for(lambda: len(calls) >= 2)
+    await asyncio.sleep(0.2)  # finish markers would be written by now (MARKER_DELAY)
+    assert calls[1] == ["a", "b"]  # the engine retries the whole batch
+    crashed = tmp_path / "crashed"
+    shutil.copytree(path, crashed)  # what a kill -9 now leaves on disk
+    hang.set()
+    await processor.stop()
+    assert inspect_spool(crashed).unfinished == 2
+    recorder, letters = await replay(crashed)
+    assert sorted(recorder.seen + [letter.message for letter in letters.letters]) == ["a", "b"]
+
+
+async def test_a_sync_handlers_awaitable_raising_partial_failure_finishes_the_good(
+    tmp_path: Path,
+) -> None:
+    """A sync handler returning a coroutine that raises PartialFailure: the messages it did
+    not name are processed, so they must be finished (they stayed in the spool and were
+    processed again on every start)."""
+    processed: list[Any] = []
+
+    async def work(batch: Batch[Any]) -> None:
+        processed.extend(m for m in batch if m != 3)
+        bad = {i: ValueError("bad") for i, m in enumerate(batch) if m == 3}
+        if bad:
+            raise PartialFailure(bad)
+
+    def handler(batch: Batch[Any]) -> Any:  # a plain function returning a coroutine
+        return work(batch)
+
+    letters = MemoryDeadLetters()
+    path = tmp_path / "s"
+    cfg = config(retry_on=(), max_retries=0)
+    async with BatchProcessor(cfg, handler, dead_letter=letters, spool=Spool(path)) as processor:
+        for i in range(5):
+            await processor.add_message(i)
+        await processor.flush()
+    assert [letter.message for letter in letters.letters] == [3]
+    assert sorted(processed) == [0, 1, 2, 4]
+    assert inspect_spool(path).unfinished == 0
+    again, _ = await replay(path)
+    assert again.seen == []
+
+
+@pytest.mark.parametrize("kind", ["async", "sync"])
+async def test_a_handler_may_return_any_iterable_of_results(tmp_path: Path, kind: str) -> None:
+    """The engine takes any iterable of results (a generator, a map); the spool's wrapper
+    called len() on it, so every batch failed (TypeError) and was dead-lettered. It is now
+    read into a list once, and the engine gets that list."""
+
+    async def async_handler(batch: Batch[Any]) -> Any:
+        return (m * 2 for m in batch)
+
+    def sync_handler(batch: Batch[Any]) -> Any:
+        return (m * 2 for m in batch)
+
+    handler = async_handler if kind == "async" else sync_handler
+    letters = MemoryDeadLetters()
+    path = tmp_path / "s"
+    async with BatchProcessor(
+        config(max_retries=0), handler, dead_letter=letters, spool=Spool(path)
+    ) as processor:
+        results = await asyncio.gather(*(processor.submit(i) for i in range(3)))
+    assert results == [0, 2, 4]
+    assert letters.letters == []
+    assert inspect_spool(path).unfinished == 0
+
+
+async def test_a_message_added_while_start_replays_is_refused_not_accepted_unwritten(
+    tmp_path: Path,
+) -> None:
+    """start() marked the processor running and opened its room before the spool was open, so
+    an add_message during the recovery returned with its message never written (lost by a
+    crash). The add paths now open once the replay is done: until then it is refused as before
+    start, and nothing unwritten reaches the engine."""
+    path = tmp_path / "s"
+    await leave_unfinished(path, [{"old": 1}])
+    recorder = Recorder()
+    processor = BatchProcessor(config(), recorder, spool=Spool(path))
+    starting = asyncio.ensure_future(processor.start())
+    await asyncio.sleep(0)  # start() now awaits the recovery on the spool's thread
+    with pytest.raises(ProcessorClosed, match="await start"):
+        await processor.add_message({"new": 1})
+    with pytest.raises(ProcessorClosed, match="await start"):
+        processor.add_message_nowait({"new": 2})
+    await starting
+    await processor.add_message({"new": 3})
+    await processor.flush()
+    await processor.stop()
+    assert recorder.seen == [{"old": 1}, {"new": 3}]  # the replayed one first
+    assert inspect_spool(path).unfinished == 0
+
+
+@pytest.mark.parametrize("policy", [OverflowPolicy.RAISE, OverflowPolicy.DROP_NEWEST])
+async def test_replay_waits_for_room_whatever_the_overflow_policy(
+    tmp_path: Path, policy: OverflowPolicy
+) -> None:
+    """More unfinished messages than max_pending: replay went through add_message with the
+    configured policy, so start() raised BufferFull part-way (RAISE) or dropped replayed
+    messages (drop policies). A replayed message was accepted already: it waits for room."""
+    path = tmp_path / "s"
+    await leave_unfinished(path, list(range(20)))
+    recorder, letters = Recorder(), MemoryDeadLetters()
+    cfg = config(max_pending=5, overflow=policy, max_size=5)
+    async with BatchProcessor(cfg, recorder, dead_letter=letters, spool=Spool(path)) as processor:
+        await processor.flush()
+    assert sorted(recorder.seen) == list(range(20))
+    assert letters.letters == []
+    assert inspect_spool(path).unfinished == 0
+
+
+async def test_a_damaged_last_record_stays_on_disk_until_its_letter_is_stored(
+    tmp_path: Path,
+) -> None:
+    """A complete last record whose CRC fails was cut from the file during start, before its
+    "malformed" letter was stored: a crash in between lost those bytes for good. It now stays
+    (as damage in the middle does) until its settled marker is written."""
+    path = tmp_path / "s"
+    await leave_unfinished(path, [{"n": i} for i in range(3)])
+    seg = segments(path)[-1]
+    data = bytearray(seg.read_bytes())
+    data[-2] ^= 0xFF  # the last record is complete but its CRC fails
+    seg.write_bytes(bytes(data))
+    stuck = asyncio.Event()
+
+    async def slow_sink(letters: list[Any]) -> None:
+        await stuck.wait()
+
+    processor = BatchProcessor(config(), never, dead_letter=slow_sink, spool=Spool(path))
+    await processor.start()
+    await asyncio.sleep(0.1)
+    crashed = tmp_path / "crashed"
+    shutil.copytree(path, crashed)  # kill -9 now: the letter is not stored yet
+    stuck.set()
+    await processor.stop()
+    assert [(torn, length > 0) for _, _, length, torn in inspect_spool(crashed).damaged] == [
+        (False, True)
+    ]
+    _, letters = await replay(crashed)
+    assert [letter.reason for letter in letters.letters] == ["malformed"]
+    again, more = await replay(crashed)  # stored and settled: nothing left
+    assert (again.seen, len(more)) == ([], 0)
+
+
+async def test_stop_answers_producers_whose_commit_never_completes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk keeps failing under BLOCK and stop() gives up on the last writes: close() left
+    the chunk's shared future pending, so the producer hung after stop() returned and could not
+    even be cancelled (asyncio.run then hung at exit). It now gets BufferFull: not kept."""
+    import errno
+
+    import batchpunk.spool as spool_module
+
+    monkeypatch.setattr(spool_module, "CLOSE_SECONDS", 0.3)
+    spool = Spool(tmp_path / "s")
+
+    def failing(segment: Any, data: bytes, sync: bool = True) -> None:
+        raise OSError(errno.EIO, "I/O error")
+
+    processor = BatchProcessor(config(), Recorder(), spool=spool)
+    await processor.start()
+    spool._write = failing  # type: ignore[method-assign]  # the disk goes bad
+    producer = asyncio.ensure_future(processor.add_message({"i": 1}))
+    await asyncio.sleep(0.1)
+    assert not producer.done()  # BLOCK: waits while the write is retried
+    try:
+        await asyncio.wait_for(processor.stop(), 5)
+        done, _ = await asyncio.wait({producer}, timeout=1)
+        assert producer in done, "add_message still waiting after stop() returned"
+        with pytest.raises(BufferFull, match="it was not kept"):
+            producer.result()
+        assert spool.unfinished == 0
+    finally:
+        for chunk in spool._chunks:  # unstick it (before the fix) so that the loop can close
+            if not chunk.future.done():
+                chunk.future.set_exception(RuntimeError("test cleanup"))
+        await asyncio.gather(producer, return_exceptions=True)
+
+
+@pytest.mark.parametrize("policy", [OverflowPolicy.BLOCK, OverflowPolicy.RAISE])
+async def test_a_finished_active_segment_that_fills_max_bytes_is_deleted(
+    tmp_path: Path, policy: OverflowPolicy
+) -> None:
+    """segment_bytes == max_bytes: admission stops the active segment at max_bytes before it
+    reaches segment_bytes, so it was never sealed nor deleted, and the spool stayed full for
+    good (BLOCK waited for ever, RAISE refused everything) with every message finished."""
+    pad = "x" * 2500
+    gate = asyncio.Event()
+    recorder = Recorder()
+
+    async def slow(batch: Batch[Any]) -> None:
+        await gate.wait()
+        await recorder(batch)
+
+    spool = Spool(tmp_path / "s", max_bytes=8192, segment_bytes=8192)
+    async with BatchProcessor(config(overflow=policy), slow, spool=spool) as processor:
+        for i in range(3):
+            await processor.add_message({"i": i, "pad": pad})
+        if policy is OverflowPolicy.BLOCK:
+            producer = asyncio.ensure_future(processor.add_message({"i": 3, "pad": pad}))
+            await asyncio.sleep(0.2)
+            assert not producer.done()  # full while the first three are unfinished
+            gate.set()  # they finish: the waiting producer must find room
+            await asyncio.wait_for(producer, 3)
+        else:
+            with pytest.raises(BufferFull):
+                await processor.add_message({"i": 3, "pad": pad})
+            gate.set()
+            await processor.flush()
+            await asyncio.sleep(0.2)
+            assert spool.unfinished == 0
+            await processor.add_message({"i": 3, "pad": pad})
+        await processor.flush()
+    assert sorted(m["i"] for m in recorder.seen) == [0, 1, 2, 3]
+    assert segments(tmp_path / "s") == []
+
+
+@pytest.mark.parametrize("policy", [OverflowPolicy.RAISE, OverflowPolicy.DROP_NEWEST])
+async def test_a_refusing_policy_accepts_again_after_one_full_disk_error(
+    tmp_path: Path, policy: OverflowPolicy
+) -> None:
+    """One transient ENOSPC under a refusing policy: only a successful write cleared the full
+    disk, and with the failed chunk not retried nothing was ever written again, so every later
+    message was refused for good. Admission tries a write again once the retry timer fired."""
+    import errno
+
+    recorder = Recorder()
+    spool = Spool(tmp_path / "s")
+    real = spool._write
+    failures = [OSError(errno.ENOSPC, "No space left on device")]
+
+    def flaky(segment: Any, data: bytes, sync: bool = True) -> None:
+        if failures:
+            raise failures.pop()
+        real(segment, data, sync)
+
+    spool._write = flaky  # type: ignore[method-assign]
+    async with BatchProcessor(config(overflow=policy), recorder, spool=spool) as processor:
+        with pytest.raises(BufferFull, match="disk is full"):
+            await processor.add_message({"i": 0})  # its write failed: refused, as documented
+        await asyncio.sleep(0.3)  # the retry timer (20 ms after one failure) fired
+        await processor.submit({"i": 1})
+        await processor.flush()
+    assert recorder.seen == [{"i": 1}]
+    assert inspect_spool(tmp_path / "s").unfinished == 0
+
+
+async def test_a_second_concurrent_stop_returns_once_the_spool_is_closed(tmp_path: Path) -> None:
+    """stop() is idempotent and a second call waits for the first; with a spool the second
+    returned while the first still wrote the last markers and held the lock, so a restart
+    right after it got SpoolLocked."""
+    path = tmp_path / "s"
+    spool = Spool(path)
+    processor = BatchProcessor(config(), Recorder(), spool=spool)
+    await processor.start()
+    for i in range(10):
+        await processor.add_message(i)
+    first = asyncio.ensure_future(processor.stop())
+    await asyncio.sleep(0)  # it begins stopping
+    await processor.stop()
+    assert spool._lock_fd is None  # closed and unlocked
+    again = BatchProcessor(config(), Recorder(), spool=Spool(path))
+    await again.start()  # the spool is free
+    await again.stop()
+    await first
+
+
+async def test_a_nested_tuple_key_comes_back_hashable_on_replay(tmp_path: Path) -> None:
+    """json returns tuples as lists, nested ones too: ((1, 2), 3) came back as ([1, 2], 3),
+    which cannot be hashed, and start() failed on the replay."""
+    processor = BatchProcessor(config(), never, spool=Spool(tmp_path / "s"))
+    async with processor:
+        await processor.add_message("m", key=((1, 2), 3))
+    recorder = Recorder()
+    async with BatchProcessor(config(), recorder, spool=Spool(tmp_path / "s")) as again:
+        await again.flush()
+    assert recorder.seen == ["m"]
+    assert recorder.batches[0].key == ((1, 2), 3)

@@ -22,7 +22,7 @@ from typing import Any
 
 from batchpunk._accumulator import Accumulator, Lane
 from batchpunk._jobs import Job, Tracker
-from batchpunk._outbox import Entry, build_letter
+from batchpunk._outbox import Entry, Outbox, build_letter
 from batchpunk._scheduler import Scheduler
 from batchpunk.config import BatchConfig, OverflowPolicy
 from batchpunk.deadletter import DeadLetter
@@ -58,6 +58,8 @@ class Admission:
     _sched: Scheduler
     _observer: Observer
     _unfinished_jobs: int
+    _capacity: int
+    _outbox: Outbox | None
     _room_waiters: deque[asyncio.Future[None]]
 
     # What admission hands on to completion (_completion.Completion overrides these): dead
@@ -77,18 +79,19 @@ class Admission:
             if self._room > 0:
                 self._track(message, key, priority, tracker)
                 return
-            if self.config.overflow is not OverflowPolicy.BLOCK:
+            if self.config.overflow is not OverflowPolicy.BLOCK and not self._letters_fill():
                 self._refuse(message, key, priority, tracker)
                 return
+            # BLOCK, or a drop policy whose letters wait for a dead-letter sink that does not
+            # store them: wait for room.
             self._relieve_pressure()
             waiter = asyncio.get_running_loop().create_future()
             self._room_waiters.append(waiter)
             try:
                 await waiter
-            finally:
-                if not waiter.done():
-                    waiter.cancel()
-                    self._room_waiters.remove(waiter)
+            except BaseException:
+                self._leave_queue(waiter)
+                raise
 
     def _offer(self, message: Any, key: Any, priority: int, tracker: Tracker) -> bool:
         """Accept with a tracker if there is room now; False means: await ``_accept`` instead.
@@ -135,6 +138,7 @@ class Admission:
         """The slow path: closed, or full under the overflow policy."""
         if not self._open:
             raise self._closed_error()
+        check_key(key, priority)  # before a drop policy acts: a bad key changes nothing
         self._relieve_pressure()
         policy = self.config.overflow
         if policy is OverflowPolicy.BLOCK or policy is OverflowPolicy.RAISE:
@@ -142,12 +146,24 @@ class Admission:
                 f"max_pending={self.config.max_pending} messages are unfinished "
                 f"(overflow={policy.value}); retry later or use await add_message()"
             )
+        if self._letters_fill():
+            raise BufferFull(
+                f"max_pending={self.config.max_pending} dead letters wait for the dead-letter "
+                f"sink, which is not storing them (overflow={policy.value} drops no more); "
+                "retry later or use await add_message()"
+            )
         if policy is OverflowPolicy.DROP_OLDEST and self._drop_oldest():
             self._add(message, key, priority, tracker)
             return
         self._room -= 1  # accepted, and unfinished until its letter is stored
         self._observer.received(1)  # never cut, so _emit() does not count it
         self._send_dead([(self._dropped_letter(message, key, priority), tracker)])
+
+    def _letters_fill(self) -> bool:
+        """Letters waiting for the dead-letter sink fill max_pending: a drop policy must not
+        add more (memory would grow without bound while the sink is down)."""
+        outbox = self._outbox
+        return outbox is not None and len(outbox) >= self._capacity
 
     def _dropped_letter(self, message: Any, key: Any, priority: int) -> DeadLetter:
         error = BufferFull(
@@ -178,15 +194,29 @@ class Admission:
                 self._acc.cut(lane, "pressure")
 
     # -- room coming back ------------------------------------------------------------------
-    def _give_room(self, count: int) -> None:
-        """``count`` messages finished: their room returns and as many waiting producers wake."""
+    def _give_room(self, count: int, wake: int | None = None) -> None:
+        """``count`` messages finished: their room returns and as many waiting producers wake
+        (or ``wake`` of them)."""
         self._room += count
         waiters = self._room_waiters
-        while count > 0 and waiters:
+        left = count if wake is None else wake
+        while left > 0 and waiters:
             waiter = waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)
-                count -= 1
+                left -= 1
+
+    def _leave_queue(self, waiter: asyncio.Future[None]) -> None:
+        """A producer waiting for room leaves by an exception (a cancel, a timeout around it).
+
+        Woken already, it took a wake-up that room gave: hand that on to the next producer,
+        or the next one waits while there is room.
+        """
+        if not waiter.done():
+            waiter.cancel()
+            self._room_waiters.remove(waiter)
+        elif self._room > 0 and self._open:
+            self._give_room(0, wake=1)
 
     def _close_admission(self, closed: int) -> None:
         """stop() began: take ``closed`` from the room and wake every waiting producer.

@@ -20,14 +20,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from batchpunk._admission import Admission
 from batchpunk._execution import Execution
 from batchpunk._jobs import Job
-from batchpunk._outbox import Entry, Outbox
+from batchpunk._outbox import Entry, Outbox, shutdown_entries
 from batchpunk.deadletter import DeadLetter
-from batchpunk.errors import BatchpunkError
+from batchpunk.errors import BatchpunkError, ProcessorClosed
 
 __all__ = ["Completion"]
 
@@ -72,7 +73,23 @@ class Completion(Admission):
         assert self._loop is not None
         task = self._loop.create_task(self._run(job))
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(partial(self._run_ended, job))
+
+    def _run_ended(self, job: Job, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if job.running:
+            # Cancelled (stop() past drain_timeout) before its first step: _run never ran, so
+            # neither its dead letters nor its release did.
+            self._sched.release(job)
+            self._shut_out(job, ProcessorClosed("the processor stopped before this batch ran"))
+
+    def _shut_out(self, job: Job, error: BaseException) -> None:
+        """Dead-letter a job stop() left unprocessed (reason "shutdown"); it is done."""
+        batch = job.batch
+        self._send_dead(
+            shutdown_entries(batch, batch.key, batch.priority, job.trackers, job.first_wall, error)
+        )
+        self._job_done(job)
 
     async def _run(self, job: Job) -> None:
         self._in_flight += len(job.batch)

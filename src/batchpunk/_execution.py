@@ -48,7 +48,7 @@ from batchpunk.errors import (
 from batchpunk.metrics import Observer
 from batchpunk.retry import CircuitBreaker, backoff_delay, is_outage, is_retryable
 
-__all__ = ["Execution", "is_async_callable"]
+__all__ = ["Execution", "is_async_callable", "partial_fits"]
 
 log = logging.getLogger("batchpunk")
 
@@ -68,6 +68,19 @@ def is_async_callable(fn: Any) -> bool:
     return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
         getattr(fn, "__call__", None)  # noqa: B004 - we ask about __call__ itself
     )
+
+
+def partial_fits(partial: PartialFailure, size: int) -> bool:
+    """Whether a PartialFailure fits a batch of ``size`` messages.
+
+    It fits when every failure index is inside the batch and, if results are given, there is
+    one per message. One that does not is a ResultMismatch for the whole batch: nothing of it
+    completes, and the batch is retried (the spool finishes nothing of it either).
+    """
+    results = partial.results
+    if results is not None and len(results) != size:
+        return False
+    return all(0 <= index < size for index in partial.failures)
 
 
 class _Node:
@@ -365,7 +378,6 @@ class Execution:
             ticket = await breaker.acquire() if breaker is not None else 0
         loop = asyncio.get_running_loop()
         started = loop.time()
-        answered = down.answered
         down.probe()
         self.calls += 1
         node.calls += 1
@@ -412,9 +424,9 @@ class Execution:
                 "the processor call raised CancelledError although the batch was not cancelled"
             )
             error.__cause__ = exc
-            return self._failed(node, error, started, answered, ticket)
+            return self._failed(node, error, started, ticket)
         except Exception as exc:
-            return self._failed(node, exc, started, answered, ticket)
+            return self._failed(node, exc, started, ticket)
         except BaseException:
             if breaker is not None:
                 breaker.abandon(ticket)
@@ -429,7 +441,11 @@ class Execution:
         return None
 
     def _mark_outage(self, node: _Node, error: BaseException, answered: int) -> None:
-        """The node's last call failed by an outage; ``answered`` is the count before it."""
+        """The node's last call failed by an outage; ``answered`` is the count when it failed.
+
+        Not the count before the call: an answer another batch got while this call was in
+        flight came before this failure, and says nothing against this batch being held.
+        """
         node.error = error
         node.last = answered
         if node.mark is None:
@@ -439,7 +455,7 @@ class Execution:
             self.downstream.hold(node.held)
 
     def _failed(
-        self, node: _Node, exc: BaseException, started: float, answered: int, ticket: int
+        self, node: _Node, exc: BaseException, started: float, ticket: int
     ) -> BaseException:
         """Account for a call that raised: an outage holds the node, anything else answered."""
         elapsed = asyncio.get_running_loop().time() - started
@@ -449,7 +465,7 @@ class Execution:
         down, breaker = self.downstream, self.breaker
         outage = self._outage(exc)
         if outage:
-            self._mark_outage(node, exc, answered)
+            self._mark_outage(node, exc, down.answered)
         else:
             # A message's own error proves the downstream answers.
             self._unhold(node)
@@ -465,15 +481,9 @@ class Execution:
         if self._is_async:
             if timeout is None:
                 return await self.fn(batch)
-            try:
-                async with asyncio.timeout(timeout) as scope:
-                    return await self.fn(batch)
-            except TimeoutError as exc:
-                if scope.expired():
-                    raise BatchTimeout(
-                        f"processor call ran past batch_timeout={timeout}s and was cancelled"
-                    ) from exc
-                raise
+            return await self._within(self.fn(batch), timeout)
+        loop = asyncio.get_running_loop()
+        began = loop.time()
         future = self._threads.run(self.fn, batch)
         if timeout is None:
             result = await future
@@ -492,16 +502,33 @@ class Execution:
                 )
             result = future.result()
         if inspect.isawaitable(result):
-            result = await result
+            # A plain callable that returned an awaitable (a lambda around a coroutine
+            # function): batch_timeout bounds the whole call, this part too.
+            if timeout is None:
+                return await result
+            return await self._within(result, max(0.0, timeout - (loop.time() - began)))
         return result
+
+    async def _within(self, awaitable: Any, seconds: float) -> Any:
+        """Await the processor's awaitable for at most ``seconds``: BatchTimeout past them."""
+        try:
+            async with asyncio.timeout(seconds) as scope:
+                return await awaitable
+        except TimeoutError as exc:
+            if scope.expired():
+                raise BatchTimeout(
+                    f"processor call ran past batch_timeout={self.config.batch_timeout}s and "
+                    "was cancelled"
+                ) from exc
+            raise
 
     def _partial(self, job: Job, node: _Node, partial: PartialFailure) -> BaseException | None:
         """Settle the messages a PartialFailure did not name; keep the failed ones in the node."""
         batch = node.batch
         size = len(batch)
-        bad = [i for i in partial.failures if not 0 <= i < size]
         results = partial.results
-        if bad or (results is not None and len(results) != size):
+        if not partial_fits(partial, size):
+            bad = [i for i in partial.failures if not 0 <= i < size]
             node.errors = None
             problem = (
                 f"failure indices {bad} outside the batch of {size}"

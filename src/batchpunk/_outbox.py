@@ -14,7 +14,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from batchpunk._jobs import Tracker
+from batchpunk._jobs import Tracker, Trackers
 from batchpunk.deadletter import DeadLetter
 from batchpunk.retry import backoff_delay
 
@@ -56,6 +56,25 @@ def build_letter(
         first_seen=time.time() if first_seen is None else first_seen,
         headers=dict(headers) if headers else {},
     )
+
+
+def shutdown_entries(
+    batch: Sequence[Any],
+    key: Any,
+    priority: int,
+    trackers: Trackers | None,
+    first_wall: float,
+    error: BaseException,
+) -> list[Entry]:
+    """Letters with reason "shutdown" for messages stop() left unprocessed, with trackers."""
+    marks = trackers or {}
+    return [
+        (
+            build_letter(message, key, priority, "shutdown", error, first_seen=first_wall),
+            marks.get(index),
+        )
+        for index, message in enumerate(batch)
+    ]
 
 
 def as_put(target: Any) -> Put:

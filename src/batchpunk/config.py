@@ -53,6 +53,10 @@ class OverflowPolicy(StrEnum):
     DROP_NEWEST: the new message is dead-lettered with reason "dropped".
     DROP_OLDEST: the oldest message not yet in a running call is dead-lettered with reason
     "dropped" to make room (the new one is, when every unfinished message is already running).
+
+    The drop policies stop dropping once ``max_pending`` letters wait for a dead-letter sink
+    that does not store them: ``add_message`` then waits for room and ``add_message_nowait``
+    raises BufferFull, so a sink that is down slows producers instead of filling memory.
     """
 
     BLOCK = "block"
@@ -240,6 +244,12 @@ def _retry_on(value: Any, name: str = "retry_on") -> None:
         for item in value:
             if not (isinstance(item, type) and issubclass(item, BaseException)):
                 raise ConfigError(f"{name}: expected exception types, got {item!r}")
+    elif isinstance(value, type):
+        # A class is callable, so it would pass as a predicate that is true for every error.
+        raise ConfigError(
+            f"{name}: expected a tuple of exception types or a predicate, got the class "
+            f"{value.__name__}; write ({value.__name__},)"
+        )
     elif not callable(value):
         raise ConfigError(
             f"{name}: expected a tuple of exception types or a predicate, got {value!r}"

@@ -437,6 +437,13 @@ class Pipeline:
             except asyncio.CancelledError:
                 self._give_back_later([envelope])  # a hard stop while this waited for room
                 raise
+            except BufferFull as exc:
+                # The spool could not write it (a full or failing disk under a drop policy, or
+                # stop() giving up on the last writes): it was never durable.
+                if self.stop_requested:
+                    self._give_back_later([envelope])
+                    return
+                self._reject(processor, envelope, "dropped", exc)
             except (ValueError, TypeError) as exc:  # an unusable key or priority, or a payload
                 # the spool's serializer cannot write (bytes under json: use msgpack)
                 self._reject(processor, envelope, "malformed", exc)

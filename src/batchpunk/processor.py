@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import AsyncIterable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterable, Callable, Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 from functools import partial
@@ -27,8 +27,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from batchpunk._accumulator import Accumulator, Lane
 from batchpunk._completion import Completion
 from batchpunk._execution import Execution
-from batchpunk._jobs import Trackers
-from batchpunk._outbox import Entry, Outbox, as_put, build_letter
+from batchpunk._outbox import Outbox, as_put, build_letter, shutdown_entries
 from batchpunk._scheduler import Scheduler
 from batchpunk.batch import Batch
 from batchpunk.config import BatchConfig, BatchTrigger
@@ -193,11 +192,16 @@ class BatchProcessor(Completion, Generic[T, R]):
         if self._outbox is not None:
             self._outbox.start()
         self._state = _State.RUNNING
+        if self.spool is not None:
+            # Recovery and replay come first: until every unfinished message is in the engine,
+            # the add paths stay closed as before start (a message added meanwhile was accepted
+            # without being written: the spool was not open yet). Replay waits for room itself.
+            await self.spool.open(self)
+            if self._state is not _State.RUNNING:
+                return  # stop() began during the replay
         self._open = self._started = True
         self._room += self._room_shift
         self._room_shift = 0
-        if self.spool is not None:
-            await self.spool.open(self)  # replays unfinished messages before any new one
 
     async def stop(self, drain: bool = True) -> None:
         """Stop accepting, finish or dead-letter every accepted message, then return.
@@ -419,12 +423,46 @@ class BatchProcessor(Completion, Generic[T, R]):
             raise self._closed_error()
         if not isinstance(reason, str) or not reason:
             raise ValueError(f"reason: expected a non-empty str, got {reason!r}")
+        return self._reject(message, reason, error, key, priority, headers)
+
+    def _reject(
+        self,
+        message: Any,
+        reason: str,
+        error: BaseException,
+        key: Any = None,
+        priority: int = 0,
+        headers: dict[str, Any] | None = None,
+    ) -> asyncio.Future[None]:
+        """``reject`` without its checks: the spool's recovery calls it before start opens."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         rejected = build_letter(message, key, priority, reason, error, headers=headers)
         self._room -= 1  # accepted, and unfinished until its letter is stored
         self._observer.received(1)  # never cut, so _emit() does not count it
         self._send_dead([(rejected, _Stored(future))])
         return future
+
+    async def _replay_record(self, record: Any, key: Any, priority: int) -> bool:
+        """Spool.open: hand a replayed record to the engine before start opens the add paths.
+
+        It waits for room whatever the overflow policy: a replayed message was accepted and is
+        durable, so it is never refused (RAISE raised BufferFull part-way through start) nor
+        dropped. The room start will open counts (``_room_shift``). False once stop() began:
+        the record stays in the spool for the next start.
+        """
+        while self._room + self._room_shift <= 0 and self._state is _State.RUNNING:
+            self._relieve_pressure()
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._room_waiters.append(waiter)
+            try:
+                await waiter
+            except BaseException:
+                self._leave_queue(waiter)
+                raise
+        if self._state is not _State.RUNNING:
+            return False
+        self._track(record, key, priority, None)
+        return True
 
     # -- shutdown --------------------------------------------------------------------------
     async def _shutdown(self, drain: bool) -> None:
@@ -476,7 +514,7 @@ class BatchProcessor(Completion, Generic[T, R]):
     def _abandon_waiting(self, error: BaseException) -> None:
         """Dead-letter every message not yet running (lanes and queued batches)."""
         for lane in self._acc.take_all():
-            entries = _entries(
+            entries = shutdown_entries(
                 lane.items, lane.key, lane.priority, lane.trackers, lane.first_wall, error
             )
             self._acc.reset(lane)
@@ -484,11 +522,7 @@ class BatchProcessor(Completion, Generic[T, R]):
             self._send_dead(entries)
         for job in list(self._sched.waiting()):
             self._sched.remove(job)
-            batch = job.batch
-            self._send_dead(
-                _entries(batch, batch.key, batch.priority, job.trackers, job.first_wall, error)
-            )
-            self._job_done(job)
+            self._shut_out(job, error)
 
     # -- stats -----------------------------------------------------------------------------
     @property
@@ -575,24 +609,6 @@ class _Stored:
     def fail(self, error: BaseException) -> None:
         if not self.future.done():
             self.future.set_exception(error)
-
-
-def _entries(
-    batch: Sequence[Any],
-    key: Any,
-    priority: int,
-    trackers: Trackers | None,
-    first_wall: float,
-    error: BaseException,
-) -> list[Entry]:
-    marks = trackers or {}
-    return [
-        (
-            build_letter(message, key, priority, "shutdown", error, first_seen=first_wall),
-            marks.get(index),
-        )
-        for index, message in enumerate(batch)
-    ]
 
 
 def _future_factory(loop: asyncio.AbstractEventLoop) -> Callable[[], asyncio.Future[Any]]:

@@ -329,8 +329,9 @@ def _group_lengths(data: bytes, body: int, end: int) -> tuple[int, ...] | None:
 def _scan(data: bytes, *, last: bool) -> _Scan:
     """Read every record; resynchronise after damage by finding the next record that checks out.
 
-    Damage followed by nothing valid is a torn tail in the last segment (cut, not dead-lettered,
-    when the last record is incomplete), and dead-lettered damage anywhere else.
+    Bytes at the end of the last segment that are an incomplete record are a torn tail (cut,
+    not dead-lettered); any other bytes that do not check out are damage, dead-lettered and left
+    on disk until their letter is stored.
     """
     out = _Scan([], [], [], [], [], len(data), False)
     offset, size = 0, len(data)
@@ -362,10 +363,10 @@ def _scan(data: bytes, *, last: bool) -> _Scan:
         if nxt >= size and last and _incomplete(data, offset):
             out.good_end, out.torn = offset, True
             return out
+        # Damage stays on disk, even at the end of the last segment: cutting it on start, before
+        # its "malformed" letter was stored, lost those bytes to a crash in between. Its segment
+        # goes once the letter's DAMAGE_SETTLED marker is written (recovered segments are sealed).
         out.damaged.append((offset, nxt - offset))
-        if nxt >= size and last:
-            out.good_end = offset  # cut the damaged tail too, after dead-lettering its bytes
-            return out
         offset = nxt
     return out
 
@@ -463,9 +464,14 @@ def _decode_message(serializer_id: int, body: bytes) -> tuple[Any, Any, int]:
     if not isinstance(value, list) or len(value) != 3:
         raise SpoolDamaged("a message record must hold [message, key, priority]")
     message, key, priority = value
-    if isinstance(key, list):
-        key = tuple(key)  # json and msgpack return tuples as lists; a lane key must hash
-    return message, key, priority
+    return message, _as_key(key), priority
+
+
+def _as_key(value: Any) -> Any:
+    """A key as written, hashable again: json and msgpack return tuples (nested too) as lists."""
+    if isinstance(value, list):
+        return tuple(_as_key(item) for item in value)
+    return value
 
 
 def inspect_spool(path: str | os.PathLike[str]) -> SpoolReport:
@@ -615,6 +621,7 @@ class Spool:
         self._failures = 0
         self._marker_timer: asyncio.TimerHandle | None = None
         self._closer: asyncio.Future[None] | None = None
+        self._closing: asyncio.Task[None] | None = None  # close() under way, or done
         self._space: asyncio.Event | None = None
         self._full_error: BaseException | None = None
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
@@ -681,6 +688,12 @@ class Spool:
         return config, self._wrap_handler(handler), self._wrap_dead_letter(dead_letter, processor)
 
     def _wrap_handler(self, handler: Callable[..., Any]) -> Callable[..., Any]:
+        """Hand the user's handler a Batch of its messages; finish what the engine will finish.
+
+        A batch's records are finished once the handler returned None or one result per message
+        (any other return is the engine's ResultMismatch: it retries, so nothing is finished),
+        and on a PartialFailure that fits the batch, its messages not named as failed.
+        """
         from batchpunk._execution import is_async_callable
 
         finish = self._finish_many
@@ -688,20 +701,15 @@ class Spool:
         def unwrap(batch: Any) -> Any:
             return batch.derive([record.message for record in batch])
 
-        def settle_partial(batch: Any, partial: PartialFailure) -> None:
-            size = len(batch)
-            if all(0 <= i < size for i in partial.failures):
-                failed = partial.failures
-                finish([batch[i].mark for i in range(size) if i not in failed])
-
         if is_async_callable(handler):
 
             async def call_async(batch: Any) -> Any:
                 try:
                     result = await handler(unwrap(batch))
                 except PartialFailure as partial:
-                    settle_partial(batch, partial)
+                    finish(_good_marks(batch, partial))
                     raise
+                result = _as_results(result)
                 if result is None or len(result) == len(batch):
                     finish([record.mark for record in batch])
                 return result
@@ -717,11 +725,11 @@ class Spool:
                 if inspect.isawaitable(result):
                     return _finish_later(self, batch, result)
             except PartialFailure as partial:
-                size = len(batch)
-                if all(0 <= i < size for i in partial.failures):
-                    marks = [batch[i].mark for i in range(size) if i not in partial.failures]
+                marks = _good_marks(batch, partial)
+                if marks:
                     loop.call_soon_threadsafe(finish, marks)
                 raise
+            result = _as_results(result)
             if result is None or len(result) == len(batch):
                 loop.call_soon_threadsafe(finish, [record.mark for record in batch])
             return result
@@ -855,12 +863,13 @@ class Spool:
     def admit_nowait(self, message: Any, key: Any, priority: int, room: bool) -> Any:
         """The record to hand to the engine now (durable by the next commit); None if dropped.
 
-        ``room`` says whether the engine will take it: without room the message is not written,
-        so the engine's refusal (BufferFull, or a drop) leaves nothing behind in the spool.
+        ``room`` says whether the engine has room for it: without room the message is not
+        written, so the engine's refusal (BufferFull, or a drop) leaves nothing behind in the
+        spool; except under DROP_OLDEST, where the engine drops an older message and keeps it.
         """
         if type(message) is _Record:
             return message
-        if not self._open or not room:
+        if not self._open or (not room and not self._kept_without_room()):
             return _Record(None, message)
         body = self._encode(message, key, priority)
         if self._full(len(body)):
@@ -874,6 +883,19 @@ class Spool:
             self._dropped = (stored, error)
             return None
         return self._append(body, message)
+
+    def _kept_without_room(self) -> bool:
+        """Whether the engine keeps a message it has no room for: DROP_OLDEST while running.
+
+        It then dead-letters its oldest waiting message and accepts the new one, so the new one
+        must be written like any other (the dropped one's letter finishes its own mark; should
+        nothing be waiting, the new one's letter finishes it). DROP_NEWEST and the refusals keep
+        nothing, and a stopping engine refuses: those stay unwritten.
+        """
+        processor = self._processor
+        return (
+            self._policy is OverflowPolicy.DROP_OLDEST and processor is not None and processor._open
+        )
 
     def when_durable(self, callback: Callable[[Any], None]) -> None:
         """Call ``callback(None)`` once the last appended message is durable (not if refused).
@@ -907,7 +929,30 @@ class Spool:
     def _full(self, size: int) -> bool:
         if self._full_error is not None:
             return True
-        return self._disk + self._buffered + size + 64 > self.max_bytes
+        if self._disk + self._buffered + size + 64 <= self.max_bytes:
+            return False
+        return not self._seal_drained() or self._disk + self._buffered + size + 64 > self.max_bytes
+
+    def _seal_drained(self) -> bool:
+        """Full: seal (and so delete) the active segment if it is the oldest and all finished.
+
+        Admission stops the active segment at max_bytes, so one that never reaches
+        segment_bytes (segment_bytes close to max_bytes, or a message too big for what is left)
+        was never sealed, never deleted, and kept the spool full for good although everything
+        in it was finished. True when space was freed.
+        """
+        active = self._active
+        if (
+            active is None
+            or active.live
+            or not active.size
+            or self._writing  # the writer thread may be using its descriptor
+            or not self._segments
+            or self._segments[0] is not active
+        ):
+            return False
+        self._seal(active)
+        return True
 
     def _refusal(self) -> BufferFull:
         if self._full_error is not None:
@@ -982,8 +1027,15 @@ class Spool:
         self.stats["finished"] += count
         if drained:
             self._delete_drained()
+            self._wake_if_drained()
         if count and not self._writing:
             self._kick()  # nothing to ride along with: arms the marker delay
+
+    def _wake_if_drained(self) -> None:
+        """The active segment holds nothing unfinished: a producer waiting for room may seal it."""
+        active, space = self._active, self._space
+        if active is not None and active.live == 0 and space is not None:
+            space.set()
 
     def _delete_drained(self) -> None:
         """Delete the oldest segments while they are closed and hold nothing unfinished.
@@ -1090,6 +1142,14 @@ class Spool:
         """On the loop, once a write returned: settle its producers, then start the next one."""
         self._writing = False
         error = future.exception()
+        if self._pool is None:
+            # close() gave up waiting for this write: settle its producers and nothing else (the
+            # lock is released; the next owner may be at work in this directory).
+            if chunk is not None and error is None and not chunk.future.done():
+                chunk.future.set_result(None)
+            elif chunk is not None:
+                self._abandon([chunk])
+            return
         if error is not None:
             if not isinstance(error, OSError):
                 error = OSError(errno.EIO, f"spool write failed: {error!r}")
@@ -1121,6 +1181,8 @@ class Spool:
                 chunk.held = []
         if segment.size >= self.segment_bytes:
             self._seal(segment)
+        elif chunk is not None and chunk.early:
+            self._wake_if_drained()  # its messages finished before it was written
         if chunk is not None and not chunk.future.done():
             chunk.future.set_result(None)
         self._kick()
@@ -1129,6 +1191,11 @@ class Spool:
     def _retry(self) -> None:
         self._retry_timer = None
         self._retrying = False
+        if self._policy is not OverflowPolicy.BLOCK:
+            # Refusing policies retry no message write, so with nothing else to write no write
+            # would ever succeed and clear the full disk: every message was refused for good.
+            # Admission tries again (a new failure refuses again, with a longer backoff).
+            self._full_error = None
         self._kick(markers=True)
 
     def _wake_closer(self) -> None:
@@ -1236,7 +1303,8 @@ class Spool:
         """Lock the directory, recover it, then replay every unfinished message into the engine.
 
         Damaged bytes become "malformed" dead letters; a torn tail is cut. Returns once every
-        unfinished message is in the engine (waiting for room like ``add_message``).
+        unfinished message is in the engine (waiting for room under any overflow policy), before
+        the processor opens its add paths.
         """
         loop = asyncio.get_running_loop()
         self._loop = loop
@@ -1263,7 +1331,7 @@ class Spool:
                 f"spool {segment.path.name}: {len(raw)} byte(s) at offset {offset} do not "
                 "check out (CRC-32 mismatch or a broken header); the bytes are the message"
             )
-            processor.reject(
+            processor._reject(
                 _Record(mark, raw), "malformed", error, headers={"spool_segment": segment.path.name}
             )
         replay = recovered.replay
@@ -1274,19 +1342,30 @@ class Spool:
             try:
                 message, key, priority = _decode_message(sid, raw)
             except (BatchpunkError, ValueError) as exc:
-                processor.reject(_Record(seq, raw), "malformed", exc)
+                processor._reject(_Record(seq, raw), "malformed", exc)
                 continue
             self.stats["replayed"] += 1
             if self.rebuild is not None:
                 message = self.rebuild(message, key, priority)
-            await processor.add_message(_Record(seq, message), key=key, priority=priority)
+            # Waits for room whatever the overflow policy: never refused, never dropped.
+            if not await processor._replay_record(_Record(seq, message), key, priority):
+                break  # stop() began: the rest stays in the spool for the next start
         if replay:
             log.info("spool %s: replayed %d unfinished message(s)", self.path, len(replay))
 
     async def close(self) -> None:
-        """Write the last finish markers, delete drained segments, release the lock."""
-        if not self._open:
-            return
+        """Write the last finish markers, delete drained segments, release the lock.
+
+        A second call (a second stop()) waits for the first: it returned while the first was
+        still writing and held the lock.
+        """
+        if self._closing is None:
+            if not self._open:
+                return
+            self._closing = asyncio.get_running_loop().create_task(self._close())
+        await asyncio.shield(self._closing)
+
+    async def _close(self) -> None:
         self._open = False
         if self._space is not None:
             self._space.set()
@@ -1310,16 +1389,37 @@ class Spool:
                 timer.cancel()
         self._marker_timer = self._retry_timer = None
         self._retrying = False
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            pool.shutdown(wait=True)  # a write still running ends first (it owns the fd)
+        # Chunks never written (the disk kept failing under BLOCK): their producers would wait
+        # for ever, and _Shared refuses their cancel. Their messages were never durable.
+        self._abandon(list(self._chunks))
+        self._chunks.clear()
         if self._active is not None and self._active.size > 0 and not self._where:
             self._seal(self._active)
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
         self._fd_segment = None
-        if self._pool is not None:
-            pool, self._pool = self._pool, None
-            pool.shutdown(wait=True)
         self._unlock()
+
+    def _abandon(self, chunks: list[_Chunk]) -> None:
+        """close() gave up on these chunks' writes: their producers get BufferFull (not kept)."""
+        for chunk in chunks:
+            count = len(chunk.bodies)
+            for seq in range(chunk.first, chunk.first + count):
+                self._where.pop(seq, None)
+            self.stats["refused"] += count
+            waiter = chunk.future
+            if not waiter.done():
+                waiter.set_exception(
+                    BufferFull(
+                        f"spool {self.path}: stopped before this message was written (the last "
+                        f"writes did not succeed within {CLOSE_SECONDS}s); it was not kept"
+                    )
+                )
+                waiter.exception()  # retrieved: nobody may be waiting on it
 
     def _lock(self) -> None:
         lock = self.path / "lock"
@@ -1349,10 +1449,40 @@ _MISSING: Any = object()
 
 
 async def _finish_later(spool: Spool, batch: Any, result: Any) -> Any:
-    value = await result
+    """A sync handler's awaitable result, awaited on the loop: finish as the async wrapper does."""
+    try:
+        value = _as_results(await result)
+    except PartialFailure as partial:
+        spool._finish_many(_good_marks(batch, partial))
+        raise
     if value is None or len(value) == len(batch):
         spool._finish_many([record.mark for record in batch])
     return value
+
+
+def _as_results(result: Any) -> Any:
+    """A handler's results as the engine reads them: any iterable becomes a list, once.
+
+    The engine accepts any iterable of results (``_execution``: ``list(results)``); a generator
+    measured here with len() would fail, and one consumed here would reach the engine empty.
+    """
+    if result is None or (isinstance(result, Sequence) and not isinstance(result, str | bytes)):
+        return result
+    return list(result)
+
+
+def _good_marks(batch: Any, partial: PartialFailure) -> list[Any]:
+    """The marks of the messages a PartialFailure completes: none unless it fits the batch.
+
+    One that does not fit is the engine's ResultMismatch for the whole batch, which it retries.
+    """
+    from batchpunk._execution import partial_fits
+
+    size = len(batch)
+    if not partial_fits(partial, size):
+        return []
+    failed = partial.failures
+    return [batch[i].mark for i in range(size) if i not in failed]
 
 
 def _marker_records(marks: list[int], settle: list[tuple[int, int]]) -> bytes:
