@@ -48,6 +48,10 @@ _DRIVER_OUTAGES = frozenset(
         ("nats.errors", "NoServersError"),
         ("nats.errors", "StaleConnectionError"),
         ("nats.errors", "ConnectionReconnectingError"),
+        # Publishing while disconnected once the reconnect buffer is full, or while the
+        # connection drains on its way to closed: no message is at fault.
+        ("nats.errors", "OutboundBufferLimitError"),
+        ("nats.errors", "ConnectionDrainingError"),
         ("nats.js.errors", "ServiceUnavailableError"),
         ("asyncpg.exceptions", "CannotConnectNowError"),
         ("asyncpg.exceptions", "ConnectionDoesNotExistError"),

@@ -8,13 +8,16 @@ import contextlib
 import json
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from batchpunk.connectors.nats import NatsJetStreamSource
-from batchpunk.deadletter import JsonlDeadLetters
+from batchpunk.config import BatchConfig
+from batchpunk.connectors.nats import REDELIVERED, NatsJetStreamSink, NatsJetStreamSource
+from batchpunk.deadletter import JsonlDeadLetters, MemoryDeadLetters
 from batchpunk.pipeline import Pipeline
 from batchpunk.pipeline_file import parse_pipeline
+from batchpunk.processor import BatchProcessor
 from tests.conftest import require_server
 from tests.contract.cases_nats import NATS_URL, consumer_counts, fresh_stream, jetstream, unique
 from tests.contract.harness import take
@@ -77,6 +80,126 @@ async def test_a_message_at_its_last_delivery_is_dead_lettered_as_redelivered() 
         assert "max_deliver=2" in str(letter.error)
         info = await js.consumer_info(stream, durable)
         assert (info.num_ack_pending, info.num_pending) == (0, 0)
+
+
+async def test_a_consumer_without_a_delivery_limit_never_flags_a_message_redelivered() -> None:
+    """create=False uses the consumer's own max_deliver; one with none (-1, the server's and
+    the nats CLI's default) must not get the source's default of 10, which flagged the 10th
+    delivery "redelivered" so the pipeline dead-lettered and terminated a message the server
+    would have delivered again."""
+    api = pytest.importorskip("nats.js.api")
+    async with fresh_stream([{"id": 1}]) as (js, stream, subject):
+        durable = unique("D")
+        await js.add_consumer(
+            stream,
+            api.ConsumerConfig(
+                durable_name=durable,
+                ack_policy=api.AckPolicy.EXPLICIT,
+                filter_subject=subject,
+                ack_wait=30,
+            ),
+        )
+        assert (await js.consumer_info(stream, durable)).config.max_deliver in (None, -1, 0)
+        source = NatsJetStreamSource(
+            NATS_URL, stream, subject, durable, create=False, fetch_timeout=0.2, nak_delay=0
+        )
+        try:
+            flagged = []
+            for _ in range(12):  # past the default max_deliver=10
+                [envelope] = await take(source, 1)
+                flagged.append(bool(envelope.headers and envelope.headers.get(REDELIVERED)))
+                assert envelope.error is None
+                await source.nack_many([envelope], True)
+            assert envelope.headers is not None
+            assert envelope.headers["delivery_count"] == 12
+            assert flagged == [False] * 12
+        finally:
+            await source.close()
+
+
+class _Proxy:
+    """A TCP proxy to the NATS server that can be cut, faking an outage without touching it."""
+
+    def __init__(self) -> None:
+        self.server: asyncio.Server | None = None
+        self.port = 0
+        self.writers: list[asyncio.StreamWriter] = []
+        self.pipes: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", 4222)
+        self.writers += [writer, upstream_writer]
+
+        async def pipe(source: asyncio.StreamReader, target: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(Exception):
+                while data := await source.read(65536):
+                    target.write(data)
+                    await target.drain()
+            target.close()
+
+        for task in (pipe(reader, upstream_writer), pipe(upstream_reader, writer)):
+            self.pipes.add(asyncio.create_task(task))
+
+    async def cut(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for writer in self.writers:
+            writer.transport.abort()
+        self.writers.clear()
+        for task in self.pipes:
+            task.cancel()
+        self.pipes.clear()
+        await self.server.wait_closed()
+
+
+async def test_an_outage_past_the_client_buffer_is_held_not_dead_lettered() -> None:
+    """While disconnected nats-py buffers publishes up to 2 MB, then every publish raises
+    OutboundBufferLimitError. That is the server being unreachable, not a bad message: it must
+    be held as an outage and delivered after reconnecting. It was split, retried and
+    dead-lettered as "failed" (20 of 40 messages within a second of the cut)."""
+    async with fresh_stream() as (js, stream, subject):
+        proxy = _Proxy()
+        await proxy.start()
+        sink = NatsJetStreamSink(f"nats://127.0.0.1:{proxy.port}", subject, timeout=0.3)
+        await sink.start()
+        letters = MemoryDeadLetters()
+        config = BatchConfig(
+            max_size=10,
+            max_wait=0.05,
+            max_retries=1,
+            retry_delay=0.01,
+            retry_max_delay=0.05,
+            retry_jitter=False,
+            delivery_timeout=None,
+        )
+        processor: BatchProcessor[Any, int] = BatchProcessor(
+            config, sink.write, dead_letter=letters
+        )
+        await processor.start()
+        try:
+            await proxy.cut()
+            for _ in range(100):
+                if not sink._conn.nc.is_connected:
+                    break
+                await asyncio.sleep(0.02)
+            body = "x" * 100_000  # 40 x 100 kB: twice nats-py's reconnect buffer
+            futures = [
+                asyncio.ensure_future(processor.submit({"i": i, "body": body})) for i in range(40)
+            ]
+            await asyncio.sleep(1.5)
+            assert [(x.reason, x.error_type) for x in letters.letters] == []
+            await proxy.start()  # the server is back, on the same port
+            await asyncio.wait_for(asyncio.gather(*futures), 30)
+            assert letters.letters == []
+            assert (await js.stream_info(stream)).state.messages >= 40
+        finally:
+            await processor.stop(drain=False)
+            await sink.close()
+            await proxy.cut()  # stops listening
 
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "nats-to-postgres.toml"

@@ -328,7 +328,7 @@ class NatsJetStreamSource:
             payloads, as written by a frame-encoding sink).
         create: create the stream if missing, and create or update the consumer with these
             settings. With False both must exist, and the consumer's own ack_wait and
-            max_deliver apply.
+            max_deliver apply (a consumer without a delivery limit gets none from batchpunk).
         max_ack_pending: the consumer's cap on unacknowledged messages across all workers;
             None leaves room for ten workers, each with a batch filling while
             ``max_concurrent_batches`` run: max(1000, 10 x batch x (concurrency + 1)).
@@ -419,7 +419,7 @@ class NatsJetStreamSource:
         self._next_subject = ""
         # What the consumer really does (the server's values win when create=False).
         self._server_ack_wait = self.ack_wait
-        self._server_max_deliver = self.max_deliver
+        self._server_max_deliver: int | None = self.max_deliver  # None: no delivery limit
         self._ready: deque[Envelope] = deque()
         # Messages handed out and not yet settled, by reply subject (unique per delivery): None,
         # or the parts ledger of a frame message. Acks are published to the reply subject
@@ -520,6 +520,10 @@ class NatsJetStreamSource:
             self._server_ack_wait = float(config.ack_wait)
         if config.max_deliver and config.max_deliver > 0:
             self._server_max_deliver = int(config.max_deliver)
+        elif not self.create:
+            # The consumer has no delivery limit (None, -1 or 0): the server delivers again and
+            # again, so no delivery is the last one and none is flagged redelivered.
+            self._server_max_deliver = None
         if not self.create and config.filter_subject and config.filter_subject != self.subject:
             log.warning(
                 "NatsJetStreamSource: consumer %r filters %r, not the configured subject %r",
@@ -911,7 +915,7 @@ class NatsJetStreamSource:
         else:
             self._unsettled[reply] = None
         error = malformed
-        if delivered >= self._server_max_deliver:
+        if self._server_max_deliver is not None and delivered >= self._server_max_deliver:
             headers = headers or self._headers(msg.subject, reply, msg.headers)
             headers[REDELIVERED] = True
             stream, stream_seq = headers["stream"], headers["stream_seq"]
