@@ -232,6 +232,28 @@ def test_dlq_replay_removes_only_the_letters_that_were_written(tmp_path: Path) -
     assert [letter["message"] for letter in letters_in(path)] == [{"id": 2}]
 
 
+def test_dlq_show_and_replay_read_past_a_torn_first_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file whose first put was torn by a crash (an older batchpunk then started the next put
+    on a new line) is still a dead-letter file: `dlq show` and `dlq replay` skip the torn line
+    with a warning, as read() does, instead of refusing the file for its first line."""
+    path = tmp_path / "dead.jsonl"
+    store_letters(path, [{"id": 1, "body": "a"}, {"id": 2, "body": "b"}])
+    path.write_bytes(b'{"v":1,"id":"0f3c","stored_at":1717.5,"reason":"fai\n' + path.read_bytes())
+    result = runner.invoke(app, ["dlq", "show", str(path), "--json"])
+    assert result.exit_code == 0, result.output
+    shown = [json.loads(line)["message"] for line in result.output.splitlines()]
+    assert shown == [{"id": 1, "body": "a"}, {"id": 2, "body": "b"}]
+    (tmp_path / "p.toml").write_text(PIPELINE.format(max_size=10), encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["dlq", "replay", "dead.jsonl", "--pipeline", "p.toml"])
+    assert result.exit_code == 0, result.output
+    with sqlite3.connect(tmp_path / "out.db") as db:
+        assert sorted(db.execute("SELECT id, body FROM events")) == [(1, "a"), (2, "b")]
+    assert path.read_bytes().count(b"\n") == 1  # the torn line is kept, not lost to remove()
+
+
 def test_without_typer_the_command_prints_the_pip_command() -> None:
     """When typer or rich is missing, batchpunk prints the pip install command and exits 3."""
     code = "import sys; sys.modules['typer'] = None; from batchpunk.cli import main; main(['demo'])"

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import json
 import sqlite3
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +16,7 @@ import pytest
 
 from batchpunk.connectors import GeneratorSource, JsonlSink, JsonlSource, SqliteSink
 from batchpunk.connectors._common import PayloadError, mask_secrets
+from batchpunk.deadletter import DeadLetter, JsonlDeadLetters
 from batchpunk.envelope import Envelope
 from batchpunk.errors import ConfigError, PartialFailure
 
@@ -127,6 +133,22 @@ async def test_jsonl_checkpoint_rejects_stdin_and_garbage(tmp_path: Path) -> Non
         await collect(JsonlSource(str(path), checkpoint=str(checkpoint)))
 
 
+async def test_jsonl_source_keeps_the_bytes_of_a_line_that_is_not_utf8(tmp_path: Path) -> None:
+    """A line that is not UTF-8 becomes a malformed envelope holding the line's exact bytes
+    (not text with U+FFFD in place of the bad bytes), and its dead letter keeps them."""
+    raw = b'{"name": "caf\xe9", "id": 7}'  # Latin-1 text in a UTF-8 file
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b'{"id": 1}\n' + raw + b"\r\n")
+    good, bad = await collect(JsonlSource(str(path)))
+    assert good.payload == {"id": 1}
+    assert bad.malformed
+    assert "line 2" in str(bad.error)
+    assert bad.payload == raw
+    async with JsonlDeadLetters(tmp_path / "dead.jsonl") as dead:
+        await dead.put([DeadLetter(bad.payload, reason="malformed", error=bad.error)])
+        assert [letter.message async for letter in dead.read()] == [raw]
+
+
 async def test_jsonl_source_missing_file_is_a_config_error(tmp_path: Path) -> None:
     """Reading a file that does not exist fails with its name, not a bare OSError."""
     with pytest.raises(ConfigError, match="cannot read"):
@@ -154,6 +176,47 @@ async def test_jsonl_sink_appends_batches_and_isolates_unserializable_payloads(
     await sink.close()
     lines = path.read_text(encoding="utf-8").splitlines()
     assert [json.loads(line) for line in lines] == [{"id": 1}, {"id": 2}, {"id": 3}]
+
+
+def test_jsonl_sink_leaves_no_bytes_of_a_failed_or_torn_write(tmp_path: Path) -> None:
+    """A write that raised (here: file too large) is cut back off the file, so its payloads,
+    which the engine retries or dead-letters, do not land in it with the next write; and a
+    line torn by a crash is cut when the next sink opens the file, instead of being glued to
+    that sink's first record."""
+    path = tmp_path / "out.jsonl"
+    code = textwrap.dedent(
+        f"""
+        import asyncio, resource, signal
+        from batchpunk.connectors.jsonl import JsonlSink
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        async def main():
+            sink = JsonlSink({str(path)!r})
+            await sink.write([{{"id": 0}}])
+            resource.setrlimit(resource.RLIMIT_FSIZE, (200, hard))
+            try:
+                await sink.write([{{"id": i, "body": "y" * 100}} for i in (1, 2, 3)])
+            except OSError as exc:
+                print("failed:", exc.errno)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+            await sink.write([{{"id": 4}}])
+            await sink.close()
+        asyncio.run(main())
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert f"failed: {errno.EFBIG}" in done.stdout, done.stderr
+    assert path.read_bytes() == b'{"id":0}\n{"id":4}\n'
+    with path.open("ab") as raw:
+        raw.write(b'{"id":5,"body":"yy')  # what a crash in a write leaves
+
+    async def next_run() -> None:
+        sink = JsonlSink(str(path))
+        await sink.write([{"id": 10}, {"id": 11}])
+        await sink.close()
+
+    asyncio.run(next_run())
+    assert path.read_bytes() == b'{"id":0}\n{"id":4}\n{"id":10}\n{"id":11}\n'
 
 
 # -- SqliteSink ---------------------------------------------------------------------------------

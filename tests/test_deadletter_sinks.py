@@ -27,6 +27,7 @@ from batchpunk.deadletter import (
     MalformedDeadLetter,
     SqliteDeadLetters,
     StoredError,
+    letter_record,
 )
 from batchpunk.errors import DeadLetterError
 
@@ -448,7 +449,8 @@ async def test_malformed_jsonl_lines_are_skipped_with_file_and_line(
 
 
 async def test_a_torn_last_line_is_kept_apart_from_the_next_put(tmp_path: Path) -> None:
-    """After a crash mid-write, the next put starts a fresh line and both lines stay readable."""
+    """After a crash mid-write, the next put starts a fresh line and the letters before and
+    after it stay readable."""
     path = tmp_path / "dlq.jsonl"
     async with JsonlDeadLetters(path) as sink:
         await sink.put([letter("before")])
@@ -457,6 +459,25 @@ async def test_a_torn_last_line_is_kept_apart_from_the_next_put(tmp_path: Path) 
         assert [back.message for back in await read_all(sink)] == ["before"]
         await sink.put([letter("after")])
         assert [back.message for back in await read_all(sink)] == ["before", "after"]
+
+
+async def test_an_unconfirmed_torn_letter_is_not_revived_by_the_next_put(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A put killed just before its newline leaves a whole record without it: read() skips it
+    (the put never returned, so the message was not acknowledged and comes again). The next
+    put, of that message dead-lettered again, cuts the torn line off instead of completing
+    it with a newline, which made it a letter: one message, two letters, replayed twice."""
+    path = tmp_path / "dlq.jsonl"
+    async with JsonlDeadLetters(path) as sink:
+        await sink.put([letter("before")])
+        with path.open("ab") as raw:
+            raw.write(letter_record(letter("again")))  # the crash: all but the newline
+        assert [back.message for back in await read_all(sink)] == ["before"]
+        with caplog.at_level(logging.WARNING, logger="batchpunk.deadletter"):
+            await sink.put([letter("again")])
+        assert [back.message for back in await read_all(sink)] == ["before", "again"]
+    assert f"{path}: cut off a last line without its newline" in caplog.text
 
 
 async def test_a_failed_write_leaves_no_partial_letters(

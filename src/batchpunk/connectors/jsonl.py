@@ -18,10 +18,11 @@ import sys
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import IO, Any, cast
+from typing import Any, cast
 
 from batchpunk.codec import decode_value
 from batchpunk.connectors._common import PayloadError, Worker, fail_payloads
+from batchpunk.deadletter._files import append_or_undo, end_torn_line, open_appending
 from batchpunk.envelope import Envelope
 from batchpunk.errors import ConfigError
 
@@ -31,6 +32,8 @@ log = logging.getLogger("batchpunk.connectors.jsonl")
 
 #: Bytes read per call in the worker thread: big enough to amortise the thread hop.
 _CHUNK = 1 << 20
+#: The bytes a line JsonlSink writes can start with (json.dumps of any value).
+_JSON_START = frozenset(b'{["-0123456789tfn')
 
 
 class JsonlSource:
@@ -134,7 +137,13 @@ class JsonlSource:
                     try:
                         payload = decode(line)
                     except (ValueError, RecursionError) as exc:
-                        text = line.decode("utf-8", "replace").rstrip("\r")
+                        raw = line.rstrip(b"\r")
+                        try:
+                            text: str | bytes = raw.decode("utf-8")
+                        except UnicodeDecodeError:
+                            # Not UTF-8: keep the line's bytes, so its dead letter holds them
+                            # exactly (decoding with replacement characters would lose them).
+                            text = bytes(raw)
                         envelope = Envelope(
                             text,
                             headers={"line": line_no},
@@ -282,7 +291,12 @@ class JsonlSink:
     """Appends each batch as JSON lines and fsyncs before ``write`` returns.
 
     Choose it for an audit trail, a hand-off to batch tools, or as the simplest durable sink.
-    One ``write`` is one append of whole lines, so a crash never leaves half a batch's line.
+    One ``write`` is one unbuffered append of whole lines. A write that raises (disk full, file
+    too large) is cut back off the file, so its payloads, retried or dead-lettered, are never in
+    it too. A crash in a write can leave the batch's first lines, which come again like any
+    unacknowledged line (at least once), and the start of the next; the sink cuts that torn
+    line on opening the file, so that the next record starts a line of its own. One sink per
+    file: the cutting assumes no other process writes to it.
 
     Args:
         path: the file (created if missing, appended to), or "-" for standard output.
@@ -298,7 +312,7 @@ class JsonlSink:
         self.path = str(path)
         self.fsync = fsync
         self._worker = Worker("batchpunk-jsonl-sink")
-        self._stream: IO[bytes] | None = None
+        self._fd: int | None = None
         self._closed = False
 
     async def write(self, batch: Sequence[Any]) -> None:
@@ -325,26 +339,61 @@ class JsonlSink:
                     f"payload at index {index} is not JSON-serializable: {exc}"
                 )
         if parts:
-            stream = self._stream
-            if stream is None:
-                # Closed in close(); stdout is not ours to close.
-                stream = sys.stdout.buffer if self.path == "-" else open(self.path, "ab")  # noqa: SIM115
-                self._stream = stream
-            stream.write(b"\n".join(parts) + b"\n")
-            stream.flush()
-            if self.fsync and self.path != "-":
-                os.fsync(stream.fileno())
+            data = b"\n".join(parts) + b"\n"
+            if self.path == "-":  # stdout is not ours to close (or to truncate)
+                stream = sys.stdout.buffer
+                stream.write(data)
+                stream.flush()
+            else:
+                if self._fd is None:
+                    self._fd = self._open()
+                # Unbuffered, and cut back on any error: bytes of a write that raised are never
+                # in the file (the engine retries or dead-letters them), now or after a later
+                # write.
+                append_or_undo(self._fd, data, os.fstat(self._fd).st_size, fsync=self.fsync)
         return failures
+
+    def _open(self) -> int:
+        fd = open_appending(self.path, 0o666)
+        try:
+            # A crash in a write leaves a torn last line: cut it (it was never acknowledged,
+            # so its messages come again), or the next line would be glued to it.
+            end_torn_line(fd, self.path, _torn_line)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     async def close(self) -> None:
         """Close the file; safe to call twice."""
         if self._closed:
             return
         self._closed = True
-        stream, self._stream = self._stream, None
-        if stream is not None and self.path != "-":
-            await self._worker.call(stream.close)
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            await self._worker.call(os.close, fd)
         self._worker.shutdown()
 
     def __repr__(self) -> str:
         return f"JsonlSink({self.path!r})"
+
+
+def _torn_line(tail: bytes) -> bool:
+    """True for a last line (without its newline) that a write killed midway left: the start of
+    a JSON line, not a whole one, in UTF-8 perhaps cut inside a character. Anything else (a
+    whole line, text or bytes another program wrote) is kept, ended with a newline."""
+    if not tail or tail[0] not in _JSON_START:
+        return False
+    try:
+        decode_value(tail)
+    except (ValueError, RecursionError):
+        pass
+    else:
+        return False  # whole: like the lines before it, written but perhaps not acknowledged
+    for cut in range(4):
+        try:
+            tail[: len(tail) - cut].decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        return True
+    return False

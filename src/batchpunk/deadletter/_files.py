@@ -72,6 +72,8 @@ log = logging.getLogger("batchpunk.deadletter")
 RECORD_VERSION = 1
 #: Letters read per hop to the worker thread while iterating read().
 READ_CHUNK = 500
+#: Bytes read per step when looking back for the start of a file's last line.
+_TAIL_CHUNK = 1 << 16
 #: The header key under which read() returns each letter's stable id.
 ID_HEADER = "dlq_id"
 #: Set by read() on a letter whose message was stored only as its repr (why, as text): such a
@@ -377,7 +379,8 @@ class JsonlDeadLetters(_Store):
     Reading: a line that is not a valid record is skipped with a logged warning naming the file
     and line (``read(strict=True)`` raises MalformedDeadLetter instead) and is kept by
     ``remove``. A last line without its newline is a put still in progress (or one that crashed
-    before returning, whose letters were never confirmed): it is skipped quietly.
+    before returning, whose letters were never confirmed): it is skipped quietly, and the next
+    put cuts it off (with a warning), so it never becomes a letter.
     """
 
     def __init__(
@@ -461,27 +464,14 @@ class JsonlDeadLetters(_Store):
             self._records.encode(letter, i, uuid.uuid4().hex)[1] + b"\n"
             for i, letter in enumerate(letters)
         ]
-        data = b"".join(lines)
         with self._locked():
-            fd = os.open(
-                self.path,
-                os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0),
-                0o644,
-            )
+            fd = open_appending(self.path, 0o644)
             try:
-                start = os.fstat(fd).st_size
-                if start and os.pread(fd, 1, start - 1) != b"\n":
-                    data = b"\n" + data  # a crash tore the last line: keep ours separate
-                try:
-                    view = memoryview(data)
-                    while view:
-                        view = view[os.write(fd, view) :]
-                    os.fsync(fd)
-                except BaseException:
-                    with contextlib.suppress(OSError):
-                        os.ftruncate(fd, start)
-                        os.fsync(fd)
-                    raise
+                # The lock makes this the file's only writer, and a put returns only after
+                # fsyncing all it wrote: a last line without its newline is a put that never
+                # returned, whose letters were never confirmed (their messages come back).
+                start = end_torn_line(fd, str(self.path), _torn_record)
+                append_or_undo(fd, b"".join(lines), start, fsync=True)
             finally:
                 os.close(fd)
             if not self._dir_synced:
@@ -536,6 +526,81 @@ class JsonlDeadLetters(_Store):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(temp)
             return removed
+
+
+def _torn_record(tail: bytes) -> bool:
+    # Every record starts with "{": anything else was not written by a put, and is kept.
+    return tail.startswith(b"{")
+
+
+# -- appending whole lines (shared with connectors.jsonl.JsonlSink) --------------------------
+
+
+def open_appending(path: str | os.PathLike[str], mode: int) -> int:
+    """An unbuffered descriptor appending to ``path`` (created with ``mode`` if missing).
+
+    Unbuffered, so that bytes of a write that failed are never written by a later one; read
+    and write, so that end_torn_line can look at the last line.
+    """
+    flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+    return os.open(path, flags, mode)
+
+
+def end_torn_line(fd: int, where: str, torn: Callable[[bytes], bool]) -> int:
+    """Make the file end in a newline before appending to it; return its size then.
+
+    For the file's only writer, which fsyncs each append before reporting it done. A last line
+    without its newline is then either a write that never returned (the process died in it),
+    which ``torn(line)`` recognises and which is cut off (nothing it held was confirmed), or a
+    line written by someone else, which is kept and ended with a newline, so that the append
+    starts a line of its own either way.
+    """
+    size = os.fstat(fd).st_size
+    if not size or os.pread(fd, 1, size - 1) == b"\n":
+        return size
+    parts: list[bytes] = []
+    start = size
+    while start:
+        begin = max(0, start - _TAIL_CHUNK)
+        chunk = os.pread(fd, start - begin, begin)
+        newline = chunk.rfind(b"\n")
+        if newline >= 0:
+            parts.append(chunk[newline + 1 :])
+            start = begin + newline + 1
+            break
+        parts.append(chunk)
+        start = begin
+    tail = b"".join(reversed(parts))
+    if torn(tail):
+        log.warning(
+            "%s: cut off a last line without its newline (%d bytes, from a write that never "
+            "returned)",
+            where,
+            len(tail),
+        )
+        os.ftruncate(fd, start)
+        return start
+    os.write(fd, b"\n")
+    return size + 1
+
+
+def append_or_undo(fd: int, data: bytes, start: int, *, fsync: bool) -> None:
+    """Write all of ``data`` at the end of the file (``start`` bytes long), fsynced if asked.
+
+    On any error the file is truncated back to ``start``, so a failed append leaves nothing
+    behind: its retry writes each line once, and no later append completes a part of it.
+    """
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        if fsync:
+            os.fsync(fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, start)
+            os.fsync(fd)
+        raise
 
 
 def letter_record(letter: DeadLetter, *, serializer: str = "msgpack") -> bytes:
@@ -843,17 +908,29 @@ def open_dead_letter_file(
                     probe._executor.shutdown(wait=False)
                 return SqliteDeadLetters(str(path), readonly=readonly)
             handle.seek(0)
+            # The first record decides. A line that does not parse (a put torn by a crash,
+            # which read() skips with a warning) or lacks its newline proves nothing; a JSON
+            # value that is not a record means another kind of file (a pipeline's input).
+            first = 0
             for number, line in enumerate(handle, 1):
                 if not line.strip():
                     continue
+                first = first or number
                 try:
                     record = decode_value(line)
                 except FrameError:
-                    record = None
-                if not (isinstance(record, dict) and "v" in record):
-                    raise MalformedDeadLetter(
-                        f"{path}:{number}",
-                        "not a batchpunk dead-letter file (expected one JSON record per line)",
-                    )
-                break
+                    continue
+                if isinstance(record, dict) and "v" in record:
+                    break
+                if line.endswith(b"\n"):
+                    raise _not_letters(path, number)
+            else:
+                if first:
+                    raise _not_letters(path, first)
     return JsonlDeadLetters(str(path))
+
+
+def _not_letters(path: Path, number: int) -> MalformedDeadLetter:
+    return MalformedDeadLetter(
+        f"{path}:{number}", "not a batchpunk dead-letter file (expected one JSON record per line)"
+    )
