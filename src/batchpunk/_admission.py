@@ -84,14 +84,18 @@ class Admission:
                 return
             # BLOCK, or a drop policy whose letters wait for a dead-letter sink that does not
             # store them: wait for room.
-            self._relieve_pressure()
-            waiter = asyncio.get_running_loop().create_future()
-            self._room_waiters.append(waiter)
-            try:
-                await waiter
-            except BaseException:
-                self._leave_queue(waiter)
-                raise
+            await self._wait_for_room()
+
+    async def _wait_for_room(self) -> None:
+        """Wait in line until room returns (or stop() wakes every waiter); check again after."""
+        self._relieve_pressure()
+        waiter = asyncio.get_running_loop().create_future()
+        self._room_waiters.append(waiter)
+        try:
+            await waiter
+        except BaseException:
+            self._leave_queue(waiter)
+            raise
 
     def _offer(self, message: Any, key: Any, priority: int, tracker: Tracker) -> bool:
         """Accept with a tracker if there is room now; False means: await ``_accept`` instead.

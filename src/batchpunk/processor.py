@@ -451,14 +451,7 @@ class BatchProcessor(Completion, Generic[T, R]):
         the record stays in the spool for the next start.
         """
         while self._room + self._room_shift <= 0 and self._state is _State.RUNNING:
-            self._relieve_pressure()
-            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._room_waiters.append(waiter)
-            try:
-                await waiter
-            except BaseException:
-                self._leave_queue(waiter)
-                raise
+            await self._wait_for_room()
         if self._state is not _State.RUNNING:
             return False
         self._track(record, key, priority, None)

@@ -1148,7 +1148,7 @@ class Spool:
             if chunk is not None and error is None and not chunk.future.done():
                 chunk.future.set_result(None)
             elif chunk is not None:
-                self._abandon([chunk])
+                self._abandon([chunk], _STOPPED_UNWRITTEN)
             return
         if error is not None:
             if not isinstance(error, OSError):
@@ -1228,14 +1228,7 @@ class Spool:
             return
         # Refusing policies: the waiting producers get BufferFull; their messages never entered
         # the engine. Messages added without waiting stay in the engine, in memory only.
-        count = len(chunk.bodies)
-        for seq in range(chunk.first, chunk.first + count):
-            self._where.pop(seq, None)
-        self.stats["refused"] += count
-        waiter = chunk.future
-        if not waiter.done():
-            waiter.set_exception(BufferFull(f"spool {self.path}: the disk is full ({exc})"))
-            waiter.exception()  # retrieved: nobody may be waiting on it
+        self._abandon([chunk], f"the disk is full ({exc})")
         log.warning("spool %s: write failed (%s); refusing new messages", self.path, exc)
 
     def _target(self) -> _Segment:
@@ -1394,7 +1387,7 @@ class Spool:
             pool.shutdown(wait=True)  # a write still running ends first (it owns the fd)
         # Chunks never written (the disk kept failing under BLOCK): their producers would wait
         # for ever, and _Shared refuses their cancel. Their messages were never durable.
-        self._abandon(list(self._chunks))
+        self._abandon(list(self._chunks), _STOPPED_UNWRITTEN)
         self._chunks.clear()
         if self._active is not None and self._active.size > 0 and not self._where:
             self._seal(self._active)
@@ -1404,8 +1397,8 @@ class Spool:
         self._fd_segment = None
         self._unlock()
 
-    def _abandon(self, chunks: list[_Chunk]) -> None:
-        """close() gave up on these chunks' writes: their producers get BufferFull (not kept)."""
+    def _abandon(self, chunks: list[_Chunk], why: str) -> None:
+        """These chunks will not be written: their producers get BufferFull (not kept)."""
         for chunk in chunks:
             count = len(chunk.bodies)
             for seq in range(chunk.first, chunk.first + count):
@@ -1413,12 +1406,7 @@ class Spool:
             self.stats["refused"] += count
             waiter = chunk.future
             if not waiter.done():
-                waiter.set_exception(
-                    BufferFull(
-                        f"spool {self.path}: stopped before this message was written (the last "
-                        f"writes did not succeed within {CLOSE_SECONDS}s); it was not kept"
-                    )
-                )
+                waiter.set_exception(BufferFull(f"spool {self.path}: {why}"))
                 waiter.exception()  # retrieved: nobody may be waiting on it
 
     def _lock(self) -> None:
@@ -1446,6 +1434,12 @@ class Spool:
 
 
 _MISSING: Any = object()
+
+#: Why a producer's message was not kept when stop() gave up on the last writes.
+_STOPPED_UNWRITTEN = (
+    "stopped before this message was written (the last writes did not succeed within "
+    "CLOSE_SECONDS); it was not kept"
+)
 
 
 async def _finish_later(spool: Spool, batch: Any, result: Any) -> Any:
