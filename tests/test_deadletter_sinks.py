@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import datetime
 import errno
+import json
 import logging
 import os
 import sqlite3
@@ -27,6 +28,7 @@ from batchpunk.deadletter import (
     MalformedDeadLetter,
     SqliteDeadLetters,
     StoredError,
+    letter_from_record,
     letter_record,
 )
 from batchpunk.errors import DeadLetterError
@@ -312,6 +314,40 @@ async def test_a_string_utf8_cannot_hold_is_escaped_or_kept_by_pickle(
         await sink.put([letter("bad \ud800 text")])
         # The same file: the escaped letter from above, then the exact one.
         assert [back.message for back in await read_all(sink)][-1] == "bad \ud800 text"
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"error": _raised(ValueError("unknown user \udc80bob"))},
+        {"error": ValueError("unknown user \udc80bob")},
+        {"reason": "failed \udc80"},
+    ],
+    ids=["raised-error", "error", "reason"],
+)
+def test_a_lone_surrogate_in_the_error_text_does_not_cost_the_message(
+    fields: dict[str, Any],
+) -> None:
+    """A lone surrogate in the error, its traceback or the reason is escaped in place; the
+    message, key and headers stay as they were, so ``dlq replay`` can still resend the message.
+
+    The record's fallback used to turn message, key and headers into their reprs before it
+    escaped the text fields, so a perfectly storable message ended as ``message_repr``, which
+    replay refuses: the message was lost because of how its error was spelled.
+    """
+    original = DeadLetter(
+        {"id": 7, "user": "bob"}, key="tenant-1", headers={"trace": "t1"}, **fields
+    )
+    body = letter_record(original)
+    record = json.loads(body)
+    assert not [name for name in record if name.endswith(("_repr", "_unstorable"))], record
+    back = letter_from_record(body)
+    assert (back.message, back.key, back.headers["trace"]) == (
+        {"id": 7, "user": "bob"},
+        "tenant-1",
+        "t1",
+    )
+    assert "\\udc80" in f"{back.error} {back.traceback} {back.reason}"
 
 
 async def test_pickle_stores_anything_only_when_asked(

@@ -446,6 +446,40 @@ async def test_a_broker_nack_raises_a_retryable_error(channel: Any) -> None:
         await delete_queue(channel, queue)
 
 
+async def test_items_partly_nacked_fail_alone_and_the_confirmed_ones_are_not_resent(
+    channel: Any,
+) -> None:
+    """mode="items": when the broker confirms some items and nacks others (a full queue with
+    reject-publish), write raises PartialFailure naming only the nacked items by their batch
+    index, each with a RabbitMQError (an outage: retried, not dead-lettered at once).
+
+    It used to raise one RabbitMQError for the whole batch, so the engine retried every item and
+    the confirmed ones were published again. The non-JSON item checks that indices map back to
+    the batch, not to the list of published messages.
+    """
+    queue = unique_queue("full")
+    await channel.declare_queue(
+        queue, durable=True, arguments={"x-max-length": 2, "x-overflow": "reject-publish"}
+    )
+    sink = RabbitMQSink(RABBITMQ_URL, "", queue, mode="items")
+    try:
+        with pytest.raises(PartialFailure) as caught:
+            await sink.write([{"id": 0}, {"id": {1}}, {"id": 2}, {"id": 3}, {"id": 4}])
+        failures = caught.value.failures
+        assert sorted(failures) == [1, 3, 4]
+        assert not isinstance(failures[1], RabbitMQError)  # not JSON: the item's own fault
+        for index in (3, 4):
+            assert isinstance(failures[index], RabbitMQError)
+            assert failures[index].unavailable is True
+            assert f"payload {index} of the batch not confirmed" in str(failures[index])
+            assert "nacked by the broker" in str(failures[index])
+        bodies = [json.loads(body) for body, _ in await drain(channel, queue)]
+        assert bodies == [{"id": 0}, {"id": 2}]
+    finally:
+        await sink.close()
+        await delete_queue(channel, queue)
+
+
 async def test_an_unroutable_publish_is_an_error_not_a_silent_drop(channel: Any) -> None:
     """Publishing to an exchange with no bound queue raises instead of losing the batch."""
     exchange = unique_queue("exchange")
@@ -493,6 +527,66 @@ async def test_dead_letters_are_published_as_json_with_reason_headers(channel: A
         await sink.close()
         await delete_queue(channel, queue)
         await channel.exchange_delete(exchange)
+
+
+async def _publish_letter(letter: DeadLetter, channel: Any) -> tuple[dict[str, Any], Any]:
+    """Put one letter through a fresh RabbitMQDeadLetters twice; its first body and headers."""
+    exchange, queue = unique_queue("dlx"), unique_queue("dead")
+    sink = RabbitMQDeadLetters(RABBITMQ_URL, exchange, "dead", queue=queue)
+    try:
+        await sink.put([letter])
+        await sink.put([letter])
+        declared = await channel.declare_queue(queue, passive=True)
+        assert declared.declaration_result.message_count == 2
+        message = await declared.get()
+        await message.ack()
+    finally:
+        await sink.close()
+        await delete_queue(channel, queue)
+        await channel.exchange_delete(exchange)
+    return json.loads(message.body), message.headers
+
+
+async def test_the_error_header_masks_the_secrets_the_record_masks(channel: Any) -> None:
+    """x-batchpunk-error is the record's own redacted error text, not str(error).
+
+    The header used to be str(letter.error), so a password in an error (a connection URL) that
+    the body masks went out in clear in the AMQP header, to every consumer of the queue.
+    """
+    error = ConnectionError("cannot reach postgresql://app:hunter2SECRET@db.internal:5432/orders")
+    record, headers = await _publish_letter(DeadLetter({"id": 1}, error=error), channel)
+    assert "hunter2SECRET" not in record["error"]
+    assert headers["x-batchpunk-error"] == record["error"]
+    assert "db.internal" in headers["x-batchpunk-error"]
+
+
+class _UnprintableError(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("broken __str__")
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (ValueError("unknown user \udc80bob"), "unknown user \\udc80bob"),
+        (_UnprintableError("x"), "<unprintable _UnprintableError object>"),
+    ],
+    ids=["lone-surrogate", "broken-str"],
+)
+async def test_a_letter_whose_error_the_record_can_store_is_published(
+    channel: Any, error: BaseException, expected: str
+) -> None:
+    """An error whose str() raises, or holds a lone surrogate, is published with the record's
+    placeholder or escaped text in x-batchpunk-error.
+
+    The header used to be built from str(error): the first raised a bare RuntimeError, the
+    second a UnicodeEncodeError in pamqp (as DeadLetterError), on every put, so the engine
+    retried the letter forever and the letters behind it were never stored.
+    """
+    record, headers = await _publish_letter(DeadLetter({"id": 1}, error=error), channel)
+    assert record["message"] == {"id": 1}
+    assert record["error"] == expected
+    assert headers["x-batchpunk-error"] == expected
 
 
 async def test_letters_from_the_dead_letter_exchange_are_what_dlq_show_and_replay_read(

@@ -56,6 +56,7 @@ from batchpunk.connectors._toolkit import (
     reconnect_delay,
 )
 from batchpunk.deadletter import DeadLetter, letter_record
+from batchpunk.deadletter._files import stored_error_text
 from batchpunk.envelope import Envelope
 from batchpunk.errors import (
     ConfigError,
@@ -1089,7 +1090,18 @@ class _Publisher:
 
     async def _publish(self, messages: Sequence[Any]) -> None:
         """Publish all, then wait for every confirm; any failure raises RabbitMQError."""
-        aio_pika = require("aio_pika", "rabbitmq", self._where)
+        results = await self._confirm(messages)
+        failures = [r for r in results if r is not None]
+        if failures:
+            what = f"{len(failures)} of {len(messages)} message(s)"
+            raise self._unconfirmed(failures[0], what) from failures[0]
+
+    async def _confirm(self, messages: Sequence[Any]) -> list[BaseException | None]:
+        """Publish all and wait for every confirm: each message's failure, or None if confirmed.
+
+        Raises RabbitMQError when no answer came for the batch (no connection, or not every
+        confirm within ``timeout``): then nothing says which messages arrived.
+        """
         key = self.routing_key
         try:
             async with asyncio.timeout(self.timeout):
@@ -1103,25 +1115,26 @@ class _Publisher:
                 f"{self._where} at {mask_url(self._url)}: {len(messages)} message(s) not "
                 f"confirmed within timeout={self.timeout}s (broker down or blocked?)"
             ) from None
-        failures = [r for r in results if isinstance(r, BaseException)]
-        if not failures:
-            return
-        first = failures[0]
-        if isinstance(first, aio_pika.exceptions.PublishError):
+        return [r if isinstance(r, BaseException) else None for r in results]
+
+    def _unconfirmed(self, failure: BaseException, what: str) -> RabbitMQError:
+        """The RabbitMQError saying ``what`` was not confirmed, the first of it because of
+        ``failure`` (a nack, a return, a lost channel); the caller chains ``failure``."""
+        aio_pika = require("aio_pika", "rabbitmq", self._where)
+        if isinstance(failure, aio_pika.exceptions.PublishError):
             why = (
                 f"unroutable: no queue is bound to exchange {self.exchange!r} "
-                f"with routing key {key!r}"
+                f"with routing key {self.routing_key!r}"
             )
-        elif isinstance(first, aio_pika.exceptions.DeliveryError):
+        elif isinstance(failure, aio_pika.exceptions.DeliveryError):
             why = "nacked by the broker"
-        elif isinstance(first, aio_pika.exceptions.ChannelInvalidStateError):
+        elif isinstance(failure, aio_pika.exceptions.ChannelInvalidStateError):
             why = "the connection is lost; reconnecting"
         else:
-            why = _scrub(f"{type(first).__name__}: {first}", self._url)
-        raise RabbitMQError(
-            f"{self._where} at {mask_url(self._url)}: {len(failures)} of {len(messages)} "
-            f"message(s) not confirmed ({why})"
-        ) from first
+            why = _scrub(f"{type(failure).__name__}: {failure}", self._url)
+        return RabbitMQError(
+            f"{self._where} at {mask_url(self._url)}: {what} not confirmed ({why})"
+        )
 
     async def close(self) -> None:
         """Close channel and connection; safe to call twice."""
@@ -1152,8 +1165,10 @@ class RabbitMQSink(_Publisher):
         tls: an ssl.SSLContext or a dict with ca_file / cert_file / key_file / verify.
         timeout: seconds a write may wait for the connection and every confirm.
 
-    A message the broker nacks or cannot route raises RabbitMQError (retryable) once every
-    confirm has arrived; an item that is not JSON in items mode fails alone, with a PayloadError
+    A message the broker nacks or cannot route raises RabbitMQError (retryable, an outage) once
+    every confirm has arrived. In items mode, when the broker confirmed some items, write raises
+    PartialFailure naming only the others (each with its RabbitMQError), so a retry does not
+    publish the confirmed ones again; an item that is not JSON fails alone, with a PayloadError
     that is not retried.
     """
 
@@ -1226,6 +1241,7 @@ class RabbitMQSink(_Publisher):
             await self._publish([message])
             return
         messages: list[Any] = []
+        indices: list[int] = []  # the batch index of each message
         failures: dict[int, BaseException] = {}
         for index, item in enumerate(batch):
             try:
@@ -1238,8 +1254,21 @@ class RabbitMQSink(_Publisher):
             messages.append(
                 aio_pika.Message(body, content_type="application/json", delivery_mode=persistent)
             )
+            indices.append(index)
         if messages:
-            await self._publish(messages)
+            results = await self._confirm(messages)
+            unconfirmed = [(i, r) for i, r in zip(indices, results, strict=True) if r is not None]
+            if len(unconfirmed) == len(messages):  # none arrived: an outage of the whole batch
+                first = unconfirmed[0][1]
+                what = f"{len(messages)} of {len(messages)} message(s)"
+                raise self._unconfirmed(first, what) from first
+            # Some were confirmed, so they are written: name only those nacked or returned
+            # (each an outage error, retried; a full queue is the downstream unavailable), so
+            # that a retry does not publish the confirmed ones again.
+            for index, result in unconfirmed:
+                error = self._unconfirmed(result, f"payload {index} of the batch")
+                error.__cause__ = result
+                failures[index] = error
         if failures:
             fail_payloads(failures, len(batch))
 
@@ -1270,7 +1299,9 @@ class RabbitMQDeadLetters(_Publisher):
         aio_pika = require("aio_pika", "rabbitmq", "RabbitMQDeadLetters")
         messages = []
         for letter in letters:
-            error = "" if letter.error is None else str(letter.error)
+            # The record's own error text: redacted like the body, and never failing to encode
+            # (a broken __str__, a lone surrogate) where the record would not.
+            error = "" if letter.error is None else stored_error_text(letter.error)
             messages.append(
                 aio_pika.Message(
                     letter_to_json(letter),

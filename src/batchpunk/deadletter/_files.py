@@ -179,7 +179,7 @@ class _RecordCodec:
             attempts=_number(letter.attempts, int, 0),
             first_seen=_number(letter.first_seen, float, 0.0),
             error_type=str(letter.error_type),
-            error=None if error is None else redact(_error_text(error)),
+            error=None if error is None else stored_error_text(error),
             traceback=redact(str(letter.traceback)),
         )
         headers = {
@@ -199,13 +199,20 @@ class _RecordCodec:
                 record[f"{name}_frame"] = base64.b64encode(frame).decode("ascii")
         try:
             return record, encode_value(record)
-        except TypeError as exc:  # e.g. a str holding a lone surrogate, which UTF-8 cannot hold
+        except TypeError:  # e.g. a str holding a lone surrogate, which UTF-8 cannot hold
+            pass
+        # Escape the text fields first: a lone surrogate in the traceback or reason must not
+        # cost the message, which was storable (a message kept only as its repr is never
+        # replayed). Only what still fails after that is kept as its repr.
+        for name in ("error", "traceback", "error_type", "reason"):
+            if isinstance(record.get(name), str):
+                record[name] = _escaped(record[name])
+        try:
+            return record, encode_value(record)
+        except TypeError as exc:  # e.g. a str-keyed header whose key holds a lone surrogate
             for name in ("message", "key", "headers"):
                 if name in record:
                     _unstorable(record, name, record.pop(name), exc, self.owner, index)
-            for name in ("error", "traceback", "error_type", "reason"):
-                if isinstance(record.get(name), str):
-                    record[name] = _escaped(record[name])
             return record, encode_value(record)
 
     def decode(self, record: Any, where: str) -> tuple[str | None, DeadLetter]:
@@ -323,6 +330,17 @@ def _error_text(error: BaseException) -> str:
         return str(error)
     except Exception:  # a broken __str__ must not keep the letter from being stored
         return f"<unprintable {type(error).__name__} object>"
+
+
+def stored_error_text(error: BaseException) -> str:
+    """The text every store keeps for an error: what the record's ``error`` field holds.
+
+    str(error) (a placeholder when its __str__ raises), secrets redacted, lone surrogates
+    escaped, so that it always encodes. Anything else that shows a letter's error (an AMQP
+    header of RabbitMQDeadLetters) uses this too: it must never reveal more than the record,
+    nor fail on a letter the record can store.
+    """
+    return _escaped(redact(_error_text(error)))
 
 
 def _report(problem: MalformedDeadLetter, strict: bool) -> None:
