@@ -170,3 +170,57 @@ async def test_http_sink_frame_format_posts_a_decodable_batchpunk_frame() -> Non
     headers, body, _ = server.requests[0]
     assert headers["content-type"] == "application/x-batchpunk-frame"
     assert decode_batch(body) == [{"id": 1}, {"id": 2}]
+
+
+_TOKEN = "s3cr3tT0kenValue42"
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "options"),
+    [
+        (401, f"the access token {_TOKEN} has expired", {}),
+        (401, f'{{"error":"invalid_token","token":"{_TOKEN}"}}', {}),
+        (401, f"expired: {_TOKEN}", {"max_error_body": 14}),
+        (200, f"no results for {_TOKEN}", {"results": True}),
+    ],
+    ids=["plain", "json", "cut-by-max_error_body", "results-not-json"],
+)
+async def test_a_bearer_token_the_server_echoes_is_masked_in_the_error_and_its_body(
+    status: int, body: str, options: dict[str, Any]
+) -> None:
+    """Servers that reject a token echo it without its scheme word ("the access token X has
+    expired", ``{"token":"X"}``). Only the whole header value "Bearer X" was a known secret, so
+    X reached str(error) and the error's ``body``, which end up in logs and dead letters; the
+    results path kept the body unmasked, and cutting at max_error_body before masking could
+    leave the token's first characters."""
+    async with serving(lambda payload, n: (status, body)) as server:
+        sink = HttpSink(server.url, headers={"Authorization": f"Bearer {_TOKEN}"}, **options)
+        with pytest.raises(HttpStatusError) as info:
+            await sink.write([{"id": 1}])
+        await sink.close()
+    shown = f"{info.value} | {info.value.body}"
+    assert not any(_TOKEN[:n] in shown for n in range(4, len(_TOKEN) + 1)), shown
+    assert "***" in info.value.body, shown
+    assert f"answered {status}" in str(info.value)
+
+
+async def test_408_request_timeout_is_an_outage_not_a_bad_payload() -> None:
+    """408 means the server timed out waiting for the request, not that a message is bad. It
+    was non-retryable, so the engine split the batch and could dead-letter good events; now it
+    is retried and held whole, like 429 and 503: every request carries the whole batch."""
+    answers = {1: 408, 2: 408}
+    config = BatchConfig(
+        max_size=10, max_wait=0.05, retry_delay=0.001, retry_max_delay=0.01, max_retries=3
+    )
+    letters = MemoryDeadLetters()
+    async with serving(lambda body, n: (answers.get(n, 200), "request timeout")) as server:
+        pipeline = Pipeline(GeneratorSource(10), HttpSink(server.url), config, dead_letter=letters)
+        await asyncio.wait_for(pipeline.run(), 30)
+    error = HttpStatusError("408", status=408, body="")
+    assert (error.retryable, error.unavailable) == (True, True)
+    assert [(status, len(body)) for _, body, status in server.requests] == [
+        (408, 10),
+        (408, 10),
+        (200, 10),
+    ]
+    assert letters.letters == []

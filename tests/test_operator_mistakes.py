@@ -260,6 +260,23 @@ def test_the_redactor_keeps_host_and_port_and_masks_every_credential() -> None:
     )
 
 
+def test_the_redactor_masks_a_credential_named_quoted_key() -> None:
+    """A JSON or Python key ends in a quote before its ':' (``"token":"x"``), which the pair
+    rule missed, so an unknown token in a JSON error body (an HTTP 401 answer) was shown. Only
+    a string value is masked there, so redacted JSON (``validate --json``) still parses."""
+    text = (
+        '{"error":"invalid_token","token":"eyJ0eXAi.abc","user":"bob","session_ttl": 30,'
+        '"auth": null} '
+        "{'password': 'hunter 2'}"
+    )
+    shown = redact(text)
+    assert shown == (
+        '{"error":"invalid_token","token":"***","user":"bob","session_ttl": 30,"auth": null} '
+        "{'password': '***'}"
+    )
+    json.loads(shown.split("} ")[0] + "}")  # JSON text stays JSON
+
+
 def test_mask_secrets_and_mask_url_delegate_to_the_redactor() -> None:
     """The connectors' helpers are the one redactor, so every connector masks alike."""
     from batchpunk.connectors._common import mask_secrets, mask_url

@@ -6,7 +6,8 @@ visible (an operator must still see which server failed):
 * a URL's userinfo, whatever characters the password holds (``/``, ``@``, ``:``, quotes):
   ``postgresql://app:***@db.internal:5432/orders``;
 * a query parameter or ``key=value`` pair whose name looks like a credential (``password``,
-  ``token``, ``secret``, ``api_key``, ``signature``, ``auth``...), and an ``Authorization``
+  ``token``, ``secret``, ``api_key``, ``signature``, ``auth``...), also a quoted JSON or Python
+  key's string value (``"token": "***"``; ``"token": null`` stays), and an ``Authorization``
   scheme's credentials (``Bearer ***``);
 * a known value: every value a pipeline file took from the environment, every environment
   variable whose name looks like a credential (``PG_PASSWORD``, ``API_TOKEN``), and the values a
@@ -48,7 +49,9 @@ _URL_USERINFO = re.compile(
 _PAIR = re.compile(
     rf"(?P<head>(?<![A-Za-z0-9_.\-])(?P<name>(?:[A-Za-z0-9_.\-]*[_.\-])?(?:{_SECRET_WORDS})"
     r"(?:[_.\-][A-Za-z0-9_.\-]*)?)"
-    r"(?P<sep>\s*[=:]\s*))(?P<value>'[^']*'|\"[^\"]*\"|[^\s&;,'\"}\])]+)",
+    r"(?P<sep>(?P<quoted_key>[\"'])?\s*[=:]\s*))"
+    # after a quoted key (JSON, a Python repr) only a string value: "token": null stays JSON
+    r"(?P<value>'[^']*'|\"[^\"]*\"|(?(quoted_key)(?!)|[^\s&;,'\"}\])]+))",
     re.IGNORECASE,
 )
 # In a URL's query a value runs to the next '&', '#', quote or space, whatever it holds.

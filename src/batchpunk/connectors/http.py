@@ -2,8 +2,8 @@
 
 Bulk HTTP APIs (search indexes, analytics collectors, webhooks that take arrays) are the
 downstream batching pays off most for: one request instead of hundreds. The status code decides
-what happens next: 2xx is success, 429 and 5xx are retried with the pipeline's backoff, any other
-4xx is the payloads' fault and is not retried (the engine isolates the offending payload and
+what happens next: 2xx is success, 408, 429 and 5xx are retried with the pipeline's backoff, any
+other 4xx is the payloads' fault and is not retried (the engine isolates the offending payload and
 dead-letters it with the response body in its error).
 """
 
@@ -13,12 +13,17 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from batchpunk._redact import is_secret_name
 from batchpunk.connectors._common import PayloadError, mask_secrets, mask_url
 from batchpunk.errors import ConfigError, ConnectorError, require
 
 __all__ = ["HttpSink", "HttpStatusError", "HttpTransportError"]
 
 _FORMATS = ("json", "frame")
+
+#: Not the payload's fault: the server timed out waiting for the request (408), is rate limiting
+#: (429), or is overloaded or gone (502-504). Retried, and held as an outage, never bisected.
+_OUTAGE_STATUSES = frozenset({408, 429, 502, 503, 504})
 
 
 class HttpStatusError(ConnectorError):
@@ -27,15 +32,16 @@ class HttpStatusError(ConnectorError):
     Attributes:
         status: the HTTP status code.
         body: the start of the response body (what the server said was wrong).
-        retryable: True for 429 and 5xx (worth another try), False for other 4xx.
+        retryable: True for 408, 429 and 5xx (worth another try), False for other 4xx.
+        unavailable: True for 408, 429, 502, 503 and 504 (an outage, not a bad payload).
     """
 
     def __init__(self, message: str, *, status: int, body: str) -> None:
         super().__init__(message)
         self.status = status
         self.body = body
-        self.retryable = status == 429 or status >= 500
-        self.unavailable = status in (429, 502, 503, 504)  # overloaded or gone: an outage
+        self.retryable = status in _OUTAGE_STATUSES or status >= 500
+        self.unavailable = status in _OUTAGE_STATUSES
 
 
 class HttpTransportError(ConnectorError, ConnectionError):
@@ -97,7 +103,7 @@ class HttpSink:
         self.max_error_body = max_error_body
         self._client: Any = None
         self._closed = False
-        self._secrets = tuple(v for v in self.headers.values() if v)
+        self._secrets = _header_secrets(self.headers)
 
     def _http_client(self) -> Any:
         if self._client is None:
@@ -121,6 +127,16 @@ class HttpSink:
             raise PayloadError(f"batch is not JSON-serializable: {exc}") from None
         return data.encode("utf-8"), "application/json"
 
+    def _error_body(self, response: Any) -> str:
+        """The start of the response body, with every secret (echoed by the server) masked.
+
+        Masked before it is cut, so a secret straddling ``max_error_body`` leaves no prefix.
+        """
+        longest = max((len(s) for s in self._secrets), default=0)
+        # room for a secret's longest written form (percent-encoded UTF-8: 12 chars a char)
+        window = response.text[: self.max_error_body + 12 * longest]
+        return mask_secrets(window, self._secrets)[: self.max_error_body]
+
     async def write(self, batch: Sequence[Any]) -> Sequence[Any] | None:
         """Send the batch in one request; None, or the server's results when ``results``."""
         if self._closed:
@@ -136,7 +152,7 @@ class HttpSink:
             detail = mask_secrets(str(exc) or type(exc).__name__, self._secrets)
             raise HttpTransportError(f"{where}: {type(exc).__name__}: {detail}") from None
         if response.status_code >= 300:
-            text = mask_secrets(response.text[: self.max_error_body], self._secrets)
+            text = self._error_body(response)
             reason = response.reason_phrase or ""
             raise HttpStatusError(
                 f"{where} answered {response.status_code} {reason}: {text}".rstrip(": "),
@@ -152,13 +168,13 @@ class HttpSink:
                 f"{where} answered {response.status_code} without the JSON array of results "
                 "that results = true expects",
                 status=response.status_code,
-                body=response.text[: self.max_error_body],
+                body=self._error_body(response),
             ) from None
         if not isinstance(out, list):
             raise HttpStatusError(
                 f"{where} answered a {type(out).__name__}, expected a JSON array of results",
                 status=response.status_code,
-                body=response.text[: self.max_error_body],
+                body=self._error_body(response),
             )
         return out
 
@@ -173,3 +189,21 @@ class HttpSink:
 
     def __repr__(self) -> str:
         return f"HttpSink({mask_url(self.url)!r}, format={self.format!r})"
+
+
+def _header_secrets(headers: Mapping[str, str]) -> tuple[str, ...]:
+    """Every header value, and the credential alone of a credential header (``Bearer x``: ``x``).
+
+    A server that rejects a token often echoes the token without its scheme word, so the whole
+    value alone would not be found in the answer.
+    """
+    secrets: list[str] = []
+    for name, value in headers.items():
+        if not value:
+            continue
+        secrets.append(value)
+        if is_secret_name(name):
+            credential = value.split(None, 1)[-1].strip()
+            if credential != value:
+                secrets.append(credential)
+    return tuple(secrets)
