@@ -6,13 +6,12 @@ growing without bound under a drop policy while the dead-letter sink is down."""
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
 
 import pytest
 
 from batchpunk import Batch, BatchConfig, BatchProcessor
-from batchpunk.errors import BufferFull, ConfigError
+from batchpunk.errors import BufferFull, ConfigError, ProcessorClosed
 
 
 async def test_a_producer_cancelled_as_room_returns_hands_the_wakeup_on() -> None:
@@ -41,34 +40,37 @@ async def test_a_producer_cancelled_as_room_returns_hands_the_wakeup_on() -> Non
     assert (stats["received"], stats["processed"]) == (2, 2)
 
 
-async def test_a_batch_cancelled_at_drain_timeout_before_it_started_is_dead_lettered() -> None:
-    """One slot: "a" finishes in the same loop turn as the drain timeout fires, so "b"'s task
-    is created and cancelled before its first step. Its message is a "shutdown" letter, not
-    lost, and no batch is left counted as running."""
-
-    async def handler(batch: Batch[Any]) -> None:
-        if batch[0] == "a":
-            await asyncio.sleep(0.1)
-            await asyncio.sleep(0)  # "a" ends in the loop turn the drain timeout fires
-            await asyncio.sleep(0)
-
-    config = BatchConfig(max_size=1, max_concurrent_batches=1, max_wait=60, drain_timeout=0.2)
-    processor = BatchProcessor(config, handler)
+async def test_a_batch_task_cancelled_before_its_first_step_is_dead_lettered() -> None:
+    """stop() past drain_timeout cancels every batch task, and one created in the same loop
+    turn (the batch before it just finished) is cancelled before its first step: its coroutine
+    never runs, so its own clean-up never did. The batch is dead-lettered as "shutdown" and its
+    slot released all the same. (The cancel is made here the moment the task is created.)"""
+    processor = BatchProcessor(BatchConfig(max_size=1, max_wait=60), Recorder())
     await processor.start()
-    processor.add_message_nowait("a")
-    processor.add_message_nowait("b")
-    await asyncio.sleep(0)
-    stopper = asyncio.create_task(processor.stop())
-    for _ in range(3):
-        await asyncio.sleep(0)
-    time.sleep(0.35)  # noqa: ASYNC251 - both timers fall due in the same loop turn
-    await asyncio.wait_for(stopper, 5)
+    start = processor._sched._start
+
+    def start_cancelled(job: Any) -> None:
+        before = set(processor._tasks)
+        start(job)
+        (task,) = set(processor._tasks) - before
+        task.cancel()
+
+    processor._sched._start = start_cancelled
+    submitted = processor.submit_nowait("b")
+    with pytest.raises(ProcessorClosed):
+        await asyncio.wait_for(submitted, 2)
+    await processor.stop()
     stats = await processor.get_stats()
-    assert stats["received"] == stats["processed"] + stats["dead_lettered"] == 2
+    assert (stats["received"], stats["processed"], stats["dead_lettered"]) == (1, 0, 1)
     assert [(letter.message, letter.reason) for letter in processor.dead_letters] == [
         ("b", "shutdown")
     ]
     assert stats["batches_running"] == 0
+
+
+class Recorder:
+    async def __call__(self, batch: Batch[Any]) -> None:
+        return None
 
 
 async def test_an_outage_that_began_during_a_call_is_held_not_bisected() -> None:

@@ -34,7 +34,7 @@ from typing import Any
 from batchpunk._downstream import Downstream
 from batchpunk._jobs import Job, Tracker, Trackers, pick
 from batchpunk._outbox import build_letter
-from batchpunk.batch import Batch
+from batchpunk.batch import Batch, as_results
 from batchpunk.config import BatchConfig
 from batchpunk.deadletter import DeadLetter
 from batchpunk.errors import (
@@ -48,7 +48,7 @@ from batchpunk.errors import (
 from batchpunk.metrics import Observer
 from batchpunk.retry import CircuitBreaker, backoff_delay, is_outage, is_retryable
 
-__all__ = ["Execution", "is_async_callable", "partial_fits"]
+__all__ = ["Execution", "is_async_callable"]
 
 log = logging.getLogger("batchpunk")
 
@@ -68,19 +68,6 @@ def is_async_callable(fn: Any) -> bool:
     return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
         getattr(fn, "__call__", None)  # noqa: B004 - we ask about __call__ itself
     )
-
-
-def partial_fits(partial: PartialFailure, size: int) -> bool:
-    """Whether a PartialFailure fits a batch of ``size`` messages.
-
-    It fits when every failure index is inside the batch and, if results are given, there is
-    one per message. One that does not is a ResultMismatch for the whole batch: nothing of it
-    completes, and the batch is retried (the spool finishes nothing of it either).
-    """
-    results = partial.results
-    if results is not None and len(results) != size:
-        return False
-    return all(0 <= index < size for index in partial.failures)
 
 
 class _Node:
@@ -384,15 +371,12 @@ class Execution:
         try:
             # The processor gets its own copy: it may consume or reorder the list, while the
             # engine keeps the messages for results, retries and dead letters.
-            results = await self._invoke(batch.derive(batch))
-            if results is not None:
-                if not isinstance(results, Sequence) or isinstance(results, str | bytes):
-                    results = list(results)
-                if len(results) != len(batch):
-                    raise ResultMismatch(
-                        f"processor returned {len(results)} results for a batch of "
-                        f"{len(batch)} messages; expected one per message, or None"
-                    )
+            results = as_results(await self._invoke(batch.derive(batch)))
+            if results is not None and len(results) != len(batch):
+                raise ResultMismatch(
+                    f"processor returned {len(results)} results for a batch of "
+                    f"{len(batch)} messages; expected one per message, or None"
+                )
         except PartialFailure as partial:
             elapsed = loop.time() - started
             self.observer.call_finished(len(batch), elapsed, False)
@@ -527,7 +511,7 @@ class Execution:
         batch = node.batch
         size = len(batch)
         results = partial.results
-        if not partial_fits(partial, size):
+        if not partial.fits(size):
             bad = [i for i in partial.failures if not 0 <= i < size]
             node.errors = None
             problem = (

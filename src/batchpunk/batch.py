@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     from batchpunk.config import BatchConfig
 
-__all__ = ["Batch", "FLUSH_REASONS"]
+__all__ = ["FLUSH_REASONS", "Batch", "as_results"]
 
 T = TypeVar("T")
 
@@ -84,3 +84,11 @@ class Batch(list[T]):
             f"Batch(size={len(self)}, key={self.key!r}, priority={self.priority}, "
             f"attempt={self.attempt}, flush_reason={self.flush_reason!r})"
         )
+
+
+def as_results(results: Any) -> Sequence[Any] | None:
+    """A processor's results as the engine reads them: None, or a sequence (any other iterable
+    is read into a list, once, so that every reader sees the same values)."""
+    if results is None or (isinstance(results, Sequence) and not isinstance(results, str | bytes)):
+        return results
+    return list(results)

@@ -133,6 +133,18 @@ class PartialFailure(BatchpunkError):
         self.results: Sequence[Any] | None = results
         super().__init__(f"{len(self.failures)} message(s) of the batch failed")
 
+    def fits(self, size: int) -> bool:
+        """Whether it fits a batch of ``size`` messages: every failure index inside the batch
+        and, if results are given, one per message.
+
+        One that does not fit is a ResultMismatch for the whole batch: nothing of it completes,
+        and the batch is retried (so no source message may be settled for it).
+        """
+        results = self.results
+        if results is not None and len(results) != size:
+            return False
+        return all(0 <= index < size for index in self.failures)
+
 
 class DeadLetterError(BatchpunkError):
     """A dead-letter sink failed to store letters; batchpunk keeps them and retries."""

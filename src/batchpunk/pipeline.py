@@ -50,7 +50,8 @@ from functools import partial
 from itertools import chain
 from typing import Any, Protocol, runtime_checkable
 
-from batchpunk.batch import Batch
+from batchpunk.batch import Batch, as_results
+from batchpunk.codec.serializers import serialize
 from batchpunk.config import PIPELINE_CIRCUIT_BREAKER, BatchConfig, OverflowPolicy
 from batchpunk.deadletter import DeadLetter, DeadLetterSink, MemoryDeadLetters
 from batchpunk.envelope import REDELIVERED, AcksMany, Envelope, Sink, Source, WritesEnvelopes
@@ -153,7 +154,10 @@ def _unwrap(
     """
     headers: dict[str, Any] = {}
     if headers_of is not None:
-        headers.update(headers_of(envelope) or {})
+        try:
+            headers.update(headers_of(envelope) or {})
+        except Exception as exc:  # a source's hook must not keep the letter from its sink
+            log.warning("headers_of failed for a dead letter (its own headers are kept): %r", exc)
     if envelope.headers:
         headers.update(envelope.headers)
     if letter.headers:
@@ -317,7 +321,14 @@ class Pipeline:
             for part in (self.source, self.sink, self.dead_letter):
                 prepare = getattr(part, "prepare", None)
                 if callable(prepare):
-                    await prepare(self.config)
+                    # A stop while it connects (a server down, a long connect timeout) ends
+                    # start-up at once: nothing was consumed, nothing is left to settle.
+                    preparing = asyncio.ensure_future(prepare(self.config))
+                    if not await _first(preparing, self._stop_event):
+                        preparing.cancel()
+                        await asyncio.gather(preparing, return_exceptions=True)
+                        return
+                    preparing.result()
             _hand_positions(self.source, self.sink)  # issue 15: effectively once (Kafka)
             processor: BatchProcessor[Any, Any] = BatchProcessor(
                 _envelope_config(self.config),
@@ -488,13 +499,16 @@ class Pipeline:
             if inspect.isawaitable(result):
                 result = await result
         except PartialFailure as failure:
-            failed = failure.failures
-            self._settle_later([e for i, e in enumerate(batch) if i not in failed])
+            if failure.fits(len(batch)):  # else the engine retries the whole batch
+                failed = failure.failures
+                self._settle_later([e for i, e in enumerate(batch) if i not in failed])
             raise
         finally:
             del self._writing[token]
-        self._settle_later(batch)
-        return result  # type: ignore[no-any-return]
+        results = as_results(result)
+        if results is None or len(results) == len(batch):  # else the engine retries it whole
+            self._settle_later(batch)
+        return results
 
     # -- settling ------------------------------------------------------------------------------
 
@@ -672,13 +686,20 @@ class Pipeline:
         """
         for batch in list(self._writing.values()):
             self._give_back_later(batch)
-        stopping = asyncio.ensure_future(processor.stop(drain=False))
+        # grace=0: batches still running, waiting to retry or held by an outage are cancelled
+        # and come back as "shutdown" letters (nacked); a graceful stop under way is hurried.
+        stopping = asyncio.ensure_future(processor.stop(drain=False, grace=0))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._flush_settlements(), ABORT_SECONDS)
         done, _ = await asyncio.wait({stopping}, timeout=ABORT_SECONDS)
         if not done:
-            log.warning("stopped at once: the engine is still finishing running batches")
+            log.warning("stopped at once: the engine is still cancelling running batches")
         await self._settle_leftovers()
+        # An acknowledgement already on its way (the ack task inside ack_many) may finish.
+        self._acks_closing = True
+        self._ack_wake.set()
+        if self._ack_task is not None:
+            await asyncio.wait({self._ack_task}, timeout=ABORT_SECONDS)
 
     async def _close_all(self) -> None:
         closed: list[int] = []
@@ -756,12 +777,20 @@ def _envelope_config(config: BatchConfig) -> BatchConfig:
 
 
 def _payload_size(payload: Any) -> int:
+    """A payload's bytes: its length for bytes and text, else its size as JSON (the codec's).
+
+    A pipeline file cannot pass a sizer, and its sources yield dicts: measuring them as JSON,
+    what a JSON sink writes, makes ``[batch] max_bytes`` mean something for them.
+    """
     if isinstance(payload, bytes | bytearray | memoryview | str):
         return len(payload)
-    raise ValueError(
-        f"sizer: max_bytes is set but a {type(payload).__name__} payload has no byte size; "
-        "pass BatchConfig(sizer=...) to measure it"
-    )
+    try:
+        return len(serialize(payload, "json", "payload"))
+    except TypeError as exc:
+        raise ValueError(
+            f"sizer: max_bytes is set but this {type(payload).__name__} payload has no byte "
+            f"size ({exc}); pass BatchConfig(sizer=...) to measure it"
+        ) from None
 
 
 def _consume_result(future: asyncio.Future[None]) -> None:

@@ -524,10 +524,17 @@ def _batch(
         )
     retry_on = _exception_types(table.pop("retry_on")) if "retry_on" in table else None
     outages = table.pop("unavailable_on", None)
-    breaker_off = table.get("circuit_breaker_threshold") == 0  # 0 turns the default off
-    if breaker_off:
-        del table["circuit_breaker_threshold"]
+    # 0 turns the pipeline's default breaker off; checked once "${NAME}" became a number.
+    threshold = table.pop("circuit_breaker_threshold", None)
     kwargs = _keywords("batch", BatchConfig, table, from_env, secrets)
+    breaker_off = False
+    if threshold is not None:
+        number = _keywords(
+            "batch", BatchConfig, {"circuit_breaker_threshold": threshold}, from_env, secrets
+        )["circuit_breaker_threshold"]
+        breaker_off = type(number) is int and number == 0
+        if not breaker_off:
+            kwargs["circuit_breaker_threshold"] = number
     if retry_on is not None:
         kwargs["retry_on"] = retry_on
     if outages is not None:
@@ -559,7 +566,7 @@ def _exception_types(value: Any, field: str = "retry_on") -> tuple[type[BaseExce
                 if module_name
                 else getattr(builtins, attr)
             )
-        except (ImportError, AttributeError):
+        except Exception:  # ImportError, or TypeError / ValueError for a name like "..x"
             found = None
         if not (isinstance(found, type) and issubclass(found, BaseException)):
             raise ConfigError(

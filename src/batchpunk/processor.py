@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import AsyncIterable, Callable, Iterable
+from collections.abc import AsyncIterable, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 from functools import partial
@@ -142,6 +142,8 @@ class BatchProcessor(Completion, Generic[T, R]):
         self._room_waiters: deque[asyncio.Future[None]] = deque()
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping: asyncio.Task[None] | None = None
+        #: Set by stop(grace=0) while a stop runs: its waits end at once.
+        self._hurry = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         # The engine, in the order a message travels; start() binds it to the running loop.
         self._acc = Accumulator(config, self._emit)
@@ -203,22 +205,31 @@ class BatchProcessor(Completion, Generic[T, R]):
         self._room += self._room_shift
         self._room_shift = 0
 
-    async def stop(self, drain: bool = True) -> None:
+    async def stop(self, drain: bool = True, *, grace: float | None = None) -> None:
         """Stop accepting, finish or dead-letter every accepted message, then return.
 
         From the moment stop begins, every add and submit raises ProcessorClosed, including
         producers waiting for room. With ``drain`` every lane is flushed (reason "shutdown") and
-        batches get up to ``drain_timeout`` seconds to finish; without it, messages not yet
-        running are dead-lettered at once and running batches get that long. Calls still running
-        then are cancelled and their messages dead-lettered with reason "shutdown". Dead letters
-        then get up to ``drain_timeout`` to reach their sink; any left are kept in
-        ``dead_letters``. Idempotent: a second call waits for the first.
+        batches get up to ``grace`` seconds (default ``drain_timeout``) to finish; without it,
+        messages not yet running are dead-lettered at once and running batches get that long.
+        Calls still running then are cancelled and their messages dead-lettered with reason
+        "shutdown". Dead letters then get up to ``grace`` to reach their sink; any left are
+        kept in ``dead_letters``. Idempotent: a second call waits for the first, and a second
+        call with ``grace=0`` hurries it (what is still running is cancelled at once, as a
+        second Ctrl-C would).
         """
+        if grace is not None and (
+            not isinstance(grace, int | float) or isinstance(grace, bool) or not grace >= 0
+        ):
+            raise ValueError(f"grace: expected seconds >= 0 or None, got {grace!r}")
         if self._state is _State.NEW or (self._stopping is None and self.closed):
             self._state = _State.CLOSED
             return
         if self._stopping is None:
-            self._stopping = asyncio.get_running_loop().create_task(self._shutdown(drain))
+            seconds = self.config.drain_timeout if grace is None else float(grace)
+            self._stopping = asyncio.get_running_loop().create_task(self._shutdown(drain, seconds))
+        elif grace == 0:
+            self._hurry.set()
         await asyncio.shield(self._stopping)
         if self.spool is not None:
             await self.spool.close()
@@ -458,20 +469,19 @@ class BatchProcessor(Completion, Generic[T, R]):
         return True
 
     # -- shutdown --------------------------------------------------------------------------
-    async def _shutdown(self, drain: bool) -> None:
+    async def _shutdown(self, drain: bool, grace: float | None) -> None:
         self._state = _State.CLOSING
         self._close_admission(_CLOSED)
         self._room_shift += _CLOSED
-        timeout = self.config.drain_timeout
         closed = ProcessorClosed("the processor stopped before this message ran")
         if drain:
             self._acc.cut_all("shutdown")
         else:
             self._abandon_waiting(closed)
-        if not await self._wait_jobs(timeout):
+        if not await self._hurried(self._wait_jobs(None), grace):
             log.error(
-                "drain_timeout=%ss passed with %d batch(es) unfinished; dead-lettering them",
-                timeout,
+                "stop: %ss passed with %d batch(es) unfinished; dead-lettering them",
+                grace,
                 self._unfinished_jobs,
             )
             self._abandon_waiting(closed)
@@ -480,18 +490,17 @@ class BatchProcessor(Completion, Generic[T, R]):
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
         if self._outbox is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._outbox.wait_idle(), timeout)
+            await self._hurried(self._outbox.wait_idle(), grace)
             left = await self._outbox.close()
             if left:
                 for _, tracker in left:
                     if isinstance(tracker, _Stored):
                         tracker.fail(ProcessorClosed("the dead letter was not stored before stop"))
                 log.error(
-                    "%d dead letter(s) could not be stored within drain_timeout=%ss; "
+                    "%d dead letter(s) could not be stored within %ss; "
                     "they are kept in processor.dead_letters",
                     len(left),
-                    timeout,
+                    grace,
                 )
                 letters = [letter for letter, _ in left]
                 if self.spool is not None:
@@ -499,10 +508,25 @@ class BatchProcessor(Completion, Generic[T, R]):
                 self.dead_letters.extend(letters)
                 self._delivered(left)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._observer.drain(), timeout)
+            await asyncio.wait_for(self._observer.drain(), grace)
         self._exec.close()
         self._acc.disarm()
         self._state = _State.CLOSED
+
+    async def _hurried(self, waiting: Awaitable[Any], seconds: float | None) -> bool:
+        """Await ``waiting`` for at most ``seconds``, or until stop(grace=0) hurries the stop;
+        True when it finished."""
+        task = asyncio.ensure_future(waiting)
+        hurry = asyncio.ensure_future(self._hurry.wait())
+        try:
+            await asyncio.wait({task, hurry}, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            hurry.cancel()
+        if task.done():
+            return True
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return False
 
     def _abandon_waiting(self, error: BaseException) -> None:
         """Dead-letter every message not yet running (lanes and queued batches)."""

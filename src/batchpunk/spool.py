@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from batchpunk._admission import check_key
+from batchpunk.batch import as_results
 from batchpunk.codec.serializers import deserialize, serialize
 from batchpunk.config import OverflowPolicy
 from batchpunk.deadletter import DeadLetter
@@ -709,7 +710,7 @@ class Spool:
                 except PartialFailure as partial:
                     finish(_good_marks(batch, partial))
                     raise
-                result = _as_results(result)
+                result = as_results(result)
                 if result is None or len(result) == len(batch):
                     finish([record.mark for record in batch])
                 return result
@@ -729,7 +730,7 @@ class Spool:
                 if marks:
                     loop.call_soon_threadsafe(finish, marks)
                 raise
-            result = _as_results(result)
+            result = as_results(result)
             if result is None or len(result) == len(batch):
                 loop.call_soon_threadsafe(finish, [record.mark for record in batch])
             return result
@@ -1445,7 +1446,7 @@ _STOPPED_UNWRITTEN = (
 async def _finish_later(spool: Spool, batch: Any, result: Any) -> Any:
     """A sync handler's awaitable result, awaited on the loop: finish as the async wrapper does."""
     try:
-        value = _as_results(await result)
+        value = as_results(await result)
     except PartialFailure as partial:
         spool._finish_many(_good_marks(batch, partial))
         raise
@@ -1454,26 +1455,13 @@ async def _finish_later(spool: Spool, batch: Any, result: Any) -> Any:
     return value
 
 
-def _as_results(result: Any) -> Any:
-    """A handler's results as the engine reads them: any iterable becomes a list, once.
-
-    The engine accepts any iterable of results (``_execution``: ``list(results)``); a generator
-    measured here with len() would fail, and one consumed here would reach the engine empty.
-    """
-    if result is None or (isinstance(result, Sequence) and not isinstance(result, str | bytes)):
-        return result
-    return list(result)
-
-
 def _good_marks(batch: Any, partial: PartialFailure) -> list[Any]:
     """The marks of the messages a PartialFailure completes: none unless it fits the batch.
 
     One that does not fit is the engine's ResultMismatch for the whole batch, which it retries.
     """
-    from batchpunk._execution import partial_fits
-
     size = len(batch)
-    if not partial_fits(partial, size):
+    if not partial.fits(size):
         return []
     failed = partial.failures
     return [batch[i].mark for i in range(size) if i not in failed]
