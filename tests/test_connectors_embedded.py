@@ -280,6 +280,35 @@ async def test_sqlite_sink_isolates_constraint_violations(tmp_path: Path) -> Non
     assert rows(path) == [(1, "a"), (3, "c")]
 
 
+async def test_sqlite_sink_fails_a_nan_or_infinite_float_alone_instead_of_storing_null(
+    tmp_path: Path,
+) -> None:
+    """SQLite stores a float NaN as NULL without an error, so a NaN row used to commit with its
+    value silently gone. Each row holding a NaN or an infinity fails alone with a PayloadError
+    naming its column, whether it takes the fast path or goes through the value conversion
+    (a bool beside it); finite floats, huge ones included, are stored."""
+    path = tmp_path / "o.db"
+    sink = SqliteSink(str(path), "t", ["id", "amount"])
+    with pytest.raises(PartialFailure) as info:
+        await sink.write(
+            [
+                {"id": 1, "amount": 2.5},
+                {"id": 2, "amount": float("nan")},
+                {"id": 3, "amount": 1e308},
+                {"id": 4, "amount": float("-inf")},
+                {"id": 5, "amount": 1e308},
+                {"id": True, "amount": float("nan")},
+            ]
+        )
+    failures = info.value.failures
+    assert sorted(failures) == [1, 3, 5]
+    assert all(isinstance(error, PayloadError) for error in failures.values())
+    assert "column 'amount' holds nan" in str(failures[1])
+    assert "column 'amount' holds -inf" in str(failures[3])
+    await sink.close()
+    assert rows(path) == [(1, 2.5), (3, 1e308), (5, 1e308)]
+
+
 async def test_sqlite_sink_with_a_mapping_function(tmp_path: Path) -> None:
     """A columns function maps each payload to its row; the table is created from its keys."""
     path = tmp_path / "o.db"

@@ -14,6 +14,7 @@ import pytest
 from redis.exceptions import AuthenticationError
 
 from batchpunk.config import BatchConfig
+from batchpunk.connectors._common import PayloadError
 from batchpunk.connectors.redis_streams import (
     REDELIVERED,
     DeliveryLimitExceeded,
@@ -22,6 +23,7 @@ from batchpunk.connectors.redis_streams import (
     StreamEntryLost,
 )
 from batchpunk.errors import ConfigError, PartialFailure
+from batchpunk.retry import is_retryable
 from tests.conftest import require_server
 from tests.contract.harness import take
 
@@ -509,10 +511,27 @@ async def test_sink_fails_only_the_items_it_cannot_encode(client: Any, stream: s
         await sink.write([{"id": 1}, {"id": object()}, {"id": 3}])
     await sink.close()
     assert list(failure.value.failures) == [1]
-    assert isinstance(failure.value.failures[1], TypeError)
+    assert isinstance(failure.value.failures[1], PayloadError)
     results = failure.value.results
     assert results is not None
     assert results[1] is None
     assert results[0]
     assert results[2]
+    assert await client.xlen(stream) == 2
+
+
+async def test_sink_an_item_it_cannot_encode_is_a_payload_error_not_retried(
+    client: Any, stream: str
+) -> None:
+    """The encoder's raw TypeError used to be the item's error: the engine retried it (a plain
+    exception is retryable) though no retry can encode it. It is a PayloadError naming the item
+    and the encoding, which the engine dead-letters at once."""
+    sink = RedisStreamSink(URL, stream, encode="text")
+    with pytest.raises(PartialFailure) as failure:
+        await sink.write(["a", 5, "c"])
+    await sink.close()
+    error = failure.value.failures[1]
+    assert isinstance(error, PayloadError)
+    assert not is_retryable(error, BatchConfig().retry_on)
+    assert "item 1 cannot be encoded (text)" in str(error)
     assert await client.xlen(stream) == 2

@@ -25,7 +25,8 @@ from typing import Any
 import pytest
 
 from batchpunk.config import BatchConfig
-from batchpunk.connectors.sqs import MAX_BYTES, SqsSink, SqsSource
+from batchpunk.connectors._common import PayloadError
+from batchpunk.connectors.sqs import MAX_BYTES, SqsError, SqsSink, SqsSource, SqsUnavailable
 from batchpunk.errors import PartialFailure
 from batchpunk.pipeline import Pipeline
 from tests.conftest import require_server
@@ -37,7 +38,7 @@ from tests.integration._harness import (
     scaled,
     wait_rows,
 )
-from tests.integration._kafka_sqs import MOTO, new_sqs_place, sqs_client
+from tests.integration._kafka_sqs import MOTO, new_sqs_place, sqs_client, unique
 from tests.integration.pipeline_support import IdSink, Letters, run_until
 from tests.integration.test_crash import HARNESS, Scene
 
@@ -251,6 +252,80 @@ async def test_sqs_sink_sends_groups_of_ten_within_256_kib_and_a_refused_message
         assert sum(r is not None for r in results) == 25
         bodies = await _drain(place.url)
         assert sorted(b["id"] for b in bodies) == list(range(25))
+    finally:
+        await sink.close()
+        await place.delete()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("fifo", "size", "refused", "unsent"),
+    [
+        (False, 11, [10], []),  # the 2 KiB item alone in its call: a bad message
+        (False, 21, [*range(10, 20)], []),  # in a call of ten: the engine splits that call
+        (True, 21, [*range(10, 20)], [20]),  # FIFO: the call after it waits, unsent
+    ],
+    ids=["standard-alone", "standard-shared", "fifo"],
+)
+async def test_sqs_sink_reports_the_items_other_calls_sent_when_one_call_fails(
+    fifo: bool, size: int, refused: list[int], unsent: list[int]
+) -> None:
+    """A queue whose MaximumMessageSize is 1 KiB refuses a whole SendMessageBatch call holding a
+    2 KiB item (item 10). The calls were gathered and that one error failed the whole batch,
+    though the other calls had sent their items: the engine retried and split the batch and
+    the good items landed again and again. Now only the refused call's items fail: a
+    PayloadError when the item was alone in it, else a retryable error the engine splits; the
+    sent items come back with their MessageIds. A FIFO batch stops at the refused call: the
+    later items fail as an outage, unsent, so they are retried in order."""
+    require_server("sqs")
+    name = unique("q") + (".fifo" if fifo else "")
+    attributes = {"MaximumMessageSize": "1024"}
+    if fifo:
+        attributes |= {"FifoQueue": "true", "ContentBasedDeduplication": "true"}
+    async with sqs_client() as client:
+        url = (await client.create_queue(QueueName=name, Attributes=attributes))["QueueUrl"]
+    sink = SqsSink(url, group_field="g" if fifo else None, **MOTO)
+    try:
+        batch: list[Any] = [{"g": "a", "i": i} for i in range(size)]
+        batch[10]["pad"] = "x" * 2000  # the first call holds items 0-9
+        with pytest.raises(PartialFailure) as info:
+            await sink.write(batch)
+        failures = info.value.failures
+        assert sorted(failures) == refused + unsent
+        if refused == [10]:
+            assert isinstance(failures[10], PayloadError)
+            assert "item 10" in str(failures[10])
+        else:
+            assert all(type(failures[i]) is SqsError for i in refused)
+        assert all(isinstance(failures[i], SqsUnavailable) for i in unsent)
+        sent = [i for i in range(size) if i not in failures]
+        results = info.value.results
+        assert results is not None
+        assert [i for i, r in enumerate(results) if r is not None] == sent
+        received = [b["i"] for b in await _drain(url)]
+        assert (received if fifo else sorted(received)) == sent
+    finally:
+        await sink.close()
+        async with sqs_client() as client:
+            await client.delete_queue(QueueUrl=url)
+
+
+@pytest.mark.timeout(60)
+async def test_sqs_sink_fails_an_item_utf8_cannot_encode_alone() -> None:
+    """A str with a lone surrogate (JSON keeps it) cannot be sent as UTF-8. Measuring its size
+    raised UnicodeEncodeError out of write, failing the whole batch with an error the engine
+    retries; it is a PayloadError for that item, and the others are sent."""
+    require_server("sqs")
+    place = new_sqs_place()
+    await place.create()
+    sink = SqsSink(place.url, **MOTO)
+    try:
+        with pytest.raises(PartialFailure) as info:
+            await sink.write([{"id": 0}, {"id": 1, "name": "bob\udc80"}, {"id": 2}])
+        assert list(info.value.failures) == [1]
+        assert isinstance(info.value.failures[1], PayloadError)
+        assert "item 1 cannot be encoded as UTF-8" in str(info.value.failures[1])
+        assert sorted(b["id"] for b in await _drain(place.url)) == [0, 2]
     finally:
         await sink.close()
         await place.delete()

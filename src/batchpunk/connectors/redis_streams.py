@@ -32,7 +32,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from batchpunk.connectors._common import mask_secrets, mask_url
+from batchpunk.connectors._common import PayloadError, mask_secrets, mask_url
 from batchpunk.connectors._toolkit import (
     ACK,
     DECODINGS,
@@ -744,7 +744,7 @@ class RedisStreamSink:
         hmac_key: with encode="frame", sign every frame with this key (sources then need it).
 
     ``write`` returns the new entry ids, one per item. An item that cannot be encoded fails alone
-    (PartialFailure); the others are still written.
+    (PartialFailure) with a PayloadError naming it, not retried; the others are still written.
     """
 
     def __init__(
@@ -815,8 +815,10 @@ class RedisStreamSink:
         for index, item in enumerate(batch):
             try:
                 data = self._encoder(item)
-            except Exception as exc:
-                failures[index] = exc
+            except Exception as exc:  # the item's fault: no retry encodes it (not retryable)
+                failures[index] = PayloadError(
+                    f"RedisStreamSink: item {index} cannot be encoded ({self.encode}): {exc}"
+                )
                 continue
             pipe.xadd(
                 self.stream,

@@ -7,10 +7,12 @@ with WAL and an idempotency key, a batch redelivered after a crash adds no rows.
 from __future__ import annotations
 
 import json
+import math
 import operator
 import os
 import sqlite3
 from collections.abc import Callable, Mapping, Sequence
+from itertools import chain
 from typing import TYPE_CHECKING, Any
 
 from batchpunk.connectors._common import PayloadError, Worker, check_identifier, fail_payloads
@@ -25,6 +27,8 @@ _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 _NATIVE = (str, int, float, bytes, type(None))
 #: Value types bound as they are (the per-row fast path; bool and the rest go through _value).
 _PLAIN = frozenset((str, int, float, bytes, type(None)))
+_is_float = float.__instancecheck__
+_second = operator.itemgetter(1)
 
 Mapper = Callable[[Any], Mapping[str, Any]]
 
@@ -49,8 +53,9 @@ class SqliteSink:
         busy_timeout: seconds to wait for another writer's lock before failing (retryably).
 
     Dicts and lists are stored as JSON text. A payload that lacks a column, holds a value SQLite
-    cannot store, or breaks a constraint fails alone with a PayloadError (not retried) naming
-    the index and the column; the batch's other payloads are committed.
+    cannot store (a NaN or infinite float among them), or breaks a constraint fails alone with a
+    PayloadError (not retried) naming the index and the column; the batch's other payloads are
+    committed.
     """
 
     def __init__(
@@ -193,6 +198,12 @@ class SqliteSink:
                     failures[index] = exc
                     continue
             rows.append((index, values))
+        # SQLite stores a NaN as NULL without a word. One check for the whole batch: a sum of
+        # its floats is finite unless one of them is NaN or infinite (or the sum overflows);
+        # only then are the rows looked at one by one.
+        floats = filter(_is_float, chain.from_iterable(map(_second, rows)))
+        if not math.isfinite(sum(floats, 0.0)):
+            rows = _finite_rows(columns, rows, failures)
         return ({columns: rows} if rows else {}), failures
 
     def _mapped_rows(
@@ -313,8 +324,40 @@ class SqliteSink:
         return f"SqliteSink({self.path!r}, table={self.table!r})"
 
 
+def _finite_rows(
+    columns: tuple[str, ...],
+    rows: list[tuple[int, tuple[Any, ...]]],
+    failures: dict[int, BaseException],
+) -> list[tuple[int, tuple[Any, ...]]]:
+    """The rows without a NaN or infinite float; each other row fails alone, in ``failures``."""
+    kept: list[tuple[int, tuple[Any, ...]]] = []
+    for index, values in rows:
+        try:
+            for column, value in zip(columns, values, strict=True):
+                if isinstance(value, float):
+                    _finite(index, column, value)
+        except PayloadError as exc:
+            failures[index] = exc
+            continue
+        kept.append((index, values))
+    return kept
+
+
+def _finite(index: int, column: str, value: float) -> None:
+    """PayloadError for a NaN or an infinity: SQLite would store a NaN as NULL, silently, and
+    neither is a number a reader of the table expects (JSON refuses both as well)."""
+    if not math.isfinite(value):
+        raise PayloadError(
+            f"payload at index {index}: column {column!r} holds {value}, expected a finite "
+            "number (SQLite would store a NaN as NULL)"
+        )
+
+
 def _value(index: int, column: str, value: Any) -> Any:
     """A value SQLite can bind: natives as they are, containers as JSON, the rest refused."""
+    if isinstance(value, float):
+        _finite(index, column, value)
+        return value
     if isinstance(value, _NATIVE):
         if isinstance(value, int) and not -(2**63) <= value < 2**63:
             raise PayloadError(

@@ -555,8 +555,11 @@ class SqsSink:
         delay: seconds (0 to 900) each message stays invisible after sending.
 
     ``write`` returns each item's MessageId. Entries SQS fails are retried alone; an entry SQS
-    blames on the sender (too large, invalid characters) fails alone as a bad message, and an
-    unreachable SQS fails the whole batch as an outage.
+    blames on the sender (too large, invalid characters) fails alone as a bad message. When one
+    SendMessageBatch call raises while others sent their entries, only that call's entries fail
+    (PartialFailure, with the MessageIds of the sent ones); a FIFO batch stops at the failed call
+    and its later entries fail as an outage, to be retried in order. An unreachable SQS (no call
+    sent anything, all by an outage) fails the whole batch as an outage.
     """
 
     def __init__(
@@ -606,10 +609,12 @@ class SqsSink:
             body = item
         else:
             raise PayloadError(f"SqsSink(encode='text'): expected str, got {type(item).__name__}")
-        if len(body.encode()) > MAX_BYTES:
-            raise PayloadError(
-                f"SqsSink: a {len(body.encode())}-byte message exceeds SQS's {MAX_BYTES} bytes"
-            )
+        try:
+            size = len(body.encode())
+        except UnicodeEncodeError as exc:  # a lone surrogate: SQS takes UTF-8 only
+            raise PayloadError(f"SqsSink: item {index} cannot be encoded as UTF-8: {exc}") from None
+        if size > MAX_BYTES:
+            raise PayloadError(f"SqsSink: a {size}-byte message exceeds SQS's {MAX_BYTES} bytes")
         entry: dict[str, Any] = {"Id": str(index), "MessageBody": body}
         if self.delay:
             entry["DelaySeconds"] = self.delay
@@ -640,6 +645,28 @@ class SqsSink:
             groups.append(current)
         return groups
 
+    def _group_failed(
+        self,
+        group: Sequence[dict[str, Any]],
+        exc: BaseException,
+        answered: bool,
+        failures: dict[int, BaseException],
+    ) -> None:
+        """Fail each entry of a SendMessageBatch call that raised (SQS sent none of them).
+
+        An outage stays an outage (retried whole). Otherwise, when another call of the batch
+        succeeded (the queue takes writes), a call of one entry failed for that entry: a
+        PayloadError naming it; a call of several stays a retryable SqsError, so the engine
+        splits it and only the bad entry ends alone instead of all its neighbours.
+        """
+        error: BaseException = _translate(repr(self), exc, "sending", self._secrets)
+        if answered and len(group) == 1 and not isinstance(error, SqsUnavailable):
+            index = int(group[0]["Id"])
+            text = f"SqsSink: SQS refused item {index}: {type(exc).__name__}: {exc}"
+            error = PayloadError(mask_secrets(text, self._secrets))
+        for entry in group:
+            failures[int(entry["Id"])] = error
+
     async def write(self, batch: Sequence[Any]) -> list[str | None]:
         """Send the batch; each item's MessageId (None where it failed)."""
         if self._closed:
@@ -654,18 +681,41 @@ class SqsSink:
         results: list[str | None] = [None] * len(batch)
         client = await self._client.get()
         groups = self._groups(entries)
-        try:
-            if self.group_field is None:  # a standard queue keeps no order: send at once
-                replies = await asyncio.gather(
-                    *(client.send_message_batch(QueueUrl=self.queue_url, Entries=g) for g in groups)
+        replies: list[Any] = []  # per group: its reply, or the exception its call raised
+        if self.group_field is None:  # a standard queue keeps no order: send at once
+            replies = await asyncio.gather(
+                *(client.send_message_batch(QueueUrl=self.queue_url, Entries=g) for g in groups),
+                return_exceptions=True,
+            )
+        else:  # FIFO: one call after the other, so the queue keeps the batch's order
+            for group in groups:
+                try:
+                    replies.append(
+                        await client.send_message_batch(QueueUrl=self.queue_url, Entries=group)
+                    )
+                except Exception as exc:
+                    replies.append(exc)
+                    break  # the later groups must not overtake this one: they wait, unsent
+        raised = [r for r in replies if isinstance(r, BaseException)]
+        for reply in raised:
+            if not isinstance(reply, Exception):  # CancelledError and the like: not ours
+                raise reply
+        if raised and len(raised) == len(replies) and all(map(_is_outage, raised)):
+            # No call sent anything (a FIFO batch stops at its first failed call) and SQS did
+            # not answer: the whole batch is an outage, held and retried whole.
+            raise _translate(repr(self), raised[0], "sending", self._secrets) from raised[0]
+        # Some calls may have sent their entries: name every index that was not sent.
+        answered = len(raised) < len(replies)
+        for group, reply in zip(groups, replies, strict=False):
+            if isinstance(reply, BaseException):
+                self._group_failed(group, reply, answered, failures)
+        for group in groups[len(replies) :]:  # FIFO groups after a failed one, never sent
+            for entry in group:
+                failures[int(entry["Id"])] = SqsUnavailable(
+                    f"SqsSink: item {entry['Id']} not sent: an earlier call of this FIFO batch "
+                    "failed, so it waits to be retried in order"
                 )
-            else:  # FIFO: one call after the other, so the queue keeps the batch's order
-                replies = [
-                    await client.send_message_batch(QueueUrl=self.queue_url, Entries=g)
-                    for g in groups
-                ]
-        except Exception as exc:
-            raise _translate(repr(self), exc, "sending", self._secrets) from exc
+        replies = [r for r in replies if not isinstance(r, BaseException)]
         by_id = {entry["Id"]: entry for entry in entries}
         retry: list[dict[str, Any]] = []
         for reply in replies:
