@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import sys
 from typing import Any
@@ -237,3 +238,22 @@ async def test_status_without_a_given_config_shows_the_batch_config_from_stats()
     assert body["config"] == {"batch": {"max_size": 7, "dsn": "postgres://u:***@h/db"}}
     assert body["dead_letters"] == []
     assert body["dead_letters_kept"] is False
+
+
+async def test_an_authorization_header_that_is_not_utf8_gets_401_not_a_500() -> None:
+    """Header bytes aiohttp cannot decode made the token check raise: aiohttp's own 500 with its
+    version banner and no security headers, and a traceback logged for every such request."""
+    async with await serve(
+        0, processor=Stats(), token="s3cret", registry=CollectorRegistry()
+    ) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(
+            b"GET /stats HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            b"Authorization: Bearer \xff\xfe\r\n\r\n"
+        )
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 401")
+    assert b"Server: batchpunk" in answer
+    assert b"aiohttp/" not in answer

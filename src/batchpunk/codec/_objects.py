@@ -33,8 +33,10 @@ def object_limit(max_objects: int | None, frame_size: int) -> int:
     return max(DEFAULT_MAX_OBJECTS, OBJECTS_PER_BYTE * frame_size)
 
 
-# One JSON value or key per match: a string, the start of a container, or a bare literal.
-_JSON_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[{]|[^\s,:\[\]{}"]+')
+# One JSON value or key per match: a string, the start of a container, or a bare literal. A
+# string that never ends runs to the end of the data (possessively): scanning on from each
+# unclosed quote in turn cost (quotes x length), minutes for a 1 KiB hostile frame.
+_JSON_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*+(?:"|\\?\Z)|[\[{]|[^\s,:\[\]{}"]+')
 
 # msgpack markers followed by a fixed number of bytes (the marker included).
 _FIXED = {

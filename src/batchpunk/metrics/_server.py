@@ -306,7 +306,9 @@ def _application(routes: _Routes, token: str | None) -> web.Application:
     ) -> web.StreamResponse:
         path = request.path
         if token is not None and path not in open_paths and not path.startswith("/static/"):
-            given = request.headers.get("Authorization", "").encode()
+            # surrogateescape gives back the bytes aiohttp could not decode (a plain encode()
+            # raised on them: a 500 with aiohttp's banner and a logged traceback per request).
+            given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
             if not hmac.compare_digest(given, expected):
                 refused = web.Response(status=401, text="bearer token required\n")
                 refused.headers["WWW-Authenticate"] = 'Bearer realm="batchpunk"'
