@@ -379,3 +379,103 @@ async def _drain(url: str) -> list[Any]:
                 out.append(json.loads(message["Body"]))
                 await client.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
     return out
+
+
+async def _first_envelope(source: SqsSource) -> Any:
+    return await asyncio.wait_for(source.__anext__(), 10)
+
+
+async def test_a_delete_an_outage_failed_is_retried_and_the_message_kept_invisible() -> None:
+    """The batch was processed, then SQS was unreachable for 2 s while deleting it: the delete
+    was never retried and the message no longer kept invisible, so it came back and was
+    processed twice. It is now held (extended) and its delete retried until it succeeds."""
+    require_server("sqs")
+    place = new_sqs_place(visibility_timeout=3)
+    await place.create()
+    source = SqsSource(place.url, wait_time=1, **MOTO)
+    try:
+        await place.publish([{"id": 1}])
+        envelope = await _first_envelope(source)
+        client = await source._client.get()
+        real = client.delete_message_batch
+        back = time.monotonic() + 2.0
+
+        async def unreachable_for_a_while(**call: Any) -> Any:
+            if time.monotonic() < back:
+                raise ConnectionError("SQS unreachable")
+            return await real(**call)
+
+        client.delete_message_batch = unreachable_for_a_while
+        await source.ack_many([envelope])  # does not raise: the delete is retried
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(source.__anext__(), 6)  # never delivered again
+        assert source.deleted == 1
+        assert await place.outstanding() == 0
+    finally:
+        await source.close()
+        await place.delete()
+
+
+async def test_a_message_given_back_at_close_is_not_hidden_again_by_an_extension() -> None:
+    """close() gave held messages back (visibility 0) while the keeper's extension for them was
+    still on its way; landing afterwards it hid them again for a whole visibility timeout. The
+    keeper now ends (and extensions and releases take turns) before anything is given back."""
+    require_server("sqs")
+    place = new_sqs_place(visibility_timeout=6)
+    await place.create()
+    source = SqsSource(place.url, wait_time=1, **MOTO)
+    try:
+        await place.publish([{"id": 1}])
+        await _first_envelope(source)
+        client = await source._client.get()
+        real = client.change_message_visibility_batch
+        extending = asyncio.Event()
+
+        async def slow_extension(**call: Any) -> Any:
+            if call["Entries"][0]["VisibilityTimeout"] != 0:
+                extending.set()
+                await asyncio.sleep(0.5)  # still on its way when close() gives it back
+            return await real(**call)
+
+        client.change_message_visibility_batch = slow_extension
+        await asyncio.wait_for(extending.wait(), 5)
+        await source.close()
+        await asyncio.sleep(0.2)
+        async with sqs_client() as sqs:
+            reply = await sqs.receive_message(
+                QueueUrl=place.url, WaitTimeSeconds=1, MaxNumberOfMessages=1
+            )
+        assert reply.get("Messages"), "the message given back is invisible again"
+    finally:
+        await source.close()
+        await place.delete()
+
+
+@pytest.mark.parametrize("queue_timeout", [0, 1])
+async def test_a_short_visibility_timeout_still_keeps_a_running_batch_invisible(
+    queue_timeout: int,
+) -> None:
+    """With a 1 s visibility timeout the keeper's floor of 1 s let every extension arrive after
+    the message had become visible; a queue whose own timeout is 0 never hid anything. Another
+    worker now receives nothing while the batch holds the message."""
+    require_server("sqs")
+    place = new_sqs_place(visibility_timeout=queue_timeout)
+    await place.create()
+    source = SqsSource(place.url, wait_time=1, **MOTO)  # the queue's timeout: 0 or 1 s
+    try:
+        await place.publish([{"id": 1}])
+        envelope = await _first_envelope(source)
+        stolen: list[Any] = []
+        async with sqs_client() as sqs:
+            deadline = time.monotonic() + 3.0
+            while time.monotonic() < deadline:
+                reply = await sqs.receive_message(
+                    QueueUrl=place.url, MaxNumberOfMessages=1, WaitTimeSeconds=0
+                )
+                stolen += reply.get("Messages", ())
+                await asyncio.sleep(0.1)
+        assert stolen == []
+        await source.ack_many([envelope])
+    finally:
+        await source.close()
+        await place.delete()

@@ -39,6 +39,7 @@ from batchpunk.connectors._toolkit import (
     delivery_limit_error,
     int_option,
     payload_decoder,
+    reconnect_delay,
 )
 from batchpunk.envelope import Envelope
 from batchpunk.errors import (
@@ -269,6 +270,13 @@ class SqsSource(BufferedSource):
         self._held: dict[str, _Held] = {}  # receipt handle -> held message
         self._by_id: dict[str, _Held] = {}  # message id -> held message
         self._stop = asyncio.Event()  # set by close(): the keeper ends
+        # The keeper's extensions and the releases take turns: an extension already sent when a
+        # message is given back would hide it again for a whole visibility timeout.
+        self._visibility = asyncio.Lock()
+        # Processed messages whose delete failed by an outage: still held (kept invisible)
+        # while a task retries the delete, so that they are not processed again.
+        self._undeleted: list[_Held] = []
+        self._redeleter: asyncio.Task[None] | None = None
         self._closed = False
         self._tasks: list[asyncio.Task[None]] = []
         self._keeper: asyncio.Task[None] | None = None
@@ -305,6 +313,11 @@ class SqsSource(BufferedSource):
         attributes = reply.get("Attributes", {})
         if self._visibility_given is None:
             self.visibility_timeout = int(attributes.get("VisibilityTimeout", 30))
+            if self.visibility_timeout < 1:
+                # A queue whose messages are never hidden: every worker would receive every
+                # message while its batch runs. Each receive asks for 30 s instead.
+                logger.info("%r: the queue's VisibilityTimeout is 0; receiving with 30 s", self)
+                self.visibility_timeout = 30
         self.fifo = attributes.get("FifoQueue") == "true"
         self._tasks = [
             asyncio.create_task(self._read_loop(), name=f"{self!r} receive {i}")
@@ -405,14 +418,18 @@ class SqsSource(BufferedSource):
     # -- keeping held messages invisible -----------------------------------------------------
 
     async def _keep_loop(self) -> None:
-        period = max(1.0, self.visibility_timeout / 3)
+        # A third of the timeout: two extensions may fail before a held message shows (a floor
+        # of 1 s let every extension of a 1 s timeout arrive after the message had shown).
+        period = self.visibility_timeout / 3
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), period)
             if self._stop.is_set():
                 return
-            handles = list(self._held)
-            if handles:
+            async with self._visibility:
+                handles = list(self._held)  # taken in turn: a release meanwhile is not undone
+                if not handles:
+                    continue
                 try:
                     await self._change_visibility(handles, self.visibility_timeout)
                     self.extended += len(handles)
@@ -444,36 +461,73 @@ class SqsSource(BufferedSource):
 
     # -- settling ------------------------------------------------------------------------------
 
-    def _take(self, envelopes: Sequence[Envelope]) -> list[str]:
-        handles: list[str] = []
+    def _take(self, envelopes: Sequence[Envelope]) -> list[_Held]:
+        taken: list[_Held] = []
         for envelope in envelopes:
             held = envelope.receipt
             if isinstance(held, _Held) and not held.settled:
                 held.settled = True
                 self._held.pop(held.handle, None)
                 self._by_id.pop(held.message_id, None)
-                handles.append(held.handle)
-        return handles
+                taken.append(held)
+        return taken
 
     async def ack_many(self, envelopes: Sequence[Envelope]) -> None:
-        """Delete the messages (DeleteMessageBatch, 10 at a time; failed entries alone)."""
-        handles = self._take(envelopes)
-        if handles:
-            await self._delete(handles)
+        """Delete the messages (DeleteMessageBatch, 10 at a time; failed entries alone).
+
+        If SQS is unreachable the messages stay held (kept invisible) and their delete is
+        retried until it succeeds or the source closes: deleting late beats processing twice.
+        """
+        taken = self._take(envelopes)
+        if taken:
+            await self._delete_or_hold(taken)
 
     async def nack_many(self, envelopes: Sequence[Envelope], requeue: bool) -> None:
         """Requeue: visible again at once for any worker. Reject: delete."""
-        handles = self._take(envelopes)
-        if not handles:
+        taken = self._take(envelopes)
+        if not taken:
             return
         if requeue:
-            await self._release(handles)
+            await self._release([held.handle for held in taken])
         else:
-            await self._delete(handles)
+            await self._delete_or_hold(taken)
+
+    async def _delete_or_hold(self, taken: list[_Held]) -> None:
+        try:
+            await self._delete([held.handle for held in taken])
+        except SqsUnavailable as exc:
+            for held in taken:
+                self._held[held.handle] = held  # settled, and kept invisible by the keeper
+            self._undeleted += taken
+            if self._redeleter is None or self._redeleter.done():
+                self._redeleter = asyncio.get_running_loop().create_task(
+                    self._redelete(), name=f"{self!r} delete retry"
+                )
+            logger.warning("%s; the delete is retried, the messages kept invisible", exc)
+
+    async def _redelete(self) -> None:
+        """Retry the deletes an outage failed, with backoff, until none is left."""
+        failures = 0
+        while self._undeleted and not self._stop.is_set():
+            failures += 1
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), reconnect_delay(failures))
+            batch, self._undeleted = self._undeleted, []
+            try:
+                await self._delete([held.handle for held in batch])
+            except SqsUnavailable:
+                self._undeleted[:0] = batch
+                continue
+            except Exception as exc:  # the receipts are gone: SQS delivers them again
+                logger.warning("%s; the messages will be delivered again", exc)
+            for held in batch:
+                self._held.pop(held.handle, None)
+            failures = 0
 
     async def _release(self, handles: Sequence[str]) -> None:
         try:
-            await self._change_visibility(handles, 0)
+            async with self._visibility:
+                await self._change_visibility(handles, 0)
         except Exception as exc:
             logger.warning(
                 "%s; those messages come back after the visibility timeout instead",
@@ -500,9 +554,11 @@ class SqsSource(BufferedSource):
                 await client.delete_message(QueueUrl=self.queue_url, ReceiptHandle=handle)
                 self.deleted += 1
             except Exception as exc:
+                error = _translate(repr(self), exc, "deleting a message", self._secrets)
+                if isinstance(error, SqsUnavailable):
+                    raise error from exc  # the caller holds them and retries
                 logger.warning(
-                    "%s; the message will be delivered again after its visibility timeout",
-                    _translate(repr(self), exc, "deleting a message", self._secrets),
+                    "%s; the message will be delivered again after its visibility timeout", error
                 )
 
     # -- stopping and closing ----------------------------------------------------------------
@@ -524,6 +580,19 @@ class SqsSource(BufferedSource):
             for task in pending:
                 task.cancel()
         self._unhanded()
+        # The keeper ends first: an extension still on its way would hide again what is given
+        # back below. So does the delete retry, after one last attempt below.
+        self._stop.set()
+        for waiting in (self._keeper, self._redeleter):
+            if waiting is not None:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await waiting
+        undeleted, self._undeleted = self._undeleted, []
+        for held in undeleted:
+            self._held.pop(held.handle, None)
+        if undeleted:
+            with contextlib.suppress(Exception):  # else delivered again: at least once
+                await self._delete([held.handle for held in undeleted])
         # Everything still held (read ahead, or handed out and never settled) goes back now,
         # rather than staying invisible for a whole visibility timeout.
         handles = list(self._held)
@@ -533,10 +602,6 @@ class SqsSource(BufferedSource):
         self._by_id.clear()
         if handles and self._started:
             await self._release(handles)
-        self._stop.set()
-        if self._keeper is not None:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._keeper
         self._closed = True
         await self._client.close()
 
