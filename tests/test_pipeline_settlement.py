@@ -4,8 +4,13 @@ is acknowledged once or nacked once, never both and never neither."""
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
+import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -199,3 +204,29 @@ def test_circuit_breaker_threshold_zero_from_the_environment_turns_it_off() -> N
     """The docs say "${NAME}" becomes a number and 0 turns the breaker off; it was refused."""
     spec = parse_pipeline(BASE + 'circuit_breaker_threshold = "${T}"', environ={"T": "0"})
     assert spec.batch.circuit_breaker_threshold is None
+
+
+def test_validate_output_keeps_numbers_from_the_environment_and_shows_the_spool(
+    tmp_path: Path,
+) -> None:
+    """A short number from the environment was masked wherever its text appeared
+    ("max_wait": 5.***, invalid JSON); [spool] was missing from the output, and its documented
+    commit_interval = 0.0 was refused."""
+    path = tmp_path / "p.toml"
+    path.write_text(
+        BASE
+        + 'max_size = "${BATCH_SIZE}"\ncircuit_breaker_threshold = "${T}"\n'
+        + f'[spool]\npath = "{tmp_path / "spool"}"\ncommit_interval = 0.0\n'
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "batchpunk", "validate", "--json", str(path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "BATCH_SIZE": "7", "T": "0"},
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    shown = json.loads(done.stdout)
+    assert (shown["batch"]["max_size"], shown["batch"]["max_wait"]) == (7, 5.0)
+    assert shown["batch"]["circuit_breaker_threshold"] is None
+    assert shown["spool"]["commit_interval"] == 0.0

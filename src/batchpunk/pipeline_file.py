@@ -256,13 +256,16 @@ class PipelineSpec:
         """The whole file, resolved and masked: what ``batchpunk validate`` prints."""
         batch = self.batch.to_dict()
         metrics = {f.name: getattr(self.metrics, f.name) for f in fields(MetricsSpec)}
-        return {
+        out = {
             "source": self.source.describe(),
             "batch": {k: _masked(v, self.secrets) for k, v in batch.items()},
             "sink": self.sink.describe(),
             "dead_letter": self.dead_letter.describe() if self.dead_letter else {"type": None},
             "metrics": {k: _masked(v, self.secrets) for k, v in metrics.items()},
         }
+        if self.spool:
+            out["spool"] = {k: _masked(v, self.secrets) for k, v in self.spool.items()}
+        return out
 
 
 def load_pipeline(
@@ -373,7 +376,7 @@ def _substitute(
                     raise ConfigError(f"{where}: environment variable {name} is not set")
                 return default
             used = True
-            if found:
+            if found and not _SETTING.fullmatch(found):
                 secrets.add(found)
             return found
 
@@ -718,6 +721,12 @@ _SIGNED = frozenset({"start", "seed", "priority", "offset", "compression_level"}
 _DURATION = re.compile(r"(timeout|interval|delay|wait|ttl|cooldown|seconds|linger|period)$")
 #: Durations where 0 cannot work (a busy loop, every request timing out at once).
 _POSITIVE = re.compile(r"(^timeout|interval|connect_timeout|^rate|refresh_per_second)$")
+#: Keys that may be 0 although _POSITIVE matches them (the spool commits at once with 0).
+_ZERO_ALLOWED = frozenset({"commit_interval"})
+#: An environment value that is a short number or a boolean is a setting (a batch size, a
+#: threshold), not a credential: masking it wherever its text appears garbled the output
+#: ("max_wait": 5.***) and made ``validate --json`` invalid.
+_SETTING = re.compile(r"(?i)[+-]?[0-9]{1,7}(\.[0-9]*)?|true|false")
 #: The method each role's class must have.
 _ROLE_METHODS = {"source": "__aiter__", "sink": "write", "dead_letter": "put"}
 _MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
@@ -737,7 +746,7 @@ def _check_value(where: str, key: str, value: Any, shown: str) -> None:
         raise ConfigError(f"{where}: expected a number >= 0, got {shown}")
     if _DURATION.search(key) and value > _MAX_SECONDS:
         raise ConfigError(f"{where}: expected at most {_MAX_SECONDS:.0e} seconds, got {shown}")
-    if _POSITIVE.search(key) and value == 0:
+    if _POSITIVE.search(key) and value == 0 and key not in _ZERO_ALLOWED:
         raise ConfigError(f"{where}: expected a number > 0, got {shown}")
 
 
