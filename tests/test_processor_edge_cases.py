@@ -195,3 +195,26 @@ async def test_letters_waiting_for_a_failing_sink_bound_a_drop_policy(policy: st
     assert len(errors) > 400
     assert all("dead letters wait for the dead-letter sink" in error for error in errors)
     assert stats["pending"] + stats["in_flight"] <= 10
+
+
+@pytest.mark.parametrize("policy", ["drop_newest", "drop_oldest"])
+async def test_a_drop_policy_with_a_working_sink_never_raises_in_a_burst(policy: str) -> None:
+    """The bound on letters waiting for the dead-letter sink is for a sink that is down: a
+    burst of nowait adds under a drop policy, with a sink that stores everything but has not
+    run yet, raised BufferFull after max_pending drops (80 of 100) once that bound came in."""
+    stored: list[Any] = []
+
+    async def handler(batch: Batch[Any]) -> None:
+        await asyncio.sleep(0.01)
+
+    async def sink(letters: Any) -> None:
+        stored.extend(letters)
+
+    config = BatchConfig(max_size=10, max_wait=60, max_pending=10, overflow=policy)
+    processor = BatchProcessor(config, handler, dead_letter=sink)
+    async with processor:
+        for i in range(100):  # no await in between: the sink has not run yet
+            processor.add_message_nowait(i)
+    stats = await processor.get_stats()
+    assert stats["received"] == stats["processed"] + stats["dead_lettered"] == 100
+    assert len(stored) == stats["dead_lettered"] > 0

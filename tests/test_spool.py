@@ -1174,3 +1174,35 @@ async def test_a_nested_tuple_key_comes_back_hashable_on_replay(tmp_path: Path) 
         await again.flush()
     assert recorder.seen == ["m"]
     assert recorder.batches[0].key == ((1, 2), 3)
+
+
+async def test_a_message_refused_under_drop_oldest_is_not_written(tmp_path: Path) -> None:
+    """DROP_OLDEST writes a message the engine has no room for (the engine keeps it), but not
+    one it then refuses with BufferFull because letters for a failing dead-letter sink fill
+    max_pending: the caller was told it was not kept, and it stayed in the spool, to be
+    processed after the next start."""
+
+    async def poison(batch: Batch[Any]) -> None:
+        raise ValueError("poison")
+
+    async def down(letters: Any) -> None:
+        raise OSError("the dead-letter store is down")
+
+    settings = {"max_size": 5, "max_wait": 60, "max_pending": 5, "max_retries": 0}
+    processor = BatchProcessor(
+        config(overflow=OverflowPolicy.DROP_OLDEST, **settings),
+        poison,
+        dead_letter=down,
+        spool=Spool(tmp_path / "s"),
+    )
+    accepted = 0
+    async with processor:
+        for i in range(40):
+            try:
+                processor.add_message_nowait({"n": i})
+                accepted += 1
+            except BufferFull:
+                pass
+            await asyncio.sleep(0.01)
+    assert accepted < 40
+    assert inspect_spool(tmp_path / "s").unfinished <= accepted

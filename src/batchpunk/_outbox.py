@@ -118,6 +118,8 @@ class Outbox:
         self._idle: list[asyncio.Future[None]] = []
         self._task: asyncio.Task[None] | None = None
         self.failed_writes = 0
+        #: True from a failed write until the next one succeeds: the sink is down.
+        self.failing = False
 
     def __len__(self) -> int:
         return len(self._queue)
@@ -168,6 +170,7 @@ class Outbox:
             except Exception as exc:
                 failures += 1
                 self.failed_writes += 1
+                self.failing = True
                 delay = max(
                     MIN_PAUSE,
                     backoff_delay(
@@ -189,5 +192,6 @@ class Outbox:
                 await asyncio.sleep(delay)
                 continue
             failures = 0
+            self.failing = False
             del self._queue[: len(chunk)]
             self._delivered(chunk)

@@ -895,7 +895,10 @@ class Spool:
         """
         processor = self._processor
         return (
-            self._policy is OverflowPolicy.DROP_OLDEST and processor is not None and processor._open
+            self._policy is OverflowPolicy.DROP_OLDEST
+            and processor is not None
+            and processor._open
+            and not processor._letters_fill()  # else the engine refuses it (BufferFull)
         )
 
     def when_durable(self, callback: Callable[[Any], None]) -> None:
