@@ -55,7 +55,7 @@ class OverflowPolicy(StrEnum):
     "dropped" to make room (the new one is, when every unfinished message is already running).
 
     The drop policies stop dropping once ``max_pending`` letters wait for a dead-letter sink
-    that does not store them: ``add_message`` then waits for room and ``add_message_nowait``
+    whose last write failed: ``add_message`` then waits for room and ``add_message_nowait``
     raises BufferFull, so a sink that is down slows producers instead of filling memory.
     """
 
