@@ -293,6 +293,32 @@ async def test_frame_entries_fan_out_and_are_acked_when_every_message_is(
     assert await pending(client, stream) == 0
 
 
+async def test_a_frame_split_by_a_stop_is_not_claimable_while_its_batch_runs(
+    client: Any, stream: str, sources: Callable[..., RedisStreamSource]
+) -> None:
+    """Parts 0 and 1 of a four-message frame are in a running batch when the worker stops
+    consuming: the parts it never handed out were requeued at once, so another consumer
+    claimed the whole entry and processed 0 and 1 a second time, concurrently. The entry now
+    stays held until the batch settles, then comes back once."""
+    from batchpunk.codec import encode_batch
+
+    await client.xadd(stream, {"data": encode_batch([{"i": i} for i in range(4)])})
+    first = sources("first", claim_idle=0.6, decode="frame")
+    running = await take(first, 2)
+    assert [e.payload["i"] for e in running] == [0, 1]
+    first.stop_consuming()  # a graceful stop: the batch goes on
+    other = sources("other", claim_idle=0.6, decode="frame")
+    with pytest.raises(TimeoutError):
+        await take(other, 1, seconds=2.0)  # over three times claim_idle
+    await first.ack_many(running)  # the batch ends: the entry is requeued whole, once
+    again = await take(other, 4, seconds=5.0)
+    assert [e.payload["i"] for e in again] == [0, 1, 2, 3]
+    await other.ack_many(again)
+    await first.close()
+    await other.close()
+    assert await pending(client, stream) == 0
+
+
 async def test_frames_are_checked_against_the_hmac_key(
     client: Any, stream: str, sources: Callable[..., RedisStreamSource]
 ) -> None:

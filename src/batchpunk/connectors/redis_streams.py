@@ -683,14 +683,16 @@ class RedisStreamSource(BufferedSource):
     # -- stopping and closing ----------------------------------------------------------------
 
     def _requeue_unhanded(self) -> None:
-        """Give back entries read ahead that iteration will never hand out (it has ended)."""
+        """Give back entries read ahead that iteration will never hand out (it has ended).
+
+        Through the settle path: an entry whose frame was split, some of its messages in a
+        batch still running, stays held (refreshed, never claimable) until that batch settles
+        them, and is then requeued once. Requeued at once, another consumer claimed the whole
+        frame and processed its running messages a second time, concurrently.
+        """
         unhanded = self._unhanded()
-        ids = (e.receipt.key if isinstance(e.receipt, Parts) else str(e.receipt) for e in unhanded)
-        for entry_id in dict.fromkeys(ids):
-            if self._held.pop(entry_id, None) is not None:
-                self._requeues.append(entry_id)
         if unhanded:
-            self._wake_settler()
+            self._settle(unhanded, requeue=True)
 
     async def ack_many(self, envelopes: Sequence[Envelope]) -> None:
         """Acknowledge these envelopes' entries: one XACK per settle pass, however many."""
