@@ -230,3 +230,17 @@ def test_validate_output_keeps_numbers_from_the_environment_and_shows_the_spool(
     assert (shown["batch"]["max_size"], shown["batch"]["max_wait"]) == (7, 5.0)
     assert shown["batch"]["circuit_breaker_threshold"] is None
     assert shown["spool"]["commit_interval"] == 0.0
+
+
+def test_a_short_number_inside_a_longer_value_stays_a_secret() -> None:
+    """Only a key's whole value that is a short number is a setting: a 7-digit PIN inside a
+    header was shown by validate and left in error messages once numbers were exempted."""
+    without_sink = BASE.replace('[sink]\ntype = "jsonl"\npath = "-"\n', "")
+    spec = parse_pipeline(
+        without_sink
+        + '[sink]\ntype = "http"\nurl = "https://api.example/in"\n'
+        + '[sink.headers]\nX-Account = "acct-pin ${API_KEY}"\n',
+        environ={"API_KEY": "4817263"},
+    )
+    assert "4817263" not in json.dumps(spec.describe(), default=str)
+    assert "4817263" not in spec.redact("login failed for pin 4817263")

@@ -218,3 +218,35 @@ async def test_a_drop_policy_with_a_working_sink_never_raises_in_a_burst(policy:
     stats = await processor.get_stats()
     assert stats["received"] == stats["processed"] + stats["dead_lettered"] == 100
     assert len(stored) == stats["dead_lettered"] > 0
+
+
+@pytest.mark.parametrize("policy", ["drop_newest", "drop_oldest"])
+async def test_a_dead_letter_sink_that_hangs_still_bounds_a_drop_policy(policy: str) -> None:
+    """A sink whose write never returns (a connect to a blackholed host) never fails: counting
+    only failed writes let 4,995 letters pile up in memory. A write under way counts too."""
+    release = asyncio.Event()
+
+    async def handler(batch: Batch[Any]) -> None:
+        await asyncio.sleep(30)
+
+    async def sink(letters: Any) -> None:
+        await release.wait()
+
+    config = BatchConfig(
+        max_size=5, max_wait=60, max_pending=5, overflow=policy, max_retries=0, drain_timeout=0.2
+    )
+    processor = BatchProcessor(config, handler, dead_letter=sink)
+    await processor.start()
+    refused = 0
+    for i in range(2000):
+        try:
+            processor.add_message_nowait(i)
+        except BufferFull:
+            refused += 1
+        if i % 5 == 0:
+            await asyncio.sleep(0)
+    waiting = len(processor._outbox)  # type: ignore[arg-type]
+    release.set()
+    await processor.stop()
+    assert waiting <= 10
+    assert refused > 1900

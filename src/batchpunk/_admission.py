@@ -164,11 +164,11 @@ class Admission:
         self._send_dead([(self._dropped_letter(message, key, priority), tracker)])
 
     def _letters_fill(self) -> bool:
-        """Letters waiting for a dead-letter sink that is failing fill max_pending: a drop
-        policy must not add more (memory would grow without bound while the sink is down). A
-        sink that works but has not run yet since a burst does not count."""
+        """Letters waiting for a dead-letter sink that is behind (failing, or busy with a write)
+        fill max_pending: a drop policy must not add more (memory would grow without bound while
+        the sink is down or hangs). A burst for a sink not yet given its letters does not count."""
         outbox = self._outbox
-        return outbox is not None and outbox.failing and len(outbox) >= self._capacity
+        return outbox is not None and outbox.behind and len(outbox) >= self._capacity
 
     def _dropped_letter(self, message: Any, key: Any, priority: int) -> DeadLetter:
         error = BufferFull(

@@ -118,11 +118,19 @@ class Outbox:
         self._idle: list[asyncio.Future[None]] = []
         self._task: asyncio.Task[None] | None = None
         self.failed_writes = 0
-        #: True from a failed write until the next one succeeds: the sink is down.
-        self.failing = False
+        # A failed write until the next one succeeds; a write under way.
+        self._failed = False
+        self._writing = False
 
     def __len__(self) -> int:
         return len(self._queue)
+
+    @property
+    def behind(self) -> bool:
+        """Letters added now wait for the sink: its last write failed, or one is under way (a
+        sink that hangs never fails). Not while a burst of letters waits for a sink that simply
+        has not been given them yet."""
+        return self._failed or self._writing
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="batchpunk-dlq")
@@ -165,12 +173,13 @@ class Outbox:
                 await self._wake
                 continue
             chunk = self._queue[:CHUNK]
+            self._writing = True
             try:
                 await self._put([letter for letter, _ in chunk])
             except Exception as exc:
                 failures += 1
                 self.failed_writes += 1
-                self.failing = True
+                self._failed = True
                 delay = max(
                     MIN_PAUSE,
                     backoff_delay(
@@ -191,7 +200,9 @@ class Outbox:
                 )
                 await asyncio.sleep(delay)
                 continue
+            finally:
+                self._writing = False
             failures = 0
-            self.failing = False
+            self._failed = False
             del self._queue[: len(chunk)]
             self._delivered(chunk)

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from batchpunk._redact import redact, redact_value
+from batchpunk._redact import is_secret_name, redact, redact_value
 from batchpunk.config import PIPELINE_CIRCUIT_BREAKER, BatchConfig
 from batchpunk.errors import ConfigError, MissingDependency
 
@@ -364,6 +364,11 @@ def _substitute(
     """Replace ``${NAME}`` in every string of ``value``; True when the environment was used."""
     if isinstance(value, str):
         used = False
+        # A short number or boolean that is a key's whole value (max_size = "${BATCH_SIZE}") is
+        # a setting, not a secret, unless the key is named like a credential: masking its text
+        # everywhere garbled the output ("max_wait": 5.***). Inside a longer string it stays one.
+        key = where.rsplit(" ", 1)[-1].rsplit(".", 1)[-1]
+        setting = _ENV.fullmatch(value) is not None and not is_secret_name(key)
 
         def one(match: re.Match[str]) -> str:
             nonlocal used
@@ -376,7 +381,7 @@ def _substitute(
                     raise ConfigError(f"{where}: environment variable {name} is not set")
                 return default
             used = True
-            if found and not _SETTING.fullmatch(found):
+            if found and not (setting and _SETTING.fullmatch(found)):
                 secrets.add(found)
             return found
 
@@ -723,9 +728,7 @@ _DURATION = re.compile(r"(timeout|interval|delay|wait|ttl|cooldown|seconds|linge
 _POSITIVE = re.compile(r"(^timeout|interval|connect_timeout|^rate|refresh_per_second)$")
 #: Keys that may be 0 although _POSITIVE matches them (the spool commits at once with 0).
 _ZERO_ALLOWED = frozenset({"commit_interval"})
-#: An environment value that is a short number or a boolean is a setting (a batch size, a
-#: threshold), not a credential: masking it wherever its text appears garbled the output
-#: ("max_wait": 5.***) and made ``validate --json`` invalid.
+#: A short number or a boolean: as a key's whole value, a setting (see _substitute).
 _SETTING = re.compile(r"(?i)[+-]?[0-9]{1,7}(\.[0-9]*)?|true|false")
 #: The method each role's class must have.
 _ROLE_METHODS = {"source": "__aiter__", "sink": "write", "dead_letter": "put"}

@@ -512,6 +512,8 @@ class SqsSource(BufferedSource):
             failures += 1
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), reconnect_delay(failures))
+            if self._stop.is_set():
+                return  # close() makes the last attempt
             batch, self._undeleted = self._undeleted, []
             try:
                 await self._delete([held.handle for held in batch])
