@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -224,3 +226,84 @@ async def test_408_request_timeout_is_an_outage_not_a_bad_payload() -> None:
         (200, 10),
     ]
     assert letters.letters == []
+
+
+async def _raw_server(answer: Any) -> tuple[asyncio.Server, int]:
+    """A bare asyncio server: ``answer(head, writer)`` replies by hand (byte by byte if it
+    likes), which an HTTP framework would not let a test do."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":")[1])
+        await reader.readexactly(length)
+        with contextlib.suppress(ConnectionError):
+            await answer(head, writer)
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+async def test_timeout_bounds_the_whole_request_not_each_read() -> None:
+    """A server sending its answer a byte every 0.5 s: with timeout=1 the write returned
+    after 5 s (httpx bounds each read). It is now an outage after about 1 s."""
+
+    async def trickle(head: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n")
+        for _ in range(10):
+            await asyncio.sleep(0.5)
+            writer.write(b"x")
+            await writer.drain()
+
+    server, port = await _raw_server(trickle)
+    sink = HttpSink(f"http://127.0.0.1:{port}/bulk", timeout=1.0)
+    began = time.monotonic()
+    try:
+        with pytest.raises(HttpTransportError, match=r"within timeout=1\.0s"):
+            await sink.write([1, 2, 3])
+    finally:
+        await sink.close()
+        server.close()
+    assert time.monotonic() - began < 2.0
+
+
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+async def test_a_redirect_is_an_outage_not_a_bad_payload(status: int) -> None:
+    """httpx does not follow redirects: a 3xx was classed as the payloads' fault, so every
+    item of the batch was bisected into a dead letter while the URL was what needed fixing."""
+
+    async def moved(head: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 %d Moved\r\nlocation: /new\r\ncontent-length: 0\r\n\r\n" % status)
+
+    server, port = await _raw_server(moved)
+    sink = HttpSink(f"http://127.0.0.1:{port}/bulk", timeout=2.0)
+    try:
+        with pytest.raises(HttpStatusError) as raised:
+            await sink.write([1, 2, 3])
+    finally:
+        await sink.close()
+        server.close()
+    assert (raised.value.retryable, raised.value.unavailable) == (True, True)
+
+
+async def test_a_url_password_the_server_echoes_is_masked() -> None:
+    """The URL's password was registered as a secret only inside the URL, so a server echoing
+    the password alone put it in the error."""
+
+    async def refuse(head: bytes, writer: asyncio.StreamWriter) -> None:
+        body = b"invalid credentials for user alice password hunter2secret"
+        writer.write(b"HTTP/1.1 401 Unauthorized\r\ncontent-length: %d\r\n\r\n" % len(body) + body)
+
+    server, port = await _raw_server(refuse)
+    sink = HttpSink(f"http://alice:hunter2secret@127.0.0.1:{port}/bulk", timeout=2.0)
+    try:
+        with pytest.raises(HttpStatusError) as raised:
+            await sink.write([1])
+    finally:
+        await sink.close()
+        server.close()
+    assert "hunter2secret" not in str(raised.value)
+    assert "hunter2secret" not in raised.value.body

@@ -9,9 +9,11 @@ dead-letters it with the response body in its error).
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from batchpunk._redact import is_secret_name
 from batchpunk.connectors._common import PayloadError, mask_secrets, mask_url
@@ -32,16 +34,20 @@ class HttpStatusError(ConnectorError):
     Attributes:
         status: the HTTP status code.
         body: the start of the response body (what the server said was wrong).
-        retryable: True for 408, 429 and 5xx (worth another try), False for other 4xx.
-        unavailable: True for 408, 429, 502, 503 and 504 (an outage, not a bad payload).
+        retryable: True for 3xx, 408, 429 and 5xx (worth another try), False for other 4xx.
+        unavailable: True for 3xx, 408, 429, 502, 503 and 504 (an outage, not a bad payload:
+            a redirect means the endpoint or the URL needs fixing, no payload is at fault).
     """
 
     def __init__(self, message: str, *, status: int, body: str) -> None:
         super().__init__(message)
         self.status = status
         self.body = body
-        self.retryable = status in _OUTAGE_STATUSES or status >= 500
-        self.unavailable = status in _OUTAGE_STATUSES
+        # A redirect is the endpoint's or the configuration's doing, never a payload's: held
+        # as an outage (the operator sees the URL to fix), not bisected into dead letters.
+        redirect = 300 <= status < 400
+        self.retryable = status in _OUTAGE_STATUSES or status >= 500 or redirect
+        self.unavailable = status in _OUTAGE_STATUSES or redirect
 
 
 class HttpTransportError(ConnectorError, ConnectionError):
@@ -103,7 +109,7 @@ class HttpSink:
         self.max_error_body = max_error_body
         self._client: Any = None
         self._closed = False
-        self._secrets = _header_secrets(self.headers)
+        self._secrets = _header_secrets(self.headers) + _url_secrets(url)
 
     def _http_client(self) -> Any:
         if self._client is None:
@@ -147,7 +153,16 @@ class HttpSink:
         headers = {"content-type": content_type, **self.headers}
         where = f"{self.method} {mask_url(self.url)}"
         try:
-            response = await client.request(self.method, self.url, content=body, headers=headers)
+            # httpx's timeout bounds each read, not the request: a server trickling its answer
+            # held a write for as long as it liked.
+            async with asyncio.timeout(self.timeout):
+                response = await client.request(
+                    self.method, self.url, content=body, headers=headers
+                )
+        except TimeoutError:
+            raise HttpTransportError(
+                f"{where}: no complete answer within timeout={self.timeout}s"
+            ) from None
         except httpx.HTTPError as exc:
             detail = mask_secrets(str(exc) or type(exc).__name__, self._secrets)
             raise HttpTransportError(f"{where}: {type(exc).__name__}: {detail}") from None
@@ -189,6 +204,17 @@ class HttpSink:
 
     def __repr__(self) -> str:
         return f"HttpSink({mask_url(self.url)!r}, format={self.format!r})"
+
+
+def _url_secrets(url: str) -> tuple[str, ...]:
+    """The password of the URL's userinfo, as written and decoded (a server may echo it)."""
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        return ()
+    if not password:
+        return ()
+    return tuple(dict.fromkeys((password, unquote(password))))
 
 
 def _header_secrets(headers: Mapping[str, str]) -> tuple[str, ...]:
