@@ -657,3 +657,36 @@ async def test_the_source_makes_a_dead_letter_sink_for_its_exchange(channel: Any
         await source.close()
         await delete_queue(channel, dead)
         await channel.exchange_delete(exchange)
+
+
+async def test_a_sink_whose_exchange_came_back_publishes_again(queue: str) -> None:
+    """The exchange was deleted mid-run: the broker closed the channel and the robust channel's
+    restore (a passive declare) failed for good, so every later write failed as "connection
+    lost" even after the exchange and its binding were back. It now opens a fresh channel."""
+    import aio_pika
+
+    exchange = unique_queue("ex")
+
+    async def with_channel(action: Callable[[Any], Awaitable[Any]]) -> None:
+        connection = await aio_pika.connect(RABBITMQ_URL)
+        try:
+            await action(await connection.channel())
+        finally:
+            await connection.close()
+
+    async def declare(ch: Any) -> None:
+        declared = await ch.declare_exchange(exchange, "direct", durable=True)
+        await (await ch.declare_queue(queue, durable=True)).bind(declared, "k")
+
+    await with_channel(declare)
+    sink = RabbitMQSink(RABBITMQ_URL, exchange, "k", declare=False, timeout=3)
+    try:
+        await sink.write([{"n": 1}])
+        await with_channel(lambda ch: ch.exchange_delete(exchange))
+        with pytest.raises(RabbitMQError):
+            await sink.write([{"n": 2}])
+        await with_channel(declare)  # the operator puts it back
+        await sink.write([{"n": 3}])
+    finally:
+        await sink.close()
+        await with_channel(lambda ch: ch.exchange_delete(exchange))

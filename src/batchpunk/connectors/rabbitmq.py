@@ -1103,6 +1103,7 @@ class _Publisher:
         confirm within ``timeout``): then nothing says which messages arrived.
         """
         key = self.routing_key
+        await self._drop_closed_channel()
         try:
             async with asyncio.timeout(self.timeout):
                 exchange = self._exchange or await self._open()
@@ -1116,6 +1117,19 @@ class _Publisher:
                 f"confirmed within timeout={self.timeout}s (broker down or blocked?)"
             ) from None
         return [r if isinstance(r, BaseException) else None for r in results]
+
+    async def _drop_closed_channel(self) -> None:
+        """Open afresh if the broker closed the channel on a live connection (its exchange was
+        deleted, say): the robust channel's restore then fails for good, and every write after
+        failed as "connection lost" even once the exchange was back."""
+        channel, connection = self._channel, self._connection
+        if channel is None or not channel.is_closed or connection is None or connection.is_closed:
+            return
+        async with self._lock:
+            if self._channel is not channel:
+                return  # another write opened afresh already
+            self._connection = self._channel = self._exchange = None
+        await _close_quietly(connection, self.close_timeout)
 
     def _unconfirmed(self, failure: BaseException, what: str) -> RabbitMQError:
         """The RabbitMQError saying ``what`` was not confirmed, the first of it because of
