@@ -532,22 +532,13 @@ def _batch(
         )
     retry_on = _exception_types(table.pop("retry_on")) if "retry_on" in table else None
     outages = table.pop("unavailable_on", None)
-    # 0 turns the pipeline's default breaker off; checked once "${NAME}" became a number.
-    threshold = table.pop("circuit_breaker_threshold", None)
     kwargs = _keywords("batch", BatchConfig, table, from_env, secrets)
-    breaker_off = False
-    if threshold is not None:
-        number = _keywords(
-            "batch", BatchConfig, {"circuit_breaker_threshold": threshold}, from_env, secrets
-        )["circuit_breaker_threshold"]
-        breaker_off = type(number) is int and number == 0
-        if not breaker_off:
-            kwargs["circuit_breaker_threshold"] = number
     if retry_on is not None:
         kwargs["retry_on"] = retry_on
     if outages is not None:
         kwargs["unavailable_on"] = _exception_types(outages, "unavailable_on")
-    if breaker_off:
+    threshold = kwargs.get("circuit_breaker_threshold")  # "${NAME}" is a number by now
+    if type(threshold) is int and threshold == 0:  # 0 (not false, not 0.0) turns it off
         kwargs["circuit_breaker_threshold"] = None
     elif "circuit_breaker_threshold" not in kwargs:  # on by default in pipelines (issue 13)
         kwargs["circuit_breaker_threshold"], cooldown = PIPELINE_CIRCUIT_BREAKER
