@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -32,6 +33,10 @@ class Server:
         self.answer = answer
         #: (headers, decoded body, status answered) of every request, in order.
         self.requests: list[tuple[dict[str, str], Any, int]] = []
+        #: When each request was answered (time.monotonic()).
+        self.times: list[float] = []
+        #: Extra response headers by status answered.
+        self.headers: dict[int, dict[str, str]] = {}
         self.url = ""
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -48,9 +53,11 @@ class Server:
                 payload = json.loads(body) if json_body else body
                 status, text = self.answer(payload, len(self.requests) + 1)
                 self.requests.append((headers, payload, status))
+                self.times.append(time.monotonic())
                 data = text.encode()
+                extra = "".join(f"{k}: {v}\r\n" for k, v in self.headers.get(status, {}).items())
                 writer.write(
-                    f"HTTP/1.1 {status} X\r\ncontent-length: {len(data)}\r\n"
+                    f"HTTP/1.1 {status} X\r\ncontent-length: {len(data)}\r\n{extra}"
                     f"content-type: text/plain\r\n\r\n".encode()
                     + data
                 )
@@ -226,6 +233,53 @@ async def test_408_request_timeout_is_an_outage_not_a_bad_payload() -> None:
         (200, 10),
     ]
     assert letters.letters == []
+
+
+@pytest.mark.parametrize("status", [429, 503])
+async def test_retry_after_is_waited_before_the_next_attempt(status: int) -> None:
+    """A 429 or 503 with Retry-After: 1 was retried after the pipeline's own backoff (1 ms
+    here), earning another refusal from a server that had said when to come back. The next
+    attempt now waits the second the server asked for; the batch is still held whole."""
+    config = BatchConfig(
+        max_size=10, max_wait=0.05, retry_delay=0.001, retry_max_delay=5, max_retries=3
+    )
+    letters = MemoryDeadLetters()
+    async with serving(lambda body, n: (status if n == 1 else 200, "slow down")) as server:
+        server.headers[status] = {"Retry-After": "1"}
+        pipeline = Pipeline(GeneratorSource(10), HttpSink(server.url), config, dead_letter=letters)
+        await asyncio.wait_for(pipeline.run(), 30)
+    assert [(s, len(body)) for _, body, s in server.requests] == [(status, 10), (200, 10)]
+    assert server.times[1] - server.times[0] >= 0.95
+    assert letters.letters == []
+
+
+async def test_retry_after_is_capped_by_retry_max_delay() -> None:
+    """A server asking for an hour does not hold a batch past the user's retry_max_delay."""
+    config = BatchConfig(
+        max_size=10, max_wait=0.05, retry_delay=0.001, retry_max_delay=0.2, max_retries=3
+    )
+    async with serving(lambda body, n: (429 if n == 1 else 200, "")) as server:
+        server.headers[429] = {"Retry-After": "3600"}
+        pipeline = Pipeline(GeneratorSource(10), HttpSink(server.url), config)
+        await asyncio.wait_for(pipeline.run(), 30)
+    assert [s for _, _, s in server.requests] == [429, 200]
+    assert 0.15 <= server.times[1] - server.times[0] < 2
+
+
+def test_retry_after_reads_seconds_and_http_dates() -> None:
+    """RFC 9110 allows delta-seconds or an HTTP date; anything else is ignored, not an error."""
+    from email.utils import format_datetime
+
+    from batchpunk.connectors.http import _retry_after
+
+    future = format_datetime(
+        datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=30), usegmt=True
+    )
+    assert _retry_after("120") == 120.0
+    assert _retry_after(" 0 ") == 0.0
+    assert 25 < (_retry_after(future) or 0) <= 30
+    assert _retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # in the past: no wait
+    assert [_retry_after(v) for v in (None, "", "-5", "1.5", "soon", "Fri, 99 Foo")] == [None] * 6
 
 
 async def _raw_server(answer: Any) -> tuple[asyncio.Server, int]:

@@ -286,3 +286,29 @@ async def test_sink_retries_follow_the_capped_backoff(monkeypatch: pytest.Monkey
         await p.flush()
     assert asked == [1.0, 2.0, 3.0, 3.0]
     assert [letter.message for letter in sink.letters] == ["bad"]
+
+
+async def test_sink_retries_wait_as_long_as_its_error_asks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A dead-letter sink whose error carries ``retry_after`` (an HttpSink answered 429 with
+    Retry-After) is not called again sooner than that, nor later than retry_max_delay."""
+
+    class Throttled(OSError):
+        def __init__(self, seconds: float) -> None:
+            super().__init__(f"throttled, come back in {seconds}s")
+            self.retry_after = seconds
+
+    class AsksToWait(DownSink):
+        async def put(self, letters: Sequence[DeadLetter]) -> None:
+            self.attempts += 1
+            if self.attempts <= 2:
+                raise Throttled([2.5, 60.0][self.attempts - 1])
+            self.letters.extend(letters)
+
+    asked = record_sleeps(monkeypatch)
+    sink = AsksToWait()
+    cfg = config(**FAST_FAIL, retry_delay=1.0, retry_max_delay=10.0)
+    async with BatchProcessor(cfg, Recorder(fail=_reject_all), dead_letter=sink) as p:
+        await p.add_message("bad")
+        await p.flush()
+    assert asked == [2.5, 10.0]
+    assert [letter.message for letter in sink.letters] == ["bad"]

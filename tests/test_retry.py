@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from batchpunk import BatchTimeout
 from batchpunk.errors import DownstreamUnavailable
-from batchpunk.retry import CircuitBreaker, backoff_delay, is_outage, is_retryable
+from batchpunk.retry import CircuitBreaker, backoff_delay, is_outage, is_retryable, retry_after
 
 
 def test_backoff_doubles_from_retry_delay_up_to_the_cap() -> None:
@@ -290,3 +290,20 @@ def test_connector_connection_errors_are_marked_unavailable() -> None:
     assert is_outage(PostgresRetryable("refused"), None)
     assert is_outage(RabbitMQError("connection lost"), None)
     assert not is_outage(PostgresDataError("bad value"), None)
+
+
+def test_retry_after_waits_at_least_the_errors_hint_up_to_the_cap() -> None:
+    """A downstream's own hint (HTTP Retry-After) lengthens a backoff, never shortens it, and
+    the user's cap still bounds it; a missing or unusable hint leaves the backoff alone."""
+
+    def hinted(value: object) -> Exception:
+        error = ConnectionError("throttled")
+        error.retry_after = value  # type: ignore[attr-defined]
+        return error
+
+    assert retry_after(hinted(5), 0.5, 30.0) == 5.0
+    assert retry_after(hinted(0.1), 0.5, 30.0) == 0.5
+    assert retry_after(hinted(3600), 0.5, 30.0) == 30.0
+    assert retry_after(ConnectionError(), 0.5, 30.0) == 0.5
+    for unusable in (None, "5", True, float("nan"), float("inf"), -1):
+        assert retry_after(hinted(unusable), 0.5, 30.0) == 0.5

@@ -46,7 +46,7 @@ from batchpunk.errors import (
     ResultMismatch,
 )
 from batchpunk.metrics import Observer
-from batchpunk.retry import CircuitBreaker, backoff_delay, is_outage, is_retryable
+from batchpunk.retry import CircuitBreaker, backoff_delay, is_outage, is_retryable, retry_after
 
 __all__ = ["Execution", "is_async_callable"]
 
@@ -229,8 +229,15 @@ class Execution:
             if is_retryable(error, cfg.retry_on) and tries < allowed:
                 self.retries += 1
                 self.observer.retried()
-                delay = backoff_delay(
-                    tries, base=cfg.retry_delay, cap=cfg.retry_max_delay, jitter=cfg.retry_jitter
+                delay = retry_after(
+                    error,
+                    backoff_delay(
+                        tries,
+                        base=cfg.retry_delay,
+                        cap=cfg.retry_max_delay,
+                        jitter=cfg.retry_jitter,
+                    ),
+                    cfg.retry_max_delay,
                 )
                 log.debug(
                     "batch failed (%s); retry %d in %.3fs",
@@ -280,7 +287,11 @@ class Execution:
         cap = cfg.retry_max_delay if breaker is None else min(cfg.retry_max_delay, breaker.cooldown)
         delay = max(
             _MIN_HOLD,
-            backoff_delay(node.waits, base=cfg.retry_delay, cap=cap, jitter=cfg.retry_jitter),
+            retry_after(
+                error,
+                backoff_delay(node.waits, base=cfg.retry_delay, cap=cap, jitter=cfg.retry_jitter),
+                cap,
+            ),
         )
         if down.answered > node.last:
             delay = 0.0  # something got an answer since this node failed: try again now

@@ -16,7 +16,7 @@ from typing import Any
 
 from batchpunk._jobs import Tracker, Trackers
 from batchpunk.deadletter import DeadLetter
-from batchpunk.retry import backoff_delay
+from batchpunk.retry import backoff_delay, retry_after
 
 __all__ = ["Outbox", "as_put", "build_letter"]
 
@@ -182,11 +182,15 @@ class Outbox:
                 self._failed = True
                 delay = max(
                     MIN_PAUSE,
-                    backoff_delay(
-                        failures,
-                        base=self._retry_delay,
-                        cap=self._retry_max_delay,
-                        jitter=False,
+                    retry_after(
+                        exc,
+                        backoff_delay(
+                            failures,
+                            base=self._retry_delay,
+                            cap=self._retry_max_delay,
+                            jitter=False,
+                        ),
+                        self._retry_max_delay,
                     ),
                 )
                 log.error(

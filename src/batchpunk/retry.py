@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import math
 import random
 from collections.abc import Callable
 from typing import Literal
@@ -16,7 +17,14 @@ from typing import Literal
 from batchpunk.config import RetryOn
 from batchpunk.errors import BatchTimeout
 
-__all__ = ["CircuitBreaker", "CircuitState", "backoff_delay", "is_outage", "is_retryable"]
+__all__ = [
+    "CircuitBreaker",
+    "CircuitState",
+    "backoff_delay",
+    "is_outage",
+    "is_retryable",
+    "retry_after",
+]
 
 #: OSError numbers that say the network or the host is unreachable, not that a message is bad.
 _NETWORK_ERRNOS = frozenset(
@@ -79,6 +87,24 @@ def backoff_delay(
         raise ValueError(f"retry: expected a retry number >= 1, got {retry}")
     delay: float = min(cap, base * 2.0 ** min(retry - 1, 64))
     return delay * rand() if jitter else delay
+
+
+def retry_after(error: BaseException, delay: float, cap: float) -> float:
+    """``delay``, or longer when the error carries the downstream's own ``retry_after`` hint.
+
+    A downstream that says when to come back (HTTP's Retry-After on 429 and 503) knows its
+    limits better than our backoff does: retrying sooner only earns another refusal. The hint is
+    an attribute ``retry_after`` in seconds (HttpStatusError sets it; any exception may), still
+    capped at ``cap`` (retry_max_delay): the user's bound on one wait holds against a server
+    asking for an hour. A missing, negative or non-finite hint leaves ``delay`` as it was.
+    """
+    hint = getattr(error, "retry_after", None)
+    if type(hint) is not int and type(hint) is not float:  # bool is no number of seconds
+        return delay
+    seconds = float(hint)
+    if not math.isfinite(seconds) or seconds <= delay:
+        return delay
+    return max(delay, min(seconds, cap))
 
 
 def is_retryable(error: BaseException, retry_on: RetryOn) -> bool:

@@ -2,14 +2,17 @@
 
 Bulk HTTP APIs (search indexes, analytics collectors, webhooks that take arrays) are the
 downstream batching pays off most for: one request instead of hundreds. The status code decides
-what happens next: 2xx is success, 408, 429 and 5xx are retried with the pipeline's backoff, any
-other 4xx is the payloads' fault and is not retried (the engine isolates the offending payload and
-dead-letters it with the response body in its error).
+what happens next: 2xx is success, 408, 429 and 5xx are retried with the pipeline's backoff (and
+no sooner than a Retry-After header asks, up to retry_max_delay), any other 4xx is the payloads'
+fault and is not retried (the engine isolates the offending payload and dead-letters it with the
+response body in its error).
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime
+import email.utils
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -37,12 +40,19 @@ class HttpStatusError(ConnectorError):
         retryable: True for 3xx, 408, 429 and 5xx (worth another try), False for other 4xx.
         unavailable: True for 3xx, 408, 429, 502, 503 and 504 (an outage, not a bad payload:
             a redirect means the endpoint or the URL needs fixing, no payload is at fault).
+        retry_after: the seconds the server's Retry-After header asked for (delta-seconds or
+            an HTTP date), None without one or when it cannot be read.
     """
 
-    def __init__(self, message: str, *, status: int, body: str) -> None:
+    def __init__(
+        self, message: str, *, status: int, body: str, retry_after: float | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.body = body
+        #: The server's Retry-After in seconds, if it sent one: the engine waits at least this
+        #: long (up to retry_max_delay) before the next attempt (retry.retry_after).
+        self.retry_after = retry_after
         # A redirect is the endpoint's or the configuration's doing, never a payload's: held
         # as an outage (the operator sees the URL to fix), not bisected into dead letters.
         redirect = 300 <= status < 400
@@ -173,6 +183,7 @@ class HttpSink:
                 f"{where} answered {response.status_code} {reason}: {text}".rstrip(": "),
                 status=response.status_code,
                 body=text,
+                retry_after=_retry_after(response.headers.get("retry-after")),
             )
         if not self.results:
             return None
@@ -204,6 +215,25 @@ class HttpSink:
 
     def __repr__(self) -> str:
         return f"HttpSink({mask_url(self.url)!r}, format={self.format!r})"
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header (RFC 9110: delta-seconds or an HTTP date), else None.
+
+    An unreadable value is ignored rather than failing the write: the backoff still applies.
+    """
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # an HTTP date is GMT; a zone-less one is read as such
+        when = when.replace(tzinfo=datetime.UTC)
+    return max(0.0, (when - datetime.datetime.now(datetime.UTC)).total_seconds())
 
 
 def _url_secrets(url: str) -> tuple[str, ...]:
