@@ -1206,3 +1206,28 @@ async def test_a_message_refused_under_drop_oldest_is_not_written(tmp_path: Path
             await asyncio.sleep(0.01)
     assert accepted < 40
     assert inspect_spool(tmp_path / "s").unfinished <= accepted
+
+
+@pytest.mark.parametrize("moment", ["recovery", "replay"])
+async def test_a_stop_during_start_releases_the_spool_and_keeps_its_messages(
+    tmp_path: Path, moment: str
+) -> None:
+    """stop() while start() was still recovering the spool returned with the spool open and
+    locked: close() saw a spool not yet open and did nothing, then the recovery opened it. The
+    next processor of this path got SpoolLocked until the process exited. Now stop waits for the
+    start under way to let go, the lock is released, and what was not replayed stays on disk."""
+    path = tmp_path / "s"
+    await leave_unfinished(path, list(range(20)))
+    cfg = config(max_pending=5, max_size=5)
+    processor = BatchProcessor(cfg, never, spool=Spool(path))
+    starting = asyncio.ensure_future(processor.start())
+    if moment == "recovery":
+        await asyncio.sleep(0)  # start() awaits the recovery on the spool's thread
+    else:
+        await wait_for(lambda: processor.received == 5)  # the replay now waits for room
+    await asyncio.wait_for(processor.stop(), 10)
+    await asyncio.wait_for(starting, 10)
+    recorder, letters = await asyncio.wait_for(replay(path), 10)  # raised SpoolLocked
+    assert sorted(recorder.seen) == list(range(20))
+    assert letters.letters == []
+    assert inspect_spool(path).unfinished == 0

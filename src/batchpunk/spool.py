@@ -623,6 +623,7 @@ class Spool:
         self._marker_timer: asyncio.TimerHandle | None = None
         self._closer: asyncio.Future[None] | None = None
         self._closing: asyncio.Task[None] | None = None  # close() under way, or done
+        self._opening: asyncio.Future[None] | None = None  # open() under way, or done
         self._space: asyncio.Event | None = None
         self._full_error: BaseException | None = None
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
@@ -1305,6 +1306,24 @@ class Spool:
         """
         loop = asyncio.get_running_loop()
         self._loop = loop
+        self._opening = loop.create_future()
+        try:
+            await self._recover_and_replay(processor, loop)
+        except BaseException:
+            # Not opened after all (a second owner, or start() cancelled): let go of the lock
+            # and the thread, or this path stays locked until the process exits.
+            self._open = False
+            if self._pool is not None:
+                pool, self._pool = self._pool, None
+                pool.shutdown(wait=False)
+            self._unlock()
+            raise
+        finally:
+            self._opening.set_result(None)
+
+    async def _recover_and_replay(
+        self, processor: BatchProcessor[Any, Any], loop: asyncio.AbstractEventLoop
+    ) -> None:
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="batchpunk-spool")
         try:
             self.path.mkdir(parents=True, exist_ok=True)
@@ -1320,6 +1339,8 @@ class Spool:
         self.stats["torn"] = len(recovered.torn)
         self._space = asyncio.Event()
         self._open = True
+        if processor.closed:
+            return  # stop() began during the recovery: everything stays for the next start
         for segment, offset, raw in recovered.damaged:
             mark = (segment.number, offset)
             self._where[mark] = segment
@@ -1356,6 +1377,11 @@ class Spool:
         A second call (a second stop()) waits for the first: it returned while the first was
         still writing and held the lock.
         """
+        opening = self._opening
+        if opening is not None and not opening.done():
+            # stop() during start(): the recovery ends first (it owns the directory), and the
+            # replay gives up at once since stop began; only then is there a spool to close.
+            await asyncio.shield(opening)
         if self._closing is None:
             if not self._open:
                 return
