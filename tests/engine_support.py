@@ -136,6 +136,7 @@ async def stopped_ledger(processor: BatchProcessor[Any, Any]) -> dict[str, Any]:
     stats = await ledger(processor)
     assert stats["pending"] == 0, stats
     assert stats["in_flight"] == 0, stats
+    assert stats["downstream"]["held"] == 0, stats  # nothing is held once nothing is left
     return stats
 
 

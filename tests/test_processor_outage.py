@@ -14,7 +14,7 @@ import pytest
 
 from batchpunk import Batch, BatchProcessor
 from batchpunk.errors import DownstreamUnavailable, MessageExpired, PartialFailure
-from tests.engine_support import PATIENCE, config, stopped_ledger
+from tests.engine_support import PATIENCE, config, ledger, stopped_ledger
 
 
 class FlakyDownstream:
@@ -372,3 +372,95 @@ async def test_held_parts_retry_at_once_when_the_downstream_answers_again(
     after = waits[held_waits:]
     # At most the first part waits out its backoff; the others go at once.
     assert after.count(0.0) >= 7, waits
+
+
+async def test_a_partial_failure_naming_every_message_with_an_outage_is_held_not_bisected() -> None:
+    """A PartialFailure in which every message failed by an outage (nothing got through)
+    counted as an answer from the downstream, so each retry looked like evidence of a bad
+    message: a 0.3 s outage dead-lettered all 4 messages as "failed". It is now the same as a
+    call that raised the outage error: the batch is held and written once the downstream is
+    back."""
+    state = {"down": True}
+    written: list[int] = []
+
+    async def publish(batch: Batch[Any]) -> None:
+        if state["down"]:
+            raise PartialFailure({i: ConnectionRefusedError("refused") for i in range(len(batch))})
+        written.extend(batch)
+
+    async def recover() -> None:
+        await asyncio.sleep(0.3)
+        state["down"] = False
+
+    cfg = _config(max_size=4, max_retries=2, max_concurrent_batches=1)
+    async with BatchProcessor(cfg, publish) as p:
+        recovering = asyncio.ensure_future(recover())
+        outcomes = await asyncio.wait_for(
+            asyncio.gather(*(p.submit(i) for i in range(4)), return_exceptions=True),
+            10 * PATIENCE,
+        )
+        await recovering
+    stats = await stopped_ledger(p)
+    assert outcomes == [None] * 4
+    assert p.dead_letters == []
+    assert sorted(written) == [0, 1, 2, 3]
+    assert stats["downstream"]["outages"] == 1
+
+
+async def test_delivery_timeout_bounds_batches_waiting_behind_an_open_circuit() -> None:
+    """Batches waiting for the circuit breaker's one trial per cooldown were not bound by
+    delivery_timeout: with 4 batches, cooldown 0.5 s and delivery_timeout 1 s, messages
+    expired 3.0 to 7.5 s after they were accepted. Each now expires by its deadline."""
+
+    async def refuse(batch: Batch[Any]) -> None:
+        raise ConnectionRefusedError("downstream down")
+
+    cfg = _config(
+        max_size=10,
+        max_retries=3,
+        retry_delay=0.01,
+        retry_max_delay=0.05,
+        circuit_breaker_threshold=1,
+        circuit_breaker_cooldown=0.5,
+        delivery_timeout=1.0,
+        max_concurrent_batches=4,
+    )
+    loop = asyncio.get_running_loop()
+    ended: list[float] = []
+
+    async def one(p: BatchProcessor[Any, Any], i: int) -> BaseException | None:
+        try:
+            await p.submit(i)
+        except Exception as exc:
+            ended.append(loop.time() - began)
+            return exc
+        return None
+
+    async with BatchProcessor(cfg, refuse) as p:
+        began = loop.time()
+        outcomes = await asyncio.wait_for(
+            asyncio.gather(*(one(p, i) for i in range(40))), 10 * PATIENCE
+        )
+    await stopped_ledger(p)
+    assert all(isinstance(outcome, MessageExpired) for outcome in outcomes)
+    assert {letter.reason for letter in p.dead_letters} == {"expired"}
+    assert len(p.dead_letters) == 40
+    assert max(ended) < 2.0, sorted(set(round(t, 1) for t in ended))
+
+
+async def test_no_message_stays_counted_as_held_once_its_batch_was_bisected() -> None:
+    """A poison raising ConnectionResetError among 7 good messages: the batch was counted as
+    held, then bisected once the evidence came, and stayed counted: get_stats() said held 7
+    (the gauge, /readyz and the next outage's log line with it) with nothing held."""
+    sink = FlakyDownstream({"poison"}, poison_error=ConnectionResetError)
+    sink.down = False
+    async with BatchProcessor(
+        _config(max_size=8, max_retries=1, max_concurrent_batches=1), sink
+    ) as p:
+        for i in range(7):
+            await p.add_message(f"ok{i}")
+        await p.add_message("poison")
+        await p.flush()
+        stats = await ledger(p)
+    assert [letter.message for letter in p.dead_letters] == ["poison"]
+    assert stats["downstream"]["held"] == 0

@@ -40,6 +40,7 @@ from batchpunk.deadletter import DeadLetter
 from batchpunk.errors import (
     BatchTimeout,
     CallCancelled,
+    DownstreamUnavailable,
     MessageExpired,
     PartialFailure,
     ProcessorClosed,
@@ -121,6 +122,20 @@ class _Node:
         self.trackers = pick(self.trackers, keep)
 
 
+class _PastDeadline(Exception):
+    """The circuit breaker held a batch's call past its delivery_timeout."""
+
+
+class _CircuitOpen(DownstreamUnavailable):
+    """The error of a batch that never got a call: the circuit stayed open."""
+
+    def __init__(self, timeout: float | None) -> None:
+        super().__init__(
+            f"the circuit breaker stayed open (other calls kept failing by an outage) for the "
+            f"whole delivery_timeout={timeout}s"
+        )
+
+
 class Execution:
     """Runs jobs for one processor; ``succeeded`` and ``dead`` report what became of messages."""
 
@@ -166,7 +181,7 @@ class Execution:
             while todo or held:
                 if todo:
                     current = todo.pop()
-                    if current.batch and await self._process(job, current, todo):
+                    if current.batch and await self._process(job, current, todo, deadline):
                         held.append(current)
                 else:
                     # Only held nodes are left: retry the one that waited longest.
@@ -215,7 +230,9 @@ class Execution:
         cfg = self.config
         return is_retryable(error, cfg.retry_on) and is_outage(error, cfg.unavailable_on)
 
-    async def _process(self, job: Job, node: _Node, todo: list[_Node]) -> bool:
+    async def _process(
+        self, job: Job, node: _Node, todo: list[_Node], deadline: float | None
+    ) -> bool:
         """Call with retries, then settle the node; True when an outage holds it instead."""
         cfg = self.config
         extra = cfg.max_retries if node.root else cfg.split_retries
@@ -223,7 +240,14 @@ class Execution:
         tries = 0
         while True:
             tries += 1
-            error = await self._call(job, node)
+            try:
+                error = await self._call(job, node, deadline=deadline)
+            except _PastDeadline:
+                # An open circuit kept this batch from its call until delivery_timeout: the
+                # trials are shared one per cooldown, so waiting on went far past the bound.
+                self._unhold(node)
+                self._expire_held(job, node, node.error or _CircuitOpen(cfg.delivery_timeout))
+                return False
             if error is None:
                 return False
             if is_retryable(error, cfg.retry_on) and tries < allowed:
@@ -258,6 +282,7 @@ class Execution:
             # failed: nothing shows a bad message, so hold the batch instead of splitting it.
             down.unavailable(error)
             return True
+        self._unhold(node)  # evidence of a bad message: split or dead-lettered, not held
         self._settle_failure(job, node, todo, error)
         return False
 
@@ -363,17 +388,34 @@ class Execution:
             self.downstream.release(node.held)
             node.held = 0
 
-    async def _call(self, job: Job, node: _Node, ticket: int | None = None) -> BaseException | None:
+    async def _call(
+        self,
+        job: Job,
+        node: _Node,
+        ticket: int | None = None,
+        *,
+        deadline: float | None = None,
+    ) -> BaseException | None:
         """One processor call (past the circuit breaker, unless it gave ``ticket`` already).
 
         Returns None when every message of the node is settled, else the error to act on.
+        Raises _PastDeadline when the circuit stays open past ``deadline`` (delivery_timeout).
         """
         batch = node.batch
         batch.attempt = node.calls + 1
         breaker = self.breaker
         down = self.downstream
         if ticket is None:
-            ticket = await breaker.acquire() if breaker is not None else 0
+            if breaker is None:
+                ticket = 0
+            elif deadline is None:
+                ticket = await breaker.acquire()
+            else:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        ticket = await breaker.acquire()
+                except TimeoutError:
+                    raise _PastDeadline from None
         loop = asyncio.get_running_loop()
         started = loop.time()
         down.probe()
@@ -389,6 +431,16 @@ class Execution:
                     f"{len(batch)} messages; expected one per message, or None"
                 )
         except PartialFailure as partial:
+            failures = partial.failures
+            if (
+                len(failures) == len(batch)
+                and partial.fits(len(batch))
+                and all(map(self._outage, failures.values()))
+            ):
+                # Nothing got through, and every message failed by an outage: no answer at
+                # all, so the same as a call that raised one (counting it as an answer made
+                # each retry look like evidence, and bisection dead-lettered good messages).
+                return self._failed(node, failures[min(failures)], started, ticket)
             elapsed = loop.time() - started
             self.observer.call_finished(len(batch), elapsed, False)
             self._unhold(node)
