@@ -303,6 +303,24 @@ async def test_an_unstorable_message_is_kept_as_its_repr_and_blocks_nothing(
     assert any("stored as its repr" in record.getMessage() for record in caplog.records)
 
 
+async def test_a_message_nested_too_deep_to_encode_is_kept_as_a_placeholder_and_blocks_nothing(
+    open_sink: Callable[..., Sink],
+) -> None:
+    """A list nested 3,000 deep made put() raise RecursionError on every retry (only TypeError
+    was caught, and repr() fails on it too): every later letter waited behind it for good. It
+    is now kept as a placeholder naming the problem, and the letters after it are stored."""
+    deep: list[Any] = []
+    for _ in range(3000):
+        deep = [deep]
+    async with open_sink() as sink:
+        await sink.put([letter(deep), letter("after")])
+        got = await read_all(sink)
+    assert [back.message for back in got] == [
+        "<list without a usable repr: RecursionError>",
+        "after",
+    ]
+
+
 async def test_a_string_utf8_cannot_hold_is_escaped_or_kept_by_pickle(
     open_sink: Callable[..., Sink],
 ) -> None:

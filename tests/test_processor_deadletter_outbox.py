@@ -312,3 +312,28 @@ async def test_sink_retries_wait_as_long_as_its_error_asks(monkeypatch: pytest.M
         await p.flush()
     assert asked == [2.5, 10.0]
     assert [letter.message for letter in sink.letters] == ["bad"]
+
+
+async def test_a_sink_that_leaks_a_cancel_once_is_retried_and_stores_every_letter() -> None:
+    """A dead-letter sink whose client library leaked CancelledError once ended the outbox's
+    task: flush() never returned and the 3 letters were never stored, with nothing logged. A
+    cancel nobody asked for is now a failed write like any other, retried with backoff."""
+
+    class LeaksACancel(DownSink):
+        async def put(self, letters: Sequence[DeadLetter]) -> None:
+            self.down = False
+            if self.attempts == 0:
+                self.attempts += 1
+                raise asyncio.CancelledError()
+            await super().put(letters)
+
+    sink = LeaksACancel()
+    cfg = config(**FAST_FAIL, retry_delay=0.01, retry_max_delay=0.02)
+    async with BatchProcessor(cfg, Recorder(fail=_reject_all), dead_letter=sink) as p:
+        for i in range(3):
+            await p.add_message(i)
+        await asyncio.wait_for(p.flush(), PATIENCE)
+        stats = await ledger(p)
+    assert sorted(letter.message for letter in sink.letters) == [0, 1, 2]
+    assert stats["dead_letter_write_failures"] == 1
+    assert p.dead_letters == []

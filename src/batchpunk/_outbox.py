@@ -176,7 +176,16 @@ class Outbox:
             self._writing = True
             try:
                 await self._put([letter for letter, _ in chunk])
-            except Exception as exc:
+            except (Exception, asyncio.CancelledError) as caught:
+                exc: BaseException = caught
+                if isinstance(caught, asyncio.CancelledError):
+                    task = asyncio.current_task()
+                    if task is None or task.cancelling():
+                        raise  # close() cancelled this task
+                    # Nobody cancelled the outbox: the sink's library leaked a cancel. Ending
+                    # the task here left every later letter unstored, silently.
+                    exc = RuntimeError("the dead-letter sink raised CancelledError")
+                    exc.__cause__ = caught
                 failures += 1
                 self.failed_writes += 1
                 self._failed = True

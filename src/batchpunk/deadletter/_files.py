@@ -119,6 +119,11 @@ class MalformedDeadLetter(BatchpunkError, ValueError):
 # -- the record -------------------------------------------------------------------------------
 
 
+#: What encoders raise for a value they cannot hold: a type they do not know (TypeError), an
+#: integer out of range (OverflowError, ValueError), a structure nested past the recursion limit.
+_UNENCODABLE = (TypeError, ValueError, OverflowError, RecursionError)
+
+
 def _json_exact(value: Any) -> bool:
     """True when ``value`` comes back from JSON as an equal value of the same types."""
     kind = type(value)
@@ -193,13 +198,13 @@ class _RecordCodec:
             else:
                 try:
                     frame = encode_batch([value], serializer=self.serializer)
-                except TypeError as exc:
+                except _UNENCODABLE as exc:
                     _unstorable(record, name, value, exc, self.owner, index)
                     continue
                 record[f"{name}_frame"] = base64.b64encode(frame).decode("ascii")
         try:
             return record, encode_value(record)
-        except TypeError:  # e.g. a str holding a lone surrogate, which UTF-8 cannot hold
+        except _UNENCODABLE:  # e.g. a str holding a lone surrogate, which UTF-8 cannot hold
             pass
         # Escape the text fields first: a lone surrogate in the traceback or reason must not
         # cost the message, which was storable (a message kept only as its repr is never
@@ -209,7 +214,7 @@ class _RecordCodec:
                 record[name] = _escaped(record[name])
         try:
             return record, encode_value(record)
-        except TypeError as exc:  # e.g. a str-keyed header whose key holds a lone surrogate
+        except _UNENCODABLE as exc:  # e.g. a str-keyed header whose key holds a lone surrogate
             for name in ("message", "key", "headers"):
                 if name in record:
                     _unstorable(record, name, record.pop(name), exc, self.owner, index)
@@ -296,7 +301,11 @@ def _unstorable(
     its repr (with ``<name>_unstorable`` saying why) keeps the evidence and lets the rest go on.
     """
     record.pop(f"{name}_frame", None)
-    record[f"{name}_repr"] = _escaped(repr(value))
+    try:
+        shown = repr(value)
+    except Exception as failure:  # nested too deep for repr too, or a repr that raises
+        shown = f"<{type(value).__name__} without a usable repr: {type(failure).__name__}>"
+    record[f"{name}_repr"] = _escaped(shown)
     record[f"{name}_unstorable"] = _escaped(f"{type(value).__name__}: {exc}")
     log.warning(
         "%s: letters[%d].%s of type %s cannot be serialized (%s); stored as its repr. "
