@@ -116,6 +116,24 @@ async def test_half_open_lets_a_single_trial_through() -> None:
 async def test_new_batches_wait_while_the_circuit_is_open() -> None:
     """A batch cut while the circuit is open starts only after the cooldown."""
     handler = Scripted({1: "fail"})
+    cfg = _config(circuit_breaker_threshold=1, max_retries=0, enable_partial_batches=False)
+    async with BatchProcessor(cfg, handler) as p:
+        first = asyncio.ensure_future(p.submit("first"))  # held by the outage
+        await handler.wait_calls(1)
+        await asyncio.sleep(0)
+        assert await _circuit(p) == "open"
+        cut = asyncio.get_running_loop().time()
+        await p.submit("second")
+        await first
+    assert len(handler.starts) == 3  # the failed call, then the trial, then the other batch
+    assert all(start > cut for start in handler.starts[1:])
+    assert all(start - handler.starts[0] >= COOLDOWN - 0.003 for start in handler.starts[1:])
+
+
+async def test_delivery_timeout_ends_the_wait_of_a_batch_behind_an_open_circuit() -> None:
+    """A batch waiting for its first call while the circuit is open expires at its
+    delivery_timeout (it waited for the cooldown, however long), with an error saying why."""
+    handler = Scripted({1: "fail"})
     cfg = _config(
         circuit_breaker_threshold=1,
         max_retries=0,
@@ -126,11 +144,10 @@ async def test_new_batches_wait_while_the_circuit_is_open() -> None:
         with pytest.raises(MessageExpired):  # held by the outage until delivery_timeout
             await p.submit("first")
         assert await _circuit(p) == "open"
-        loop = asyncio.get_running_loop()
-        cut = loop.time()
-        await p.submit("second")
-    assert handler.starts[1] > cut
-    assert handler.starts[1] - handler.starts[0] >= COOLDOWN - 0.003
+        with pytest.raises(MessageExpired, match="circuit breaker stayed open"):
+            await p.submit("second")
+    assert len(handler.starts) == 1
+    assert [letter.message for letter in p.dead_letters] == ["first", "second"]
 
 
 async def test_non_retryable_errors_do_not_open_the_circuit() -> None:
