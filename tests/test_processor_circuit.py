@@ -9,6 +9,7 @@ import pytest
 
 from batchpunk import Batch, BatchProcessor
 from batchpunk.errors import MessageExpired
+from batchpunk.metrics import RecordingCollector
 from tests.engine_support import PATIENCE, config, stopped_ledger
 
 COOLDOWN = 0.05
@@ -220,3 +221,25 @@ async def test_a_late_success_from_before_the_opening_does_not_cut_the_cooldown(
         await p.flush()
     bad = [at for name, at in starts if name == "bad"]
     assert bad[1] - bad[0] >= 0.2 - 0.005
+
+
+async def test_the_circuit_gauge_follows_the_breaker_while_no_batch_finishes() -> None:
+    """The circuit_state gauge was only set when a batch finished, and while the circuit is
+    open none does: /metrics said 0 (closed) for a whole outage while /stats said open. Each
+    change of state is now reported as it happens."""
+    handler = Scripted({1: "fail", 2: "hold"})
+    collector = RecordingCollector()
+    cfg = _config(circuit_breaker_threshold=1, max_retries=0, enable_partial_batches=False)
+    async with BatchProcessor(cfg, handler, metrics_collector=collector) as p:
+        first = asyncio.ensure_future(p.submit("first"))
+        await handler.wait_calls(1)
+        await asyncio.sleep(0)
+        assert await _circuit(p) == "open"
+        assert collector.gauges[("circuit_state", ())] == 2  # open, with no batch finished
+        await handler.wait_calls(2)  # the trial call, held by the gate
+        assert collector.gauges[("circuit_state", ())] == 1  # half_open
+        handler.gate.set()
+        await first
+        assert collector.gauges[("circuit_state", ())] == 0  # closed again
+    states = [value for kind, name, value, _ in collector.calls if name == "circuit_state"]
+    assert states[:3] == [2, 1, 0]

@@ -156,7 +156,9 @@ class BatchProcessor(Completion, Generic[T, R]):
         self._breaker: CircuitBreaker | None = None
         if config.circuit_breaker_threshold is not None:
             self._breaker = CircuitBreaker(
-                config.circuit_breaker_threshold, config.circuit_breaker_cooldown
+                config.circuit_breaker_threshold,
+                config.circuit_breaker_cooldown,
+                on_change=self._observer.circuit,
             )
         self._exec = Execution(
             config,

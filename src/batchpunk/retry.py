@@ -166,10 +166,14 @@ class CircuitBreaker:
         threshold: int,
         cooldown: float,
         clock: Callable[[], float] | None = None,
+        on_change: Callable[[CircuitState], None] | None = None,
     ) -> None:
         self.threshold = threshold
         self.cooldown = cooldown
         self._clock = clock
+        #: Told each new state: while the circuit is open no batch finishes, so a gauge set
+        #: only when one does showed "closed" for the whole outage.
+        self._on_change = on_change
         self.state: CircuitState = "closed"
         self._failures = 0
         self._opened_at = 0.0
@@ -228,7 +232,10 @@ class CircuitBreaker:
             self._set(self.state)
 
     def _set(self, state: CircuitState) -> None:
+        changed = state != self.state
         self.state = state
+        if changed and self._on_change is not None:
+            self._on_change(state)
         if self._changed is not None and not self._changed.done():
             self._changed.set_result(None)
         self._changed = None

@@ -202,6 +202,11 @@ class Observer:
             self._send("gauge", "in_flight", in_flight, None)
             self._send("gauge", "circuit_state", CIRCUIT_STATES.get(circuit, -1), None)
 
+    def circuit(self, state: str) -> None:
+        """The circuit breaker changed state (0 closed, 1 half_open, 2 open)."""
+        if self._collector is not None:
+            self._send("gauge", "circuit_state", CIRCUIT_STATES.get(state, -1), None)
+
     def downstream(self, unavailable: bool, held: int) -> None:
         """The downstream's state changed (1 while unavailable) or the messages it holds."""
         if self._collector is not None:
