@@ -277,6 +277,24 @@ def test_the_redactor_masks_a_credential_named_quoted_key() -> None:
     json.loads(shown.split("} ")[0] + "}")  # JSON text stays JSON
 
 
+def test_the_redactor_leaves_words_that_are_no_credential_alone() -> None:
+    """The pair rule masked whatever followed a credential-named word: validate showed
+    ``token=***`` for no token at all, errors lost their wording (``password: *** str``), and
+    a path to a file named like a credential lost the next word (``/etc/passwd: *** such
+    file``). An absent value, the word "expected" and a path stay; real values are masked."""
+    assert redact("[metrics] token=None host=0.0.0.0") == "[metrics] token=None host=0.0.0.0"
+    assert redact("[sink] password: expected str, got 5 (int)") == (
+        "[sink] password: expected str, got 5 (int)"
+    )
+    assert redact("spool /etc/passwd: No such directory") == (
+        "spool /etc/passwd: No such directory"
+    )
+    assert redact("cannot read C:\\keys\\token: denied") == "cannot read C:\\keys\\token: denied"
+    assert redact("token=abc password: hunter2 secret: None2") == (
+        "token=*** password: *** secret: ***"
+    )
+
+
 def test_mask_secrets_and_mask_url_delegate_to_the_redactor() -> None:
     """The connectors' helpers are the one redactor, so every connector masks alike."""
     from batchpunk.connectors._common import mask_secrets, mask_url

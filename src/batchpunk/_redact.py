@@ -47,7 +47,8 @@ _URL_USERINFO = re.compile(
     r"(?P<host>[^\s'\"<>/?#@\\,;]*)(?=[/?#\s'\"<>\\,;)\]}]|$)"
 )
 _PAIR = re.compile(
-    rf"(?P<head>(?<![A-Za-z0-9_.\-])(?P<name>(?:[A-Za-z0-9_.\-]*[_.\-])?(?:{_SECRET_WORDS})"
+    # not after '/' or '\': the last part of a path (/etc/passwd) names a file, not a key
+    rf"(?P<head>(?<![A-Za-z0-9_.\-/\\])(?P<name>(?:[A-Za-z0-9_.\-]*[_.\-])?(?:{_SECRET_WORDS})"
     r"(?:[_.\-][A-Za-z0-9_.\-]*)?)"
     r"(?P<sep>(?P<quoted_key>[\"'])?\s*[=:]\s*))"
     # after a quoted key (JSON, a Python repr) only a string value: "token": null stays JSON
@@ -106,11 +107,16 @@ def _userinfo(match: re.Match[str]) -> str:
     return f"{scheme}{shown}@{match.group('host')}"
 
 
+#: Unquoted values after a credential-named word that hold no credential: no value at all
+#: (``token=None``), an error's wording (``password: expected str``), an auth scheme.
+_NOT_VALUES = frozenset({"None", "null", "expected", "Bearer", "Basic", "Token", "Digest"})
+
+
 def _pair(match: re.Match[str]) -> str:
     value = match.group("value")
     if value.startswith(("'", '"')) and len(value) >= 2:
         return f"{match.group('head')}{value[0]}{MASK}{value[-1]}"
-    if value.startswith(MASK) or value in ("Bearer", "Basic", "Token", "Digest"):
+    if value.startswith(MASK) or value in _NOT_VALUES:
         return match.group(0)
     return f"{match.group('head')}{MASK}"
 
