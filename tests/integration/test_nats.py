@@ -274,6 +274,54 @@ async def test_stop_consuming_ends_iteration_and_returns_unread_messages(sources
         assert await settled_counts(js, stream, durable) == (0, 0)
 
 
+async def test_stop_consuming_hands_out_last_deliveries_and_naks_only_the_others(sources) -> None:
+    """stop_consuming() nak'd every unread message, those on their last delivery too, which
+    JetStream then never delivers again (lost). Now those still come out, flagged, before
+    iteration ends; the others are nak'd as before."""
+    async with fresh_stream([{"id": i} for i in range(4)]) as (js, stream, subject):
+        durable = unique("D")
+        first = make(sources, stream, subject, durable, batch=4, max_deliver=2)
+        got = await take(first, 4)
+        await first.nack_many(got[2:], True)  # ids 2 and 3: their next delivery is the last
+        await first.ack_many(got[:2])
+        await js.publish(subject, json.dumps({"id": 4}).encode())
+        source = make(sources, stream, subject, durable, batch=4, max_deliver=2)
+        [handed] = await take(source, 1)
+        source.stop_consuming()
+        rest = [e async for e in source]
+        assert [(e.payload["id"], e.headers[REDELIVERED]) for e in [handed, *rest]] == [
+            (2, True),
+            (3, True),
+        ]
+        await source.ack_many([handed, *rest])
+        other = make(sources, stream, subject, durable)
+        [nakd] = await take(other, 1, seconds=3.0)  # id 4, on its first delivery, was nak'd
+        assert (nakd.payload, nakd.headers["delivery_count"]) == ({"id": 4}, 2)
+        await other.ack_many([nakd])
+        await source.close()
+        await other.close()
+        assert await settled_counts(js, stream, durable) == (0, 0)
+
+
+async def test_close_logs_a_last_delivery_it_cannot_return_instead_of_nak_ing_it(
+    sources, caplog
+) -> None:
+    """close() nak'd a message on its last delivery without a word, and JetStream dropped it.
+    A nak or ack_wait both end it, so close() now logs an error naming its stream sequence."""
+    async with fresh_stream([{"id": 1}]) as (_js, stream, subject):
+        durable = unique("D")
+        source = make(sources, stream, subject, durable, max_deliver=2)
+        [first] = await take(source, 1)
+        await source.nack_many([first], True)
+        [last] = await take(source, 1)
+        assert last.headers[REDELIVERED]
+        with caplog.at_level("ERROR", logger="batchpunk.connectors.nats"):
+            await source.close()
+        [record] = [r for r in caplog.records if r.levelname == "ERROR"]
+        assert "last delivery" in record.getMessage()
+        assert "stream sequences 1" in record.getMessage()
+
+
 async def test_close_returns_unsettled_messages_to_other_workers_at_once(sources) -> None:
     """Messages unsettled at close() are nak'd: another worker gets them long before ack_wait."""
     payloads = [{"id": i} for i in range(3)]

@@ -594,6 +594,10 @@ class NatsJetStreamSource:
     async def close(self) -> None:
         """Stop fetching, nak every unsettled message, flush and close; safe to call twice.
 
+        A message on its last delivery is not nak'd (JetStream would drop it at once; left
+        alone, it drops it after ack_wait): close() logs an error naming its stream sequence.
+        Only a hard stop leaves one unsettled; a graceful one dead-letters it first.
+
         The pull request in flight is let finish (it ends within ``fetch_timeout``) rather
         than abandoned, so no message the server already sent is left unaccounted for.
         """
@@ -616,7 +620,9 @@ class NatsJetStreamSource:
                 for msg in self._drain_client_buffer():
                     self._unsettled[msg.reply] = None
             self._ready.clear()
-            returned = len(self._unsettled)
+            limit = self._server_max_deliver or math.inf
+            returned = sum(_delivered(reply) < limit for reply in self._unsettled)
+            # One on its last delivery is not nak'd but logged as an error (see there).
             await self._publish_settlements([(reply, _NAK) for reply in self._unsettled])
             if returned:
                 log.info(
@@ -659,8 +665,10 @@ class NatsJetStreamSource:
         nak'd by close()).
         """
         while True:
-            if self._closing or self._stopping:
+            if self._closing:
                 raise StopAsyncIteration
+            if self._stopping:
+                return await self._last_deliveries()
             if self._ready:
                 return self._ready.popleft()
             if self._fetch_failure is not None:
@@ -687,7 +695,10 @@ class NatsJetStreamSource:
         """End iteration soon while acknowledgements still work (the pipeline's graceful stop).
 
         No new pull starts; the one in flight finishes, and whatever was fetched but not yet
-        handed out is nak'd at once so that other workers get it while this one drains.
+        handed out is nak'd at once so that other workers get it while this one drains, except
+        the messages on their last delivery (``max_deliver``): JetStream never delivers a nak'd
+        last delivery again, so those are still handed out, flagged redelivered, for the
+        pipeline to dead-letter before iteration ends.
         """
         if self._stopping or self._closing:
             return
@@ -699,9 +710,35 @@ class NatsJetStreamSource:
 
     async def _return_unread(self) -> None:
         await self._wait_pull_over()
-        unread = list(self._ready)
+        unread = [e for e in self._ready if not self._at_last_delivery(e)]
+        last = [e for e in self._ready if self._at_last_delivery(e)]
         self._ready.clear()
+        self._ready.extend(last)
         await self.nack_many(unread, True)
+
+    async def _last_deliveries(self) -> Envelope:
+        """Once stopping: the fetched messages on their last delivery, then the end.
+
+        Waits for the pull in flight to end (the returner), so that a last delivery it brings
+        is handed out too; what a given-up pull brings later and is not a last delivery stays
+        for close() to nak.
+        """
+        if self._returner is not None and not self._returner.done():
+            await asyncio.wait([self._returner])  # never cancels it
+        ready = self._ready
+        if self._closing:
+            raise StopAsyncIteration
+        for _ in range(len(ready)):
+            envelope = ready.popleft()
+            if self._at_last_delivery(envelope):
+                return envelope
+            ready.append(envelope)
+        raise StopAsyncIteration
+
+    @staticmethod
+    def _at_last_delivery(envelope: Envelope) -> bool:
+        """Flagged redelivered: JetStream delivers it no more, whatever this worker does."""
+        return bool(envelope.headers and envelope.headers.get(REDELIVERED))
 
     async def _wait_pull_over(self) -> None:
         """Wait until the pull in flight has brought all it will, or was given up on."""
@@ -987,14 +1024,19 @@ class NatsJetStreamSource:
         """
         unsettled = self._unsettled
         nc = self._conn.nc
+        limit = self._server_max_deliver
         failed = 0
         first = ""  # the first failed settlement, named in the log line
         error: BaseException | None = None
+        lost: list[Any] = []  # last deliveries given back: JetStream drops them
         for delivery, how in replies:
             reply = delivery.key if isinstance(delivery, Parts) else delivery
             if reply not in unsettled:
                 continue  # settled already (close() gave it back, or a second settlement)
             del unsettled[reply]
+            if how == _NAK and limit is not None and _delivered(reply) >= limit:
+                lost.append(_stream_seq(reply))  # a nak would only drop it at once
+                continue
             payload = b"" if how == _ACK else b"+TERM" if how == _TERM else self._nak_payload
             try:
                 if nc is None:
@@ -1011,6 +1053,17 @@ class NatsJetStreamSource:
                 failed,
                 first,
                 self._conn.scrub(f"{type(error).__name__}: {error}"),
+            )
+        if lost:
+            log.error(
+                "NatsJetStreamSource: %d message(s) of stream %r on their last delivery "
+                "(max_deliver=%s) were given back unsettled, not dead-lettered; JetStream will "
+                "not deliver them again (stream sequences %s). A graceful stop dead-letters "
+                "them; recover these from the stream by sequence",
+                len(lost),
+                self.stream,
+                limit,
+                ", ".join(map(str, lost)),
             )
 
     async def _keep_in_progress(self) -> None:
