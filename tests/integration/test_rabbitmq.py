@@ -337,6 +337,39 @@ async def test_quorum_deliveries_past_max_deliveries_are_flagged_for_dead_letter
         await delete_queue(channel, queue)
 
 
+async def test_stop_consuming_yields_flagged_deliveries_instead_of_returning_them(
+    channel: Any,
+) -> None:
+    """stop_consuming() returned every unyielded delivery, those past max_deliveries too: each
+    return counts one more delivery, and at the queue's x-delivery-limit the broker dropped the
+    message (a reviewer's run: id 0 gone after its 3rd delivery, never dead-lettered). Now the
+    flagged ones are still yielded, for the pipeline to dead-letter; only the others go back."""
+    queue = unique_queue("quorum")
+    first = RabbitMQSource(RABBITMQ_URL, queue, quorum=True, max_deliveries=1, prefetch=10)
+    source = RabbitMQSource(RABBITMQ_URL, queue, quorum=True, max_deliveries=1, prefetch=10)
+    try:
+        await first.start()
+        await publish_json(channel, queue, [{"id": 0}, {"id": 1}])
+        await first.nack_many(await take(first, 2), True)  # their next delivery is flagged
+        await first.close()
+        await publish_json(channel, queue, [{"id": 2}, {"id": 3}])
+        [handed] = await take(source, 1)
+        await eventually(lambda: _true(source.stats().delivered == 4))
+        source.stop_consuming()
+        rest = [envelope async for envelope in source]
+        yielded = [(e.payload["id"], bool(e.headers.get(REDELIVERED_HEADER))) for e in rest]
+        assert rest
+        assert all(flag for _, flag in yielded)  # only flagged ones after the stop
+        assert {i for i, _ in yielded} | {handed.payload["id"]} >= {0, 1}
+        await source.ack_many([handed, *rest])
+        await source.close()
+        await wait_ready(channel, queue, 4 - 1 - len(rest))
+    finally:
+        await first.close()
+        await source.close()
+        await delete_queue(channel, queue)
+
+
 async def test_stale_delivery_tags_after_a_forced_close_do_not_crash(
     channel: Any, queue: str
 ) -> None:

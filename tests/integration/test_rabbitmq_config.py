@@ -46,6 +46,10 @@ def source(**overrides: Any) -> RabbitMQSource:
             {"max_deliveries": 5, "quorum": True, "queue_arguments": {"x-delivery-limit": 4}},
             "max_deliveries",
         ),
+        (
+            {"max_deliveries": 4, "quorum": True, "queue_arguments": {"x-delivery-limit": 4}},
+            "max_deliveries",
+        ),
         ({"decode": "yaml"}, "decode"),
         ({"close_timeout": 0}, "close_timeout"),
         ({"reconnect_interval": -1}, "reconnect_interval"),

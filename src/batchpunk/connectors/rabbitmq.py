@@ -497,10 +497,14 @@ class RabbitMQSource:
                     "deliveries)"
                 )
             limit = arguments.get("x-delivery-limit")
-            if isinstance(limit, int) and max_deliveries > limit:
+            if isinstance(limit, int) and max_deliveries >= limit:
+                # The flagged delivery (x-delivery-count = max_deliveries) must not be the
+                # broker's last (x-delivery-count = limit): a stop or crash that returns it
+                # would have the broker drop it before batchpunk dead-letters it.
                 raise ConfigError(
-                    f"{where}.max_deliveries: {max_deliveries} exceeds the queue's "
-                    f"x-delivery-limit {limit}; the broker would drop a message before "
+                    f"{where}.max_deliveries: {max_deliveries} must be below the queue's "
+                    f"x-delivery-limit {limit}; at max_deliveries >= x-delivery-limit the "
+                    "broker drops a flagged message that a stop or crash returns, before "
                     "batchpunk dead-letters it"
                 )
         if not callable(decode) and decode not in DECODERS:
@@ -648,7 +652,13 @@ class RabbitMQSource:
                 ):
                     return envelope
             if self._stopping:
-                raise StopAsyncIteration
+                canceller = self._canceller
+                if canceller is None or canceller.done():
+                    raise StopAsyncIteration
+                # A flagged delivery may still come before the broker's cancel-ok: wait.
+                await asyncio.wait([canceller])  # never cancels it
+                await asyncio.sleep(0)  # the delivery tasks started before it ran
+                continue
             self._waiter = asyncio.get_running_loop().create_future()
             try:
                 await self._waiter
@@ -774,10 +784,6 @@ class RabbitMQSource:
         tag = delivery.delivery_tag
         receipt = tracker.add(tag)
         self._delivered += 1
-        if self._stopping:
-            # Sent before the broker saw our basic.cancel: give it straight back.
-            tracker.settle(tag, _REQUEUE)
-            return
         properties = message.header.properties
         # Headers only when the message has some: the queue name of a dead letter comes from
         # headers_of(), so a plain message costs no dict.
@@ -807,6 +813,11 @@ class RabbitMQSource:
                     f"{self.queue!r} was delivered {count + 1} times, more than "
                     f"max_deliveries={self.max_deliveries}"
                 )
+        if self._stopping and error is None:
+            # Sent before the broker saw our basic.cancel: give it straight back (unless it
+            # is flagged: see stop_consuming).
+            tracker.settle(tag, _REQUEUE)
+            return
         priority = properties.priority or 0
         body: bytes = message.body
         try:
@@ -906,11 +917,14 @@ class RabbitMQSource:
     # -- shutdown ------------------------------------------------------------------------
 
     def stop_consuming(self) -> None:
-        """End iteration now; give the messages received but not yet yielded back to the queue.
+        """End iteration soon; give the messages received but not yet yielded back to the queue.
 
         The pipeline calls it when a graceful stop begins, so that other workers get those
         messages while this one drains. Envelopes already yielded stay the caller's to ack or
         nack until ``close()``. The consumer is cancelled (basic.cancel) in the background.
+        Deliveries flagged redelivered (past max_deliveries) are not returned but still yielded
+        until the broker confirms the cancel, for the pipeline to dead-letter: returning one
+        counts a delivery more, and at the queue's delivery limit the broker drops it.
         """
         if self._stopping:
             return
@@ -919,8 +933,10 @@ class RabbitMQSource:
         if self._resumer is not None:
             self._resumer.cancel()
         buffer = self._buffer  # emptied in place: a waiting __anext__ holds this very deque
-        unhanded = list(buffer)
+        unhanded = [e for e in buffer if e.error is None or not _flagged(e)]
+        flagged = [e for e in buffer if e.error is not None and _flagged(e)]
         buffer.clear()
+        buffer.extend(flagged)
         self._settle(unhanded, _REQUEUE)
         if self._consumer_tag is not None:
             self._canceller = asyncio.get_running_loop().create_task(self._cancel_consumer())
@@ -983,6 +999,11 @@ class RabbitMQSource:
                 await _close_quietly(thing, self.close_timeout)
         if self._tracker is not None:
             self._tracker.kill()
+
+
+def _flagged(envelope: Envelope) -> bool:
+    """A delivery past max_deliveries, yielded for the pipeline to dead-letter."""
+    return bool(envelope.headers and envelope.headers.get(REDELIVERED_HEADER))
 
 
 def _identity(body: bytes) -> bytes:
