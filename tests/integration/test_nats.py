@@ -450,6 +450,33 @@ async def test_sink_fails_only_the_payloads_it_cannot_encode() -> None:
         assert (await js.stream_info(stream)).state.messages == 2
 
 
+async def test_sink_refuses_a_payload_that_fits_only_without_its_headers_and_publishes_on() -> None:
+    """nats-py checks max_payload on the payload alone; with the Nats-Msg-Id and
+    Nats-Expected-Stream headers the server refused the frame, nats-py closed the client for
+    good and the sink never reconnected (all 6 messages of a run expired). Now the sink counts
+    the headers and raises NatsPayloadError (not retried) before sending, and a closed client
+    is replaced by the next write."""
+    async with fresh_stream() as (js, stream, subject):
+        sink = NatsJetStreamSink(NATS_URL, subject, stream=stream, msg_id="id", timeout=2.0)
+        await sink.start()
+        limit = sink._conn.nc.max_payload
+        headers = len(f"NATS/1.0\r\nNats-Msg-Id: 1\r\nNats-Expected-Stream: {stream}\r\n\r\n")
+
+        def sized(ident: int, size: int) -> dict[str, Any]:
+            item: dict[str, Any] = {"id": ident, "x": ""}
+            item["x"] = "a" * (size - len(json.dumps(item, separators=(",", ":"))))
+            return item
+
+        with pytest.raises(NatsPayloadError) as caught:
+            await sink.write([sized(1, limit - headers + 1)])
+        assert caught.value.retryable is False
+        assert await sink.write([sized(2, limit - headers)]) == [1]  # an exact fit is sent
+        await sink._conn.nc.close()  # closed for good, as nats-py does after a refused frame
+        assert await sink.write([{"id": 3}]) == [2]
+        await sink.close()
+        assert (await js.stream_info(stream)).state.messages == 2
+
+
 async def test_sink_refuses_a_payload_over_max_payload_without_retry() -> None:
     """A payload larger than the server's max_payload fails as a non-retryable NatsPayloadError."""
     async with fresh_stream() as (js, stream, subject):

@@ -1162,6 +1162,20 @@ def _ack_metadata(reply: str) -> tuple[str, int, int, int, float]:
 # ---------------------------------------------------------------------------------------------
 
 
+def _header_bytes(headers: Mapping[str, str] | None, stream: str | None) -> int:
+    """The bytes of the header block nats-py sends with a JetStream publish of ``headers``
+    (plus ``Nats-Expected-Stream`` when a stream is expected): ``NATS/1.0\r\n``, one
+    ``key: value\r\n`` per header, a closing ``\r\n``."""
+    if not headers and not stream:
+        return 0
+    size = len(b"NATS/1.0\r\n") + 2
+    if stream:
+        size += len("Nats-Expected-Stream: \r\n") + len(stream.encode())
+    for key, value in (headers or {}).items():
+        size += len(key.encode()) + 2 + len(str(value).encode()) + 2
+    return size
+
+
 class NatsJetStreamSink:
     """Publishes each payload of a batch to a JetStream subject and waits for every ack.
 
@@ -1250,7 +1264,11 @@ class NatsJetStreamSink:
         async with self._lock:
             if self._closed:
                 raise RuntimeError(f"{self!r} is closed")
-            if self._js is None:
+            nc = self._conn.nc
+            if self._js is None or nc is None or nc.is_closed:
+                # A client nats-py closed for good (reconnect_attempts exhausted, or a frame
+                # the server refused) is replaced: it never publishes again.
+                self._js = None
                 self._js = await self._conn.open()
 
     async def write(self, batch: Sequence[Any]) -> list[int]:
@@ -1292,6 +1310,18 @@ class NatsJetStreamSink:
         return results
 
     async def _publish(self, data: bytes, headers: dict[str, str] | None) -> int:
+        nc = self._conn.nc
+        limit = nc.max_payload if nc is not None else 0
+        if limit and (headers or self.stream):
+            size = len(data) + _header_bytes(headers, self.stream)
+            if size > limit:
+                # nats-py checks the payload alone; the server counts the headers too, refuses
+                # the frame and nats-py closes the connection for good: check it here.
+                raise NatsPayloadError(
+                    f"NatsJetStreamSink: a {len(data)}-byte message with its headers "
+                    f"({size} bytes) exceeds the server's max_payload ({limit}) for "
+                    f"{self.subject!r}"
+                )
         try:
             ack = await self._js.publish(
                 self.subject, data, timeout=self.timeout, stream=self.stream, headers=headers
