@@ -18,6 +18,7 @@ import pytest
 from batchpunk._cli_app import _read_file
 from batchpunk.codec import decode_batch, encode_batch
 from batchpunk.config import BatchConfig
+from batchpunk.connectors._common import PayloadError
 from batchpunk.connectors.rabbitmq import (
     DELIVERY_COUNT_HEADER,
     FRAME_CONTENT_TYPE,
@@ -30,7 +31,7 @@ from batchpunk.connectors.rabbitmq import (
 )
 from batchpunk.deadletter import DeadLetter, letter_from_record, open_dead_letter_file
 from batchpunk.envelope import Envelope
-from batchpunk.errors import FrameError, PartialFailure
+from batchpunk.errors import DeadLetterError, FrameError, PartialFailure
 from tests.conftest import require_server
 from tests.contract.cases_rabbitmq import (
     RABBITMQ_URL,
@@ -460,6 +461,51 @@ async def test_sink_items_fail_alone_when_they_are_not_json(channel: Any, queue:
         ]
     finally:
         await sink.close()
+
+
+#: One byte over RabbitMQ's default max_message_size (128 MiB) once JSON-encoded.
+_OVER_MAX_MESSAGE_SIZE = 128 * 1024 * 1024 + 1
+
+
+async def test_a_message_over_the_broker_max_size_is_a_bad_payload_not_an_outage(
+    channel: Any, queue: str
+) -> None:
+    """The broker refuses a message over its max_message_size (406 PRECONDITION_FAILED,
+    "message size N is larger than configured max size M") and closes the channel. That was
+    wrapped in RabbitMQError, an outage: held for delivery_timeout, then every item of the
+    batch (in frame mode the whole frame) expired. Now it is a PayloadError (not retried) for
+    that item alone, the broker's limit is remembered so later ones fail before publishing,
+    and the next write publishes on a new channel."""
+    big = {"x": "a" * _OVER_MAX_MESSAGE_SIZE}
+    items = RabbitMQSink(RABBITMQ_URL, "", queue, mode="items")
+    frames = RabbitMQSink(RABBITMQ_URL, "", queue, compression="none")
+    letters = RabbitMQDeadLetters(RABBITMQ_URL, "", queue)
+    try:
+        with pytest.raises(PartialFailure) as caught:
+            await items.write([{"id": 0}, big, {"id": 2}])
+        failures = caught.value.failures
+        assert isinstance(failures[1], PayloadError)
+        assert failures[1].retryable is False
+        assert "max_message_size (134217728 bytes)" in str(failures[1])
+        assert 0 not in failures  # confirmed before the refusal
+        assert all(isinstance(failures[i], RabbitMQError) for i in set(failures) - {1})
+        # The limit is known now: refused before publishing, the channel stays open.
+        with pytest.raises(PayloadError):
+            await items.write([big])
+        await items.write([{"id": 3}])
+        with pytest.raises(PayloadError) as framed:  # the engine bisects the batch
+            await frames.write([big, {"id": 4}])
+        assert framed.value.retryable is False
+        await frames.write([{"id": 5}])
+        letter = DeadLetter(big, reason="failed", error=ValueError("x"))
+        with pytest.raises(DeadLetterError, match="max_message_size"):
+            await letters.put([letter])
+        bodies = [body for body, _ in await drain(channel, queue)]
+        assert [json.loads(b) for b in bodies[:2]] == [{"id": 0}, {"id": 3}]
+        assert decode_batch(bodies[-1]) == [{"id": 5}]
+    finally:
+        for sink in (items, frames, letters):
+            await sink.close()
 
 
 async def test_a_broker_nack_raises_a_retryable_error(channel: Any) -> None:

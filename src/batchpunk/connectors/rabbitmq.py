@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import ssl
 import uuid
 from collections import deque
@@ -103,6 +104,8 @@ _TO_PARTS = {_ACK: ACK, _REJECT: REJECT, _REQUEUE: REQUEUE}
 _RESUME_BASE = 0.5
 _RESUME_CAP = 10.0
 _FROM_PARTS = {ACK: _ACK, REJECT: _REJECT, REQUEUE: _REQUEUE}
+#: How the broker refuses a message over its max_message_size (it closes the channel with 406).
+_TOO_LARGE = re.compile(r"message size (\d+) is larger than configured max size (\d+)")
 
 
 class RabbitMQError(ConnectorError, ConnectionError):
@@ -1065,6 +1068,8 @@ class _Publisher:
         self._exchange: Any = None
         self._lock = asyncio.Lock()
         self._closed = False
+        # The broker's max_message_size, once a refusal told it (AMQP does not advertise it).
+        self._max_size: int | None = None
 
     def __repr__(self) -> str:
         return (
@@ -1110,8 +1115,13 @@ class _Publisher:
             return exchange
 
     async def _publish(self, messages: Sequence[Any]) -> None:
-        """Publish all, then wait for every confirm; any failure raises RabbitMQError."""
+        """Publish all, then wait for every confirm; any failure raises RabbitMQError, but a
+        message over the broker's max_message_size raises PayloadError (not retried)."""
+        for message in messages:
+            self._check_size(len(message.body), "a message")
         results = await self._confirm(messages)
+        for message in messages:
+            self._check_size(len(message.body), "a message")  # the limit the refusal told
         failures = [r for r in results if r is not None]
         if failures:
             what = f"{len(failures)} of {len(messages)} message(s)"
@@ -1137,7 +1147,22 @@ class _Publisher:
                 f"{self._where} at {mask_url(self._url)}: {len(messages)} message(s) not "
                 f"confirmed within timeout={self.timeout}s (broker down or blocked?)"
             ) from None
-        return [r if isinstance(r, BaseException) else None for r in results]
+        failures = [r if isinstance(r, BaseException) else None for r in results]
+        for failure in failures:
+            found = _TOO_LARGE.search(str(failure)) if failure is not None else None
+            if found:  # the broker closed the channel: the next write opens another
+                self._max_size = int(found.group(2))
+                break
+        return failures
+
+    def _check_size(self, size: int, what: str) -> None:
+        """Raise PayloadError if ``size`` bytes exceed the broker's max_message_size (known
+        once the broker refused a message: it says its limit then)."""
+        if self._max_size is not None and size > self._max_size:
+            raise PayloadError(
+                f"{self._where}: {what} of {size} bytes is larger than the broker's "
+                f"max_message_size ({self._max_size} bytes); it can never be published"
+            )
 
     async def _drop_closed_channel(self) -> None:
         """Open afresh if the broker closed the channel on a live connection (its exchange was
@@ -1204,7 +1229,9 @@ class RabbitMQSink(_Publisher):
     every confirm has arrived. In items mode, when the broker confirmed some items, write raises
     PartialFailure naming only the others (each with its RabbitMQError), so a retry does not
     publish the confirmed ones again; an item that is not JSON fails alone, with a PayloadError
-    that is not retried.
+    that is not retried. So does a message over the broker's max_message_size (the broker
+    refuses it and names its limit, which the sink then checks before publishing): in frame
+    mode the whole frame, which the engine bisects.
     """
 
     _where = "RabbitMQSink"
@@ -1286,13 +1313,28 @@ class RabbitMQSink(_Publisher):
                     f"RabbitMQSink: payload {index} of the batch is not JSON: {exc}"
                 )
                 continue
+            try:
+                self._check_size(len(body), f"payload {index} of the batch")
+            except PayloadError as exc:
+                failures[index] = exc
+                continue
             messages.append(
                 aio_pika.Message(body, content_type="application/json", delivery_mode=persistent)
             )
             indices.append(index)
         if messages:
             results = await self._confirm(messages)
-            unconfirmed = [(i, r) for i, r in zip(indices, results, strict=True) if r is not None]
+            unconfirmed = []
+            for index, message, result in zip(indices, messages, results, strict=True):
+                if result is None:
+                    continue
+                try:  # refused for its size (the broker said its limit): never publishable
+                    self._check_size(len(message.body), f"payload {index} of the batch")
+                except PayloadError as exc:
+                    exc.__cause__ = result
+                    failures[index] = exc
+                    continue
+                unconfirmed.append((index, result))
             if len(unconfirmed) == len(messages):  # none arrived: an outage of the whole batch
                 first = unconfirmed[0][1]
                 what = f"{len(messages)} of {len(messages)} message(s)"
@@ -1352,7 +1394,8 @@ class RabbitMQDeadLetters(_Publisher):
             )
         try:
             await self._publish(messages)
-        except RabbitMQError as exc:
+        except (RabbitMQError, PayloadError) as exc:  # PayloadError: a letter over the
+            # broker's max_message_size, said as such rather than as a lost connection
             raise DeadLetterError(str(exc)) from exc
 
 
