@@ -28,6 +28,7 @@ Three choices here are not the obvious ones:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import re
@@ -1379,9 +1380,12 @@ class RabbitMQDeadLetters(_Publisher):
             # The record's own error text: redacted like the body, and never failing to encode
             # (a broken __str__, a lone surrogate) where the record would not.
             error = "" if letter.error is None else stored_error_text(letter.error)
+            body = letter_to_json(letter)
+            if self._max_size is not None and len(body) > self._max_size:
+                body = self._without_message(letter, len(body), self._max_size)
             messages.append(
                 aio_pika.Message(
-                    letter_to_json(letter),
+                    body,
                     content_type="application/json",
                     delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                     headers={
@@ -1395,8 +1399,30 @@ class RabbitMQDeadLetters(_Publisher):
         try:
             await self._publish(messages)
         except (RabbitMQError, PayloadError) as exc:  # PayloadError: a letter over the
-            # broker's max_message_size, said as such rather than as a lost connection
+            # broker's max_message_size, said as such rather than as a lost connection; the
+            # limit is known from now on, and the retry stores that letter without its message
             raise DeadLetterError(str(exc)) from exc
+
+    def _without_message(self, letter: DeadLetter, size: int, limit: int) -> bytes:
+        """The letter's record with its message left out: the broker can never hold it whole.
+
+        Retrying it as it is would hold every later letter behind it for good (the outbox
+        retries a failed put whole); the letter's reason, error and headers still tell what
+        failed, and the log says which message was left out.
+        """
+        log.error(
+            "RabbitMQDeadLetters: a letter of %d bytes is over the broker's max_message_size "
+            "(%d bytes); it is stored without its message (reason %s, headers %s)",
+            size,
+            limit,
+            letter.reason,
+            letter.headers,
+        )
+        shown = (
+            f"<message left out: its dead letter of {size} bytes is over the broker's "
+            f"max_message_size ({limit} bytes)>"
+        )
+        return letter_to_json(dataclasses.replace(letter, message=shown))
 
 
 def letter_to_json(letter: DeadLetter) -> bytes:
