@@ -511,6 +511,67 @@ async def test_a_backend_killed_mid_write_is_retryable_and_the_next_write_recove
     assert await ids(pg, table) == list(range(20))
 
 
+@pytest.mark.parametrize("key", [None, "id"])
+async def test_a_backend_killed_while_the_copy_is_paused_fails_within_timeout(
+    pg: Any, table: str, key: str | None
+) -> None:
+    """A COPY whose backend dies while the client waits for the socket to drain used to hang.
+
+    asyncpg waits for "writing allowed" with no deadline, and a lost connection never allows
+    it: write() never returned (pg_terminate_backend during a 400,000-row COPY: still waiting
+    after 20 s with timeout=5). Now each COPY is bounded by ``timeout``: the write fails
+    retryably (an outage) and its connection is dropped, so the next write gets a fresh one.
+    A CHECK that sleeps on the first row (the stage enforces it too: rows past
+    UNNEST_MAX_ROWS take the staged COPY) stops the server reading, so the client's socket
+    fills and its writing pauses before the kill.
+    """
+    import asyncio
+
+    await pg.execute(
+        f"CREATE FUNCTION {table}_slow(id int) RETURNS bool LANGUAGE plpgsql AS $$ BEGIN "
+        "IF id = 0 THEN PERFORM pg_sleep(30); END IF; RETURN true; END $$; "
+        f"ALTER TABLE {table} ADD CONSTRAINT {table}_slow CHECK ({table}_slow(id))"
+    )
+    app = f"bp_test_{uuid.uuid4().hex[:8]}"
+    sink = PostgresSink(
+        f"{DSN}?application_name={app}",
+        table,
+        ("id", "body"),
+        idempotency_key=key,
+        pool_max=1,
+        timeout=1.5,
+    )
+    body = "x" * 2000
+    big = [{"id": i, "body": body} for i in range(20_000)]  # 40 MB: more than socket buffers
+    try:
+        await sink.open()
+        write = asyncio.create_task(sink.write(big))
+        killed = 0
+        for _ in range(250):  # the server sleeps in the trigger: the client is paused by now
+            killed = await pg.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE application_name = $1 AND wait_event = 'PgSleep'",
+                app,
+            )
+            if killed:
+                break
+            await asyncio.sleep(0.02)
+        assert killed == 1
+        done, _ = await asyncio.wait({write}, timeout=10)
+        if not done:
+            write.cancel()
+            pytest.fail("write() did not return within 10 s of its backend's death (timeout=1.5)")
+        with pytest.raises(PostgresRetryable) as caught:
+            await write
+        assert caught.value.unavailable is True
+        await pg.execute(f"ALTER TABLE {table} DROP CONSTRAINT {table}_slow")
+        await sink.write(rows(0, 3))  # the dead connection was not returned to the pool
+    finally:
+        await sink.close()
+        await pg.execute(f"DROP FUNCTION IF EXISTS {table}_slow(int) CASCADE")
+    assert await ids(pg, table) == [0, 1, 2]
+
+
 async def test_a_statement_past_timeout_is_retryable(pg: Any, table: str) -> None:
     """A write that takes longer than ``timeout`` is cancelled and fails as retryable."""
     await pg.execute(

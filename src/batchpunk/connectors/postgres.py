@@ -460,13 +460,7 @@ class PostgresSink:
     ) -> None:
         if self._key is None:
             async with _savepoint(conn):
-                await conn.copy_records_to_table(
-                    self._table,
-                    schema_name=self._schema,
-                    records=rows,
-                    columns=columns,
-                    timeout=self._timeout,
-                )
+                await self._copy(conn, self._table, self._schema, columns, rows)
             return
         listed = ", ".join(_quote(c) for c in columns)
         keys = ", ".join(_quote(c) for c in self._key)
@@ -496,14 +490,39 @@ class PostgresSink:
                 + (f"; ALTER TABLE {_STAGE} {checks}" if checks else ""),
                 timeout=self._timeout,
             )
-            await conn.copy_records_to_table(
-                _STAGE, records=rows, columns=columns, timeout=self._timeout
-            )
+            await self._copy(conn, _STAGE, None, columns, rows)
             await conn.execute(
                 f"INSERT INTO {self._target} ({listed}) SELECT {listed} FROM {_STAGE} "
                 f"ON CONFLICT ({keys}) DO NOTHING",
                 timeout=self._timeout,
             )
+
+    async def _copy(
+        self,
+        conn: Any,
+        table: str,
+        schema: str | None,
+        columns: tuple[str, ...],
+        rows: list[tuple[Any, ...]],
+    ) -> None:
+        """COPY the rows, giving up after ``timeout`` and dropping the connection.
+
+        asyncpg's own timeout does not cover its wait for the socket to drain: a connection
+        lost while writing is paused never allows writing again, and the COPY would wait
+        forever. The connection is terminated, so the pool replaces it.
+        """
+        try:
+            async with asyncio.timeout(self._timeout):
+                await conn.copy_records_to_table(
+                    table, schema_name=schema, records=rows, columns=columns, timeout=self._timeout
+                )
+        except TimeoutError:
+            with contextlib.suppress(Exception):  # a lost connection is already back in the pool
+                conn.terminate()
+            raise PostgresRetryable(
+                f"PostgresSink {self._target} (writing): COPY got no answer within "
+                f"{self._timeout:g} s; its connection was dropped"
+            ) from None
 
     # -- shaping payloads into rows ----------------------------------------------------------
 
