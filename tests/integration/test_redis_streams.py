@@ -20,6 +20,7 @@ from batchpunk.connectors.redis_streams import (
     DeliveryLimitExceeded,
     RedisStreamSink,
     RedisStreamSource,
+    RedisUnavailable,
     StreamEntryLost,
 )
 from batchpunk.errors import ConfigError, PartialFailure
@@ -561,3 +562,139 @@ async def test_sink_an_item_it_cannot_encode_is_a_payload_error_not_retried(
     assert not is_retryable(error, BatchConfig().retry_on)
     assert "item 1 cannot be encoded (text)" in str(error)
     assert await client.xlen(stream) == 2
+
+
+@pytest.fixture
+async def private_redis(tmp_path: Any) -> AsyncIterator[tuple[str, Any]]:
+    """A redis-server of this test's own on a free port (its memory limit is the test's to
+    change), with a client to it; skipped when redis-server cannot be started."""
+    import shutil
+    import socket
+
+    import redis.asyncio
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed (a private server is needed to fill its memory)")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = await asyncio.create_subprocess_exec(
+        *(binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"),
+        *("--dir", str(tmp_path), "--maxmemory-policy", "noeviction"),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}"
+    client = redis.asyncio.Redis.from_url(url)
+    try:
+        for _ in range(100):
+            try:
+                await client.ping()
+                break
+            except Exception:
+                if process.returncode is not None:
+                    break
+                await asyncio.sleep(0.05)
+        else:
+            pytest.skip(f"a private redis-server on port {port} did not answer within 5 s")
+        if process.returncode is not None:
+            pytest.skip(f"a private redis-server on port {port} exited at start")
+        yield url, client
+    finally:
+        await client.aclose()
+        if process.returncode is None:
+            process.terminate()
+        await asyncio.wait_for(process.wait(), 10)
+
+
+async def limit_memory(client: Any, room: int) -> None:
+    """Let the server take about ``room`` more bytes, then refuse writes (OOM, noeviction)."""
+    used = int((await client.info("memory"))["used_memory"])
+    await client.config_set("maxmemory", used + room)
+
+
+async def test_sink_items_refused_by_a_full_redis_are_outages_and_the_written_ones_keep_ids(
+    private_redis: tuple[str, Any],
+) -> None:
+    """When Redis ran out of memory partway through a batch, write() raised the first OOM error
+    for the whole batch although earlier XADDs had succeeded: the engine re-sent those entries
+    and, taking OOM for a bad payload, dead-lettered written ones (a pipeline of 150 items: 98
+    entries for 95 ids, 97 dead letters, 42 of them written). Now the written items keep their
+    entry ids and only the refused ones fail, each with an outage error (held, not bisected);
+    a batch Redis took none of fails whole with that outage."""
+    url, client = private_redis
+    stream = f"batchpunk-test:{uuid.uuid4().hex}"
+    await limit_memory(client, 200_000)
+    sink = RedisStreamSink(url, stream)
+    batch = [{"id": i, "pad": "x" * 20_000} for i in range(30)]
+    try:
+        with pytest.raises(PartialFailure) as failure:
+            await sink.write(batch)
+        with pytest.raises(RedisUnavailable, match="OutOfMemoryError"):
+            await sink.write(batch[:3])  # Redis took none of it: the whole batch is an outage
+    finally:
+        await sink.close()
+    failures = failure.value.failures
+    results = failure.value.results
+    assert results is not None
+    written = [i for i, entry_id in enumerate(results) if entry_id is not None]
+    assert written
+    assert failures
+    assert sorted(written + list(failures)) == list(range(30))
+    for error in failures.values():
+        assert getattr(error, "unavailable", None) is True
+        assert is_retryable(error, BatchConfig().retry_on)
+        assert "OOM" in str(error) or "memory" in str(error)
+    entries = await client.xrange(stream)
+    assert [e[0].decode() for e in entries] == [results[i] for i in written]
+    assert [json.loads(e[1][b"data"])["id"] for e in entries] == written
+
+
+async def test_sink_a_redis_out_of_memory_mid_batch_duplicates_nothing_in_a_pipeline(
+    private_redis: tuple[str, Any],
+) -> None:
+    """Pipeline check of the same: Redis refuses XADDs partway through the first batch, then
+    memory is freed. Every message ends in the stream exactly once and none is dead-lettered
+    (it was 98 entries for 95 ids, and 42 written messages also dead-lettered)."""
+    from batchpunk.envelope import Envelope
+    from batchpunk.pipeline import Pipeline
+
+    url, client = private_redis
+    stream = f"batchpunk-test:{uuid.uuid4().hex}"
+    await limit_memory(client, 200_000)
+    refused = asyncio.Event()
+
+    class FreesMemoryOnRefusal(RedisStreamSink):
+        async def write(self, batch: Any) -> list[str | None]:
+            try:
+                return await super().write(batch)
+            except Exception:
+                if not refused.is_set():
+                    refused.set()
+                    await client.config_set("maxmemory", 0)
+                raise
+
+    class Items:
+        def __init__(self, count: int) -> None:
+            self.items = [{"id": i, "pad": "x" * 20_000} for i in range(count)]
+
+        def __aiter__(self) -> Items:
+            return self
+
+        async def __anext__(self) -> Envelope:
+            if not self.items:
+                raise StopAsyncIteration
+            return Envelope(self.items.pop(0))
+
+    sink = FreesMemoryOnRefusal(url, stream)
+    config = BatchConfig(
+        max_size=30, max_wait=0.01, retry_delay=0.01, retry_max_delay=0.05, max_retries=2,
+        delivery_timeout=10, drain_timeout=10,
+    )  # fmt: skip
+    pipeline = Pipeline(Items(60), sink, config)
+    await asyncio.wait_for(pipeline.run(), 30)
+    assert refused.is_set()
+    ids = [json.loads(e[1][b"data"])["id"] for e in await client.xrange(stream)]
+    assert sorted(ids) == list(range(60))
+    assert pipeline.dead_letter.letters == []  # type: ignore[attr-defined]

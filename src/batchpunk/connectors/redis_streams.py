@@ -61,6 +61,7 @@ __all__ = [
     "REDELIVERED",
     "DeliveryLimitExceeded",
     "RedisStreamSink",
+    "RedisUnavailable",
     "RedisStreamSource",
     "StreamEntryLost",
 ]
@@ -72,6 +73,37 @@ _CHUNK = 1000  # ids per XACK / XCLAIM command
 _CLOSE_FLUSH_SECONDS = 10.0  # how long close() keeps retrying unsent acks when Redis is down
 _MAX_BACKOFF = 5.0
 _DEFAULT_COUNT = 100  # BatchConfig().max_size, until prepare() says otherwise
+
+
+class RedisUnavailable(ConnectorError, ConnectionError):
+    """Redis refused a write for a reason of its own, not the item's: out of memory under
+    ``noeviction``, a read-only replica, still loading, a failed snapshot (MISCONF), too few
+    replicas, no permission. An outage: retried and waited out, never dead-lettered."""
+
+    retryable = True
+    unavailable = True
+
+
+#: Reply codes (the first word of Redis's error) that say Redis cannot take writes just now.
+_OUTAGE_REPLIES = frozenset(
+    {"OOM", "READONLY", "LOADING", "MISCONF", "MASTERDOWN", "NOREPLICAS", "TRYAGAIN", "NOPERM"}
+)
+
+
+def _is_outage_reply(error: BaseException) -> bool:
+    """Whether an error reply to one command means Redis, not the item, is at fault."""
+    exceptions = require("redis.exceptions", "redis", "RedisStreamSink")
+    if isinstance(
+        error,
+        exceptions.ConnectionError  # BusyLoadingError (LOADING) and AuthenticationError too
+        | exceptions.TimeoutError
+        | exceptions.OutOfMemoryError
+        | exceptions.ReadOnlyError
+        | exceptions.NoPermissionError,
+    ):
+        return True
+    code = getattr(error, "status_code", None) or str(error).split(" ", 1)[0]
+    return code in _OUTAGE_REPLIES
 
 
 class StreamEntryLost(ConnectorError, LookupError):
@@ -747,6 +779,10 @@ class RedisStreamSink:
 
     ``write`` returns the new entry ids, one per item. An item that cannot be encoded fails alone
     (PartialFailure) with a PayloadError naming it, not retried; the others are still written.
+    When Redis refuses some XADDs of a batch (out of memory under ``noeviction``, read-only,
+    loading), the items it took keep their ids and only the refused ones fail, each with
+    RedisUnavailable (an outage: held and retried, never dead-lettered); if it took none, the
+    whole batch fails with it. Any other error reply fails its item alone, as a PayloadError.
     """
 
     def __init__(
@@ -831,8 +867,30 @@ class RedisStreamSink:
             written.append(index)
         results: list[str | None] = [None] * len(batch)
         if written:
-            for index, entry_id in zip(written, await pipe.execute(), strict=True):
-                results[index] = _text(entry_id)
+            # Each XADD succeeds or fails on its own: raising the first error would have the
+            # engine send the written items again.
+            replies = await pipe.execute(raise_on_error=False)
+            outages: list[RedisUnavailable] = []
+            for index, reply in zip(written, replies, strict=True):
+                if not isinstance(reply, BaseException):
+                    results[index] = _text(reply)
+                elif _is_outage_reply(reply):
+                    outage = RedisUnavailable(
+                        f"RedisStreamSink: item {index} not written to {self.stream!r}: Redis "
+                        f"refused the XADD ({type(reply).__name__}: {reply})"
+                    )
+                    outage.__cause__ = reply
+                    failures[index] = outage
+                    outages.append(outage)
+                else:
+                    refused = PayloadError(
+                        f"RedisStreamSink: item {index} not written to {self.stream!r}: "
+                        f"{type(reply).__name__}: {reply}"
+                    )
+                    refused.__cause__ = reply
+                    failures[index] = refused
+            if len(outages) == len(batch):  # Redis took nothing: an outage of the whole batch
+                raise outages[0]
         if failures:
             raise PartialFailure(failures, results)
         return results
