@@ -340,6 +340,91 @@ async def test_sqlite_sink_checks_names_and_an_existing_table_up_front(tmp_path:
     await missing.close()
 
 
+async def test_sqlite_sink_a_database_locked_by_another_writer_is_an_outage(
+    tmp_path: Path,
+) -> None:
+    """Another connection holding the write lock past busy_timeout made write() raise a bare
+    sqlite3.OperationalError ("database is locked"), which the engine bisected into dead letters
+    (lock held 4 s, busy_timeout=0.2: 36 rows written, 4 dead letters). It is a SqliteUnavailable
+    now (retryable, unavailable: held and retried whole), and the write succeeds once the lock
+    is gone."""
+    from batchpunk.connectors.sqlite import SqliteUnavailable
+    from batchpunk.retry import is_outage, is_retryable
+
+    path = tmp_path / "o.db"
+    sink = SqliteSink(str(path), "t", ["id", "body"], busy_timeout=0.05)
+    await sink.write([{"id": 0, "body": "x"}])
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(SqliteUnavailable, match="database is locked") as info:
+            await sink.write([{"id": 1, "body": "x"}, {"id": 2, "body": "y"}])
+    finally:
+        other.execute("COMMIT")
+        other.close()
+    assert is_retryable(info.value, (Exception,))
+    assert is_outage(info.value, None)
+    assert "o.db" in str(info.value)
+    await sink.write([{"id": 1, "body": "x"}, {"id": 2, "body": "y"}])
+    await sink.close()
+    assert rows(path, "SELECT id FROM t ORDER BY id") == [(0,), (1,), (2,)]
+
+
+async def test_sqlite_sink_in_a_pipeline_waits_out_a_lock_instead_of_dead_lettering(
+    tmp_path: Path,
+) -> None:
+    """The pipeline view of the same: the lock is held through more failed writes than the
+    retries allow (it took the batch apart into dead letters); now every row is written and
+    nothing is dead-lettered."""
+    from batchpunk.config import BatchConfig
+    from batchpunk.pipeline import Pipeline
+
+    path = tmp_path / "o.db"
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    failed = 0
+
+    class ReleasesTheLockLate(SqliteSink):
+        async def write(self, batch: Any) -> None:
+            nonlocal failed
+            try:
+                await super().write(batch)
+            except Exception:
+                failed += 1
+                if failed == 30 and other.in_transaction:
+                    other.execute("COMMIT")
+                raise
+
+    class Items:
+        def __init__(self, count: int) -> None:
+            self.items = [{"id": i, "body": "x"} for i in range(count)]
+
+        def __aiter__(self) -> Items:
+            return self
+
+        async def __anext__(self) -> Envelope:
+            if not self.items:
+                raise StopAsyncIteration
+            return Envelope(self.items.pop(0))
+
+    sink = ReleasesTheLockLate(str(path), "t", ["id", "body"], busy_timeout=0.01)
+    await sink.prepare(BatchConfig())
+    other.execute("BEGIN IMMEDIATE")
+    config = BatchConfig(
+        max_size=20, max_wait=0.01, retry_delay=0.01, retry_max_delay=0.02, max_retries=1,
+        delivery_timeout=20, drain_timeout=10,
+    )  # fmt: skip
+    pipeline = Pipeline(Items(40), sink, config)
+    try:
+        await asyncio.wait_for(pipeline.run(), 30)
+    finally:
+        if other.in_transaction:
+            other.execute("COMMIT")
+        other.close()
+    assert failed >= 30
+    assert pipeline.dead_letter.letters == []  # type: ignore[attr-defined]
+    assert rows(path, "SELECT id FROM t ORDER BY id") == [(i,) for i in range(40)]
+
+
 def test_mask_secrets_hides_url_passwords_and_given_values() -> None:
     """URL passwords, password= pairs and every given secret are masked; a short secret is
     masked only as a whole word."""

@@ -16,12 +16,37 @@ from itertools import chain
 from typing import TYPE_CHECKING, Any
 
 from batchpunk.connectors._common import PayloadError, Worker, check_identifier, fail_payloads
-from batchpunk.errors import ConfigError
+from batchpunk.errors import ConfigError, ConnectorError
 
 if TYPE_CHECKING:
     from batchpunk.config import BatchConfig
 
-__all__ = ["SqliteSink"]
+__all__ = ["SqliteSink", "SqliteUnavailable"]
+
+#: Primary result codes that say the database cannot be written just now, whatever the rows:
+#: another writer's lock (BUSY, LOCKED), a full disk (FULL), an I/O error (the IOERR family,
+#: whose extended codes share the primary code), a file that cannot be opened (CANTOPEN), or a
+#: read-only file (READONLY: permissions, a read-only mount).
+_OUTAGE_CODES = frozenset(
+    {
+        sqlite3.SQLITE_BUSY,
+        sqlite3.SQLITE_LOCKED,
+        sqlite3.SQLITE_FULL,
+        sqlite3.SQLITE_IOERR,
+        sqlite3.SQLITE_CANTOPEN,
+        sqlite3.SQLITE_READONLY,
+    }
+)
+
+
+class SqliteUnavailable(ConnectorError, ConnectionError):
+    """The database cannot be written now (locked by another writer past ``busy_timeout``, disk
+    full, I/O error, cannot be opened, read-only): an outage, held and retried whole, never
+    dead-lettered."""
+
+    retryable = True
+    unavailable = True
+
 
 _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 _NATIVE = (str, int, float, bytes, type(None))
@@ -50,7 +75,8 @@ class SqliteSink:
         synchronous: SQLite's ``PRAGMA synchronous``. "FULL" (default) makes every committed
             batch survive a power loss, which an acknowledgement after the commit relies on;
             "NORMAL" survives a process crash only, and is faster.
-        busy_timeout: seconds to wait for another writer's lock before failing (retryably).
+        busy_timeout: seconds to wait for another writer's lock before failing with
+            SqliteUnavailable (an outage: the batch is held and retried, not dead-lettered).
 
     Dicts and lists are stored as JSON text. A payload that lacks a column, holds a value SQLite
     cannot store (a NaN or infinite float among them), or breaks a constraint fails alone with a
@@ -131,7 +157,17 @@ class SqliteSink:
         """Insert the batch in one transaction; None (no per-payload result)."""
         if self._closed:
             raise ConfigError(f"SqliteSink({self.path!r}) is closed")
-        failures = await self._worker.call(self._insert, list(batch))
+        try:
+            failures = await self._worker.call(self._insert, list(batch))
+        except sqlite3.Error as exc:
+            code = getattr(exc, "sqlite_errorcode", None)
+            if code is None or code & 0xFF not in _OUTAGE_CODES:
+                raise
+            name = getattr(exc, "sqlite_errorname", "") or "SQLITE_" + str(code)
+            raise SqliteUnavailable(
+                f"SqliteSink {self.path} table {self.table!r}: the database cannot be written "
+                f"now: {exc} ({name})"
+            ) from exc
         if failures:
             fail_payloads(failures, len(batch))
 
