@@ -190,9 +190,8 @@ _TOKEN = "s3cr3tT0kenValue42"
         (401, f"the access token {_TOKEN} has expired", {}),
         (401, f'{{"error":"invalid_token","token":"{_TOKEN}"}}', {}),
         (401, f"expired: {_TOKEN}", {"max_error_body": 14}),
-        (200, f"no results for {_TOKEN}", {"results": True}),
     ],
-    ids=["plain", "json", "cut-by-max_error_body", "results-not-json"],
+    ids=["plain", "json", "cut-by-max_error_body"],
 )
 async def test_a_bearer_token_the_server_echoes_is_masked_in_the_error_and_its_body(
     status: int, body: str, options: dict[str, Any]
@@ -361,3 +360,48 @@ async def test_a_url_password_the_server_echoes_is_masked() -> None:
         server.close()
     assert "hunter2secret" not in str(raised.value)
     assert "hunter2secret" not in raised.value.body
+
+
+@pytest.mark.parametrize(
+    ("answer", "problem"),
+    [
+        (lambda body: f"OK {_TOKEN}", "not JSON"),
+        (lambda body: json.dumps([{"ok": True}] * (len(body) - 1)), "19 results for 20"),
+        (
+            lambda body: json.dumps({"errors": True, "items": [{"index": {}} for _ in body]}),
+            "a dict",
+        ),
+    ],
+    ids=["text", "short-array", "bulk-object"],
+)
+async def test_a_2xx_without_usable_results_is_delivered_once_and_logged(
+    answer: Callable[[Any], str], problem: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With results = true, a 2xx whose body was not a JSON array of one result per payload
+    raised a retryable error although the server had taken the payloads: each batch was POSTed
+    again and again and then dead-lettered whole (40 messages: 78 POSTs, 216 items received,
+    40 dead letters). A 2xx means delivered: the batch completes with no results, after one
+    error log per batch naming the problem (secrets masked), and nothing is sent twice."""
+    config = BatchConfig(
+        max_size=20, max_wait=0.05, retry_delay=0.001, retry_max_delay=0.01, max_retries=2
+    )
+    letters = MemoryDeadLetters()
+    async with serving(lambda body, n: (200, answer(body))) as server:
+        sink = HttpSink(server.url, headers={"Authorization": f"Bearer {_TOKEN}"}, results=True)
+        pipeline = Pipeline(GeneratorSource(40), sink, config, dead_letter=letters)
+        with caplog.at_level("ERROR", logger="batchpunk.connectors.http"):
+            await asyncio.wait_for(pipeline.run(), 30)
+    assert [len(body) for _, body, _ in server.requests] == [20, 20]
+    assert letters.letters == []
+    logged = [r.getMessage() for r in caplog.records if r.name == "batchpunk.connectors.http"]
+    assert len(logged) == 2
+    assert all(problem in line and "delivered" in line for line in logged), logged
+    assert not any(_TOKEN[:4] in line for line in logged), logged
+
+
+async def test_a_2xx_with_one_result_per_payload_returns_them() -> None:
+    """The usable answer still comes back as the batch's results."""
+    async with serving(lambda body, n: (200, json.dumps([e["id"] * 2 for e in body]))) as server:
+        sink = HttpSink(server.url, results=True)
+        assert await sink.write([{"id": 1}, {"id": 2}]) == [2, 4]
+        await sink.close()

@@ -14,6 +14,7 @@ import asyncio
 import datetime
 import email.utils
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -23,6 +24,8 @@ from batchpunk.connectors._common import PayloadError, mask_secrets, mask_url
 from batchpunk.errors import ConfigError, ConnectorError, require
 
 __all__ = ["HttpSink", "HttpStatusError", "HttpTransportError"]
+
+log = logging.getLogger(__name__)
 
 _FORMATS = ("json", "frame")
 
@@ -83,6 +86,10 @@ class HttpSink:
             the pipeline's codec settings, ``application/x-batchpunk-frame``).
         verify: verify the server's TLS certificate (True), a CA bundle path, or False.
         results: read a JSON array of one result per payload from a 2xx answer and return it.
+            A 2xx whose body is not such an array (not JSON, not an array, another length)
+            still means delivered: the batch completes without results and an error is
+            logged. Per-item statuses inside a 2xx (Elasticsearch's bulk ``items``) are not
+            parsed.
         max_error_body: characters of the response body kept in an error.
     """
 
@@ -187,22 +194,36 @@ class HttpSink:
             )
         if not self.results:
             return None
+        return self._results(response, len(batch), where)
+
+    def _results(self, response: Any, size: int, where: str) -> list[Any] | None:
+        """The 2xx answer's JSON array of one result per payload, or None (logged) without one.
+
+        A 2xx says the payloads were delivered: an answer that is not such an array never
+        fails the batch, which would send the delivered payloads again.
+        """
         try:
             out = response.json()
         except ValueError:
-            raise HttpStatusError(
-                f"{where} answered {response.status_code} without the JSON array of results "
-                "that results = true expects",
-                status=response.status_code,
-                body=self._error_body(response),
-            ) from None
-        if not isinstance(out, list):
-            raise HttpStatusError(
-                f"{where} answered a {type(out).__name__}, expected a JSON array of results",
-                status=response.status_code,
-                body=self._error_body(response),
-            )
-        return out
+            problem = "is not JSON"
+        else:
+            if not isinstance(out, list):
+                problem = f"is a {type(out).__name__}, not an array"
+            elif len(out) != size:
+                problem = f"holds {len(out)} results for {size} payloads"
+            else:
+                return out
+        log.error(
+            "HttpSink: %s answered %d, so the batch of %d is delivered, but its body %s: "
+            "results = true expects a JSON array of one result per payload; the batch "
+            "completes without results. Body: %s",
+            where,
+            response.status_code,
+            size,
+            problem,
+            self._error_body(response),
+        )
+        return None
 
     async def close(self) -> None:
         """Close the connection pool; safe to call twice."""
