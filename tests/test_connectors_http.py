@@ -405,3 +405,37 @@ async def test_a_2xx_with_one_result_per_payload_returns_them() -> None:
         sink = HttpSink(server.url, results=True)
         assert await sink.write([{"id": 1}, {"id": 2}]) == [2, 4]
         await sink.close()
+
+
+@pytest.mark.parametrize("status", [401, 403, 404, 405, 407])
+async def test_a_status_refusing_the_endpoint_itself_is_an_outage_not_bad_payloads(
+    status: int,
+) -> None:
+    """401, 403, 404, 405 and 407 say the credentials, the URL or the method are wrong, which
+    hits every payload alike; they were the payloads' fault, so each batch was bisected into
+    dead letters (40 messages answered 401 or 404: 216 items POSTed, 40 dead letters). They
+    are outages now: the batch is held and retried whole, and goes through once the endpoint
+    accepts it."""
+    answers = {1: status, 2: status}
+    config = BatchConfig(
+        max_size=10, max_wait=0.05, retry_delay=0.001, retry_max_delay=0.01, max_retries=3
+    )
+    letters = MemoryDeadLetters()
+    async with serving(lambda body, n: (answers.get(n, 200), "no such index")) as server:
+        pipeline = Pipeline(GeneratorSource(10), HttpSink(server.url), config, dead_letter=letters)
+        await asyncio.wait_for(pipeline.run(), 30)
+    error = HttpStatusError("x", status=status, body="")
+    assert (error.retryable, error.unavailable) == (True, True)
+    assert [(answered, len(body)) for _, body, answered in server.requests] == [
+        (status, 10),
+        (status, 10),
+        (200, 10),
+    ]
+    assert letters.letters == []
+
+
+@pytest.mark.parametrize("status", [400, 409, 413, 415, 422])
+def test_other_4xx_stay_the_payloads_fault(status: int) -> None:
+    """A 4xx about the request's content is still not retried, and bisected to its payload."""
+    error = HttpStatusError("x", status=status, body="")
+    assert (error.retryable, error.unavailable) == (False, False)

@@ -572,6 +572,96 @@ async def test_a_backend_killed_while_the_copy_is_paused_fails_within_timeout(
     assert await ids(pg, table) == [0, 1, 2]
 
 
+@pytest.mark.parametrize("key", [None, "id"])
+@pytest.mark.parametrize(
+    ("change", "says", "sqlstate"),
+    [
+        ("ALTER TABLE {t} RENAME TO {t}_moved", "does not exist", "42P01"),
+        ("ALTER TABLE {t} DROP COLUMN body", 'column "body"', "42703"),
+        ("REVOKE INSERT ON {t} FROM {t}_writer", "permission denied", "42501"),
+    ],
+    ids=["table-renamed", "column-dropped", "privilege-revoked"],
+)
+async def test_a_table_changed_under_the_sink_is_an_outage_not_bad_rows(
+    pg: Any, table: str, key: str | None, change: str, says: str, sqlstate: str
+) -> None:
+    """A table renamed, a column dropped or a privilege revoked after open() fails every row
+    alike, but was a non-retryable error blamed on the rows: a pipeline bisected each batch and
+    dead-lettered all of it, every letter reading "row 0 (id=...)" (40 of 40 dead-lettered).
+    These SQLSTATEs (class 42, and class 28 for authorization) are outages now: retryable and
+    unavailable, so the engine holds the batch, and the error names the real problem, not a
+    row."""
+    role = f"{table}_writer"
+    await pg.execute(f"CREATE ROLE {role} LOGIN; GRANT SELECT, INSERT ON {table} TO {role}")
+    dsn = DSN.replace("postgres@", f"{role}@")
+    sink = PostgresSink(dsn, table, ("id", "body"), idempotency_key=key)
+    try:
+        await sink.open()
+        await pg.execute(change.format(t=table))
+        for batch in (rows(0, 5), rows(5, 1)):
+            with pytest.raises(PostgresRetryable) as caught:
+                await sink.write(batch)
+            assert caught.value.unavailable is True
+            assert caught.value.sqlstate == sqlstate
+            assert says in str(caught.value)
+            assert "row 0" not in str(caught.value)
+    finally:
+        await sink.close()
+        await pg.execute(f"DROP TABLE IF EXISTS {table}_moved")
+        await pg.execute(f"DROP TABLE IF EXISTS {table}; DROP ROLE {role}")
+
+
+async def test_a_pipeline_holds_its_batches_while_the_table_is_missing(pg: Any, table: str) -> None:
+    """Pipeline view: the table is renamed away during more failed writes than the retries
+    allow, then back. Every row is written and nothing is dead-lettered (all 40 were)."""
+    import asyncio
+
+    from batchpunk import BatchConfig
+    from batchpunk.envelope import Envelope
+    from batchpunk.pipeline import Pipeline
+
+    failed = 0
+
+    class RenamesBackLate(PostgresSink):
+        async def write(self, batch: Any) -> None:
+            nonlocal failed
+            try:
+                await super().write(batch)
+            except Exception:
+                failed += 1
+                if failed == 12:
+                    await pg.execute(f"ALTER TABLE {table}_moved RENAME TO {table}")
+                raise
+
+    class Items:
+        def __init__(self, count: int) -> None:
+            self.items = [{"id": i, "body": "x"} for i in range(count)]
+
+        def __aiter__(self) -> Items:
+            return self
+
+        async def __anext__(self) -> Envelope:
+            if not self.items:
+                raise StopAsyncIteration
+            return Envelope(self.items.pop(0))
+
+    sink = RenamesBackLate(DSN, table, ("id", "body"), idempotency_key="id")
+    await sink.open()
+    await pg.execute(f"ALTER TABLE {table} RENAME TO {table}_moved")
+    config = BatchConfig(
+        max_size=10, max_wait=0.01, retry_delay=0.01, retry_max_delay=0.02, max_retries=1,
+        delivery_timeout=20, drain_timeout=10,
+    )  # fmt: skip
+    pipeline = Pipeline(Items(40), sink, config)
+    try:
+        await asyncio.wait_for(pipeline.run(), 30)
+    finally:
+        await pg.execute(f"DROP TABLE IF EXISTS {table}_moved")
+    assert failed >= 12
+    assert pipeline.dead_letter.letters == []  # type: ignore[attr-defined]
+    assert await ids(pg, table) == list(range(40))
+
+
 async def test_a_statement_past_timeout_is_retryable(pg: Any, table: str) -> None:
     """A write that takes longer than ``timeout`` is cancelled and fails as retryable."""
     await pg.execute(

@@ -2,10 +2,11 @@
 
 Bulk HTTP APIs (search indexes, analytics collectors, webhooks that take arrays) are the
 downstream batching pays off most for: one request instead of hundreds. The status code decides
-what happens next: 2xx is success, 408, 429 and 5xx are retried with the pipeline's backoff (and
-no sooner than a Retry-After header asks, up to retry_max_delay), any other 4xx is the payloads'
-fault and is not retried (the engine isolates the offending payload and dead-letters it with the
-response body in its error).
+what happens next: 2xx is success; 3xx, 401, 403, 404, 405, 407, 408, 429 and 5xx are retried
+with the pipeline's backoff (and no sooner than a Retry-After header asks, up to
+retry_max_delay), all but 500, 501 and 505+ as an outage (held whole, never bisected); any other
+4xx is the payloads' fault and is not retried (the engine isolates the offending payload and
+dead-letters it with the response body in its error).
 """
 
 from __future__ import annotations
@@ -29,9 +30,11 @@ log = logging.getLogger(__name__)
 
 _FORMATS = ("json", "frame")
 
-#: Not the payload's fault: the server timed out waiting for the request (408), is rate limiting
-#: (429), or is overloaded or gone (502-504). Retried, and held as an outage, never bisected.
-_OUTAGE_STATUSES = frozenset({408, 429, 502, 503, 504})
+#: Not the payload's fault: the credentials are refused (401, 403, 407 at a proxy), the URL or
+#: the method is wrong (404, 405), the server timed out waiting for the request (408), is rate
+#: limiting (429), or is overloaded or gone (502-504). Each hits every payload alike: retried,
+#: and held as an outage (bounded by delivery_timeout), never bisected into dead letters.
+_OUTAGE_STATUSES = frozenset({401, 403, 404, 405, 407, 408, 429, 502, 503, 504})
 
 
 class HttpStatusError(ConnectorError):
@@ -40,9 +43,12 @@ class HttpStatusError(ConnectorError):
     Attributes:
         status: the HTTP status code.
         body: the start of the response body (what the server said was wrong).
-        retryable: True for 3xx, 408, 429 and 5xx (worth another try), False for other 4xx.
-        unavailable: True for 3xx, 408, 429, 502, 503 and 504 (an outage, not a bad payload:
-            a redirect means the endpoint or the URL needs fixing, no payload is at fault).
+        retryable: True for 3xx, 401, 403, 404, 405, 407, 408, 429 and 5xx (worth another
+            try), False for other 4xx (400, 409, 413, 422, ...: the request's content).
+        unavailable: True for 3xx, 401, 403, 404, 405, 407, 408, 429, 502, 503 and 504 (an
+            outage, not a bad payload: a redirect, refused credentials, a missing endpoint or a
+            refused method mean the configuration or the server needs fixing; no payload is at
+            fault).
         retry_after: the seconds the server's Retry-After header asked for (delta-seconds or
             an HTTP date), None without one or when it cannot be read.
     """

@@ -17,9 +17,12 @@ Choose it when a broker's messages end as rows. Two write paths:
 Errors are translated at the seam into three classes that carry ``retryable``::
 
     BatchpunkError
-    └── PostgresSinkError            retryable = False: schema, permissions, SQL (fix and replay)
+    └── PostgresSinkError            retryable = False: a table or column missing at open, no
+        │                            unique index for the key, TLS refused (fix and replay)
         ├── PostgresRetryable        retryable = True: connection lost or refused, serialization
-        │   (ConnectionError)        failure, deadlock, too many connections, shutdown, timeouts
+        │   (ConnectionError)        failure, deadlock, too many connections, shutdown, timeouts;
+        │                            and, after open, a table, column or grant gone (class 42)
+        │                            or credentials refused (class 28): no row is at fault
         └── PostgresDataError        retryable = False: a row the table refuses (22xxx, 23xxx),
             (ValueError)             a payload without a column; the message names row and column
 
@@ -81,6 +84,13 @@ _RETRYABLE_CODES = frozenset(
 )
 #: SQLSTATE classes that blame the data: data exceptions and integrity constraint violations.
 _DATA_CLASSES = frozenset({"22", "23"})
+#: SQLSTATE classes that blame neither the data nor chance, but the table or the credentials as
+#: they are now: 28 (invalid authorization) and 42 (syntax error or access rule violation: a
+#: table renamed or dropped 42P01, a column dropped 42703, a privilege revoked 42501, a unique
+#: index gone 42P10, a column type changed 42804). The sink's statements are built from the
+#: table it inspected at open, so these say the table, a column or a grant changed since: every
+#: row fails alike. An outage (held until fixed or delivery_timeout), never a row's dead letter.
+_SCHEMA_CLASSES = frozenset({"28", "42"})
 
 _STAGE = "batchpunk_stage"
 #: Largest idempotent batch written with the unnest statement; larger ones use the staged COPY.
@@ -95,7 +105,8 @@ _PROBE_ROW = re.compile(r"argument \$(\d+) in element #(\d+)")
 
 
 class PostgresSinkError(ConnectorError):
-    """A PostgresSink failure that no retry fixes: a missing table, a privilege, bad SQL.
+    """A PostgresSink failure that no retry fixes: a missing table or column found by
+    ``open()``, no unique index behind ``idempotency_key``, TLS demanded from a server without.
 
     Fix the cause, then replay the dead letters. Subclasses tell transient failures and rows the
     table refuses apart from it.
@@ -127,7 +138,10 @@ class PostgresRetryable(PostgresSinkError, ConnectionError):
 
     Connection refused or lost, pool or statement timeouts, serialization failures (40001),
     deadlocks (40P01), too many connections (53300), administrator or crash shutdown (57P0x), a
-    failover that left the pool on a read-only standby (25006).
+    failover that left the pool on a read-only standby (25006). Also what hits every row alike
+    once the sink is open: SQLSTATE class 42 (the table renamed or dropped, a column dropped, a
+    privilege revoked) and class 28 (credentials refused): an outage the operator fixes, held
+    by the engine up to ``delivery_timeout`` rather than dead-lettered row by row.
     """
 
     retryable: ClassVar[bool] = True
@@ -478,9 +492,12 @@ class PostgresSink:
                         )
                     return
                 except Exception as exc:
-                    if self._translate(exc, "writing").retryable:
+                    error = self._translate(exc, "writing")
+                    if error.retryable and (error.sqlstate or "")[:2] not in _SCHEMA_CLASSES:
                         raise
-                    # A refused row: the staged COPY below fails again, naming its line.
+                    # A refused row: the staged COPY below fails again, naming its line. Or
+                    # the unnest statement itself refused (a type it cannot take as an array,
+                    # 42804): the staged COPY writes it, or fails again if the table changed.
         checks = self._info.stage_checks(columns) if self._info is not None else ""
         async with conn.transaction():
             # One round trip: the simple query protocol runs both statements.
@@ -741,6 +758,18 @@ class PostgresSink:
             column = getattr(exc, "column_name", None)
             if code in _RETRYABLE_CODES or code[:2] in _RETRYABLE_CLASSES:
                 return PostgresRetryable(text, sqlstate=code, column=column)
+            if code[:2] in _SCHEMA_CLASSES:
+                what = (
+                    "the server refused the credentials"
+                    if code[:2] == "28"
+                    else "the table, a column or a grant is not what the sink found at open"
+                )
+                return PostgresRetryable(
+                    f"{text}; {what}: no row is at fault, so the batch waits (up to "
+                    "delivery_timeout) for it to be fixed",
+                    sqlstate=code,
+                    column=column,
+                )
             if code[:2] in _DATA_CLASSES:
                 return PostgresDataError(text, sqlstate=code, column=column)
             return PostgresSinkError(text, sqlstate=code, column=column)
