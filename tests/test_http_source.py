@@ -374,3 +374,32 @@ async def test_a_client_hanging_up_mid_body_is_not_logged_as_a_server_error(
         assert len(source._queue) == 0
     finally:
         await source.close()
+
+
+async def test_ndjson_whose_first_event_is_an_array_is_accepted(tmp_path: Path) -> None:
+    """A body starting with "[" was parsed as one JSON array only, so valid NDJSON whose first
+    event is an array got 400 "line 1: not a valid JSON array (Extra data ...)" while the same
+    events in another order got 202. A body of several lines that is not one array is read as
+    NDJSON, each line one event (an array line is one event that is an array); the array error
+    is kept for a body whose first line is not JSON by itself (a broken multi-line array)."""
+    store = Store()
+    source = HttpSource(port=0, reply_after="processed")
+    async with serving(source, store, None) as (url, _), aiohttp.ClientSession() as http:
+        for body, events in [
+            (b'{"a":1}\n[1,2]\n', [{"a": 1}, [1, 2]]),
+            (b'[1,2]\n{"a":1}\n', [[1, 2], {"a": 1}]),
+            (b"[1,2]\n[3,4]\n", [[1, 2], [3, 4]]),
+            (b'[\n  {"a": 1},\n  {"a": 2}\n]\n', [{"a": 1}, {"a": 2}]),  # one pretty array
+        ]:
+            store.rows.clear()
+            async with http.post(url, data=body) as reply:
+                assert (reply.status, await reply.json()) == (202, {"accepted": len(events)})
+            assert store.rows == events, body
+        for body, error in [
+            (b'[\n  {"a": 1},\n  {"a": 2,}\n]\n', "line 1: not a valid JSON array"),
+            (b'[1,2]\n{"a": 3\n', "line 2: not valid JSON"),
+            (b"[1,2] [3,4]", "line 1: not a valid JSON array"),
+        ]:
+            async with http.post(url, data=body) as reply:
+                assert reply.status == 400, body
+                assert (await reply.json())["error"].startswith(error), body

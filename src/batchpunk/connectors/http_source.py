@@ -343,7 +343,12 @@ class HttpSource:
         return web.json_response(body, status=status, headers=headers)
 
     def _parse(self, body: bytes) -> list[Any]:
-        """A JSON object, a JSON array, or NDJSON; _BadBody naming the line that does not parse."""
+        """A JSON object, a JSON array, or NDJSON; _BadBody naming the line that does not parse.
+
+        A body that is one JSON array is its events. One that starts with "[" but is not one
+        array is NDJSON when it has several lines and its first line is JSON by itself (an
+        array line is then one event that is an array); otherwise the array error is reported.
+        """
         text = body.strip()
         if not text:
             return []
@@ -351,7 +356,7 @@ class HttpSource:
             try:
                 value = _loads(text)
             except FrameError:
-                if text[:1] == b"[":
+                if text[:1] == b"[" and not _ndjson_from_line_1(text):
                     raise _BadBody(f"line 1: not a valid JSON array ({_reason(text)})") from None
             else:
                 return list(value) if isinstance(value, list) else [value]
@@ -392,6 +397,20 @@ def _strict_loads(data: bytes) -> Any:
         return json.loads(text, parse_constant=_no_constant)
     except Exception as exc:  # hostile bytes may raise anything (RecursionError): as decode_value
         raise FrameError(f"payload does not decode as json: {exc}") from exc
+
+
+def _ndjson_from_line_1(text: bytes) -> bool:
+    """Whether a stripped body that is not one JSON value reads as NDJSON: several non-empty
+    lines, the first of them JSON by itself (a broken multi-line array's first line, "[", is
+    not)."""
+    lines = [line for line in text.split(b"\n") if line.strip()]
+    if len(lines) < 2:
+        return False
+    try:
+        _loads(lines[0].strip())
+    except FrameError:
+        return False
+    return True
 
 
 def _reason(text: bytes) -> str:
