@@ -1231,3 +1231,81 @@ async def test_a_stop_during_start_releases_the_spool_and_keeps_its_messages(
     assert sorted(recorder.seen) == list(range(20))
     assert letters.letters == []
     assert inspect_spool(path).unfinished == 0
+
+
+@pytest.mark.parametrize("call", ["add_message", "submit"])
+async def test_a_message_the_full_engine_refuses_under_raise_leaves_nothing_in_the_spool(
+    tmp_path: Path, call: str
+) -> None:
+    """Under overflow=raise, a message refused with BufferFull because max_pending messages were
+    unfinished stayed in the spool, unfinished (max_pending=5, 20 adds at once: 15 refused, and
+    after every batch finished spool.unfinished was 15; the next start processed them, and until
+    then they pinned their segment). Now a message the engine has no room for is refused before
+    it is written, and one whose room vanished while it waited for its commit is finished before
+    BufferFull reaches its producer."""
+    gate = asyncio.Event()
+    recorder = Recorder()
+
+    async def slow(batch: Batch[Any]) -> None:
+        await gate.wait()
+        await recorder(batch)
+
+    cfg = config(max_size=5, max_pending=5, overflow=OverflowPolicy.RAISE, drain_timeout=5.0)
+    path = tmp_path / "s"
+    refused: list[int] = []
+    async with BatchProcessor(cfg, slow, spool=Spool(path)) as processor:
+        add = getattr(processor, call)
+
+        async def one(i: int) -> None:
+            try:
+                await add({"i": i})
+            except BufferFull:
+                refused.append(i)
+
+        # All twenty find room before their write; five find it once their commit is done.
+        tasks = [asyncio.ensure_future(one(i)) for i in range(20)]
+        await wait_for(lambda: len(refused) == 15)
+        written = processor.spool.sequence  # type: ignore[union-attr]
+        for i in range(20, 25):  # no room now: refused before anything is written
+            await one(i)
+        assert processor.spool.sequence == written  # type: ignore[union-attr]
+        gate.set()
+        await asyncio.gather(*tasks)
+        await processor.flush()
+        await wait_for(lambda: processor.spool.unfinished == 0)  # type: ignore[union-attr]
+    assert len(refused) == 20
+    assert sorted(m["i"] for m in recorder.seen) == sorted(set(range(25)) - set(refused))
+    assert inspect_spool(path).unfinished == 0
+    again, _ = await replay(path)
+    assert again.seen == []
+
+
+@pytest.mark.parametrize("policy", [OverflowPolicy.DROP_NEWEST, OverflowPolicy.DROP_OLDEST])
+async def test_a_message_dropped_after_its_commit_is_finished_by_its_letter(
+    tmp_path: Path, policy: OverflowPolicy
+) -> None:
+    """Under a drop policy, messages written while there was room and dropped once their commit
+    was done (max_pending reached meanwhile) are dead-lettered as records, so storing each
+    letter finishes its message: nothing is left in the spool for the next start."""
+    gate = asyncio.Event()
+    recorder = Recorder()
+
+    async def slow(batch: Batch[Any]) -> None:
+        await gate.wait()
+        await recorder(batch)
+
+    letters = MemoryDeadLetters()
+    cfg = config(max_size=5, max_pending=5, overflow=policy, drain_timeout=5.0)
+    path = tmp_path / "s"
+    async with BatchProcessor(cfg, slow, dead_letter=letters, spool=Spool(path)) as processor:
+        await asyncio.gather(*(processor.add_message({"i": i}) for i in range(20)))
+        await wait_for(lambda: len(letters.letters) == 15)
+        assert processor.spool.unfinished == 5  # type: ignore[union-attr]
+        gate.set()
+        await processor.flush()
+        await wait_for(lambda: processor.spool.unfinished == 0)  # type: ignore[union-attr]
+    assert {letter.reason for letter in letters.letters} == {"dropped"}
+    dead = {letter.message["i"] for letter in letters.letters}
+    assert sorted(m["i"] for m in recorder.seen) == sorted(set(range(20)) - dead)
+    again, _ = await replay(path)
+    assert again.seen == []

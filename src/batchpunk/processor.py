@@ -30,9 +30,9 @@ from batchpunk._execution import Execution
 from batchpunk._outbox import Outbox, as_put, build_letter, shutdown_entries
 from batchpunk._scheduler import Scheduler
 from batchpunk.batch import Batch
-from batchpunk.config import BatchConfig, BatchTrigger
+from batchpunk.config import BatchConfig, BatchTrigger, OverflowPolicy
 from batchpunk.deadletter import DeadLetter
-from batchpunk.errors import ConfigError, ProcessorClosed
+from batchpunk.errors import BufferFull, ConfigError, ProcessorClosed
 from batchpunk.metrics import Observer
 from batchpunk.retry import CircuitBreaker
 
@@ -130,6 +130,8 @@ class BatchProcessor(Completion, Generic[T, R]):
         )
         # The public add methods' one test for that path: plain, and no spool to write first.
         self._fast = self._plain and spool is None
+        # With a spool, a message the engine refuses under RAISE is refused before its write.
+        self._refuses = config.overflow is OverflowPolicy.RAISE
         # Counts of messages.
         self._finished = 0
         self._processed = 0
@@ -301,6 +303,8 @@ class BatchProcessor(Completion, Generic[T, R]):
             return
         spool = self.spool
         if spool is not None:
+            if self._room <= 0 and self._refuses:
+                self._refuse(message, key, priority, None)  # raises: nothing is written
             admitted = spool.admit_now(message, key, priority)
             if admitted is not None:
                 message, commit = admitted
@@ -310,6 +314,11 @@ class BatchProcessor(Completion, Generic[T, R]):
                 message = await spool.admit(message, key, priority)
                 if message is None:
                     return  # the spool is full and the drop policy dead-lettered it
+            if self._room > 0:
+                self._track(message, key, priority, None)
+            else:
+                await self._accept_spooled(message, key, priority, None)
+            return
         if self._room > 0:
             self._track(message, key, priority, None)
         else:
@@ -340,9 +349,16 @@ class BatchProcessor(Completion, Generic[T, R]):
             if size >= self._cut_before:
                 self._acc.cut(lane, "size")
             return await future
-        if self.spool is not None:
-            message = await self.spool.admit(message, key, priority, submit=True)
         future = asyncio.get_running_loop().create_future()
+        if self.spool is not None:
+            if self._room <= 0 and self._refuses:
+                self._refuse(message, key, priority, future)  # raises: nothing is written
+            message = await self.spool.admit(message, key, priority, submit=True)
+            if self._room > 0:
+                self._track(message, key, priority, future)
+            else:
+                await self._accept_spooled(message, key, priority, future)
+            return await future
         if self._room > 0:
             self._track(message, key, priority, future)
         else:
@@ -368,6 +384,16 @@ class BatchProcessor(Completion, Generic[T, R]):
         future = self._loop.create_future()  # type: ignore[union-attr]
         self._track(message, key, priority, future)
         return future
+
+    async def _accept_spooled(self, record: Any, key: Any, priority: int, tracker: Any) -> None:
+        """``_accept`` for a record already in the spool: room can vanish while its producer
+        awaits the commit, and a record the engine then refuses (BufferFull under RAISE) is
+        finished, or it stays in the spool and is processed after the next start."""
+        try:
+            await self._accept(record, key, priority, tracker)
+        except BufferFull:
+            self.spool.refused(record)  # type: ignore[union-attr]
+            raise
 
     async def replay(
         self, letters: Iterable[DeadLetter] | AsyncIterable[DeadLetter]

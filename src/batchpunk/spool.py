@@ -902,6 +902,13 @@ class Spool:
             and not processor._letters_fill()  # else the engine refuses it (BufferFull)
         )
 
+    def refused(self, record: Any) -> None:
+        """The engine refused a record already written (its room went while the commit ran):
+        finish it, or the next start processes a message whose producer got BufferFull."""
+        if type(record) is _Record and record.mark is not None:
+            self.stats["refused"] += 1
+            self._finish_many([record.mark])
+
     def when_durable(self, callback: Callable[[Any], None]) -> None:
         """Call ``callback(None)`` once the last appended message is durable (not if refused).
 
