@@ -1309,3 +1309,67 @@ async def test_a_message_dropped_after_its_commit_is_finished_by_its_letter(
     assert sorted(m["i"] for m in recorder.seen) == sorted(set(range(20)) - dead)
     again, _ = await replay(path)
     assert again.seen == []
+
+
+@pytest.mark.parametrize("call", ["add_message", "submit"])
+async def test_a_message_dropped_for_a_full_spool_returns_only_once_its_letter_is_stored(
+    tmp_path: Path, call: str
+) -> None:
+    """Under drop_newest, a message dropped because the spool's max_bytes was reached made
+    ``await add_message`` return right after it was handed to the dead-letter outbox: a kill -9
+    while the sink was slow lost it, though docs/spool.md promises that every message whose
+    ``await add_message`` returned is processed or dead-lettered. Now add_message (as submit
+    did) returns only once its letter is stored."""
+    letters = HeldLetters()
+    cfg = config(overflow=OverflowPolicy.DROP_NEWEST, max_pending=100_000)
+    spool = Spool(tmp_path / "s", max_bytes=4096, segment_bytes=4096)
+    async with BatchProcessor(cfg, never, dead_letter=letters, spool=spool) as processor:
+        i = 0
+        while spool.disk_bytes + 200 < 4096:
+            await processor.add_message({"i": i, "pad": "x" * 100})
+            i += 1
+        written = spool.sequence
+        big = {"i": "dropped", "pad": "x" * 200}
+        adding = asyncio.ensure_future(getattr(processor, call)(big))
+        for _ in range(20):  # its letter is not stored: it must still be waiting
+            await asyncio.sleep(0.005)
+        assert spool.sequence == written  # dropped by the spool, not written
+        assert not adding.done()
+        letters.gate.set()
+        if call == "submit":
+            with pytest.raises(BufferFull, match="max_bytes"):
+                await asyncio.wait_for(adding, 5)
+        else:
+            await asyncio.wait_for(adding, 5)
+        assert [(x.reason, x.message) for x in letters.letters] == [("dropped", big)]
+
+
+async def test_drops_for_a_full_spool_stop_once_max_pending_letters_wait_for_the_sink(
+    tmp_path: Path,
+) -> None:
+    """The engine's drop policies stop dropping (BufferFull without waiting, a wait for room
+    with add_message) once max_pending letters wait for a sink that does not store them; the
+    spool's drops for a full max_bytes did not look, and a sink that hangs let their letters
+    grow without bound. Now they apply the same bound."""
+    letters = HeldLetters()
+    cfg = config(overflow=OverflowPolicy.DROP_NEWEST, max_pending=40)
+    spool = Spool(tmp_path / "s", max_bytes=4096, segment_bytes=4096)
+    async with BatchProcessor(cfg, never, dead_letter=letters, spool=spool) as processor:
+        while spool.disk_bytes + 200 < 4096:
+            await processor.add_message({"pad": "x" * 100})
+        errors: list[str] = []
+        for i in range(100):
+            try:
+                processor.add_message_nowait({"i": i, "pad": "x" * 200})
+            except BufferFull as exc:
+                errors.append(str(exc))
+            await asyncio.sleep(0)  # the outbox begins its (hanging) write
+        refused = len(errors)
+        assert all("not storing them" in error for error in errors)
+        waiting = asyncio.ensure_future(processor.add_message({"i": "late", "pad": "x" * 200}))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()  # waits for room, adds no letter
+        assert refused > 50
+        letters.gate.set()
+        await asyncio.wait_for(waiting, 5)
+    assert len(letters.letters) == 100 - refused + 1

@@ -832,11 +832,21 @@ class Spool:
             if policy is OverflowPolicy.RAISE:
                 self.stats["refused"] += 1
                 raise error
-            assert self._processor is not None
-            letter = self._processor.reject(message, "dropped", error, key=key, priority=priority)
+            processor = self._processor
+            assert processor is not None
+            if processor._letters_fill():
+                # Letters wait for a sink that does not store them: as the engine's own drops
+                # do, wait for room rather than add more (memory would grow without bound).
+                await processor._wait_for_room()
+                if self._closed():
+                    return _Record(None, message)
+                continue
+            letter = processor.reject(message, "dropped", error, key=key, priority=priority)
             self._dropped = (letter, error)
+            # Returns once the letter is stored: the message was never written, so until then
+            # a crash would lose it although its producer was told it was taken care of.
+            await letter
             if submit:
-                await letter
                 raise error
             return None
         record = self._append(body, message)
@@ -880,8 +890,16 @@ class Spool:
             if policy in (OverflowPolicy.BLOCK, OverflowPolicy.RAISE):
                 self.stats["refused"] += 1
                 raise error
-            assert self._processor is not None
-            stored = self._processor.reject(message, "dropped", error, key=key, priority=priority)
+            processor = self._processor
+            assert processor is not None
+            if processor._letters_fill():
+                self.stats["refused"] += 1
+                raise BufferFull(
+                    f"spool {self.path}: full, and max_pending dead letters wait for the "
+                    f"dead-letter sink, which is not storing them (overflow={policy.value} drops "
+                    "no more); retry later or use await add_message()"
+                )
+            stored = processor.reject(message, "dropped", error, key=key, priority=priority)
             self._dropped = (stored, error)
             return None
         return self._append(body, message)
