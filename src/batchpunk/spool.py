@@ -29,6 +29,7 @@ import errno
 import fcntl
 import inspect
 import logging
+import math
 import os
 import struct
 import threading
@@ -466,6 +467,37 @@ def _decode_message(serializer_id: int, body: bytes) -> tuple[Any, Any, int]:
         raise SpoolDamaged("a message record must hold [message, key, priority]")
     message, key, priority = value
     return message, _as_key(key), priority
+
+
+#: Key types every serializer gives back as written (a float only when finite: json writes an
+#: infinity as null, and a NaN never equals itself, so it never finds its lane again).
+_KEY_TYPES = (str, int, float, bool, type(None))
+
+
+def _check_durable_key(key: Any, serializer: str) -> None:
+    """TypeError unless the key comes back from the spool equal and of the same type.
+
+    A key that does not (an Enum comes back as its value, a UUID or datetime as a str) puts a
+    replayed message in another lane than a new one of the same key, and preserve_order, which
+    holds per lane, no longer orders them. Checked before anything is written.
+    """
+    if not _round_trips(key, serializer != "json"):
+        kinds = "str, int, float, bool, None" + (", bytes" if serializer != "json" else "")
+        raise TypeError(
+            f"key: {key!r} would not come back as written from the spool (serializer "
+            f"{serializer!r}): with a spool a key must be a {kinds} (floats finite) or a tuple "
+            "of these; an Enum, UUID or datetime key comes back as a plain value on replay and "
+            "breaks preserve_order: pass key=its .value or str(...) instead"
+        )
+
+
+def _round_trips(key: Any, bytes_too: bool) -> bool:
+    kind = type(key)
+    if kind is tuple:
+        return all(_round_trips(item, bytes_too) for item in key)
+    if kind is float:
+        return math.isfinite(key)
+    return kind in _KEY_TYPES or (bytes_too and kind is bytes)
 
 
 def _as_key(value: Any) -> Any:
@@ -997,6 +1029,8 @@ class Spool:
             # Before anything is written: a message the engine then refused for its key would
             # stay in the spool, unfinished, and be processed after the next start.
             check_key(key, priority)
+            if key is not None and type(key) is not str and type(key) is not int:
+                _check_durable_key(key, self.serializer)
         if self.extract is not None:
             message = self.extract(message)
         fast = self._fast
