@@ -1440,3 +1440,44 @@ async def test_a_key_that_would_come_back_changed_is_refused_before_it_is_writte
     for name, key in kept.items():
         assert back[name] == key, name
         assert repr(back[name]) == repr(key), name  # the same types, nested ones too
+
+
+#: What _Unpickled's reduction ran: a spool that unpickles leaves a mark here.
+_UNPICKLED: list[str] = []
+
+
+def _note_unpickled(text: str) -> str:
+    _UNPICKLED.append(text)
+    return text
+
+
+class _Unpickled:
+    """Unpickling it calls _note_unpickled (as hostile bytes could call os.system)."""
+
+    def __reduce__(self) -> Any:
+        return (_note_unpickled, ("code ran",))
+
+
+async def test_a_spool_not_built_for_pickle_never_unpickles_what_it_finds(tmp_path: Path) -> None:
+    """A spool opened with serializer="json" unpickled records stored with pickle's serializer
+    id: code in them ran during start() (the reviewer's repro ran os.system). Now only a Spool
+    built with serializer="pickle" unpickles; any other makes the record a "malformed" dead
+    letter carrying its bytes, whose error says why, and the letter finishes it."""
+    path = tmp_path / "s"
+    await leave_unfinished(path, [_Unpickled()], serializer="pickle")
+    _UNPICKLED.clear()
+    recorder, letters = await replay(path)  # a json spool, the default
+    assert _UNPICKLED == []
+    assert recorder.seen == []
+    [letter] = letters.letters
+    assert letter.reason == "malformed"
+    assert isinstance(letter.message, bytes)
+    assert b"_note_unpickled" in letter.message
+    assert "written with pickle" in str(letter.error)
+    assert "serializer='pickle'" in str(letter.error)
+    assert inspect_spool(path).unfinished == 0
+    await leave_unfinished(path, [_Unpickled()], serializer="pickle")
+    processor = BatchProcessor(config(), Recorder(), spool=Spool(path, serializer="pickle"))
+    async with processor:
+        await processor.flush()
+    assert _UNPICKLED == ["code ran"]  # its own kind of spool reads it back, as documented

@@ -457,11 +457,24 @@ def _recover(directory: Path, *, cut: bool) -> _Recovered:
     return _Recovered([s for s, _, _ in scans], replay, damaged, top + 1, torn)
 
 
-def _decode_message(serializer_id: int, body: bytes) -> tuple[Any, Any, int]:
-    """(message, key, priority) of one message of a group that checked out."""
+def _decode_message(
+    serializer_id: int, body: bytes, *, allow_pickle: bool = False
+) -> tuple[Any, Any, int]:
+    """(message, key, priority) of one message of a group that checked out.
+
+    Pickle only with ``allow_pickle`` (a Spool built with serializer="pickle"): bytes on disk
+    are not trusted because of the id they carry, or a json spool's directory that someone else
+    wrote to would run their code on start.
+    """
     name = _SERIALIZER_NAMES.get(serializer_id)
     if name is None:
         raise SpoolDamaged(f"unknown serializer id {serializer_id}")
+    if name == "pickle" and not allow_pickle:
+        raise SpoolDamaged(
+            "this message was written with pickle, and a spool never unpickles unless it was "
+            "built with serializer='pickle' (untrusted bytes are never unpickled); the bytes "
+            "are the message"
+        )
     value = deserialize(body, name)
     if not isinstance(value, list) or len(value) != 3:
         raise SpoolDamaged("a message record must hold [message, key, priority]")
@@ -1415,9 +1428,10 @@ class Spool:
         for seq, _, _, segment in replay:
             self._where[seq] = segment
         self._delete_drained()
+        pickles = self.serializer == "pickle"
         for seq, sid, raw, _segment in replay:
             try:
-                message, key, priority = _decode_message(sid, raw)
+                message, key, priority = _decode_message(sid, raw, allow_pickle=pickles)
             except (BatchpunkError, ValueError) as exc:
                 processor._reject(_Record(seq, raw), "malformed", exc)
                 continue
