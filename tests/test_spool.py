@@ -1481,3 +1481,33 @@ async def test_a_spool_not_built_for_pickle_never_unpickles_what_it_finds(tmp_pa
     async with processor:
         await processor.flush()
     assert _UNPICKLED == ["code ran"]  # its own kind of spool reads it back, as documented
+
+
+async def test_a_msgpack_spool_without_msgspec_fails_to_start_and_keeps_every_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reopening a msgpack spool where msgspec is not installed dead-lettered every unfinished
+    message as "malformed" and emptied the spool: the replay's except caught MissingDependency
+    as if the bytes were bad. Now start() fails with the pip hint and the spool is untouched;
+    with msgspec back, every message is replayed."""
+    pytest.importorskip("msgspec", reason="writing the spool needs the msgpack extra")
+    from batchpunk.errors import MissingDependency
+
+    path = tmp_path / "s"
+    await leave_unfinished(path, [{"n": n} for n in range(3)], serializer="msgpack")
+    before = {p.name: p.read_bytes() for p in segments(path)}
+    monkeypatch.setitem(sys.modules, "msgspec", None)  # as in a deploy without the extra
+    letters = MemoryDeadLetters()
+    recorder = Recorder()
+    spool = Spool(path, serializer="msgpack")
+    processor = BatchProcessor(config(), recorder, dead_letter=letters, spool=spool)
+    with pytest.raises(MissingDependency, match=r"pip install 'batchpunk\[msgpack\]'"):
+        await processor.start()
+    await processor.stop()
+    assert letters.letters == []
+    assert recorder.seen == []
+    assert {p.name: p.read_bytes() for p in segments(path)} == before
+    monkeypatch.undo()
+    async with BatchProcessor(config(), recorder, spool=Spool(path, serializer="msgpack")) as p:
+        await p.flush()
+    assert recorder.seen == [{"n": n} for n in range(3)]

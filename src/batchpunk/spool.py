@@ -47,7 +47,7 @@ from batchpunk.batch import as_results
 from batchpunk.codec.serializers import deserialize, serialize
 from batchpunk.config import OverflowPolicy
 from batchpunk.deadletter import DeadLetter
-from batchpunk.errors import BatchpunkError, BufferFull, PartialFailure
+from batchpunk.errors import BatchpunkError, BufferFull, MissingDependency, PartialFailure, require
 
 if TYPE_CHECKING:
     from batchpunk.config import BatchConfig
@@ -1409,6 +1409,10 @@ class Spool:
         self._next_seq = recovered.next_seq
         self._disk = sum(s.size for s in recovered.segments)
         self.stats["torn"] = len(recovered.torn)
+        if any(sid == _SERIALIZER_IDS["msgpack"] for _, sid, _, _ in recovered.replay):
+            # Before anything is replayed or dead-lettered: without the extra, start() fails
+            # with the pip hint and the spool stays as it is (its messages are not bad bytes).
+            require("msgspec", "msgpack", f"spool {self.path}: reading its msgpack records")
         self._space = asyncio.Event()
         self._open = True
         if processor.closed:
@@ -1432,6 +1436,8 @@ class Spool:
         for seq, sid, raw, _segment in replay:
             try:
                 message, key, priority = _decode_message(sid, raw, allow_pickle=pickles)
+            except MissingDependency:
+                raise  # not the message's fault: start() fails with the pip hint
             except (BatchpunkError, ValueError) as exc:
                 processor._reject(_Record(seq, raw), "malformed", exc)
                 continue
