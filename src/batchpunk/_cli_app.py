@@ -929,6 +929,8 @@ def spool_inspect(
         _say("\t".join(columns))
         for name, size, messages, unfinished in report.segments:
             _say(f"{name}\t{size}\t{messages}\t{unfinished}")
+    for name, length in report.writing:
+        _say(f"being written: {name}: {length:,} byte(s) of a write under way (not damage)")
     for name, offset, length, torn in report.damaged:
         if torn:
             _say(f"torn tail: {name}: {length:,} byte(s) (cut on the next start)")

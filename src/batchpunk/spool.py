@@ -270,7 +270,10 @@ class SpoolReport:
         oldest_age: seconds since the oldest unfinished message was written (from its file's
             modification time when the record does not say), or None when nothing is unfinished.
         damaged: byte ranges that do not check out: (file name, offset, length, torn tail?).
+            A torn tail is reported only when no live process owns the spool.
         locked_by: the pid in the lock file when another process holds the lock, else None.
+        writing: while a live process owns the spool, (file name, bytes) of an incomplete
+            last record: a write under way when the spool was read, not damage.
     """
 
     path: str
@@ -279,6 +282,7 @@ class SpoolReport:
     oldest_age: float | None
     damaged: list[tuple[str, int, int, bool]]
     locked_by: int | None
+    writing: list[tuple[str, int]] = dataclasses.field(default_factory=list)
 
 
 # -- reading a log ------------------------------------------------------------------------------
@@ -404,6 +408,8 @@ class _Recovered:
     damaged: list[tuple[_Segment, int, bytes]]
     next_seq: int
     torn: list[tuple[str, int]]
+    #: Segment number -> (bytes read, message records), as read once.
+    counts: dict[int, tuple[int, int]] = dataclasses.field(default_factory=dict)
 
 
 def _recover(directory: Path, *, cut: bool) -> _Recovered:
@@ -414,9 +420,16 @@ def _recover(directory: Path, *, cut: bool) -> _Recovered:
     settled: set[tuple[int, int]] = set()
     torn: list[tuple[str, int]] = []
     top = 0
+    counts: dict[int, tuple[int, int]] = {}
     for index, (number, path) in enumerate(files):
-        whole = path.read_bytes()
+        try:
+            whole = path.read_bytes()
+        except FileNotFoundError:
+            if cut:
+                raise  # the owner's own directory: nobody else deletes in it
+            continue  # inspecting a live spool: its owner deleted a drained segment meanwhile
         scan = _scan(whole, last=index == len(files) - 1)
+        counts[number] = (len(whole), len(scan.messages))
         data = whole
         if scan.good_end < len(data):
             torn.append((path.name, len(data) - scan.good_end))
@@ -454,7 +467,7 @@ def _recover(directory: Path, *, cut: bool) -> _Recovered:
                 damaged.append((segment, offset, data[offset : offset + length]))
                 segment.live += 1
     replay.sort(key=lambda item: item[0])
-    return _Recovered([s for s, _, _ in scans], replay, damaged, top + 1, torn)
+    return _Recovered([s for s, _, _ in scans], replay, damaged, top + 1, torn, counts)
 
 
 def _decode_message(
@@ -530,19 +543,30 @@ def inspect_spool(path: str | os.PathLike[str]) -> SpoolReport:
         raise SpoolError(f"spool {directory}: no such directory")
     locked_by = _lock_holder(directory)
     recovered = _recover(directory, cut=False)
+    unfinished: dict[int, int] = {}
+    for item in recovered.replay:
+        number = item[3].number
+        unfinished[number] = unfinished.get(number, 0) + 1
     rows = []
     oldest: float | None = None
     for segment in recovered.segments:
-        count = sum(1 for item in recovered.replay if item[3] is segment)
-        data = segment.path.read_bytes()
-        total = len(_scan(data, last=False).messages)
-        rows.append((segment.path.name, segment.path.stat().st_size, total, count))
+        count = unfinished.get(segment.number, 0)
+        size, total = recovered.counts[segment.number]
+        rows.append((segment.path.name, size, total, count))
         if count and oldest is None:
-            oldest = segment.path.stat().st_mtime
+            with contextlib.suppress(FileNotFoundError):
+                oldest = segment.path.stat().st_mtime
     damaged = [(s.path.name, offset, len(raw), False) for s, offset, raw in recovered.damaged]
-    damaged += [(name, -1, length, True) for name, length in recovered.torn]
+    writing: list[tuple[str, int]] = []
+    if locked_by is None:
+        damaged += [(name, -1, length, True) for name, length in recovered.torn]
+    else:
+        # Its owner runs: an incomplete last record is the write under way, not a torn tail.
+        writing = list(recovered.torn)
     age = None if oldest is None or not recovered.replay else max(0.0, time.time() - oldest)
-    return SpoolReport(str(directory), rows, len(recovered.replay), age, damaged, locked_by)
+    return SpoolReport(
+        str(directory), rows, len(recovered.replay), age, damaged, locked_by, writing
+    )
 
 
 def _lock_holder(directory: Path) -> int | None:
