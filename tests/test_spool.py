@@ -1571,3 +1571,44 @@ def test_inspect_of_a_live_spool_calls_an_incomplete_tail_a_write_under_way(
     assert done.returncode == 0, done.stderr
     assert "torn" not in done.stdout
     assert "being written" in done.stdout
+
+
+async def test_a_spool_whose_lock_file_cannot_be_opened_fails_with_a_spool_error(
+    tmp_path: Path,
+) -> None:
+    """start() on a spool directory it cannot write (read-only for this user) raised a raw
+    PermissionError from the lock file's os.open. Now it is a SpoolError naming the path and
+    the problem, as a directory that cannot be created is. (Root ignores file modes, so the
+    lock path is made a directory here: opening it fails the same way.)"""
+    from batchpunk.spool import SpoolError
+
+    path = tmp_path / "s"
+    (path / "lock").mkdir(parents=True)
+    processor = BatchProcessor(config(), never, spool=Spool(path))
+    with pytest.raises(SpoolError, match=r"spool .*/s: cannot open its lock file .*lock"):
+        await processor.start()
+    await processor.stop()
+
+
+def test_inspect_refuses_a_directory_that_is_not_a_spool(tmp_path: Path) -> None:
+    """`batchpunk spool inspect /etc` printed "0 unfinished ... not in use" and exited 0: a
+    directory with neither a lock file nor segment files is not a spool (a typo, a wrong
+    path). Now inspect_spool raises SpoolError saying so, and the command exits 2."""
+    from batchpunk.spool import SpoolError
+
+    other = tmp_path / "etc"
+    other.mkdir()
+    (other / "hosts").write_text("127.0.0.1 localhost\n")
+    with pytest.raises(SpoolError, match="not a spool"):
+        inspect_spool(other)
+    with pytest.raises(SpoolError, match="not a directory"):
+        inspect_spool(other / "hosts")
+    done = subprocess.run(
+        [sys.executable, "-m", "batchpunk", "spool", "inspect", str(other)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stdout
+    assert "not a spool" in done.stderr
+    assert done.stdout == ""

@@ -540,7 +540,16 @@ def inspect_spool(path: str | os.PathLike[str]) -> SpoolReport:
     """
     directory = Path(path)
     if not directory.is_dir():
-        raise SpoolError(f"spool {directory}: no such directory")
+        what = "not a directory" if directory.exists() else "no such directory"
+        raise SpoolError(f"spool {directory}: {what}")
+    try:
+        is_spool = (directory / "lock").is_file() or bool(_segment_files(directory))
+    except OSError as exc:
+        raise SpoolError(f"spool {directory}: cannot read the directory: {exc}") from None
+    if not is_spool:
+        raise SpoolError(
+            f"spool {directory}: not a spool (no lock file and no segment files); check the path"
+        )
     locked_by = _lock_holder(directory)
     recovered = _recover(directory, cut=False)
     unfinished: dict[int, int] = {}
@@ -1544,7 +1553,13 @@ class Spool:
 
     def _lock(self) -> None:
         lock = self.path / "lock"
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise SpoolError(
+                f"spool {self.path}: cannot open its lock file {lock} for writing: {exc} (the "
+                "directory must be writable by this process)"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
