@@ -391,8 +391,9 @@ async def test_a_damaged_group_in_the_middle_is_one_malformed_letter_with_its_by
     data = bytearray(seg.read_bytes())
     offset, length = _scan(bytes(data), last=True).groups[1]  # messages 1 to 5
     original = bytes(data[offset : offset + length])
-    # Header 9 bytes, then first sequence number (8), count (4), serializer id (1), lengths.
-    spot = {"a message": offset + length - 30, "a length": offset + 26, "the count": offset + 17}
+    # Header 9 bytes, then first sequence number (8), count (4), serializer id (1), write time
+    # (8), lengths (4 each): the second length is at 34.
+    spot = {"a message": offset + length - 30, "a length": offset + 34, "the count": offset + 17}
     data[spot[where]] ^= 0x55
     seg.write_bytes(bytes(data))
     assert inspect_spool(path).unfinished == 6
@@ -1612,3 +1613,35 @@ def test_inspect_refuses_a_directory_that_is_not_a_spool(tmp_path: Path) -> None
     assert done.returncode == 2, done.stdout
     assert "not a spool" in done.stderr
     assert done.stdout == ""
+
+
+async def test_inspect_ages_the_oldest_unfinished_message_by_its_write_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """inspect's "oldest" was the time since the oldest unfinished message's segment was last
+    modified, and finish markers of other messages modify it: a message unfinished for 3.22 s
+    was reported 0.169 s old. Now each group records when it was written, and the age is taken
+    from there (from the file's modification time only for groups written before that)."""
+    import batchpunk.spool as spool_module
+
+    path = tmp_path / "s"
+    await leave_unfinished(path, [{"n": 0}])
+    now = spool_module.time.time()
+    seg = segments(path)[-1]
+    os.utime(seg, (now + 50, now + 50))  # later writes (finish markers) to the same file
+    monkeypatch.setattr(spool_module.time, "time", lambda: now + 100)
+    age = inspect_spool(path).oldest_age
+    assert age is not None
+    assert 99 <= age <= 102  # the file's time said 50
+    monkeypatch.undo()
+    # A group written before the write time was recorded (type 1) is read as ever.
+    body = b'[{"n":"old"},null,0]'
+    payload = struct.pack("<QIB", 7, 1, 1) + struct.pack("<I", len(body)) + body
+    rest = struct.pack("<BI", 1, len(payload)) + payload
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "000000000001.seg").write_bytes(struct.pack("<I", zlib.crc32(rest)) + rest)
+    assert inspect_spool(old).unfinished == 1
+    recorder, letters = await replay(old)
+    assert recorder.seen == [{"n": "old"}]
+    assert letters.letters == []

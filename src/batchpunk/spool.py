@@ -70,12 +70,18 @@ HEADER_SIZE = _HEADER.size
 #: A message group's payload starts with its first sequence number, its message count and the
 #: serializer id; then one u32 length per message, then the messages' bytes back to back.
 _GROUP = struct.Struct("<QIB")
+#: A timed group (type 4, what this version writes): the same with the time it was written
+#: (seconds since the epoch, a double) after the serializer id. Type 1 is still read.
+_TIMED = struct.Struct("<QIBd")
 #: A settled-damage record: segment number and byte offset of the damaged bytes.
 _DAMAGE = struct.Struct("<QQ")
 _CRC = struct.Struct("<I")
-#: Type, length, first sequence number, count, serializer id: a group's bytes after its CRC.
-_GROUP_HEAD = struct.Struct("<BIQIB")
-MESSAGE, FINISHED, DAMAGE_SETTLED = 1, 2, 3
+#: Type, length, first sequence number, count, serializer id, write time: a timed group's bytes
+#: after its CRC.
+_GROUP_HEAD = struct.Struct("<BIQIBd")
+MESSAGE, FINISHED, DAMAGE_SETTLED, TIMED_MESSAGE = 1, 2, 3, 4
+_KINDS = (MESSAGE, FINISHED, DAMAGE_SETTLED, TIMED_MESSAGE)
+_GROUPS = (MESSAGE, TIMED_MESSAGE)
 _SERIALIZER_IDS = {"json": 1, "msgpack": 2, "pickle": 3}
 _SERIALIZER_NAMES = {v: k for k, v in _SERIALIZER_IDS.items()}
 #: Largest payload a record may declare; a bigger length field is damage, not a message.
@@ -235,8 +241,10 @@ class _Chunk:
         count = len(bodies)
         lengths = struct.pack(f"<{count}I", *map(len, bodies))
         payload = b"".join(bodies)
-        length = _GROUP.size + len(lengths) + len(payload)
-        head = _GROUP_HEAD.pack(MESSAGE, length, self.first, count, serializer_id)
+        length = _TIMED.size + len(lengths) + len(payload)
+        head = _GROUP_HEAD.pack(
+            TIMED_MESSAGE, length, self.first, count, serializer_id, time.time()
+        )
         crc = zlib.crc32(payload, zlib.crc32(lengths, zlib.crc32(head)))
         return b"".join((_CRC.pack(crc), head, lengths, payload))
 
@@ -267,8 +275,10 @@ class SpoolReport:
         path: the directory.
         segments: (file name, bytes, message records, unfinished messages) per segment.
         unfinished: messages written and not finished.
-        oldest_age: seconds since the oldest unfinished message was written (from its file's
-            modification time when the record does not say), or None when nothing is unfinished.
+        oldest_age: seconds since the oldest unfinished message was written (the time its
+            group records; for a group of the older format without one, the time its file was
+            last modified, which later writes to that file move on), or None when nothing is
+            unfinished.
         damaged: byte ranges that do not check out: (file name, offset, length, torn tail?).
             A torn tail is reported only when no live process owns the spool.
         locked_by: the pid in the lock file when another process holds the lock, else None.
@@ -299,6 +309,8 @@ class _Scan:
     damaged: list[tuple[int, int]]  # (offset, length) of bytes that do not check out
     good_end: int  # where a torn tail starts (the file is cut there); == size when none
     torn: bool
+    #: (first seq, count, write time) of each timed group (type 4; type 1 has no time).
+    written: list[tuple[int, int, float]] = dataclasses.field(default_factory=list)
 
 
 def _record_at(data: bytes, offset: int) -> tuple[int, int] | None:
@@ -306,24 +318,25 @@ def _record_at(data: bytes, offset: int) -> tuple[int, int] | None:
     if offset + HEADER_SIZE > len(data):
         return None
     crc, kind, length = _HEADER.unpack_from(data, offset)
-    if kind not in (MESSAGE, FINISHED, DAMAGE_SETTLED) or length > MAX_RECORD:
+    if kind not in _KINDS or length > MAX_RECORD:
         return None
     end = offset + HEADER_SIZE + length
     if end > len(data):
         return None
     if zlib.crc32(data[offset + 4 : end]) != crc:
         return None
-    if kind == MESSAGE and _group_lengths(data, offset + HEADER_SIZE, end) is None:
+    if kind in _GROUPS and _group_lengths(data, offset + HEADER_SIZE, end, kind) is None:
         return None  # checks out but does not add up: damage all the same
     return kind, HEADER_SIZE + length
 
 
-def _group_lengths(data: bytes, body: int, end: int) -> tuple[int, ...] | None:
+def _group_lengths(data: bytes, body: int, end: int, kind: int) -> tuple[int, ...] | None:
     """The message lengths of the group whose payload spans ``body`` .. ``end``, if they fit."""
-    if end - body < _GROUP.size:
+    head = _TIMED if kind == TIMED_MESSAGE else _GROUP
+    if end - body < head.size:
         return None
     count = _GROUP.unpack_from(data, body)[1]
-    start = body + _GROUP.size
+    start = body + head.size
     if start + 4 * count > end:
         return None
     lengths: tuple[int, ...] = struct.unpack_from(f"<{count}I", data, start)
@@ -346,11 +359,15 @@ def _scan(data: bytes, *, last: bool) -> _Scan:
         if found is not None:
             kind, total = found
             body = offset + HEADER_SIZE
-            if kind == MESSAGE:
+            if kind in _GROUPS:
                 first, count, sid = _GROUP.unpack_from(data, body)
-                lengths = _group_lengths(data, body, offset + total)
+                lengths = _group_lengths(data, body, offset + total, kind)
                 assert lengths is not None  # _record_at checked it
-                at = body + _GROUP.size + 4 * count
+                head = _GROUP.size
+                if kind == TIMED_MESSAGE:
+                    head = _TIMED.size
+                    out.written.append((first, count, _TIMED.unpack_from(data, body)[3]))
+                at = body + head + 4 * count
                 for index, length in enumerate(lengths):
                     out.messages.append((first + index, sid, at, length))
                     at += length
@@ -387,7 +404,7 @@ def _incomplete(data: bytes, offset: int) -> bool:
     if rest < HEADER_SIZE:
         return True
     _, kind, length = _HEADER.unpack_from(data, offset)
-    if kind not in (MESSAGE, FINISHED, DAMAGE_SETTLED):
+    if kind not in _KINDS:
         return not any(data[offset:])
     return offset + HEADER_SIZE + int(length) > len(data)
 
@@ -410,6 +427,8 @@ class _Recovered:
     torn: list[tuple[str, int]]
     #: Segment number -> (bytes read, message records), as read once.
     counts: dict[int, tuple[int, int]] = dataclasses.field(default_factory=dict)
+    #: (first seq, count, write time) of every timed group read.
+    written: list[tuple[int, int, float]] = dataclasses.field(default_factory=list)
 
 
 def _recover(directory: Path, *, cut: bool) -> _Recovered:
@@ -421,6 +440,7 @@ def _recover(directory: Path, *, cut: bool) -> _Recovered:
     torn: list[tuple[str, int]] = []
     top = 0
     counts: dict[int, tuple[int, int]] = {}
+    written: list[tuple[int, int, float]] = []
     for index, (number, path) in enumerate(files):
         try:
             whole = path.read_bytes()
@@ -430,6 +450,7 @@ def _recover(directory: Path, *, cut: bool) -> _Recovered:
             continue  # inspecting a live spool: its owner deleted a drained segment meanwhile
         scan = _scan(whole, last=index == len(files) - 1)
         counts[number] = (len(whole), len(scan.messages))
+        written.extend(scan.written)
         data = whole
         if scan.good_end < len(data):
             torn.append((path.name, len(data) - scan.good_end))
@@ -467,7 +488,7 @@ def _recover(directory: Path, *, cut: bool) -> _Recovered:
                 damaged.append((segment, offset, data[offset : offset + length]))
                 segment.live += 1
     replay.sort(key=lambda item: item[0])
-    return _Recovered([s for s, _, _ in scans], replay, damaged, top + 1, torn, counts)
+    return _Recovered([s for s, _, _ in scans], replay, damaged, top + 1, torn, counts, written)
 
 
 def _decode_message(
@@ -557,12 +578,18 @@ def inspect_spool(path: str | os.PathLike[str]) -> SpoolReport:
         number = item[3].number
         unfinished[number] = unfinished.get(number, 0) + 1
     rows = []
-    oldest: float | None = None
     for segment in recovered.segments:
         count = unfinished.get(segment.number, 0)
         size, total = recovered.counts[segment.number]
         rows.append((segment.path.name, size, total, count))
-        if count and oldest is None:
+    oldest: float | None = None
+    if recovered.replay:
+        seq, _, _, segment = recovered.replay[0]  # the oldest unfinished message
+        for first, count, when in recovered.written:
+            if first <= seq < first + count:
+                oldest = when
+                break
+        else:  # a group written before groups recorded their time (type 1)
             with contextlib.suppress(FileNotFoundError):
                 oldest = segment.path.stat().st_mtime
     damaged = [(s.path.name, offset, len(raw), False) for s, offset, raw in recovered.damaged]
