@@ -359,3 +359,125 @@ live = false
     assert stats["processed"] > 0
     assert stats["pipeline"]["read"] >= stats["processed"]
     assert "acknowledged / nacked" in stdout
+
+
+#: stdin into an HTTP sink on a port where nothing listens (an outage from the first call).
+_STDIN_OUTAGE = """
+[source]
+type = "jsonl"
+path = "-"
+[batch]
+max_size = 10
+max_wait = 0.05
+retry_delay = 0.01
+retry_max_delay = 0.05
+circuit_breaker_cooldown = 0.1
+drain_timeout = 0.5
+{delivery}
+[sink]
+type = "http"
+url = "http://127.0.0.1:{port}/in"
+timeout = 0.5
+[dead_letter]
+type = "{letters}"
+{letters_path}
+[metrics]
+live = false
+"""
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as probe:  # bound and closed: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _stdin_outage(tmp_path: Path, delivery: str, letters: str = "jsonl") -> subprocess.Popen[str]:
+    pytest.importorskip("httpx", reason="the http sink needs the http extra (httpx)")
+    (tmp_path / "p.toml").write_text(
+        _STDIN_OUTAGE.format(
+            delivery=delivery,
+            port=_closed_port(),
+            letters=letters,
+            letters_path='path = "dl.jsonl"' if letters == "jsonl" else "",
+        ),
+        encoding="utf-8",
+    )
+    lines = tmp_path / "lines.jsonl"
+    lines.write_text("".join(json.dumps({"id": i}) + "\n" for i in range(100)), encoding="utf-8")
+    with lines.open("rb") as stdin:  # standard input that ends after 100 lines
+        return subprocess.Popen(
+            [sys.executable, "-m", "batchpunk", "run", "p.toml"],
+            cwd=tmp_path,
+            stdin=stdin,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "COLUMNS": "200"},
+        )
+
+
+def test_stdin_ending_during_an_outage_dead_letters_what_expires_instead_of_losing_it(
+    tmp_path: Path,
+) -> None:
+    """Before, 100 lines from stdin ending while the sink was down were "nacked" after
+    drain_timeout (gone: stdin cannot take them back), the dead-letter file stayed empty and
+    the exit code was 0. Now the end of the input waits up to delivery_timeout, and the held
+    lines are dead-lettered "expired" into the file."""
+    process = _stdin_outage(tmp_path, "delivery_timeout = 1.0")
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0, stderr
+    letters = letters_in(tmp_path / "dl.jsonl")
+    assert sorted(letter["message"]["id"] for letter in letters) == list(range(100))  # type: ignore[index]
+    assert {letter["reason"] for letter in letters} == {"expired"}
+    assert "dead letters: 100 (expired 100)" in stdout
+    assert "acknowledged / nacked: 100 / 0" in stdout
+
+
+def test_a_signal_while_stdin_waits_for_an_outage_stores_shutdown_letters(
+    tmp_path: Path,
+) -> None:
+    """SIGTERM while the ended stdin input waits for the downstream: within drain_timeout the
+    held lines are stored as "shutdown" letters (stdin cannot take them back), the summary
+    counts only letters that were stored, and the command exits 0."""
+    process = _stdin_outage(tmp_path, "delivery_timeout = 600.0")
+    assert process.stderr is not None
+    heard = ""
+    while "the input ended" not in heard and (line := process.stderr.readline()):
+        heard += line
+    assert "waiting for them" in heard, heard
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0, heard + stderr
+    letters = letters_in(tmp_path / "dl.jsonl")
+    assert sorted(letter["message"]["id"] for letter in letters) == list(range(100))  # type: ignore[index]
+    assert {letter["reason"] for letter in letters} == {"shutdown"}
+    assert "dead letters: 100 (shutdown 100)" in stdout
+    assert "acknowledged / nacked: 100 / 0" in stdout
+
+
+def test_run_exits_1_when_messages_were_neither_written_stored_nor_returned(
+    tmp_path: Path,
+) -> None:
+    """A dead-letter sink that fails too: the lines stdin cannot take back are lost, and the
+    command says so (a "lost" row and an error line) and exits 1 instead of 0."""
+    (tmp_path / "failing_letters.py").write_text(
+        "class FailingLetters:\n"
+        "    async def put(self, letters):\n"
+        "        raise OSError('dead-letter disk unavailable')\n"
+        "    async def close(self):\n"
+        "        pass\n",
+        encoding="utf-8",
+    )
+    process = _stdin_outage(tmp_path, "delivery_timeout = 600.0", "failing_letters:FailingLetters")
+    assert process.stderr is not None
+    heard = ""
+    while "the input ended" not in heard and (line := process.stderr.readline()):
+        heard += line
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 1, heard + stderr
+    assert "lost (not written, stored or returned): 100" in stdout
+    assert "error: 100 message(s) lost" in stderr

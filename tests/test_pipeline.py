@@ -309,14 +309,15 @@ async def test_a_second_signal_stops_at_once_after_the_first_began_a_drain() -> 
 
 
 async def test_letters_the_engine_could_not_store_are_nacked_not_acked() -> None:
-    """When the dead-letter sink stays down past drain_timeout, the failed envelopes are
-    returned to the source (nack) instead of acknowledged; the good ones are acknowledged."""
+    """When the dead-letter sink stays down past the drain (delivery_timeout + drain_timeout
+    once the input ended), the failed envelopes are returned to the source (nack) instead of
+    acknowledged; the good ones are acknowledged."""
     log: list[tuple[Any, ...]] = []
     letters = RecordingLetters(log, fail=10_000)
     pipeline = Pipeline(
         RecordingSource(list(range(20)), log),
         RecordingSink(log, poison={5}),
-        BatchConfig(max_size=20, max_wait=0.01, drain_timeout=0.3, **FAST),
+        BatchConfig(max_size=20, max_wait=0.01, drain_timeout=0.3, delivery_timeout=0.3, **FAST),
         dead_letter=letters,
     )
     await asyncio.wait_for(pipeline.run(), 20)

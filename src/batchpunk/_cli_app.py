@@ -252,10 +252,17 @@ def _summary_rows(stats: Mapping[str, Any]) -> list[tuple[str, str]]:
     elapsed = stats.get("elapsed") or pipeline.get("elapsed") or 0.0
     processed = int(stats.get("processed", 0))
     latency = stats.get("latency") or {}
-    return [
+    reasons = dict(stats.get("dead_letter_reasons") or {})
+    if "shutdown_letters" in pipeline:
+        # The engine counts every "shutdown" letter; a pipeline stores only those of a source
+        # that cannot take its messages back (the rest were returned: see nacked).
+        reasons.pop("shutdown", None)
+        if pipeline["shutdown_letters"]:
+            reasons["shutdown"] = pipeline["shutdown_letters"]
+    rows = [
         ("messages read", f"{stats.get('received', 0):,}"),
         ("processed", f"{processed:,}"),
-        ("dead letters", _counts(stats.get("dead_letter_reasons"))),
+        ("dead letters", _counts(reasons)),
         ("batches", _counts(stats.get("flush_reasons"))),
         (
             "calls / retries / splits",
@@ -268,6 +275,9 @@ def _summary_rows(stats: Mapping[str, Any]) -> list[tuple[str, str]]:
         ("latency p50 / p99", f"{_seconds(latency.get('p50'))} / {_seconds(latency.get('p99'))}"),
         ("acknowledged / nacked", f"{pipeline.get('acked', 0):,} / {pipeline.get('nacked', 0):,}"),
     ]
+    if pipeline.get("lost"):
+        rows.append(("lost (not written, stored or returned)", f"{pipeline['lost']:,}"))
+    return rows
 
 
 def _version(value: bool) -> None:
@@ -398,10 +408,17 @@ async def _run_pipeline(spec: Any, live: bool, live_as_log: bool = False) -> int
     _pairs(f"batchpunk run {spec.path}", _summary_rows(stats), spec.secrets)
     if error is not None:
         _fail(f"the pipeline failed: {type(error).__name__}: {error}", EXIT_FAILED, spec.secrets)
+    if pipeline.lost:
+        _fail(
+            f"{pipeline.lost:,} message(s) lost: the source cannot take them back and the "
+            "dead-letter sink did not store them (see the log)",
+            EXIT_FAILED,
+            spec.secrets,
+        )
     if pipeline.aborted:
         _say(
             "stopped at once by a second signal: unfinished messages were nacked (returned "
-            "to the source)",
+            "to the source, or stored as dead letters if it cannot take them back)",
             stderr=True,
         )
         return EXIT_ABORTED

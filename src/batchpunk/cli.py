@@ -8,8 +8,9 @@ Exit codes (the same for every command):
 
 ====  ======================================================================================
 0     success: the source ended, or a first SIGINT/SIGTERM drained the pipeline and it stopped
-1     failure: a connector or the run failed, the demo's check did not add up, or letters were
-      left after a replay
+1     failure: a connector or the run failed, messages were lost (a source that cannot take
+      them back and a dead-letter sink that did not store them), the demo's check did not add
+      up, or letters were left after a replay
 2     usage error: bad arguments, or a pipeline file that is wrong (the message names the
       section and the key)
 3     a missing optional dependency (the message gives the pip command)

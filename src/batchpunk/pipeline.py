@@ -6,6 +6,12 @@ a service. Its one promise is about acknowledgements:
 - an envelope is acknowledged only after its batch was written by the sink, or after its dead
   letter was stored by the dead-letter sink ("durably dead-lettered");
 - an envelope not finished when the pipeline stops is nacked with requeue, never acknowledged;
+  a source that cannot take messages back (``redelivers`` false, or no ``nack_many``) gets
+  them stored as dead letters with reason "shutdown" instead, and any that could not be
+  stored are counted as ``lost``;
+- the end of the input is not a request to stop quickly: batches held by an outage get up to
+  ``delivery_timeout`` (then they are dead-lettered "expired"), not ``drain_timeout`` (with a
+  spool they stay in it for the next start instead);
 - an envelope the source could not decode (``malformed``), or that the broker delivered too often
   (header ``batchpunk_redelivered``), goes straight to the dead-letter sink (through the engine's
   ``reject``) and is acknowledged once stored, and the source goes on.
@@ -26,6 +32,10 @@ Connector hooks (all optional, looked up by name, documented in docs/pipelines.m
   anything is consumed.
 - ``async ack_many(envelopes)`` and ``async nack_many(envelopes, requeue)`` on the source: settle
   envelopes per batch. A source without acknowledgements implements neither.
+- ``redelivers`` (a bool attribute) on the source: whether a nacked envelope comes back (a
+  broker, a checkpointed file). Without it, a source with ``nack_many`` redelivers and one
+  without does not; what a source that does not redeliver would get back is stored as a
+  "shutdown" dead letter instead.
 - ``headers_of(envelope)`` on the source: the headers a dead letter of this envelope carries
   beyond ``envelope.headers`` (a stream name, an entry id), computed only when a letter is
   written, so that a source need not build a headers dict per message.
@@ -43,6 +53,7 @@ import contextlib
 import dataclasses
 import inspect
 import logging
+import math
 import signal
 import time
 from collections.abc import Callable, Sequence
@@ -81,6 +92,9 @@ log = logging.getLogger("batchpunk.pipeline")
 
 #: Seconds a hard stop waits for queued acknowledgements, the nacks, and the engine.
 ABORT_SECONDS = 2.0
+#: Seconds after the end of the input before a warning says that unfinished messages are waited
+#: for, when there is no drain_timeout to wait instead.
+_WARN_AFTER = 5.0
 
 
 @runtime_checkable
@@ -111,9 +125,10 @@ class _Desk:
     """The engine's dead-letter sink: unwraps envelopes into letters, settles them once stored.
 
     Letters with reason "shutdown" (batches still unfinished when drain_timeout ran out, or
-    waiting when a hard stop began) are not stored: their envelopes are nacked with requeue
-    instead, so the broker redelivers them to the next worker rather than parking them in the
-    dead-letter sink.
+    waiting when a hard stop began) are not stored here: their envelopes are given back, so the
+    broker redelivers them to the next worker rather than parking them in the dead-letter sink.
+    A source that cannot take them back gets them stored by the pipeline's settle task instead
+    (``Pipeline._keep_as_letters``), which is handed the letter to keep its error and attempts.
     """
 
     def __init__(self, pipeline: Pipeline) -> None:
@@ -130,6 +145,8 @@ class _Desk:
                 stored.append(letter)
             elif letter.reason == "shutdown":
                 back.append(envelope)
+                if not pipeline._redelivers:
+                    pipeline._letters_back[id(envelope)] = letter
             else:
                 stored.append(_unwrap(letter, envelope, pipeline._headers_of))
                 settled.append(envelope)
@@ -264,6 +281,12 @@ class Pipeline:
         self._nack_many: Callable[[Sequence[Envelope], bool], Any] | None = (
             nack_many if callable(nack_many) else None
         )
+        # Whether an envelope given back comes back (see the module docstring): if not, it is
+        # stored as a "shutdown" letter, with the engine's letter for it when there is one.
+        self._redelivers = bool(getattr(source, "redelivers", self._nack_many is not None))
+        self._letters_back: dict[int, DeadLetter] = {}
+        self._shutdown_letters = 0
+        self._lost = 0
         headers_of = getattr(source, "headers_of", None)
         self._headers_of: Callable[[Envelope], Any] | None = (
             headers_of if callable(headers_of) else None
@@ -603,6 +626,9 @@ class Pipeline:
             )
 
     async def _nack(self, envelopes: Sequence[Envelope]) -> None:
+        if not self._redelivers:
+            await self._keep_as_letters(envelopes)
+            return
         nack_many = self._nack_many
         if nack_many is None:
             self._nacked += len(envelopes)
@@ -615,6 +641,53 @@ class Pipeline:
             log.warning("nack failed (the broker redelivers on disconnect): %s", exc)
         log.info("returned %d unfinished message(s) to the source", len(envelopes))
 
+    async def _keep_as_letters(self, envelopes: Sequence[Envelope]) -> None:
+        """The source cannot take these back: store them as "shutdown" letters, then settle.
+
+        A letter the dead-letter sink does not take (an error, or the stop's time running out)
+        leaves its message lost: counted in ``lost`` and kept in ``undelivered``.
+        """
+        kept = self._letters_back
+        letters = []
+        for envelope in envelopes:
+            letter = kept.pop(id(envelope), None)
+            if letter is None:
+                letter = DeadLetter(
+                    message=envelope,
+                    key=envelope.key,
+                    priority=envelope.priority,
+                    reason="shutdown",
+                    error=ProcessorClosed("the pipeline stopped before this message was written"),
+                )
+            letters.append(_unwrap(letter, envelope, self._headers_of))
+        stored = False
+        try:
+            await self.dead_letter.put(letters)
+            stored = True
+        except Exception as exc:
+            log.error(
+                "%d unfinished message(s) are lost: their source cannot take them back and the "
+                "dead-letter sink failed to store them: %s",
+                len(letters),
+                exc,
+            )
+        finally:
+            if not stored:  # failed, or cancelled when the stop's time ran out
+                self._lost += len(letters)
+                self.undelivered.extend(letters)
+        if not stored:
+            return
+        shutdown = sum(letter.reason == "shutdown" for letter in letters)
+        self._shutdown_letters += shutdown
+        log.warning(
+            "%d unfinished message(s) stored as dead letters (%d with reason shutdown): the "
+            "source cannot take them back",
+            len(letters),
+            shutdown,
+        )
+        self._warn_if_in_memory(letters)
+        await self._ack(envelopes)
+
     async def _settle_leftovers(self) -> None:
         """After the engine stopped: send what is queued, nack letters that were never stored."""
         processor = self.processor
@@ -625,15 +698,18 @@ class Pipeline:
                 for letter in letters
                 if isinstance(letter.message, Envelope) and letter.reason != "shutdown"
             ]
-            if unstored:
+            if unstored and not self._redelivers:
+                # One more try, by the settle task: else the messages are lost.
+                for letter in unstored:
+                    self._letters_back[id(letter.message)] = letter
+            elif unstored:
                 self.undelivered.extend(
                     _unwrap(letter, letter.message, self._headers_of) for letter in unstored
                 )
                 log.error(
-                    "%d dead letter(s) could not be stored within drain_timeout=%ss; their "
-                    "messages are nacked, and the letters kept in pipeline.undelivered",
+                    "%d dead letter(s) could not be stored before the stop; their messages "
+                    "are nacked, and the letters kept in pipeline.undelivered",
                     len(unstored),
-                    self.config.drain_timeout,
                 )
             self._give_back_later([letter.message for letter in letters])
         if self._to_ack or self._to_nack:
@@ -645,9 +721,8 @@ class Pipeline:
             await self._send_settlements()
 
     def _unfinished(self) -> int:
-        return max(
-            0, self._received - self._acked - self._ack_errors - self._nacked - len(self._to_nack)
-        )
+        settled = self._acked + self._ack_errors + self._nacked + self._lost + len(self._to_nack)
+        return max(0, self._received - settled)
 
     def _warn_if_in_memory(self, letters: Sequence[DeadLetter]) -> None:
         """Letters kept only in memory are lost at exit: say so, so none vanishes silently."""
@@ -665,8 +740,37 @@ class Pipeline:
     async def _drain(
         self, processor: BatchProcessor[Any, Any], consumer: asyncio.Task[None]
     ) -> None:
-        """Graceful: let the engine finish (dead letters included), send every settlement."""
-        stopping = asyncio.ensure_future(processor.stop(drain=True))
+        """Graceful: let the engine finish (dead letters included), send every settlement.
+
+        After a stop request the engine gets drain_timeout. When the input simply ended, it
+        gets what a running engine would give its held batches (delivery_timeout, after which
+        they are dead-lettered "expired"; forever for None), plus drain_timeout for the rest;
+        a first signal meanwhile leaves drain_timeout more, a second one stops at once. Not
+        with a spool: what is unfinished stays in it and runs after the next start.
+        """
+        config = self.config
+        ended = not self.stop_requested and consumer.done() and not consumer.cancelled()
+        # With a spool the unfinished messages stay in it for the next start: nothing to wait for.
+        if ended and consumer.exception() is None and self.spool is None:
+            drain, delivery = config.drain_timeout, config.delivery_timeout
+            grace = math.inf if drain is None or delivery is None else delivery + drain
+            stopping = asyncio.ensure_future(processor.stop(drain=True, grace=grace))
+            await _first(stopping, self._stop_event, timeout=drain or _WARN_AFTER)
+            if not stopping.done() and not self._stop_event.is_set():
+                log.warning(
+                    "the input ended with %d message(s) unfinished: waiting for them (up to "
+                    "delivery_timeout=%ss); SIGINT/SIGTERM stops the wait",
+                    processor.pending + processor.in_flight,
+                    config.delivery_timeout,
+                )
+            if not await _first(stopping, self._stop_event):
+                # A stop request: drain_timeout more, then what still runs is cancelled.
+                done = await _first(stopping, self._hard_event, timeout=config.drain_timeout)
+                if not done and not self.aborted:
+                    hurry = asyncio.ensure_future(processor.stop(grace=0))
+                    hurry.add_done_callback(_consume_result)
+        else:
+            stopping = asyncio.ensure_future(processor.stop(drain=True))
         await _first(stopping, self._hard_event)
         await _first(consumer, self._hard_event)
         if self.aborted:
@@ -737,6 +841,13 @@ class Pipeline:
 
     # -- stats ---------------------------------------------------------------------------------
 
+    @property
+    def lost(self) -> int:
+        """Messages that were neither processed, stored as dead letters, nor given back to a
+        source that redelivers them: only a source that cannot take messages back loses any,
+        and only when its "shutdown" letters could not be stored either."""
+        return 0 if self._redelivers else self._lost + len(self._to_nack)
+
     async def get_stats(self, history: bool = False) -> dict[str, Any]:
         """The engine's stats (rejected envelopes included), with the pipeline's own counts.
 
@@ -756,6 +867,8 @@ class Pipeline:
             "nacked": self._nacked,
             "unfinished": self._unfinished(),
             "undelivered_letters": len(self.undelivered),
+            "shutdown_letters": self._shutdown_letters,
+            "lost": self.lost,
             # A source may expose ``connected`` (bool, read by /readyz); one that does not counts as
             # connected while the pipeline runs.
             "source_connected": bool(getattr(self.source, "connected", True)),

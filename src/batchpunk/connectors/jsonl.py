@@ -95,6 +95,14 @@ class JsonlSource:
         """True once close() was called: iteration has ended or ends at the next line."""
         return self._closed
 
+    @property
+    def redelivers(self) -> bool:
+        """Whether a nacked line comes back: only with a checkpoint (the next run reads it).
+
+        Without one the pipeline stores what it would give back as a "shutdown" dead letter.
+        """
+        return self.checkpoint is not None
+
     def __aiter__(self) -> AsyncIterator[Envelope]:
         return self._iterate()
 
