@@ -136,6 +136,13 @@ class MetricsSpec:
             raise ConfigError(
                 f"[metrics] refresh_per_second: expected a number in (0, 100], got {rate!r}"
             )
+        token = self.token
+        if token is not None and (not isinstance(token, str) or not token.strip()):
+            # Checked here, not only by the server: `validate` must refuse what `run` would.
+            raise ConfigError(
+                "[metrics] token: expected a non-empty string (remove the key for no "
+                "authentication); an environment variable used for it may be set but empty"
+            )
 
 
 @dataclass(frozen=True)
