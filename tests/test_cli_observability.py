@@ -169,3 +169,68 @@ token = "${METRICS_TOKEN}"
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=30)
     assert process.returncode == 0, stderr
+
+
+_METRICS_RUN = """
+[source]
+type = "generator"
+count = 100000000
+rate = 100
+
+[sink]
+type = "jsonl"
+path = "out.jsonl"
+fsync = false
+
+[metrics]
+prometheus_port = 0
+live = false
+"""
+
+
+@pytest.mark.parametrize("level", ["WARNING", "DEBUG"])
+def test_a_malformed_request_to_the_metrics_port_is_answered_400_without_a_traceback(
+    tmp_path: Path, level: str
+) -> None:
+    """Before, `GET /\\xff` and an 8 KiB header got their 400 but stderr got aiohttp.server's
+    "Error handling request" with a multi-line traceback at the default level. Now a client's
+    malformed request is at most one DEBUG line, and nothing at WARNING."""
+    import re
+    import socket
+
+    (tmp_path / "p.toml").write_text(_METRICS_RUN, encoding="utf-8")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "batchpunk", "run", "p.toml", "--log-level", level],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stderr is not None
+        line = ""
+        while "metrics: http://" not in line and (line := process.stderr.readline()):
+            pass
+        found = re.search(r"http://([\d.]+):(\d+)/metrics", line)
+        assert found, line
+        host, port = found.group(1), int(found.group(2))
+        for request in (
+            b"GET /\xff HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n",
+        ):
+            with socket.create_connection((host, port), timeout=5) as client:
+                client.sendall(request)
+                assert client.recv(100).split(b"\r\n")[0].endswith(b"400 Bad Request")
+        with urllib.request.urlopen(f"http://{host}:{port}/healthz", timeout=10) as response:
+            assert response.status == 200  # served after them: a client's mistake costs nothing
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 0, stderr
+    assert "Traceback" not in stderr
+    bad = [line for line in stderr.splitlines() if "aiohttp.server" in line]
+    if level == "WARNING":
+        assert bad == []
+    else:
+        assert len(bad) == 2, bad
+        assert all(" DEBUG " in line and "answered 400" in line for line in bad)

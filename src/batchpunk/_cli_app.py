@@ -158,6 +158,37 @@ class _Redact(logging.Filter):
         return True
 
 
+class _ClientMistakes(logging.Filter):
+    """aiohttp.server's record of a malformed request becomes one DEBUG line.
+
+    A client's bad request to the metrics port or the HTTP source (``GET /\\xff``, a header
+    over 8 KiB) is answered 400 by aiohttp, which also logs it as an ERROR with a traceback: noise
+    any scanner can write into the log. A server's own error (a 5xx) stays as it was.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if error is None or not _client_mistake(error):
+            return True
+        if not logging.getLogger().isEnabledFor(logging.DEBUG):
+            return False
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        peer = record.getMessage().rpartition(" from ")[2]
+        text = _one_line(str(error))
+        record.msg = f"a malformed request from {peer} was answered 400: {text}"
+        record.args, record.exc_info, record.exc_text = (), None, None
+        return True
+
+
+def _client_mistake(error: BaseException) -> bool:
+    try:
+        from aiohttp.http_exceptions import HttpProcessingError
+    except ImportError:  # pragma: no cover - no server extra, no aiohttp.server records
+        return False
+    code = getattr(error, "code", None)
+    return isinstance(error, HttpProcessingError) and isinstance(code, int) and 400 <= code < 500
+
+
 def _log_level(level: str) -> str:
     name = level.strip().upper()
     if name not in _LOG_LEVELS:
@@ -176,6 +207,9 @@ def _logging(level: str, secrets: frozenset[str] = frozenset()) -> None:
     # whatever the level: it is the only sign that the first Ctrl-C was heard.
     pipeline_log = logging.getLogger("batchpunk.pipeline")
     pipeline_log.setLevel(min(logging.WARNING, logging.getLevelName(level)))
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, _ClientMistakes) for f in server_log.filters):
+        server_log.addFilter(_ClientMistakes())
 
 
 def _log_format(value: str) -> str:
