@@ -481,3 +481,55 @@ def test_run_exits_1_when_messages_were_neither_written_stored_nor_returned(
     assert process.returncode == 1, heard + stderr
     assert "lost (not written, stored or returned): 100" in stdout
     assert "error: 100 message(s) lost" in stderr
+
+
+#: `batchpunk run p.toml` that sends itself a signal when it first imports a given module: a
+#: signal at a known point of start-up, before the pipeline installs its handlers.
+_SIGNAL_AT_IMPORT = """
+import os, signal, sys
+import batchpunk.cli as cli
+
+class SignalAtImport:
+    def find_spec(self, name, path=None, target=None):
+        if name == sys.argv[2]:
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), getattr(signal, sys.argv[1]))
+        return None
+
+sys.meta_path.insert(0, SignalAtImport())
+cli.main(["run", "p.toml"])
+"""
+
+
+@pytest.mark.parametrize(
+    "module", ["batchpunk._cli_app", "batchpunk.pipeline_file", "batchpunk.pipeline"]
+)
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_a_signal_during_start_up_is_one_line_and_exit_130(
+    tmp_path: Path, signame: str, module: str
+) -> None:
+    """Before, SIGINT while the command still imported its modules died with a raw
+    KeyboardInterrupt traceback (rc -2), or said "stopped at once by a second signal" for a
+    first one, and SIGTERM killed it silently (rc -15). Now either is one line saying the
+    command was interrupted before the pipeline started, and exit 130 (docs/cli.md)."""
+    (tmp_path / "e.jsonl").write_text('{"a": 1}\n', encoding="utf-8")
+    (tmp_path / "p.toml").write_text(
+        '[source]\ntype="jsonl"\npath="e.jsonl"\n[sink]\ntype="jsonl"\npath="o.jsonl"\n'
+        "[metrics]\nlive=false\n",
+        encoding="utf-8",
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", _SIGNAL_AT_IMPORT, signame, module],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 130, (done.returncode, done.stderr)
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, lines
+    assert "interrupted" in lines[0]
+    assert "second signal" not in lines[0]
+    assert not (tmp_path / "o.jsonl").exists()

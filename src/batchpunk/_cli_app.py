@@ -35,7 +35,7 @@ T = TypeVar("T")
 _EXIT_CODES = (
     "Exit codes: 0 done (or drained after a first SIGINT/SIGTERM), 1 failed, "
     "2 usage or pipeline-file error, 3 missing optional dependency, "
-    "130 stopped at once by a second signal."
+    "130 stopped at once by a second signal (or by a first one during start-up)."
 )
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
