@@ -274,3 +274,22 @@ def test_an_empty_metrics_token_is_a_file_error_in_validate_and_run_alike(
         assert done.exit_code == 2, (command, done.output)
         assert "[metrics] token: " in done.output
         assert "a non-empty string" in done.output
+
+
+@pytest.mark.parametrize(
+    "written",
+    ["${OUT_FILE", "${OUT_FILE:default.jsonl}", "${OUT-FILE}", "${OUT_FILE:-${HOME}/x.jsonl}"],
+)
+def test_a_mistyped_environment_reference_is_an_error_naming_the_key(written: str) -> None:
+    """Before, a reference the pattern did not match was kept as literal text and accepted
+    (the sink wrote to a file named '${OUT_FILE'), and a default holding another reference
+    was cut at its first '}'. Now any '${' left that is not '$$' fails naming the key."""
+    message = error_of(GOOD.replace('path = "out.db"', f'path = "{written}"'), {"HOME": "/h"})
+    assert "[sink] path: malformed environment reference" in message
+    assert "${NAME:-default}" in message
+
+
+def test_a_dollar_escape_still_writes_a_literal_reference() -> None:
+    """$${NAME} is the literal text ${NAME}, and a lone $ is kept: only '${' is a reference."""
+    text = GOOD.replace('path = "out.db"', 'path = "$${OUT}/$HOME/a$b.db"')
+    assert parse_pipeline(text, environ={}).sink.kwargs["path"] == "${OUT}/$HOME/a$b.db"

@@ -87,7 +87,8 @@ DEAD_LETTERS: dict[str, str] = {
 SECTIONS = ("source", "batch", "sink", "dead_letter", "metrics", "spool")
 
 _REGISTRIES = {"source": SOURCES, "sink": SINKS, "dead_letter": DEAD_LETTERS}
-_ENV = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+# $$, ${NAME}, ${NAME:-default} (a default holds no "${"), or any other "${": a mistake.
+_ENV = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-((?:[^}$]|\$(?!\{))*))?\}|\$\{")
 _UNKNOWN = object()
 
 
@@ -382,6 +383,13 @@ def _substitute(
             if match.group(0) == "$$":
                 return "$"
             name, default = match.group(1), match.group(2)
+            if name is None:  # a "${" that is no reference: never taken as literal text
+                start = match.start()
+                raise ConfigError(
+                    f"{where}: malformed environment reference {value[start : start + 40]!r}: "
+                    "expected ${NAME} or ${NAME:-default} (a name of letters, digits and _; a "
+                    "default cannot hold another ${...}); write $$ for a literal $"
+                )
             found = env.get(name)
             if found is None:
                 if default is None:
