@@ -234,3 +234,47 @@ def test_a_malformed_request_to_the_metrics_port_is_answered_400_without_a_trace
     else:
         assert len(bad) == 2, bad
         assert all(" DEBUG " in line and "answered 400" in line for line in bad)
+
+
+def test_log_format_json_keeps_every_stderr_line_json_to_the_second_signal(
+    tmp_path: Path,
+) -> None:
+    """Before, `run --log-format json` still wrote two plain lines on stderr: "metrics:
+    http://.../metrics  stats: ..." and "stopped at once by a second signal: ...". Now they are
+    log records like the rest: every stderr line is a JSON object."""
+    pytest.importorskip("httpx", reason="the http sink needs the http extra (httpx)")
+    import socket
+
+    with socket.socket() as probe:  # bound and closed: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    (tmp_path / "p.toml").write_text(
+        _METRICS_RUN.replace(
+            'type = "jsonl"\npath = "out.jsonl"\nfsync = false',
+            f'type = "http"\nurl = "http://127.0.0.1:{port}/in"\ntimeout = 0.5',
+        ),
+        encoding="utf-8",
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "batchpunk", "run", "p.toml", "--log-format", "json"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stderr is not None
+    first = json.loads(process.stderr.readline())  # the metrics addresses, as a record
+    assert "metrics: http://127.0.0.1:" in first["message"]
+    heard = ""
+    while "downstream unavailable" not in heard and (line := process.stderr.readline()):
+        heard += line  # the pipeline runs (and handles signals): the sink is down
+    process.send_signal(signal.SIGINT)
+    while "draining" not in heard and (line := process.stderr.readline()):
+        heard += line
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 130, stderr
+    lines = [json.dumps(first), *(heard + stderr).splitlines()]
+    records = [json.loads(line) for line in lines]  # fails on any plain line
+    assert any("stopped at once by a second signal" in r["message"] for r in records), lines
+    assert all(r["pipeline"] == "p.toml" for r in records)

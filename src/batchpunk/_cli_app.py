@@ -95,7 +95,17 @@ def _secrets(secrets: Any = ()) -> frozenset[str]:
     return frozenset(secrets or ()) | env_secrets()
 
 
-def _say(text: str, secrets: Any = (), *, stderr: bool = False) -> None:
+#: Set by --log-format json: what a command says on stderr goes through it as a log record, so
+#: that every stderr line is JSON (the log handler redacts it as it redacts every record).
+_STDERR_LOG: list[logging.Logger] = []
+
+
+def _say(text: str, secrets: Any = (), *, stderr: bool = False, level: int = logging.INFO) -> None:
+    if stderr and _STDERR_LOG:
+        if text.startswith("error: "):
+            text, level = text.removeprefix("error: "), logging.ERROR
+        _STDERR_LOG[0].log(level, "%s", redact(text, _secrets(secrets)))
+        return
     stream = sys.stderr if stderr else sys.stdout
     stream.write(_printable(redact(text, _secrets(secrets))) + "\n")
     stream.flush()
@@ -203,6 +213,7 @@ def _logging(level: str, secrets: frozenset[str] = frozenset()) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    _STDERR_LOG.clear()  # plain lines unless _json_logs says otherwise
     # "SIGINT: draining, then stopping (send it again to stop at once)" must reach the operator
     # whatever the level: it is the only sign that the first Ctrl-C was heard.
     pipeline_log = logging.getLogger("batchpunk.pipeline")
@@ -224,6 +235,9 @@ def _json_logs(context: Mapping[str, Any]) -> None:
 
     for handler in logging.getLogger().handlers:
         handler.setFormatter(JsonFormatter(context=context))
+    log = logging.getLogger("batchpunk.cli")
+    log.setLevel(logging.INFO)  # what the human format prints whatever --log-level says
+    _STDERR_LOG[:] = [log]
 
 
 def _live(title: str, refresh: float, as_log: bool = False) -> Callable[[Callable[[], Any]], Any]:
@@ -454,6 +468,7 @@ async def _run_pipeline(spec: Any, live: bool, live_as_log: bool = False) -> int
             "stopped at once by a second signal: unfinished messages were nacked (returned "
             "to the source, or stored as dead letters if it cannot take them back)",
             stderr=True,
+            level=logging.WARNING,
         )
         return EXIT_ABORTED
     return EXIT_OK
