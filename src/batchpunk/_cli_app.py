@@ -578,14 +578,27 @@ def demo(
             "check",
             f"rows {result.rows:,} + letters {result.letter_count:,}"
             + (f" + returned {result.returned:,}" if result.returned else "")
-            + f" = {result.rows + result.letter_count + result.returned:,}"
+            + (f" - written twice {result.written_twice:,}" if result.written_twice else "")
+            + f" = {result.accounted:,}"
             + f" of {result.generated:,} generated: "
             + ("OK" if result.consistent else "MISMATCH"),
         ),
     ]
+    if result.written_twice:
+        rows.append(
+            (
+                "written twice",
+                f"{result.written_twice:,} event(s) whose batch the hard stop stored as "
+                '"shutdown" letters while its commit was finishing (at least once, none lost)',
+            )
+        )
     _pairs("batchpunk demo", rows)
     if result.aborted:
-        _say("stopped at once by a second signal: unfinished events were given back", stderr=True)
+        _say(
+            'stopped at once by a second signal: unfinished events were stored as "shutdown" '
+            "dead letters (the generator cannot take them back)",
+            stderr=True,
+        )
         _demo_exit(EXIT_ABORTED, late)
     for problem in result.problems:
         _say(f"check failed: {problem}", stderr=True)
