@@ -571,3 +571,24 @@ async def test_the_demo_check_after_a_hard_stop_counts_events_written_twice_not_
     assert result.written_twice > 0
     letters = letters_in(tmp_path / "dead-letters.jsonl")
     assert {letter["reason"] for letter in letters} <= {"shutdown", "failed", "malformed"}
+
+
+def test_dlq_show_skips_a_torn_last_line_quietly_and_a_damaged_line_with_a_warning(
+    tmp_path: Path,
+) -> None:
+    """What docs/cli.md now says (it said every torn line was "skipped with a warning"): a
+    last line without its newline (a put in progress, or cut by a crash: never confirmed) is
+    skipped quietly, exit 0 and nothing on stderr; a damaged line with its newline is skipped
+    with a warning naming the file and the line."""
+    path = tmp_path / "dead.jsonl"
+    store_letters(path, [{"id": 1, "body": "a"}])
+    path.write_bytes(path.read_bytes() + b'{"v":1,"id":"abc","reason":"fai')
+    done = batchpunk("dlq", "show", "dead.jsonl", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    assert "1 letter(s)" in done.stdout
+    path.write_bytes(path.read_bytes() + b'led"}\n' + b"not a letter\n")
+    done = batchpunk("dlq", "show", "dead.jsonl", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "dead.jsonl:3" in done.stderr
+    assert "skipped a malformed dead letter" in done.stderr
