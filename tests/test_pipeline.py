@@ -464,3 +464,28 @@ def test_prefetch_covers_running_batches_and_one_filling() -> None:
     """The prefetch window holds every running batch plus one more that is filling."""
     assert prefetch_for(BatchConfig(max_size=500, max_concurrent_batches=4)) == 2500
     assert prefetch_for(BatchConfig(max_size=10, enable_parallel_processing=False)) == 20
+
+
+async def test_a_hard_stop_logs_that_it_ended_batches_at_once_not_after_drain_timeout(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Before, a hard stop during a drain logged "stop: 30.0s passed with 1 batch(es)
+    unfinished; dead-lettering them" at once: the configured grace, not the time that passed,
+    and in a pipeline they are given back. Now the line says they were ended at once."""
+    log: list[tuple[Any, ...]] = []
+    source = RecordingSource([0, 1, 2], log)
+    sink = RecordingSink(log)
+    sink.gate = asyncio.Event()  # never opens
+    pipeline = Pipeline(source, sink, BatchConfig(max_size=3, max_wait=0.01, drain_timeout=30))
+    runner = asyncio.create_task(pipeline.run())
+    await asyncio.wait_for(source.until_read(3), 10)
+    await asyncio.sleep(0.05)  # the batch is in the sink
+    pipeline.request_stop()
+    await asyncio.sleep(0.05)
+    with caplog.at_level("ERROR", logger="batchpunk"):
+        await asyncio.wait_for(pipeline.stop(drain=False), 10)
+        await runner
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stop:")]
+    assert lines, caplog.text
+    assert all("30" not in line for line in lines), lines
+    assert all("at once" in line for line in lines), lines

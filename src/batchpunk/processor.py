@@ -508,9 +508,9 @@ class BatchProcessor(Completion, Generic[T, R]):
             self._abandon_waiting(closed)
         if not await self._hurried(self._wait_jobs(None), grace):
             log.error(
-                "stop: %ss passed with %d batch(es) unfinished; dead-lettering them",
-                grace,
+                'stop: %d batch(es) unfinished %s; ending them with reason "shutdown"',
                 self._unfinished_jobs,
+                "at once" if self._hurry.is_set() or not grace else f"after {grace}s",
             )
             self._abandon_waiting(closed)
             tasks = list(self._tasks)
