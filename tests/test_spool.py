@@ -1645,3 +1645,53 @@ async def test_inspect_ages_the_oldest_unfinished_message_by_its_write_time(
     recorder, letters = await replay(old)
     assert recorder.seen == [{"n": "old"}]
     assert letters.letters == []
+
+
+@pytest.mark.parametrize("ack_on_write", [False, True])
+async def test_a_hard_stop_leaves_spooled_messages_of_a_source_without_nacks_in_the_spool(
+    tmp_path: Path, ack_on_write: bool
+) -> None:
+    """A source that cannot take messages back gets what a stop gives back stored as
+    "shutdown" letters; with a spool those messages are in the spool already. A hard stop
+    stored the 20 being written as letters, and the next start processed the same 20 again.
+    A message in the spool stays there; only one never written becomes a letter."""
+    from batchpunk.envelope import Envelope
+    from batchpunk.pipeline import Pipeline
+
+    class Endless:
+        """Hands out its items, then waits: the pipeline runs until it is stopped."""
+
+        def __init__(self, items: list[Any]) -> None:
+            self.items = items
+
+        def __aiter__(self) -> Endless:
+            return self
+
+        async def __anext__(self) -> Envelope:
+            if not self.items:
+                await asyncio.Event().wait()
+            return Envelope(self.items.pop(0))
+
+    writing = asyncio.Event()
+
+    async def hangs(batch: Any) -> None:
+        writing.set()
+        await asyncio.Event().wait()
+
+    letters = MemoryDeadLetters()
+    pipeline = Pipeline(
+        Endless(list(range(20))),
+        _FunctionSink(hangs),
+        config(max_size=10, drain_timeout=0.2),
+        spool=Spool(tmp_path / "s", ack_on_write=ack_on_write),
+        dead_letter=letters,
+    )
+    running = asyncio.ensure_future(pipeline.run())
+    await asyncio.wait_for(writing.wait(), 5)
+    await wait_for(lambda: inspect_spool(tmp_path / "s").unfinished == 20)
+    pipeline.request_stop(drain=False)
+    await asyncio.wait_for(running, 10)
+    assert letters.letters == []
+    assert pipeline.lost == 0
+    recorder, _ = await replay(tmp_path / "s")
+    assert sorted(recorder.seen) == list(range(20))

@@ -285,6 +285,8 @@ class Pipeline:
         # stored as a "shutdown" letter, with the engine's letter for it when there is one.
         self._redelivers = bool(getattr(source, "redelivers", self._nack_many is not None))
         self._letters_back: dict[int, DeadLetter] = {}
+        # With a spool: envelopes given back that never reached it (ids), see _nack.
+        self._unspooled: set[int] = set()
         self._shutdown_letters = 0
         self._lost = 0
         headers_of = getattr(source, "headers_of", None)
@@ -414,8 +416,9 @@ class Pipeline:
 
     async def _consume(self, processor: BatchProcessor[Any, Any]) -> None:
         add_nowait, add = processor.add_message_nowait, processor.add_message
+        spool = self.spool
         # ack_on_write: the spool whose commits settle envelopes.
-        spooled = self.spool if self._ack_on_write else None
+        spooled = spool if self._ack_on_write else None
         next_envelope = self.source.__aiter__().__anext__
         # A source that can stop consuming ends its iteration itself, once it has handed out
         # what it promised to (the HTTP source: the rest of the requests it received, so that
@@ -450,7 +453,7 @@ class Pipeline:
             # One the drop policy dead-lettered instead (spool or engine full) is settled when
             # its letter is stored, as without a spool; acking it on another message's commit
             # would lose it if the letter never were.
-            sequence = spooled.sequence if spooled is not None else 0
+            sequence = spool.sequence if spool is not None else 0
             try:
                 try:
                     add_nowait(envelope, key=envelope.key, priority=envelope.priority)
@@ -465,17 +468,23 @@ class Pipeline:
                 # it is in the spool already (the next start processes it): then it is kept.
                 if spooled is not None and spooled.sequence != sequence:
                     self._durable(envelope)
-                else:
+                elif spool is not None and spool.sequence != sequence:
                     self._give_back_later([envelope])
+                else:
+                    self._give_back_unwritten(envelope)
                 return
             except asyncio.CancelledError:
-                self._give_back_later([envelope])  # a hard stop while this waited for room
+                # A hard stop while this waited for room.
+                if spool is not None and spool.sequence != sequence:
+                    self._give_back_later([envelope])
+                else:
+                    self._give_back_unwritten(envelope)
                 raise
             except BufferFull as exc:
                 # The spool could not write it (a full or failing disk under a drop policy, or
                 # stop() giving up on the last writes): it was never durable.
                 if self.stop_requested:
-                    self._give_back_later([envelope])
+                    self._give_back_unwritten(envelope)
                     return
                 self._reject(processor, envelope, "dropped", exc)
             except (ValueError, TypeError) as exc:  # an unusable key or priority, or a payload
@@ -496,7 +505,7 @@ class Pipeline:
                 envelope, reason, error, key=envelope.key, priority=envelope.priority
             )
         except ProcessorClosed:
-            self._give_back_later([envelope])
+            self._give_back_unwritten(envelope)
             return
         stored.add_done_callback(_consume_result)
 
@@ -579,6 +588,17 @@ class Pipeline:
         if not self._ack_wake.is_set():
             self._ack_wake.set()
 
+    def _give_back_unwritten(self, envelope: Envelope) -> None:
+        """``_give_back_later`` for an envelope that never reached the spool.
+
+        With a spool, everything the engine holds is in it, so what a source that cannot take
+        messages back is given back stays in the spool for the next start; only an envelope
+        marked here would be lost, and is stored as a "shutdown" letter instead.
+        """
+        if self.spool is not None and not self._redelivers:
+            self._unspooled.add(id(envelope))
+        self._give_back_later([envelope])
+
     def _give_back_later(self, envelopes: Sequence[Envelope]) -> None:
         """These envelopes end unfinished: nack them with requeue (once each)."""
         if self.spool is not None:
@@ -627,7 +647,13 @@ class Pipeline:
 
     async def _nack(self, envelopes: Sequence[Envelope]) -> None:
         if not self._redelivers:
-            await self._keep_as_letters(envelopes)
+            if self.spool is not None:
+                # In the spool already (the next start runs them), save the unwritten ones.
+                unwritten = [e for e in envelopes if id(e) in self._unspooled]
+                self._nacked += len(envelopes) - len(unwritten)
+                envelopes = unwritten
+            if envelopes:
+                await self._keep_as_letters(envelopes)
             return
         nack_many = self._nack_many
         if nack_many is None:
