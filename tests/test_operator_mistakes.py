@@ -293,6 +293,13 @@ def test_the_redactor_leaves_words_that_are_no_credential_alone() -> None:
     assert redact("token=abc password: hunter2 secret: None2") == (
         "token=*** password: *** secret: ***"
     )
+    # A credential after a path or a slash is still one.
+    assert redact("conn failed: /run/secrets/db_password=abc") == (
+        "conn failed: /run/secrets/db_password=***"
+    )
+    assert redact("https://h/api/token=abc123") == "https://h/api/token=***"
+    assert redact("C:\\app\\token=abc123") == "C:\\app\\token=***"
+    assert redact("sqlcmd /password:hunter2") == "sqlcmd /password:***"
 
 
 def test_mask_secrets_and_mask_url_delegate_to_the_redactor() -> None:

@@ -47,8 +47,7 @@ _URL_USERINFO = re.compile(
     r"(?P<host>[^\s'\"<>/?#@\\,;]*)(?=[/?#\s'\"<>\\,;)\]}]|$)"
 )
 _PAIR = re.compile(
-    # not after '/' or '\': the last part of a path (/etc/passwd) names a file, not a key
-    rf"(?P<head>(?<![A-Za-z0-9_.\-/\\])(?P<name>(?:[A-Za-z0-9_.\-]*[_.\-])?(?:{_SECRET_WORDS})"
+    rf"(?P<head>(?<![A-Za-z0-9_.\-])(?P<name>(?:[A-Za-z0-9_.\-]*[_.\-])?(?:{_SECRET_WORDS})"
     r"(?:[_.\-][A-Za-z0-9_.\-]*)?)"
     r"(?P<sep>(?P<quoted_key>[\"'])?\s*[=:]\s*))"
     # after a quoted key (JSON, a Python repr) only a string value: "token": null stays JSON
@@ -117,6 +116,16 @@ def _pair(match: re.Match[str]) -> str:
     if value.startswith(("'", '"')) and len(value) >= 2:
         return f"{match.group('head')}{value[0]}{MASK}{value[-1]}"
     if value.startswith(MASK) or value in _NOT_VALUES:
+        return match.group(0)
+    start = match.start()
+    if (
+        start
+        and match.string[start - 1] in "/\\"
+        and match.group("sep")[:1] == ":"
+        and (match.group("sep")[1:2].isspace())
+    ):
+        # "/etc/passwd: No such file": the end of a path, then a message, not a key's value
+        # (a value after a path is still masked: /run/secrets/db_password=abc)
         return match.group(0)
     return f"{match.group('head')}{MASK}"
 
