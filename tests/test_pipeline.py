@@ -466,12 +466,13 @@ def test_prefetch_covers_running_batches_and_one_filling() -> None:
     assert prefetch_for(BatchConfig(max_size=10, enable_parallel_processing=False)) == 20
 
 
-async def test_a_hard_stop_logs_that_it_ended_batches_at_once_not_after_drain_timeout(
+async def test_a_hard_stop_logs_the_time_waited_not_the_drain_timeout(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Before, a hard stop during a drain logged "stop: 30.0s passed with 1 batch(es)
     unfinished; dead-lettering them" at once: the configured grace, not the time that passed,
-    and in a pipeline they are given back. Now the line says they were ended at once."""
+    and in a pipeline they are given back. Now the line says how long the stop waited
+    before it was hurried."""
     log: list[tuple[Any, ...]] = []
     source = RecordingSource([0, 1, 2], log)
     sink = RecordingSink(log)
@@ -488,4 +489,4 @@ async def test_a_hard_stop_logs_that_it_ended_batches_at_once_not_after_drain_ti
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stop:")]
     assert lines, caplog.text
     assert all("30" not in line for line in lines), lines
-    assert all("at once" in line for line in lines), lines
+    assert all("(stop hurried)" in line for line in lines), lines

@@ -506,11 +506,17 @@ class BatchProcessor(Completion, Generic[T, R]):
             self._acc.cut_all("shutdown")
         else:
             self._abandon_waiting(closed)
+        began = asyncio.get_running_loop().time()
         if not await self._hurried(self._wait_jobs(None), grace):
+            waited = asyncio.get_running_loop().time() - began
             log.error(
                 'stop: %d batch(es) unfinished %s; ending them with reason "shutdown"',
                 self._unfinished_jobs,
-                "at once" if self._hurry.is_set() or not grace else f"after {grace}s",
+                "at once"
+                if not grace or waited < 0.01
+                else f"after {waited:.1f}s (stop hurried)"
+                if self._hurry.is_set()
+                else f"after {grace}s",
             )
             self._abandon_waiting(closed)
             tasks = list(self._tasks)
