@@ -109,33 +109,6 @@ async def test_a_consumer_deleted_between_pulls_is_noticed_by_the_unanswered_pul
 
 
 @pytest.mark.integration
-async def test_a_consumer_created_again_resumes_where_this_worker_was_not_replayed_from_zero(
-    sources,
-) -> None:
-    """A durable deleted under a running source was created again with DeliverPolicy.ALL: the
-    same worker got the whole stream again (reviewer's run: 45 writes for 25 ids, ids 0-19
-    twice). Now it starts at the lowest stream sequence the source has not settled (else the
-    one after the highest it saw), so only unsettled messages come again."""
-    async with fresh_stream([{"id": i} for i in range(10)]) as (js, stream, subject):
-        source = make(sources, stream, subject, batch=10)
-        got = await take(source, 10)
-        await source.ack_many(got[:7])  # ids 7-9 are still being worked on
-        await js.delete_consumer(stream, source.durable)
-        for i in (10, 11):
-            await js.publish(subject, f'{{"id": {i}}}'.encode())
-        again = await take(source, 5, seconds=5.0)
-        assert [e.payload["id"] for e in again] == [7, 8, 9, 10, 11]
-        await source.ack_many(got[7:] + again)  # the old deliveries' acks go nowhere
-        await js.delete_consumer(stream, source.durable)  # now nothing is unsettled
-        await js.publish(subject, b'{"id": 12}')
-        [last] = await take(source, 1, seconds=5.0)
-        assert last.payload == {"id": 12}
-        await source.ack_many([last])
-        info = await js.consumer_info(stream, source.durable)
-        assert info.config.opt_start_seq == 13
-
-
-@pytest.mark.integration
 async def test_a_deleted_consumer_without_create_ends_iteration_with_a_config_error(
     sources,
 ) -> None:

@@ -425,9 +425,6 @@ class NatsJetStreamSource:
         # or the parts ledger of a frame message. Acks are published to the reply subject
         # directly, so no nats-py message object outlives its arrival.
         self._unsettled: dict[str, Parts | None] = {}
-        # The highest stream sequence delivered to this source: where a consumer deleted under
-        # it is created again when nothing is unsettled (see _restart_sequence).
-        self._highest_seq = 0
         self._start_lock = asyncio.Lock()
         # At most one pull request is outstanding: its reply subject (None: none), how many
         # messages it may still bring, how many it brought, and when to give up on it.
@@ -567,8 +564,7 @@ class NatsJetStreamSource:
                     f"subject {self.subject!r}: {exc.description}"
                 ) from None
 
-    async def _ensure_consumer(self, js: Any, errors: Any, start_seq: int | None = None) -> None:
-        """Create or update the durable; ``start_seq``: create it anew from that sequence."""
+    async def _ensure_consumer(self, js: Any, errors: Any) -> None:
         api = require("nats.js.api", "nats", "NatsJetStreamSource")
         max_ack_pending = self.max_ack_pending
         if max_ack_pending is None:
@@ -579,10 +575,7 @@ class NatsJetStreamSource:
             name=self.durable,
             durable_name=self.durable,
             ack_policy=api.AckPolicy.EXPLICIT,
-            deliver_policy=api.DeliverPolicy.ALL
-            if start_seq is None
-            else api.DeliverPolicy.BY_START_SEQUENCE,
-            opt_start_seq=start_seq,
+            deliver_policy=api.DeliverPolicy.ALL,
             ack_wait=self.ack_wait,
             max_deliver=self.max_deliver,
             filter_subject=self.subject,
@@ -927,34 +920,19 @@ class NatsJetStreamSource:
                     f"NatsJetStreamSource.durable: consumer {self.durable!r} on stream "
                     f"{self.stream!r} was deleted"
                 ) from None
-            start_seq = self._restart_sequence()
             log.warning(
-                "NatsJetStreamSource: consumer %r on %r disappeared; creating it again from "
-                "stream sequence %s",
+                "NatsJetStreamSource: consumer %r on %r disappeared; creating it again",
                 self.durable,
                 self.stream,
-                start_seq or "1 (this worker saw no message)",
             )
             await self._ensure_stream(self._js, errors)
-            await self._ensure_consumer(self._js, errors, start_seq)
+            await self._ensure_consumer(self._js, errors)
         except Exception as exc:  # the next fetch reports a lasting problem
             log.debug("NatsJetStreamSource: consumer check failed: %s", exc)
 
-    def _restart_sequence(self) -> int | None:
-        """Where to create a deleted consumer again: the lowest stream sequence this source has
-        not settled, else the one after the highest it saw; None (from the start) if it saw
-        none. Created with DeliverPolicy.ALL, the consumer delivered the whole stream again.
-        """
-        if self._unsettled:
-            return min(_stream_seq_of(reply) for reply in self._unsettled)
-        return self._highest_seq + 1 if self._highest_seq else None
-
     def _envelopes(self, msg: Any) -> tuple[str, list[Envelope]]:
         reply = msg.reply
-        # The rest of the metadata only when a header needs it.
-        delivered, stream_seq = _delivery_and_sequence(reply)
-        if stream_seq > self._highest_seq:
-            self._highest_seq = stream_seq
+        delivered = _delivered(reply)  # the rest of the metadata only when a header needs it
         data: bytes = msg.data
         payloads: list[Any]
         malformed: BaseException | None = None
@@ -1111,24 +1089,13 @@ def _stream_seq(reply: str) -> Any:
         return "?"
 
 
-def _delivery_and_sequence(reply: str) -> tuple[int, int]:
-    """The delivery count and stream sequence in a reply subject (see _ack_metadata), cheaply."""
+def _delivered(reply: str) -> int:
+    """The delivery count in a JetStream reply subject (see _ack_metadata), cheaply."""
     tokens = reply.split(".")
     count = len(tokens)
     if tokens[0] != "$JS" or tokens[1] != "ACK" or not (count == 9 or count >= 11):
         raise ValueError(f"not a JetStream message: reply subject {reply!r}")
-    at = 4 if count == 9 else 6
-    return int(tokens[at]), int(tokens[at + 1])
-
-
-def _delivered(reply: str) -> int:
-    """The delivery count in a JetStream reply subject."""
-    return _delivery_and_sequence(reply)[0]
-
-
-def _stream_seq_of(reply: str) -> int:
-    """The stream sequence in a JetStream reply subject."""
-    return _delivery_and_sequence(reply)[1]
+    return int(tokens[4 if count == 9 else 6])
 
 
 def _ack_metadata(reply: str) -> tuple[str, int, int, int, float]:
