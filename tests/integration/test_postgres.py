@@ -611,6 +611,67 @@ async def test_a_table_changed_under_the_sink_is_an_outage_not_bad_rows(
         await pg.execute(f"DROP TABLE IF EXISTS {table}; DROP ROLE {role}")
 
 
+@pytest.mark.parametrize(
+    ("cause", "key"),
+    # (COPY refuses a table with row-level security outright: only the keyed path has it.)
+    [("trigger", None), ("trigger", "id"), ("row-level-security", "id")],
+)
+async def test_a_class_42_error_one_row_causes_is_that_rows_fault_not_an_outage(
+    pg: Any, table: str, key: str | None, cause: str
+) -> None:
+    """Class 42 became an outage for every write, so a row a trigger refused (42P01 from its
+    own SQL) or a row-level security policy refused (42501) was held for delivery_timeout
+    with the good rows behind it, then expired. An error whose context names a trigger or a
+    COPY line, or a row-level security refusal, is that row's fault again: the others are
+    written and the row is isolated (blamed alone where the server names its line, else by
+    the engine's bisection of a non-retryable error)."""
+    role = f"{table}_writer"
+    await pg.execute(f"CREATE ROLE {role} LOGIN; GRANT SELECT, INSERT ON {table} TO {role}")
+    if cause == "trigger":
+        await pg.execute(
+            f"""CREATE FUNCTION {table}_raise() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+                  IF NEW.id = 1 THEN EXECUTE 'INSERT INTO {table}_nowhere VALUES (1)'; END IF;
+                  RETURN NEW; END $$;
+                CREATE TRIGGER route BEFORE INSERT ON {table}
+                  FOR EACH ROW EXECUTE FUNCTION {table}_raise()"""
+        )
+    else:
+        await pg.execute(
+            f"""ALTER TABLE {table} ENABLE ROW LEVEL SECURITY;
+                CREATE POLICY see ON {table} FOR SELECT TO {role} USING (true);
+                CREATE POLICY put ON {table} FOR INSERT TO {role} WITH CHECK (id <> 1)"""
+        )
+    dsn = DSN.replace("postgres@", f"{role}@")
+    sink = PostgresSink(dsn, table, ("id", "body"), idempotency_key=key)
+    try:
+        await sink.open()
+        with pytest.raises(BatchpunkError) as caught:
+            await sink.write(rows(0, 3))
+        error: Any = caught.value
+        if isinstance(error, PartialFailure):
+            assert list(error.failures) == [1]
+            error = error.failures[1]
+        assert error.retryable is False
+        assert getattr(error, "unavailable", False) is False
+        assert error.sqlstate == ("42P01" if cause == "trigger" else "42501")
+    finally:
+        await sink.close()
+        await pg.execute(f"DROP TABLE IF EXISTS {table}; DROP ROLE {role}")
+    # (the table fixture drops the trigger function)
+
+
+async def test_credentials_refused_at_open_fail_the_start_plainly(table: str) -> None:
+    """Class 28 at open() is a start-up failure (PostgresSinkError), not an outage whose text
+    promised a batch would wait, with "credentials: no" masked into "***"."""
+    sink = PostgresSink(DSN.replace("postgres@", f"{table}_nobody@"), table, ("id", "body"))
+    with pytest.raises(PostgresSinkError) as caught:
+        await sink.open()
+    assert not isinstance(caught.value, PostgresRetryable)
+    assert caught.value.sqlstate == "28000"
+    assert "***" not in str(caught.value)
+    await sink.close()
+
+
 async def test_a_pipeline_holds_its_batches_while_the_table_is_missing(pg: Any, table: str) -> None:
     """Pipeline view: the table is renamed away during more failed writes than the retries
     allow, then back. Every row is written and nothing is dead-lettered (all 40 were)."""

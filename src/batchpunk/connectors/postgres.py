@@ -92,6 +92,18 @@ _DATA_CLASSES = frozenset({"22", "23"})
 #: row fails alike. An outage (held until fixed or delivery_timeout), never a row's dead letter.
 _SCHEMA_CLASSES = frozenset({"28", "42"})
 
+#: A class-42 error one row caused: a row-level security policy refusing it, or a trigger (a
+#: PL/pgSQL function, or a COPY's line, in the error's context) failing for that row only.
+_ROW_CONTEXT = re.compile(r"PL/pgSQL function|\bCOPY \S+, line \d+|SQL function")
+
+
+def _row_specific(exc: BaseException) -> bool:
+    """Whether a class-42/28 error came from one row rather than from the table or the login."""
+    message = str(getattr(exc, "message", "") or exc)
+    context = str(getattr(exc, "context", "") or getattr(exc, "where", "") or "")
+    return "row-level security" in message or bool(_ROW_CONTEXT.search(context))
+
+
 _STAGE = "batchpunk_stage"
 #: Largest idempotent batch written with the unnest statement; larger ones use the staged COPY.
 #: Measured by bench/postgres_statements.py (figures in docs/brokers.md): unnest is faster up to
@@ -758,14 +770,14 @@ class PostgresSink:
             column = getattr(exc, "column_name", None)
             if code in _RETRYABLE_CODES or code[:2] in _RETRYABLE_CLASSES:
                 return PostgresRetryable(text, sqlstate=code, column=column)
-            if code[:2] in _SCHEMA_CLASSES:
+            if code[:2] in _SCHEMA_CLASSES and doing == "writing" and not _row_specific(exc):
                 what = (
-                    "the server refused the credentials"
+                    "the server refused the login"
                     if code[:2] == "28"
                     else "the table, a column or a grant is not what the sink found at open"
                 )
                 return PostgresRetryable(
-                    f"{text}; {what}: no row is at fault, so the batch waits (up to "
+                    f"{text}; {what}, so no row is at fault and the batch waits (up to "
                     "delivery_timeout) for it to be fixed",
                     sqlstate=code,
                     column=column,
