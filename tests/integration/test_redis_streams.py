@@ -651,6 +651,38 @@ async def test_sink_items_refused_by_a_full_redis_are_outages_and_the_written_on
     assert [json.loads(e[1][b"data"])["id"] for e in entries] == written
 
 
+async def test_sink_a_redis_busy_running_a_script_is_an_outage_not_bad_items(
+    private_redis: tuple[str, Any],
+) -> None:
+    """Redis answers BUSY while a script runs past busy-reply-threshold. That reply was taken
+    for the items' own fault (PayloadError, not retried): 10 of 10 messages dead-lettered in
+    1.2 s. It is an outage, like OOM: held and written once the script ends."""
+    import redis.asyncio
+
+    url, client = private_redis
+    await client.config_set("busy-reply-threshold", 100)
+    stream = f"batchpunk-test:{uuid.uuid4().hex}"
+    sink = RedisStreamSink(url, stream)
+    other = redis.asyncio.Redis.from_url(url)
+    script = (
+        "local t = redis.call('TIME'); local s = t[1] + t[2] / 1e6; while true do "
+        "local n = redis.call('TIME'); if n[1] + n[2] / 1e6 - s > 1 then break end end; return 1"
+    )
+    try:
+        await sink.write([{"id": -1}])  # connected before Redis is busy
+        busy = asyncio.ensure_future(other.eval(script, 0))
+        await asyncio.sleep(0.3)
+        with pytest.raises(RedisUnavailable, match="BUSY") as caught:
+            await sink.write([{"id": 0}, {"id": 1}])
+        assert caught.value.unavailable is True
+        await busy
+        await sink.write([{"id": 0}, {"id": 1}])
+    finally:
+        await sink.close()
+        await other.aclose()
+    assert await client.xlen(stream) == 3
+
+
 async def test_sink_a_redis_out_of_memory_mid_batch_duplicates_nothing_in_a_pipeline(
     private_redis: tuple[str, Any],
 ) -> None:

@@ -86,7 +86,18 @@ class RedisUnavailable(ConnectorError, ConnectionError):
 
 #: Reply codes (the first word of Redis's error) that say Redis cannot take writes just now.
 _OUTAGE_REPLIES = frozenset(
-    {"OOM", "READONLY", "LOADING", "MISCONF", "MASTERDOWN", "NOREPLICAS", "TRYAGAIN", "NOPERM"}
+    {
+        "OOM",
+        "READONLY",
+        "LOADING",
+        "MISCONF",
+        "MASTERDOWN",
+        "NOREPLICAS",
+        "TRYAGAIN",
+        "NOPERM",
+        "BUSY",  # a script or function running past busy-reply-threshold
+        "CLUSTERDOWN",
+    }
 )
 
 
@@ -883,7 +894,10 @@ class RedisStreamSink:
                     failures[index] = outage
                     outages.append(outage)
                 else:
-                    refused = PayloadError(
+                    # Any other reply: not known to be Redis's state, nor known to be the
+                    # item's (an XADD of a valid payload has no such error): a plain connector
+                    # error, retried, and isolated only if it keeps failing while others pass.
+                    refused = ConnectorError(
                         f"RedisStreamSink: item {index} not written to {self.stream!r}: "
                         f"{type(reply).__name__}: {reply}"
                     )
