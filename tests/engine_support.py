@@ -155,3 +155,27 @@ def record_sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
 
     monkeypatch.setattr(asyncio, "sleep", fake)
     return asked
+
+
+class ListSource:
+    """A pipeline source handing out ``items`` as envelopes, without acknowledgements.
+
+    ``endless``: once the items are out, wait instead of ending the input, so that the pipeline
+    runs until it is stopped.
+    """
+
+    def __init__(self, items: Sequence[Any], *, endless: bool = False) -> None:
+        self.items = list(items)
+        self.endless = endless
+
+    def __aiter__(self) -> ListSource:
+        return self
+
+    async def __anext__(self) -> Any:
+        from batchpunk.envelope import Envelope
+
+        if not self.items:
+            if not self.endless:
+                raise StopAsyncIteration
+            await asyncio.Event().wait()
+        return Envelope(self.items.pop(0))

@@ -19,6 +19,7 @@ from batchpunk.connectors._common import PayloadError, mask_secrets
 from batchpunk.deadletter import DeadLetter, JsonlDeadLetters
 from batchpunk.envelope import Envelope
 from batchpunk.errors import ConfigError, PartialFailure
+from tests.engine_support import ListSource
 
 
 async def collect(source: Any) -> list[Envelope]:
@@ -394,18 +395,6 @@ async def test_sqlite_sink_in_a_pipeline_waits_out_a_lock_instead_of_dead_letter
                     other.execute("COMMIT")
                 raise
 
-    class Items:
-        def __init__(self, count: int) -> None:
-            self.items = [{"id": i, "body": "x"} for i in range(count)]
-
-        def __aiter__(self) -> Items:
-            return self
-
-        async def __anext__(self) -> Envelope:
-            if not self.items:
-                raise StopAsyncIteration
-            return Envelope(self.items.pop(0))
-
     sink = ReleasesTheLockLate(str(path), "t", ["id", "body"], busy_timeout=0.01)
     await sink.prepare(BatchConfig())
     other.execute("BEGIN IMMEDIATE")
@@ -413,7 +402,7 @@ async def test_sqlite_sink_in_a_pipeline_waits_out_a_lock_instead_of_dead_letter
         max_size=20, max_wait=0.01, retry_delay=0.01, retry_max_delay=0.02, max_retries=1,
         delivery_timeout=20, drain_timeout=10,
     )  # fmt: skip
-    pipeline = Pipeline(Items(40), sink, config)
+    pipeline = Pipeline(ListSource({"id": i, "body": "x"} for i in range(40)), sink, config)
     try:
         await asyncio.wait_for(pipeline.run(), 30)
     finally:

@@ -1655,22 +1655,8 @@ async def test_a_hard_stop_leaves_spooled_messages_of_a_source_without_nacks_in_
     "shutdown" letters; with a spool those messages are in the spool already. A hard stop
     stored the 20 being written as letters, and the next start processed the same 20 again.
     A message in the spool stays there; only one never written becomes a letter."""
-    from batchpunk.envelope import Envelope
     from batchpunk.pipeline import Pipeline
-
-    class Endless:
-        """Hands out its items, then waits: the pipeline runs until it is stopped."""
-
-        def __init__(self, items: list[Any]) -> None:
-            self.items = items
-
-        def __aiter__(self) -> Endless:
-            return self
-
-        async def __anext__(self) -> Envelope:
-            if not self.items:
-                await asyncio.Event().wait()
-            return Envelope(self.items.pop(0))
+    from tests.engine_support import ListSource
 
     writing = asyncio.Event()
 
@@ -1680,7 +1666,7 @@ async def test_a_hard_stop_leaves_spooled_messages_of_a_source_without_nacks_in_
 
     letters = MemoryDeadLetters()
     pipeline = Pipeline(
-        Endless(list(range(20))),
+        ListSource(range(20), endless=True),
         _FunctionSink(hangs),
         config(max_size=10, drain_timeout=0.2),
         spool=Spool(tmp_path / "s", ack_on_write=ack_on_write),

@@ -18,6 +18,7 @@ from batchpunk.connectors.postgres import (
 )
 from batchpunk.errors import BatchpunkError, ConfigError, PartialFailure
 from tests.conftest import require_server
+from tests.engine_support import ListSource
 
 DSN = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -678,7 +679,6 @@ async def test_a_pipeline_holds_its_batches_while_the_table_is_missing(pg: Any, 
     import asyncio
 
     from batchpunk import BatchConfig
-    from batchpunk.envelope import Envelope
     from batchpunk.pipeline import Pipeline
 
     failed = 0
@@ -694,18 +694,6 @@ async def test_a_pipeline_holds_its_batches_while_the_table_is_missing(pg: Any, 
                     await pg.execute(f"ALTER TABLE {table}_moved RENAME TO {table}")
                 raise
 
-    class Items:
-        def __init__(self, count: int) -> None:
-            self.items = [{"id": i, "body": "x"} for i in range(count)]
-
-        def __aiter__(self) -> Items:
-            return self
-
-        async def __anext__(self) -> Envelope:
-            if not self.items:
-                raise StopAsyncIteration
-            return Envelope(self.items.pop(0))
-
     sink = RenamesBackLate(DSN, table, ("id", "body"), idempotency_key="id")
     await sink.open()
     await pg.execute(f"ALTER TABLE {table} RENAME TO {table}_moved")
@@ -713,7 +701,7 @@ async def test_a_pipeline_holds_its_batches_while_the_table_is_missing(pg: Any, 
         max_size=10, max_wait=0.01, retry_delay=0.01, retry_max_delay=0.02, max_retries=1,
         delivery_timeout=20, drain_timeout=10,
     )  # fmt: skip
-    pipeline = Pipeline(Items(40), sink, config)
+    pipeline = Pipeline(ListSource({"id": i, "body": "x"} for i in range(40)), sink, config)
     try:
         await asyncio.wait_for(pipeline.run(), 30)
     finally:

@@ -27,6 +27,7 @@ from batchpunk.errors import ConfigError, PartialFailure
 from batchpunk.retry import is_retryable
 from tests.conftest import require_server
 from tests.contract.harness import take
+from tests.engine_support import ListSource
 
 pytestmark = pytest.mark.integration
 
@@ -689,7 +690,6 @@ async def test_sink_a_redis_out_of_memory_mid_batch_duplicates_nothing_in_a_pipe
     """Pipeline check of the same: Redis refuses XADDs partway through the first batch, then
     memory is freed. Every message ends in the stream exactly once and none is dead-lettered
     (it was 98 entries for 95 ids, and 42 written messages also dead-lettered)."""
-    from batchpunk.envelope import Envelope
     from batchpunk.pipeline import Pipeline
 
     url, client = private_redis
@@ -707,24 +707,12 @@ async def test_sink_a_redis_out_of_memory_mid_batch_duplicates_nothing_in_a_pipe
                     await client.config_set("maxmemory", 0)
                 raise
 
-    class Items:
-        def __init__(self, count: int) -> None:
-            self.items = [{"id": i, "pad": "x" * 20_000} for i in range(count)]
-
-        def __aiter__(self) -> Items:
-            return self
-
-        async def __anext__(self) -> Envelope:
-            if not self.items:
-                raise StopAsyncIteration
-            return Envelope(self.items.pop(0))
-
     sink = FreesMemoryOnRefusal(url, stream)
     config = BatchConfig(
         max_size=30, max_wait=0.01, retry_delay=0.01, retry_max_delay=0.05, max_retries=2,
         delivery_timeout=10, drain_timeout=10,
     )  # fmt: skip
-    pipeline = Pipeline(Items(60), sink, config)
+    pipeline = Pipeline(ListSource({"id": i, "pad": "x" * 20_000} for i in range(60)), sink, config)
     await asyncio.wait_for(pipeline.run(), 30)
     assert refused.is_set()
     ids = [json.loads(e[1][b"data"])["id"] for e in await client.xrange(stream)]
