@@ -300,6 +300,10 @@ def test_the_redactor_leaves_words_that_are_no_credential_alone() -> None:
     assert redact("https://h/api/token=abc123") == "https://h/api/token=***"
     assert redact("C:\\app\\token=abc123") == "C:\\app\\token=***"
     assert redact("sqlcmd /password:hunter2") == "sqlcmd /password:***"
+    # A blank value from the environment is no secret: masking it garbled every space.
+    assert redact("bt.toml: [metrics] token: expected", {" ", "\t"}) == (
+        "bt.toml: [metrics] token: expected"
+    )
 
 
 def test_mask_secrets_and_mask_url_delegate_to_the_redactor() -> None:

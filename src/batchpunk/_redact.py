@@ -134,7 +134,7 @@ def redact(text: str, secrets: Iterable[str] = ()) -> str:
     """``text`` with URL userinfo, credential-named pairs and every given secret masked."""
     known: set[str] = set()
     for secret in secrets:
-        if isinstance(secret, str) and secret:
+        if isinstance(secret, str) and secret.strip():  # blank: masking spaces hides nothing
             known |= _variants(secret)
     for secret in sorted(known, key=len, reverse=True):
         if secret not in text:

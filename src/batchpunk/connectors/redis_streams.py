@@ -793,7 +793,8 @@ class RedisStreamSink:
     When Redis refuses some XADDs of a batch (out of memory under ``noeviction``, read-only,
     loading), the items it took keep their ids and only the refused ones fail, each with
     RedisUnavailable (an outage: held and retried, never dead-lettered); if it took none, the
-    whole batch fails with it. Any other error reply fails its item alone, as a PayloadError.
+    whole batch fails with it. Any other error reply fails its item alone, as a ConnectorError
+    that claims neither (retried, and isolated only if it keeps failing).
     """
 
     def __init__(
