@@ -328,6 +328,10 @@ class KafkaSource(BufferedSource):
         self._consumer: Any = None
         self._errors: Any = None
         self._ledgers: dict[Any, _Ledger] = {}
+        #: Ledgers of revoked partitions whose messages were still in this worker's engine: if
+        #: the partition comes back here, reading resumes after them instead of reading them
+        #: again (aiokafka revokes every partition at a rebalance and may give most back).
+        self._dormant: dict[Any, _Ledger] = {}
         self._commit_wake = asyncio.Event()
         self._acked = asyncio.Event()
         self._closing = False
@@ -534,8 +538,9 @@ class KafkaSource(BufferedSource):
             if receipt is None:
                 continue
             ledger, offset = receipt
-            if ledger.alive:
-                ledger.finish(offset)
+            # A revoked ledger keeps count too: it may be revived (see _dormant); only live
+            # ledgers are committed.
+            ledger.finish(offset)
         if not self._commit_wake.is_set():
             self._commit_wake.set()
         self._acked.set()
@@ -633,6 +638,8 @@ class KafkaSource(BufferedSource):
         for ledger in ledgers:
             ledger.alive = False
             self._ledgers.pop(ledger.tp, None)
+            if ledger.outstanding and self._positions is None:
+                self._dormant[ledger.tp] = ledger
 
     def _drop_buffered(self, ledgers: Sequence[_Ledger]) -> None:
         """Drop the buffered (never handed out) envelopes of ``ledgers`` from the buffer and
@@ -659,8 +666,24 @@ class KafkaSource(BufferedSource):
         store = self._positions
         if store is None:
             for tp in assigned:
-                if tp not in self._ledgers:
+                if tp in self._ledgers:
+                    continue
+                dormant = self._dormant.pop(tp, None)
+                if dormant is None or dormant.end is None:
                     self._ledgers[tp] = _Ledger(tp)
+                    continue
+                # Back to this worker while messages it read before are still in its engine:
+                # resume after them (reading from the committed offset handed them out a
+                # second time, to this same process), or after another owner's commit.
+                position = await consumer.committed(tp)
+                if position is not None and position > dormant.end:
+                    dormant.end = dormant.committed = position
+                dormant.alive = True
+                self._ledgers[tp] = dormant
+                consumer.seek(tp, dormant.end)
+            # Partitions that went elsewhere: their ledgers count on only until finished.
+            for tp in [tp for tp, led in self._dormant.items() if not led.outstanding]:
+                del self._dormant[tp]
             return
         # aiokafka fetches the new assignment already: until the store has answered, _accept
         # hands nothing out for these partitions (a "loading" ledger drops their records).
