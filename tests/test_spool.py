@@ -1681,3 +1681,40 @@ async def test_a_hard_stop_leaves_spooled_messages_of_a_source_without_nacks_in_
     assert pipeline.lost == 0
     recorder, _ = await replay(tmp_path / "s")
     assert sorted(recorder.seen) == list(range(20))
+
+
+@pytest.mark.parametrize("policy", [OverflowPolicy.RAISE, OverflowPolicy.DROP_NEWEST])
+async def test_nowait_messages_the_full_disk_never_took_are_dead_lettered_at_stop(
+    tmp_path: Path, policy: OverflowPolicy
+) -> None:
+    """add_message_nowait returns before the write; on a full disk the write of 1,000 such
+    messages was abandoned, and at a graceful stop their "shutdown" letters were dropped as if
+    the messages stayed in the spool: neither processed, nor dead-lettered, nor replayed (lost
+    1,000 of 8,601). A message is taken to stay in the spool only once it is written; the
+    others' letters are stored."""
+    mount = tmp_path / "disk"
+    _mount_tmpfs(mount)
+    try:
+        path = mount / "s"
+        letters = MemoryDeadLetters()
+        cfg = config(overflow=policy, max_pending=100_000, max_size=100, drain_timeout=0.5)
+        processor = BatchProcessor(
+            cfg, never, dead_letter=letters, spool=Spool(path, segment_bytes=64 << 10)
+        )
+        await processor.start()
+        accepted: list[int] = []
+        for i in range(40_000):
+            try:
+                processor.add_message_nowait({"id": i, "pad": "x" * 100})
+                accepted.append(i)
+            except BufferFull:
+                pass
+            if i % 200 == 0:
+                await asyncio.sleep(0.002)  # the group commits run
+        await asyncio.sleep(0.3)
+        await processor.stop()
+        recorder, _ = await replay(path)
+    finally:
+        await asyncio.to_thread(subprocess.run, ["umount", str(mount)], check=False)
+    ended = {m["id"] for m in recorder.seen} | {letter.message["id"] for letter in letters.letters}
+    assert [i for i in accepted if i not in ended] == []

@@ -858,7 +858,7 @@ class Spool:
                 if type(record) is not _Record:
                     out.append(letter)
                     continue
-                if letter.reason == "shutdown" and record.mark is not None:
+                if letter.reason == "shutdown" and self._on_disk(record.mark):
                     # Stays in the spool: replayed on the next start rather than parked here.
                     continue
                 out.append(dataclasses.replace(letter, message=record.message))
@@ -878,6 +878,16 @@ class Spool:
 
         return put_letters
 
+    def _on_disk(self, mark: Any) -> bool:
+        """Whether this record is written and unfinished: the next start replays it.
+
+        Not one still waiting for its write (add_message_nowait's, when stop() comes first):
+        the disk may refuse it for good (the write is then abandoned), so its shutdown letter is
+        stored instead, and finishing it marks it done should the write still happen.
+        """
+        holder = self._where.get(mark) if mark is not None else None
+        return holder is not None and holder.segment is not None
+
     def unstored(self, letters: list[DeadLetter]) -> list[DeadLetter]:
         """Letters not stored by stop(), as processor.dead_letters should hold them.
 
@@ -891,7 +901,7 @@ class Spool:
             record = letter.message
             if type(record) is not _Record:
                 out.append(letter)
-            elif record.mark is not None:
+            elif self._on_disk(record.mark):
                 kept += 1
             else:
                 out.append(dataclasses.replace(letter, message=record.message))
