@@ -1718,3 +1718,32 @@ async def test_nowait_messages_the_full_disk_never_took_are_dead_lettered_at_sto
         await asyncio.to_thread(subprocess.run, ["umount", str(mount)], check=False)
     ended = {m["id"] for m in recorder.seen} | {letter.message["id"] for letter in letters.letters}
     assert [i for i in accepted if i not in ended] == []
+
+
+async def test_a_stop_request_while_start_replays_behind_an_outage_is_obeyed(
+    tmp_path: Path,
+) -> None:
+    """More unfinished messages than max_pending, and the sink down: start() replays until
+    the engine is full, then waits for room that only the outage's end or delivery_timeout
+    (300 s) frees. A stop request (SIGTERM, twice) was not heard until then: run() did not
+    return. It now ends the replay; what was not replayed stays in the spool."""
+    from batchpunk.pipeline import Pipeline
+    from tests.engine_support import ListSource
+
+    path = tmp_path / "s"
+    await leave_unfinished(path, list(range(30)))
+
+    async def down(batch: Any) -> None:
+        raise ConnectionRefusedError("the sink is down")
+
+    pipeline = Pipeline(
+        ListSource([], endless=True),
+        _FunctionSink(down),
+        config(max_pending=10, max_size=5, drain_timeout=0.3, retry_delay=0.01),
+        spool=Spool(path),
+    )
+    running = asyncio.ensure_future(pipeline.run())
+    await wait_for(lambda: pipeline.processor is not None and pipeline.processor.received >= 10)
+    pipeline.request_stop()
+    await asyncio.wait_for(running, 10)
+    assert inspect_spool(path).unfinished == 30

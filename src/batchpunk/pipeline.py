@@ -363,7 +363,17 @@ class Pipeline:
                 spool=self.spool,
             )
             self.processor = processor
-            await processor.start()
+            starting = asyncio.ensure_future(processor.start())
+            if not await _first(starting, self._stop_event):
+                # A stop request while start() replays the spool (waiting for room behind an
+                # outage, say): stopping the engine ends the replay, the rest stays in the
+                # spool; a second request hurries the stop.
+                stopping = asyncio.ensure_future(processor.stop(drain=not self.aborted))
+                stopping.add_done_callback(_consume_result)
+                if not await _first(starting, self._hard_event):
+                    hurry = asyncio.ensure_future(processor.stop(grace=0))
+                    hurry.add_done_callback(_consume_result)
+            await starting
             self._ack_task = loop.create_task(self._ack_loop(), name="batchpunk-acks")
             consumer = loop.create_task(self._consume(processor), name="batchpunk-consumer")
             self._consumer = consumer
