@@ -1747,3 +1747,38 @@ async def test_a_stop_request_while_start_replays_behind_an_outage_is_obeyed(
     pipeline.request_stop()
     await asyncio.wait_for(running, 10)
     assert inspect_spool(path).unfinished == 30
+
+
+async def test_every_request_of_dead_lettered_events_gets_202_with_a_spool(tmp_path: Path) -> None:
+    """With a spool (replies once durable), an event settled only once (dead-lettered before
+    it reached the spool: an unusable key) left its envelope's id() in a set for good; a later
+    envelope at the same address then had its only settlement skipped and its request timed
+    out: 86 of 200 requests got 504. Now every one gets 202."""
+    aiohttp = pytest.importorskip("aiohttp")
+    import json
+
+    from batchpunk.connectors.http_source import HttpSource
+    from batchpunk.deadletter import JsonlDeadLetters
+    from batchpunk.pipeline import Pipeline
+
+    source = HttpSource(port=0, key_field="k", reply_timeout=2.0)
+    await source.prepare()
+    letters = JsonlDeadLetters(tmp_path / "dead.jsonl")  # keeps no envelope alive
+    pipeline = Pipeline(
+        source,
+        _FunctionSink(never),
+        config(max_size=10, max_wait=0.005),
+        dead_letter=letters,
+        spool=Spool(tmp_path / "s"),
+    )
+    running = asyncio.ensure_future(pipeline.run())
+    statuses: dict[int, int] = {}
+    async with aiohttp.ClientSession() as http:
+        for n in range(200):
+            body = json.dumps({"id": n, "k": {"not": "a key"}}).encode()
+            async with http.post(f"http://127.0.0.1:{source.port}/events", data=body) as reply:
+                statuses[reply.status] = statuses.get(reply.status, 0) + 1
+    pipeline.request_stop()
+    await asyncio.wait_for(running, 10)
+    assert statuses == {202: 200}
+    assert len((tmp_path / "dead.jsonl").read_text().splitlines()) == 200

@@ -147,6 +147,10 @@ class _Desk:
                 back.append(envelope)
                 if not pipeline._redelivers:
                     pipeline._letters_back[id(envelope)] = letter
+                    if pipeline.spool is not None:
+                        # The spool passes on only the letters of messages not on its disk
+                        # (a write under way, or abandoned): given back, they are not kept.
+                        pipeline._unspooled.add(id(envelope))
             else:
                 stored.append(_unwrap(letter, envelope, pipeline._headers_of))
                 settled.append(envelope)
@@ -260,7 +264,11 @@ class Pipeline:
         self._ack_on_write = _acks_on_write(spool, source)
         # With a spool: envelopes (by id) that must not be settled again (acknowledged once in
         # the spool, or replayed from it with nothing to settle).
-        self._early: set[int] = set()
+        # Keyed by id() and holding the envelope itself, so that an entry never matches a later
+        # envelope at a reused address (a stale id swallowed that one's only settlement).
+        self._early: dict[int, Envelope] = {}
+        # ack_on_write: ids of written envelopes whose commit has not returned yet.
+        self._awaiting_commit: set[int] = set()
         if spool is not None:
             spool.extract = _payload_of
             spool.rebuild = self._replayed
@@ -468,6 +476,7 @@ class Pipeline:
                 try:
                     add_nowait(envelope, key=envelope.key, priority=envelope.priority)
                     if spooled is not None and spooled.sequence != sequence:
+                        self._awaiting_commit.add(id(envelope))
                         spooled.when_durable(partial(self._durable, envelope))
                 except BufferFull:
                     await add(envelope, key=envelope.key, priority=envelope.priority)
@@ -559,37 +568,43 @@ class Pipeline:
     def _replayed(self, payload: Any, key: Any, priority: int) -> Envelope:
         """An envelope for a message the spool replays: it has no source message to settle."""
         envelope = Envelope(payload, key, priority)
-        self._early.add(id(envelope))
+        self._early[id(envelope)] = envelope
         return envelope
 
     def _durable(self, envelope: Envelope, _: Any = None) -> None:
         """ack_on_write: the envelope is in the spool; acknowledge it unless already settled."""
         ident = id(envelope)
-        if ident in self._early:
-            self._early.discard(ident)  # processed (and settled) before its commit returned
-            return
-        self._settle_later([envelope])
+        self._awaiting_commit.discard(ident)
+        if self._early.pop(ident, None) is not None:
+            return  # processed (and settled) before its commit returned
+        self._settle_later([envelope], committed=True)
 
-    def _not_settled(self, envelopes: Sequence[Envelope]) -> Sequence[Envelope]:
-        """Drop envelopes settled already (or with nothing to settle); note the rest as settled."""
+    def _not_settled(
+        self, envelopes: Sequence[Envelope], committed: bool = False
+    ) -> Sequence[Envelope]:
+        """Drop envelopes settled already (or with nothing to settle); note the rest as settled
+        where a second settlement is to come: ack_on_write settles a written envelope at its
+        commit and again when it is finished, whichever comes first. One never written (a
+        rejected or dropped one) is settled once, and not noted."""
         early, note = self._early, self._ack_on_write
         if not early and not note:
             return envelopes
+        waiting = self._awaiting_commit
         out = []
         for envelope in envelopes:
             ident = id(envelope)
-            if ident in early:
-                early.discard(ident)
+            if early.pop(ident, None) is not None:
                 continue
-            if note:
-                early.add(ident)
+            if note and (committed or ident in waiting):
+                early[ident] = envelope
             out.append(envelope)
         return out
 
-    def _settle_later(self, envelopes: Sequence[Envelope]) -> None:
-        """These envelopes are finished (written, or dead letters stored): acknowledge them."""
+    def _settle_later(self, envelopes: Sequence[Envelope], committed: bool = False) -> None:
+        """These envelopes are finished (written, or dead letters stored), or ``committed`` to
+        the spool under ack_on_write: acknowledge them."""
         if self.spool is not None:
-            envelopes = self._not_settled(envelopes)
+            envelopes = self._not_settled(envelopes, committed)
         if self._given_back:
             envelopes = [e for e in envelopes if id(e) not in self._given_back]
         if not envelopes:

@@ -858,9 +858,16 @@ class Spool:
                 if type(record) is not _Record:
                     out.append(letter)
                     continue
-                if letter.reason == "shutdown" and self._on_disk(record.mark):
-                    # Stays in the spool: replayed on the next start rather than parked here.
-                    continue
+                if letter.reason == "shutdown":
+                    holder = self._where.get(record.mark) if record.mark is not None else None
+                    if holder is not None and holder.segment is None:
+                        # Its write is under way: its outcome decides (written, or abandoned
+                        # by a disk that stays full).
+                        with contextlib.suppress(Exception):
+                            await holder.future
+                    if self._on_disk(record.mark):
+                        # Stays in the spool: replayed on the next start, not parked here.
+                        continue
                 out.append(dataclasses.replace(letter, message=record.message))
                 marks.append(record.mark)
             if out:
