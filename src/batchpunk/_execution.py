@@ -408,11 +408,9 @@ class Execution:
         if ticket is None:
             if breaker is None:
                 ticket = 0
-            elif deadline is None:
-                ticket = await breaker.acquire()
             else:
                 try:
-                    async with asyncio.timeout_at(deadline):
+                    async with asyncio.timeout_at(deadline):  # None: no deadline
                         ticket = await breaker.acquire()
                 except TimeoutError:
                     raise _PastDeadline from None

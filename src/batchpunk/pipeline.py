@@ -379,8 +379,7 @@ class Pipeline:
                 stopping = asyncio.ensure_future(processor.stop(drain=not self.aborted))
                 stopping.add_done_callback(_consume_result)
                 if not await _first(starting, self._hard_event):
-                    hurry = asyncio.ensure_future(processor.stop(grace=0))
-                    hurry.add_done_callback(_consume_result)
+                    _hurry(processor)
             await starting
             self._ack_task = loop.create_task(self._ack_loop(), name="batchpunk-acks")
             consumer = loop.create_task(self._consume(processor), name="batchpunk-consumer")
@@ -818,8 +817,7 @@ class Pipeline:
                 # A stop request: drain_timeout more, then what still runs is cancelled.
                 done = await _first(stopping, self._hard_event, timeout=config.drain_timeout)
                 if not done and not self.aborted:
-                    hurry = asyncio.ensure_future(processor.stop(grace=0))
-                    hurry.add_done_callback(_consume_result)
+                    _hurry(processor)
         else:
             stopping = asyncio.ensure_future(processor.stop(drain=True))
         await _first(stopping, self._hard_event)
@@ -960,6 +958,12 @@ def _payload_size(payload: Any) -> int:
 def _consume_result(future: asyncio.Future[None]) -> None:
     if not future.cancelled():
         future.exception()  # retrieved: an unstored letter is reported by the pipeline
+
+
+def _hurry(processor: BatchProcessor[Any, Any]) -> None:
+    """Hurry a stop under way, in the background: what still runs is cancelled at once."""
+    hurry = asyncio.ensure_future(processor.stop(grace=0))
+    hurry.add_done_callback(_consume_result)
 
 
 async def _first(
